@@ -1,0 +1,152 @@
+"""The ``ctd`` command.
+
+    ctd calibrate --scores FILE --alpha A --delta D [--pareto|--no-pareto] [--risk accuracy|auroc] --out DIR
+    ctd report fetch URI [--to DIR]        download a run's or a calibration's report
+    ctd report show URI_OR_DIR             print a report's summary
+    ctd monitor calibrate ...              calibrate an online alarm threshold (see `ctd monitor calibrate -h`)
+
+Bad input (unreadable or malformed files, missing columns, NaN, labels not 0/1, probabilities
+outside [0, 1], levels outside (0, 1), a config error) prints one line starting with "error:" and
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "UsageError"]
+
+
+class UsageError(Exception):
+    """Bad input: reported in one line, exit code 2."""
+
+
+def _level(name):
+    def parse(s: str) -> float:
+        try:
+            x = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1), got {s!r}") from None
+        if not 0 < x < 1:
+            raise argparse.ArgumentTypeError(f"{name} must lie in the open interval (0, 1), got {s}")
+        return x
+
+    return parse
+
+
+def _cmd_calibrate(args) -> int:
+    import numpy as np
+
+    from .calibration import calibrate_table, write_calibration
+    from .stats.calibrate import threshold_grid
+    from .tables import read_table, scores_for_calibration
+
+    scores = scores_for_calibration(read_table(args.scores), args.scores)
+    if args.grid_scores:
+        ref = read_table(args.grid_scores)
+        if "dv" not in ref.column_names:
+            raise UsageError(f"{args.grid_scores}: no 'dv' column to build the threshold grid from")
+        grid = threshold_grid(reference=np.asarray(ref.column("dv").to_numpy(zero_copy_only=False), dtype=float), size=args.grid_size)
+    else:
+        grid = threshold_grid(size=args.grid_size, low=args.grid_low, high=args.grid_high)
+    art = calibrate_table(scores, alpha=args.alpha, delta=args.delta, pareto=args.pareto, risk=args.risk, grid=grid,
+                          performance_target=args.performance_target, method=args.method, seed=args.seed,
+                          opt_fraction=args.opt_fraction, cascade=args.cascade,
+                          provenance={"scores_uri": args.scores, "grid": "reference quantiles" if args.grid_scores else "uniform"})
+    uris = write_calibration(args.out, art, scores)
+    print(art.result.message)
+    print(f"calibration artifact: {uris['artifact']}")
+    print(f"report: {uris['html']}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .pipeline.reports import fetch_report, show_report
+
+    if args.report_cmd == "fetch":
+        for path in fetch_report(args.uri, args.to):
+            print(path)
+        return 0
+    print(show_report(args.uri))
+    return 0
+
+
+def _cmd_monitor(args) -> int:
+    from .monitor import calibrate_monitor_cli
+
+    return calibrate_monitor_cli(args)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (and exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} -h)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="ctd", description="Calibrate-Then-Delegate safety monitoring")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("calibrate", help="calibrate the delegation threshold from a labelled scores table")
+    c.add_argument("--scores", required=True, help="Parquet or JSONL with columns id, label, probe, expert, dv [, group]")
+    c.add_argument("--alpha", required=True, type=_level("alpha"), help="budget: largest share of rows sent to the expert")
+    c.add_argument("--delta", required=True, type=_level("delta"), help="error level of the guarantee")
+    c.add_argument("--pareto", dest="pareto", action="store_true", default=True, help="Pareto testing (default)")
+    c.add_argument("--no-pareto", dest="pareto", action="store_false", help="plain budget-only LTT")
+    c.add_argument("--risk", choices=("accuracy", "auroc"), default="accuracy", help="performance risk for Pareto testing")
+    c.add_argument("--performance-target", type=_level("performance target"), default=None,
+                   help="also certify the cascade's misclassification rate <= this (joint guarantee)")
+    c.add_argument("--method", choices=("fixed_sequence", "bonferroni", "holm"), default="fixed_sequence")
+    c.add_argument("--grid-scores", default=None, help="table from a separate split whose dv quantiles form the grid")
+    c.add_argument("--grid-size", type=int, default=1001)
+    c.add_argument("--grid-low", type=float, default=-1.0)
+    c.add_argument("--grid-high", type=float, default=1.0)
+    c.add_argument("--opt-fraction", type=float, default=0.3)
+    c.add_argument("--cascade", choices=("switch", "mean"), default="switch")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="output folder or URI")
+    c.set_defaults(fn=_cmd_calibrate)
+
+    r = sub.add_parser("report", help="fetch or show audit and calibration reports")
+    rs = r.add_subparsers(dest="report_cmd", required=True, parser_class=_Parser)
+    f = rs.add_parser("fetch", help="download a report (JSON, HTML, plots) from a run or calibration URI")
+    f.add_argument("uri")
+    f.add_argument("--to", default=".", help="local folder (default: current)")
+    s = rs.add_parser("show", help="print a report's summary")
+    s.add_argument("uri")
+    r.set_defaults(fn=_cmd_report)
+
+    m = sub.add_parser("monitor", help="online monitoring of step-wise verifier scores")
+    ms = m.add_subparsers(dest="monitor_cmd", required=True, parser_class=_Parser)
+    mc = ms.add_parser("calibrate", help="calibrate an alarm threshold on labelled trajectories")
+    mc.add_argument("--trajectories", required=True, help="CSV(.gz)/Parquet/JSONL with trajectory, step, score, label columns")
+    mc.add_argument("--risk", choices=("false-alarm", "missed-detection"), required=True)
+    mc.add_argument("--control", choices=("crc", "ucb"), required=True)
+    mc.add_argument("--epsilon", type=_level("epsilon"), required=True)
+    mc.add_argument("--delta", type=_level("delta"), default=0.1)
+    mc.add_argument("--trajectory-column", default="uq_problem_idx")
+    mc.add_argument("--step-column", default="num_steps")
+    mc.add_argument("--score-column", default="judge_probability")
+    mc.add_argument("--label-column", default="solved")
+    mc.add_argument("--out", required=True)
+    m.set_defaults(fn=_cmd_monitor)
+    return ap
+
+
+def main(argv=None) -> int:
+    from .artifacts import ArtifactError
+    from .tables import TableError
+
+    ap = build_parser()
+    args = ap.parse_args(argv)  # argparse itself exits with 2 on bad arguments
+    try:
+        return args.fn(args)
+    except (UsageError, TableError, ArtifactError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The audit report (a pydantic model → JSON, and an HTML page with plots) and report fetching.
+
+The report states what the run did and whether the guarantee's assumption looks intact: the
+realised delegation count D out of n scored rows is tested against the calibrated budget α with the
+one-sided binomial p-value P(Binom(n, α) >= D). Under the guarantee (same distribution as the
+calibration data, R_B(λ*) <= α), a p-value below ``drift_alpha`` is implausible: the report raises
+an alarm (distribution shift, or a calibration made for other traffic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from pydantic import BaseModel, Field
+
+from .. import storage
+from ..report import html_page, html_table
+
+__all__ = ["StageTiming", "AuditReport", "fetch_report", "show_report", "REPORT_FILES"]
+
+REPORT_FILES = ("report.json", "report.html", "calibration_report.json", "calibration_report.html", "calibration.json",
+                "training_report.json", "manifest.json")
+
+
+class StageTiming(BaseModel):
+    stage: str
+    seconds: float
+    rows: int
+    rows_per_second: float
+
+
+class AuditReport(BaseModel):
+    kind: str = "audit"
+    run_id: str
+    created_at: str
+    config_hash: str
+    corpus: str
+    model_id: str
+    model_fingerprint: str
+    layer: int
+    safety_probe_hash: str
+    dv_probe_hash: str
+    calibration_uri: str
+    calibration_hash: str
+    alpha: float
+    delta: float
+    lambda_star: Optional[float] = Field(description="None: the calibration certified nothing; no row is delegated")
+    calibration_n: int
+    calibration_message: str
+    calibration_pvalue_at_lambda: Optional[float] = None
+    rows_read: int
+    rows_scored: int
+    rows_quarantined: int
+    rows_truncated: int
+    invariant_ok: bool
+    quarantine_reasons: dict[str, int]
+    delegated_by_threshold: int
+    delegated: int
+    over_cap: int = 0
+    budget_cap: Optional[int] = None
+    realised_rate: float
+    rate_pvalue: float
+    drift_alpha: float
+    drift_alarm: bool
+    drift_message: str
+    expert_kind: str
+    expert_calls: int
+    expert_failures: int
+    expert_status: dict[str, int]
+    decisions_unsafe: int
+    groups: list[dict] = Field(default_factory=list)
+    stages: list[StageTiming]
+    resumed: dict = Field(default_factory=dict)
+
+    def summary_lines(self) -> list[str]:
+        lam = "never delegate (nothing certified)" if self.lambda_star is None else f"{self.lambda_star:.6g}"
+        lines = [
+            f"audit run {self.run_id}  ({self.created_at})",
+            f"  corpus: {self.corpus}",
+            f"  model {self.model_id} layer {self.layer}; calibration α={self.alpha} δ={self.delta} λ*={lam} (n={self.calibration_n})",
+            f"  rows read {self.rows_read} = scored {self.rows_scored} + quarantined {self.rows_quarantined}"
+            f"  [{'ok' if self.invariant_ok else 'VIOLATED'}]; truncated {self.rows_truncated}",
+            f"  delegated {self.delegated} ({self.realised_rate:.2%} of scored; budget {self.alpha:.2%})"
+            + (f", {self.over_cap} over the hard cap of {self.budget_cap} fell back to the probe" if self.over_cap else ""),
+            f"  expert ({self.expert_kind}): {self.expert_calls} calls, {self.expert_failures} failed",
+            f"  drift: {'ALARM — ' if self.drift_alarm else ''}{self.drift_message}",
+            f"  unsafe decisions: {self.decisions_unsafe}",
+        ]
+        for s in self.stages:
+            lines.append(f"  stage {s.stage:12s} {s.seconds:8.1f} s  {s.rows:>9} rows  {s.rows_per_second:10.1f} rows/s")
+        if self.quarantine_reasons:
+            lines.append("  quarantine reasons: " + "; ".join(f"{k}: {v}" for k, v in sorted(self.quarantine_reasons.items(), key=lambda x: -x[1])))
+        return lines
+
+    def html(self, figures: dict[str, bytes]) -> str:
+        d = self.model_dump()
+        alarm = f"<p class='{'alarm' if self.drift_alarm else 'ok'}'>{'DRIFT ALARM: ' if self.drift_alarm else ''}{self.drift_message}</p>"
+        overview = [{"quantity": k, "value": d[k]} for k in (
+            "run_id", "created_at", "corpus", "model_id", "layer", "alpha", "delta", "lambda_star", "calibration_n", "rows_read", "rows_scored",
+            "rows_quarantined", "rows_truncated", "invariant_ok", "delegated", "over_cap", "realised_rate", "rate_pvalue", "expert_kind",
+            "expert_calls", "expert_failures", "decisions_unsafe")]
+        hashes = [{"artifact": k, "hash": d[k]} for k in ("config_hash", "model_fingerprint", "safety_probe_hash", "dv_probe_hash", "calibration_hash")]
+        sections = [
+            ("Summary", alarm + html_table(overview)),
+            ("Stages", html_table([s.model_dump() for s in self.stages])),
+            ("Groups", html_table(self.groups)),
+            ("Quarantine reasons", html_table([{"reason": k, "rows": v} for k, v in self.quarantine_reasons.items()])),
+            ("Expert status", html_table([{"status": k, "rows": v} for k, v in self.expert_status.items()])),
+            ("Provenance", html_table(hashes)),
+        ]
+        return html_page(f"CTD audit {self.run_id}", sections, figures)
+
+
+def _report_files(uri: str) -> list[str]:
+    names = storage.listdir(uri)
+    return [n for n in names if n in REPORT_FILES or n.endswith(".png")]
+
+
+def fetch_report(uri: str, to: str = ".") -> list[str]:
+    """Download the report files of a run (``<output>/runs/<id>``) or a calibration folder.
+    A run without a manifest is refused: it is not published."""
+    uri = uri.rstrip("/")
+    names = _report_files(uri)
+    if not names:
+        raise FileNotFoundError(f"no report at {uri}")
+    if "report.json" in names and "manifest.json" not in names:
+        raise FileNotFoundError(f"run at {uri} is not published (no manifest): it is incomplete or being rewritten")
+    dest = os.path.join(to, os.path.basename(uri))
+    os.makedirs(dest, exist_ok=True)
+    out = []
+    for n in names:
+        p = os.path.join(dest, n)
+        with open(p, "wb") as f:
+            f.write(storage.read_bytes(storage.join(uri, n)))
+        out.append(p)
+    return out
+
+
+def show_report(uri: str) -> str:
+    """A report's summary as text (from a run folder, a calibration folder, or a JSON file)."""
+    uri = uri.rstrip("/")
+    if uri.endswith(".json"):
+        body = storage.read_json(uri)
+    else:
+        names = storage.listdir(uri)
+        if "report.json" in names:
+            if "manifest.json" not in names:
+                raise FileNotFoundError(f"run at {uri} is not published (no manifest)")
+            body = storage.read_json(storage.join(uri, "report.json"))
+        elif "calibration_report.json" in names:
+            body = storage.read_json(storage.join(uri, "calibration_report.json"))
+        elif "training_report.json" in names:
+            body = storage.read_json(storage.join(uri, "training_report.json"))
+        else:
+            raise FileNotFoundError(f"no report at {uri}")
+    if body.get("kind") == "audit":
+        return "\n".join(AuditReport.model_validate(body).summary_lines())
+    if "lambda_star" in body and "message" in body:
+        lam = body["lambda_star"]
+        return "\n".join([
+            f"calibration  α={body['alpha']} δ={body['delta']} n={body['n']} method={body['method']}{' + Pareto' if body.get('pareto') else ''}",
+            f"  λ* = {'never delegate' if lam is None else lam}",
+            f"  {body['message']}",
+            f"  artifact hash {body.get('artifact_hash', '')[:16]}…",
+        ])
+    return json.dumps(body, indent=2)[:4000]

@@ -1,0 +1,186 @@
+"""Ray Data stages: small callable classes over pyarrow batches, one job each.
+
+Each class is constructed once per actor (the model loads once) from a plain-dict spec, and its
+``__call__`` maps a batch to a batch. Rows that carry an ``error`` (quarantined by validation) pass
+through untouched, so every row read reaches the end of stage 1 exactly once.
+
+Stage 1 (``TokenizeStage`` → ``ActivationStage``) turns validated rows into scores: p(x), d(x),
+``delegated`` and, when asked, the pooled vectors. Stage 2 is an expert over delegated rows only
+(``ClassifierStage``, ``HTTPJudgeStage``, or the vLLM processor from :mod:`ctd.pipeline.experts`).
+Stage 3 (``MergeStage``) joins the expert scores and computes the final score and decision.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..activations import ActivationExtractor, TextEncoder
+from ..experts.judge import STATUS_OK
+
+__all__ = ["row_input", "TokenizeStage", "ActivationStage", "ClassifierStage", "MergeStage", "pooled_column"]
+
+
+def row_input(text: str, is_chat: bool):
+    """A validated row's model input: the chat list or the text."""
+    return json.loads(text) if is_chat else text
+
+
+def pooled_column(layer: int) -> str:
+    return f"pooled_L{layer}"
+
+
+def _valid(batch: pa.Table) -> np.ndarray:
+    return np.asarray(batch.column("error").is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+class TokenizeStage:
+    """Tokenises valid rows (CPU), so the activation actors never wait on the tokenizer."""
+
+    def __init__(self, spec: dict):
+        self.encoder = TextEncoder(spec["model_dir"], max_length=spec.get("max_length"))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = _valid(batch)
+        ids: list = [None] * batch.num_rows
+        truncated = np.zeros(batch.num_rows, dtype=bool)
+        idx = np.flatnonzero(ok)
+        if idx.size:
+            inputs = batch.column("input").to_pylist()
+            chats = batch.column("is_chat").to_pylist()
+            enc, tr = self.encoder.encode([row_input(inputs[i], chats[i]) for i in idx])
+            for j, i in enumerate(idx):
+                ids[i] = enc[j].tolist()
+                truncated[i] = tr[j]
+        return batch.append_column("input_ids", pa.array(ids, type=pa.list_(pa.int32()))).append_column(
+            "truncated", pa.array(truncated))
+
+
+class ActivationStage:
+    """Loads the monitored model once; computes p(x), d(x) and the gate inside the actor, so only
+    scores (and, if asked, pooled vectors) leave it.
+
+    spec: model_dir, layers (pooled), score_layer, token_budget, compile, dtype, device,
+    safety_probe / dv_probe (artifact URIs or None), lambda_star (None: no gate; -inf: all),
+    return_pooled (bool), expected (model_id/fingerprint to check the probes against).
+    """
+
+    def __init__(self, spec: dict):
+        from ..probes import LinearProbe
+
+        self.spec = spec
+        layers = sorted(set(spec.get("layers") or [spec["score_layer"]]))
+        self.extractor = ActivationExtractor.from_pretrained(
+            spec["model_dir"], layers, device=spec.get("device", "auto"), dtype=spec.get("dtype", "auto"),
+            token_budget=spec.get("token_budget"), compile=spec.get("compile", False))
+        self.probes = {}
+        for role in ("safety", "dv"):
+            uri = spec.get(f"{role}_probe")
+            if uri:
+                probe = LinearProbe.load(uri)
+                probe.check_compatible(model_fingerprint=self.extractor.model_fingerprint, layer=spec["score_layer"],
+                                       pooling="mean", feature_dim=self.extractor.hidden_size)
+                self.probes[role] = probe
+        self.lambda_star = spec.get("lambda_star")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        ok = _valid(batch)
+        idx = np.flatnonzero(ok)
+        ids_col = batch.column("input_ids").to_pylist()
+        t0 = time.perf_counter()
+        pooled = self.extractor.pool([np.asarray(ids_col[i], dtype=np.int32) for i in idx]) if idx.size else {}
+        layer = self.spec["score_layer"]
+        cols: dict[str, Any] = {}
+        for role, name in (("safety", "probe"), ("dv", "dv")):
+            if role in self.probes:
+                full = np.full(n, np.nan)
+                if idx.size:
+                    full[idx] = self.probes[role].predict(pooled[layer])
+                cols[name] = pa.array(full, mask=~ok)
+        if self.lambda_star is not None and "dv" in cols:
+            dv = cols["dv"].to_numpy(zero_copy_only=False)
+            cols["delegated"] = pa.array(ok & (np.nan_to_num(dv, nan=-np.inf) > self.lambda_star))
+        tokens = np.array([len(ids_col[i]) if ok[i] else 0 for i in range(n)], dtype=np.int32)
+        cols["tokens"] = pa.array(tokens)
+        cols["activation_seconds"] = pa.array(np.full(n, (time.perf_counter() - t0) / max(n, 1)))
+        if self.spec.get("return_pooled"):
+            for L, z in pooled.items():
+                vals: list = [None] * n
+                for j, i in enumerate(idx):
+                    vals[i] = z[j].tolist()
+                cols[pooled_column(L)] = pa.array(vals, type=pa.list_(pa.float32()))
+        out = batch.drop_columns(["input_ids"])
+        for k, v in cols.items():
+            out = out.append_column(k, v)
+        return out
+
+
+class ClassifierStage:
+    """A transformers sequence classifier as the expert, on its own actor pool."""
+
+    def __init__(self, spec: dict):
+        from ..experts.classifier import SequenceClassifierExpert
+
+        self.expert = SequenceClassifierExpert(spec["path"], unsafe_label=spec.get("unsafe_label"),
+                                               max_length=spec.get("max_length"), device=spec.get("device", "auto"))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        inputs = [row_input(t, c) for t, c in zip(batch.column("input").to_pylist(), batch.column("is_chat").to_pylist())]
+        scores = self.expert.score(inputs) if inputs else np.zeros(0)
+        return pa.table({"id": batch.column("id"), "expert": pa.array(scores, type=pa.float64()),
+                         "expert_status": pa.array([STATUS_OK] * batch.num_rows, type=pa.string())})
+
+
+class MergeStage:
+    """Joins expert scores onto stage-1 rows and computes the final score and decision.
+
+    spec: expert (an ObjectRef or pyarrow Table with id, expert, expert_status), cascade,
+    decision_threshold, over_cap (ids delegated but over the hard budget cap), duplicates (ids).
+    """
+
+    def __init__(self, spec: dict):
+        import ray
+
+        table = spec["expert"]
+        if isinstance(table, ray.ObjectRef):
+            table = ray.get(table)
+        ids = table.column("id").to_pylist()
+        self.expert = dict(zip(ids, table.column("expert").to_pylist()))
+        self.status = dict(zip(ids, table.column("expert_status").to_pylist()))
+        self.cascade = spec.get("cascade", "switch")
+        self.threshold = float(spec.get("decision_threshold", 0.5))
+        self.over_cap = set(spec.get("over_cap") or ())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("id").to_pylist()
+        probe = batch.column("probe").to_numpy(zero_copy_only=False).astype(float)
+        delegated = np.asarray(batch.column("delegated").to_numpy(zero_copy_only=False), dtype=bool)
+        over = np.array([i in self.over_cap for i in ids], dtype=bool)
+        sent = delegated & ~over
+        expert = np.array([self.expert.get(i, np.nan) if s else np.nan for i, s in zip(ids, sent)], dtype=float)
+        status = [self.status.get(i, "not_scored") if s else None for i, s in zip(ids, sent)]
+        # A delegated row whose expert gave no usable answer keeps the probe's score (and says so).
+        usable = sent & np.isfinite(expert) & np.array([s == STATUS_OK or (s or "").endswith("_outside_topk") for s in status])
+        if self.cascade == "switch":
+            final = np.where(usable, expert, probe)
+        else:
+            final = np.where(usable, 0.5 * (probe + expert), probe)
+        out = batch
+        for name in ("delegated",):
+            out = out.drop_columns([name])
+        cols = {
+            "delegated": pa.array(sent),
+            "over_cap": pa.array(over),
+            "expert": pa.array(expert, mask=~np.isfinite(expert)),
+            "expert_status": pa.array(status, type=pa.string()),
+            "final": pa.array(final),
+            "decision": pa.array(final >= self.threshold),
+        }
+        for k, v in cols.items():
+            out = out.append_column(k, v)
+        return out

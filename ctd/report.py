@@ -1,0 +1,230 @@
+"""Reports: plots (matplotlib, PNG) and a self-contained HTML page beside a JSON summary.
+
+Plots are written as files and embedded in the HTML as base64, so one HTML file can be fetched
+from object storage and opened anywhere. Nothing here computes statistics: it draws what
+:mod:`ctd.evaluate`, :mod:`ctd.stats` and the pipeline produced.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import storage
+
+__all__ = [
+    "redact",
+    "plot_calibration",
+    "plot_budget_sweep",
+    "plot_violations",
+    "plot_topk_value",
+    "plot_histogram",
+    "html_page",
+    "html_table",
+    "write_report",
+]
+
+METHOD_STYLE = {
+    "ctd_pareto": ("CTD (DV, Pareto LTT)", "C0", "-"),
+    "ctd_ltt": ("DV, budget-only LTT", "C0", "--"),
+    "uncertainty_pareto": ("Uncertainty, Pareto LTT", "C1", "-"),
+    "uncertainty_ltt": ("Uncertainty, budget-only LTT", "C1", "--"),
+    "topk_uncertainty": ("top-k uncertainty", "C1", ":"),
+    "topk_dv": ("top-k DV", "C0", ":"),
+    "topk_oracle": ("top-k oracle v", "C2", ":"),
+    "probe_only": ("probe only", "grey", "-."),
+    "expert_only": ("expert only", "black", "-."),
+}
+
+# Anything that looks like a credential: AWS keys, bearer tokens, key=value secrets, long hex/base64.
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)(aws_secret_access_key|secret|password|passwd|token|api[_-]?key)(\s*[=:]\s*\"?|\"\s*:\s*\")([^\s\"',;]+)"),
+    re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"),
+    re.compile(r"(?i)bearer\s+[A-Za-z0-9._\-]{8,}"),
+]
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace known secret values and anything shaped like a credential with ``***``."""
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, "***")
+    text = _SECRET_PATTERNS[0].sub(lambda m: m.group(1) + m.group(2) + "***", text)
+    for pat in _SECRET_PATTERNS[1:]:
+        text = pat.sub("***", text)
+    return text
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def plot_calibration(result: dict) -> bytes:
+    """p-values and empirical budget risk along the grid, δ, α and the chosen threshold."""
+    plt = _plt()
+    grid = np.array(result["grid"], dtype=float)
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    pv = np.array([np.nan if x is None else x for x in result["pvalues"]], dtype=float)
+    bp = np.array([np.nan if x is None else x for x in result["budget_pvalues"]], dtype=float)
+    ax[0].semilogy(grid, np.clip(bp, 1e-12, 1), color="C0", lw=1, label="budget p-value")
+    if result.get("pareto"):
+        ax[0].semilogy(grid, np.clip(pv, 1e-12, 1), "o", ms=3, color="C3", label="tested (Pareto front)")
+    ax[0].axhline(result["delta"], color="k", ls="--", lw=1, label="δ")
+    cert = np.array(result["certified"], dtype=bool)
+    if cert.any():
+        ax[0].axvspan(grid[cert].min(), grid[cert].max(), color="C2", alpha=0.12, label="certified span")
+    ax[0].set_xlabel("threshold λ")
+    ax[0].set_ylabel("p-value")
+    ax[0].legend(fontsize=8)
+    risk = np.array(result["budget_risk"], dtype=float)
+    ax[1].plot(grid, risk, color="C0", label="empirical delegation rate")
+    ax[1].axhline(result["alpha"], color="k", ls="--", lw=1, label="α")
+    if result.get("performance_risk") is not None:
+        ax2 = ax[1].twinx()
+        ax2.plot(grid, np.array(result["performance_risk"], dtype=float), color="C1", lw=1, label="performance risk")
+        ax2.set_ylabel(f"performance risk ({result.get('risk')})", color="C1")
+    if result.get("lambda_hat") is not None:
+        for a in ax:
+            a.axvline(result["lambda_hat"], color="C3", lw=1)
+    ax[1].set_xlabel("threshold λ")
+    ax[1].set_ylabel("share of calibration rows delegated")
+    ax[1].legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"Calibration: α={result['alpha']}, δ={result['delta']}, n={result['n']}, "
+                 f"λ̂={'never delegate' if result.get('lambda_hat') is None else format(result['lambda_hat'], '.4g')}")
+    return _png(fig)
+
+
+def plot_budget_sweep(sweep: dict, metric: str = "auroc", methods=None, title: str = "") -> bytes:
+    plt = _plt()
+    b = np.array(sweep["budgets"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in methods or sweep["methods"]:
+        if m not in sweep["methods"]:
+            continue
+        label, color, ls = METHOD_STYLE.get(m, (m, None, "-"))
+        mean = np.array(sweep["methods"][m][metric]["mean"])
+        std = np.array(sweep["methods"][m][metric]["std"])
+        ax.plot(b, mean, ls=ls, color=color, label=label)
+        ax.fill_between(b, mean - std, mean + std, color=color, alpha=0.08)
+    ax.set_xlabel("budget α (share of rows the expert may see)")
+    ax.set_ylabel({"auroc": "AUROC", "accuracy": "accuracy", "rate": "realised delegation rate"}.get(metric, metric))
+    if metric == "rate":
+        ax.plot(b, b, color="k", lw=0.8, ls="--", label="α")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or f"{metric} vs budget (mean ± sd over {sweep['splits']} splits)", fontsize=10)
+    return _png(fig)
+
+
+def plot_violations(validations: list[dict], title: str = "") -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, v in enumerate(validations):
+        b = np.array(v["budgets"])
+        r = np.array(v["violation_rate"])
+        lab = f"{'Pareto' if v['pareto'] else 'budget-only'} LTT, {v['scheme'].replace('_', '-')}"
+        ax.errorbar(b + (i - 1.5) * 0.004, r, yerr=[r - np.array(v["ci_low"]), np.array(v["ci_high"]) - r], fmt="o-", ms=3, lw=1, capsize=2, label=lab)
+    ax.axhline(validations[0]["delta"], color="k", ls="--", lw=1, label="δ")
+    ax.set_xlabel("budget α")
+    ax.set_ylabel("violation frequency P(R_B(λ̂) > α)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or f"Guarantee validation ({validations[0]['draws']} draws, n_cal={validations[0]['n_cal']})", fontsize=10)
+    return _png(fig)
+
+
+def plot_topk_value(curve: dict, title: str = "") -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, vals in curve["curves"].items():
+        ax.plot(curve["fractions"], vals, marker="o", ms=3, label=name)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("share of rows delegated (top-k by signal)")
+    ax.set_ylabel("mean delegation value v of delegated rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Mean v of the top-k rows by each signal", fontsize=10)
+    return _png(fig)
+
+
+def plot_histogram(values: dict[str, np.ndarray], threshold: float | None = None, title: str = "", xlabel: str = "") -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, v in values.items():
+        v = np.asarray(v, dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            ax.hist(v, bins=50, alpha=0.55, label=f"{name} (n={v.size})")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="C3", lw=1.5, label=f"λ* = {threshold:.4g}")
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "<p><em>(none)</em></p>"
+    cols = columns or list(rows[0])
+
+    def fmt(x):
+        if isinstance(x, float):
+            return "—" if not np.isfinite(x) else f"{x:.4g}"
+        return html.escape(str(x))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_page(title: str, sections: list[tuple[str, str]], figures: dict[str, bytes] | None = None) -> str:
+    """A self-contained page: sections of (heading, HTML) and figures embedded as base64 PNG."""
+    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+           "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}"
+           "th{background:#f3f3f3}.alarm{color:#b00;font-weight:bold}.ok{color:#070}img{max-width:100%}pre{background:#f6f6f6;padding:.6em}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for heading, body in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
+    for name, png in (figures or {}).items():
+        parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
+                     f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_report(out_dir: str, name: str, summary: dict[str, Any], html_text: str, figures: dict[str, bytes] | None = None,
+                 secrets: Iterable[str] = ()) -> dict[str, str]:
+    """Write ``<name>.json``, ``<name>.html`` and the figures (PNG) under ``out_dir`` (any fsspec
+    URI), redacting secrets. Returns the URIs written."""
+    secrets = list(secrets)
+    uris = {}
+    for fname, png in (figures or {}).items():
+        uri = storage.join(out_dir, f"{fname}.png")
+        storage.write_bytes(uri, png)
+        uris[fname] = uri
+    j = storage.join(out_dir, f"{name}.json")
+    storage.write_bytes(j, (redact(json.dumps(summary, indent=2, allow_nan=False), secrets) + "\n").encode())
+    h = storage.join(out_dir, f"{name}.html")
+    storage.write_bytes(h, redact(html_text, secrets).encode())
+    uris.update({"json": j, "html": h})
+    return uris

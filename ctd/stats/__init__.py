@@ -1,0 +1,6 @@
+"""Pure statistics: p-values (`pvalues`), multiple testing (`testing`), threshold calibration
+(`calibrate`) and risk control for online monitors (`risk_control`).
+
+Nothing in this package imports Ray or torch, or does I/O; everything is a vectorised numpy/scipy
+function of arrays, tested against closed-form oracles and by simulating the guarantee.
+"""

@@ -1,0 +1,183 @@
+"""P-values and confidence bounds for risks that are means of bounded losses.
+
+Everything here is a pure, vectorised function of integer counts (or loss sums), sample sizes and
+risk levels. Nothing reads data or files.
+
+Conventions
+-----------
+A *risk* is the expectation of a loss in [0, 1]; a risk level ``alpha`` is the largest acceptable risk.
+The null hypothesis for a configuration is H: R > alpha ("this configuration is not safe"); a small
+p-value is evidence that R <= alpha. Each p-value below is super-uniform under H:
+P(p <= t) <= t for every t in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "binomial_pvalue",
+    "binomial_upper_pvalue",
+    "hoeffding_bentkus_pvalue",
+    "max_certifiable_count",
+    "min_certifiable_n",
+    "clopper_pearson",
+    "binomial_ucb",
+]
+
+
+def _as_counts(k, name: str = "k") -> np.ndarray:
+    k = np.asarray(k)
+    if not np.issubdtype(k.dtype, np.integer):
+        kf = k.astype(float)
+        if not (np.all(np.isfinite(kf)) and np.all(kf == np.round(kf))):
+            raise ValueError(f"{name} must hold integer counts, got non-integer values")
+        k = kf.astype(np.int64)
+    return k
+
+
+def _check_level(x, name: str) -> None:
+    x = np.asarray(x, dtype=float)
+    if np.any(~np.isfinite(x)) or np.any(x <= 0) or np.any(x >= 1):
+        raise ValueError(f"{name} must lie in the open interval (0, 1), got {x.tolist()}")
+
+
+def _check_n(n) -> None:
+    n = np.asarray(n)
+    if np.any(n < 1) or not np.all(n == np.round(n)):
+        raise ValueError(f"n must be a positive integer, got {n.tolist()}")
+
+
+def binomial_pvalue(k, n, alpha):
+    r"""Exact p-value for H: R > alpha from a Binomial count.
+
+    For a 0/1 loss (here: "row delegated"), the count ``k`` of losses among ``n`` i.i.d. rows is
+    Binomial(n, R). Under H, k is stochastically larger than Binomial(n, alpha), so
+
+    .. math:: p = P(\mathrm{Binom}(n, \alpha) \le k)
+
+    is a valid p-value. Computed from integer counts, never from a rounded ``n * mean``.
+
+    Parameters
+    ----------
+    k : int array_like
+        Observed counts, 0 <= k <= n. Broadcasts against ``n`` and ``alpha``.
+    n : int array_like
+        Sample sizes (>= 1).
+    alpha : float array_like
+        Risk levels in (0, 1).
+    """
+    k = _as_counts(k)
+    _check_n(n)
+    _check_level(alpha, "alpha")
+    if np.any(k < 0) or np.any(k > np.asarray(n)):
+        raise ValueError("counts must satisfy 0 <= k <= n")
+    if np.ndim(n) == 0 and np.ndim(alpha) == 0 and k.size > int(n) + 1:
+        # many counts, one (n, alpha): evaluate the CDF once per possible count and index it
+        return stats.binom.cdf(np.arange(int(n) + 1), n, alpha)[k]
+    return stats.binom.cdf(k, n, alpha)
+
+
+def binomial_upper_pvalue(k, n, alpha):
+    r"""One-sided p-value for H: R <= alpha against R > alpha: P(Binom(n, alpha) >= k).
+
+    Used by the audit report: a realised delegation count that is implausibly large under the
+    calibrated guarantee (distribution shift) gets a small p-value.
+    """
+    k = _as_counts(k)
+    _check_n(n)
+    _check_level(alpha, "alpha")
+    return stats.binom.sf(k - 1, n, alpha)
+
+
+def _h1(a, b):
+    # Kullback-Leibler divergence between Bernoulli(a) and Bernoulli(b), with 0 log 0 = 0.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = np.where(a > 0, a * np.log(a / b), 0.0)
+        t2 = np.where(a < 1, (1 - a) * np.log((1 - a) / (1 - b)), 0.0)
+    return t1 + t2
+
+
+def hoeffding_bentkus_pvalue(loss_sum, n, alpha):
+    r"""Hoeffding-Bentkus p-value for H: R > alpha, R the mean of a loss bounded in [0, 1].
+
+    (Bates et al. 2021, "Distribution-free, risk-controlling prediction sets", Prop. 3; used by
+    Learn-then-Test, Angelopoulos et al. 2021.) With :math:`\hat R = S / n`,
+
+    .. math:: p = \min\Big(\exp\{-n\,h_1(\hat R \wedge \alpha, \alpha)\},\;
+              e\,P(\mathrm{Binom}(n, \alpha) \le \lceil n \hat R \rceil)\Big)
+
+    where :math:`h_1(a, b) = a\log(a/b) + (1-a)\log((1-a)/(1-b))`.
+
+    Parameters
+    ----------
+    loss_sum : array_like
+        Sum of the n losses (an integer count for a 0/1 loss, which is then used exactly).
+    n : int array_like
+    alpha : float array_like in (0, 1)
+    """
+    _check_n(n)
+    _check_level(alpha, "alpha")
+    s = np.asarray(loss_sum)
+    n_arr = np.asarray(n)
+    if np.issubdtype(s.dtype, np.integer):
+        ceil_s = s
+    else:
+        s = s.astype(float)
+        # A float sum of 0/1 losses can carry rounding noise (e.g. 12.000000001): absorb it.
+        ceil_s = np.ceil(s - 1e-9 * np.maximum(n_arr, 1)).astype(np.int64)
+    if np.any(s < 0) or np.any(s > n_arr + 1e-9):
+        raise ValueError("loss_sum must lie in [0, n] (losses bounded in [0, 1])")
+    r_hat = np.asarray(s, dtype=float) / n_arr
+    hoeffding = np.exp(-n_arr * _h1(np.minimum(r_hat, alpha), np.asarray(alpha, dtype=float)))
+    bentkus = np.e * stats.binom.cdf(ceil_s, n_arr, alpha)
+    return np.minimum(np.minimum(hoeffding, bentkus), 1.0)
+
+
+def max_certifiable_count(n: int, alpha: float, delta: float) -> int:
+    r"""k* = max{k : BinomCDF(k; n, alpha) <= delta}, or -1 when even k = 0 is not enough.
+
+    A threshold whose calibration count of delegated rows is at most k* has a binomial p-value
+    <= delta, so it is certified by any of the tests in :mod:`ctd.stats.testing`.
+    """
+    _check_n(n)
+    _check_level(alpha, "alpha")
+    _check_level(delta, "delta")
+    cdf = stats.binom.cdf(np.arange(n + 1), n, alpha)
+    return int(np.searchsorted(cdf, delta, side="right")) - 1
+
+
+def min_certifiable_n(alpha: float, delta: float) -> int:
+    """Smallest calibration size n for which a policy that never delegates on it is certifiable:
+    (1 - alpha)^n <= delta."""
+    _check_level(alpha, "alpha")
+    _check_level(delta, "delta")
+    return int(np.ceil(np.log(delta) / np.log1p(-alpha)))
+
+
+def clopper_pearson(k, n, confidence: float = 0.95):
+    """Exact two-sided Clopper-Pearson interval for a binomial proportion (vectorised).
+
+    Returns ``(low, high)`` arrays.
+    """
+    k = _as_counts(k)
+    _check_n(n)
+    _check_level(confidence, "confidence")
+    a = 1.0 - confidence
+    k_f = k.astype(float)
+    n_f = np.asarray(n, dtype=float)
+    low = np.where(k > 0, stats.beta.ppf(a / 2, k_f, n_f - k_f + 1), 0.0)
+    high = np.where(k < n_f, stats.beta.ppf(1 - a / 2, k_f + 1, n_f - k_f), 1.0)
+    return low, high
+
+
+def binomial_ucb(k, n, delta: float):
+    """One-sided (1 - delta) upper confidence bound on a binomial proportion (Clopper-Pearson):
+    the largest R with P(Binom(n, R) <= k) >= delta."""
+    k = _as_counts(k)
+    _check_n(n)
+    _check_level(delta, "delta")
+    k_f = k.astype(float)
+    n_f = np.asarray(n, dtype=float)
+    return np.where(k < n_f, stats.beta.ppf(1 - delta, k_f + 1, n_f - k_f), 1.0)

@@ -1,0 +1,9 @@
+"""Fit the safety probe and the DV probe: python -m jobs.train --config configs/demo.yaml"""
+
+import sys
+
+from ctd.pipeline.entry import job_main
+from ctd.pipeline.train import run_training
+
+if __name__ == "__main__":
+    sys.exit(job_main("train", lambda cfg, args: run_training(cfg) and 0))
