@@ -6,7 +6,8 @@ a config may *name* an environment variable (``api_key_env``), never hold a key.
 raised as :class:`ConfigError` (one line per problem) before anything is written.
 
 Strings may use ``${ENV_VAR}`` / ``${ENV_VAR:-default}`` for non-secret values such as bucket names,
-and ``{date}`` / ``{datetime}`` in ``run_id`` (UTC) for nightly runs.
+and ``{date}`` / ``{yesterday}`` / ``{datetime}`` (UTC) in ``audit.run_id`` and ``audit.corpus`` for
+nightly runs.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class PoolConfig(Strict):
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
     batch_size: int = Field(64, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor (pins a worker group)")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -94,6 +96,7 @@ class VLLMExpertConfig(Strict):
     rows_per_second_per_replica: float = Field(20.0, gt=0)
     target_wall_seconds: float = Field(3600.0, gt=0)
     batch_size: int = Field(16, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per GPU bundle (pins a worker group)")
     engine_kwargs: dict = Field(default_factory=dict)
 
 
@@ -262,9 +265,16 @@ def config_hash(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def expand_run_id(template: str, now: _dt.datetime | None = None) -> str:
+def expand_dates(template: str, now: _dt.datetime | None = None) -> str:
+    """{date} (UTC, YYYY-MM-DD), {yesterday} and {datetime} (YYYYMMDDTHHMMSSZ) for nightly runs."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    rid = template.replace("{date}", now.strftime("%Y-%m-%d")).replace("{datetime}", now.strftime("%Y%m%dT%H%M%SZ"))
+    return (template.replace("{date}", now.strftime("%Y-%m-%d"))
+            .replace("{yesterday}", (now - _dt.timedelta(days=1)).strftime("%Y-%m-%d"))
+            .replace("{datetime}", now.strftime("%Y%m%dT%H%M%SZ")))
+
+
+def expand_run_id(template: str, now: _dt.datetime | None = None) -> str:
+    rid = expand_dates(template, now)
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", rid):
         raise ConfigError(f"audit.run_id {rid!r}: use letters, digits, '.', '_' or '-'")
     return rid

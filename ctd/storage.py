@@ -20,7 +20,9 @@ __all__ = ["filesystem", "join", "read_bytes", "write_bytes", "read_json", "writ
 
 
 def _s3_options() -> dict[str, Any]:
-    opts: dict[str, Any] = {}
+    # No listings cache: other processes (Ray workers, other jobs) publish runs while we read, and a
+    # cached listing would hide them.
+    opts: dict[str, Any] = {"use_listings_cache": False}
     endpoint = os.environ.get("CTD_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}

@@ -22,7 +22,7 @@ import pyarrow as pa
 from .. import storage
 from ..artifacts import config_hash, model_fingerprint
 from ..calibration import load_calibration
-from ..config import JobConfig, expand_run_id, resolve_model_path
+from ..config import JobConfig, expand_dates, expand_run_id, resolve_model_path
 from ..config import config_hash as job_config_hash
 from ..probes import LinearProbe
 from ..report import plot_histogram, write_report
@@ -107,6 +107,8 @@ def _resumable_expert(uri: str) -> pa.Table | None:
 def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | None = None) -> AuditReport:
     if cfg.audit is None:
         raise ValueError("config has no 'audit' section")
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"corpus": expand_dates(cfg.audit.corpus, now)})})
     a = cfg.audit
     run_id = expand_run_id(run_id or a.run_id, now)
     layout = RunLayout(a.output, run_id)

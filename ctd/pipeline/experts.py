@@ -58,7 +58,7 @@ def _vllm_processor(cfg, *, alpha: float, n_rows: int, log):
     engine_kwargs = {"max_model_len": cfg.max_model_len, "tensor_parallel_size": cfg.tensor_parallel_size,
                      "max_logprobs": max(cfg.top_logprobs, 20), **cfg.engine_kwargs}
     on_gpu = cfg.num_gpus_per_replica > 0
-    bundle = {"GPU": cfg.num_gpus_per_replica, "CPU": 1} if on_gpu else {"CPU": 1}
+    bundle = ({"GPU": cfg.num_gpus_per_replica, "CPU": 1} if on_gpu else {"CPU": 1}) | dict(cfg.resources)
     proc_cfg = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=engine_kwargs, concurrency=(cfg.min_replicas, max_replicas),
         batch_size=cfg.batch_size, accelerator_type=None, log_engine_metrics=False,
@@ -182,6 +182,7 @@ def run_expert(ds, cfg: ExpertConfig, *, alpha: float, n_rows: int, log=print):
         spec = {"path": resolve_model_path(c.path), "unsafe_label": c.unsafe_label, "max_length": c.max_length}
         return ds.map_batches(ClassifierStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow",
                               batch_size=c.pool.batch_size, num_gpus=c.pool.num_gpus or None, num_cpus=c.pool.num_cpus,
+                              resources=dict(c.pool.resources) or None,
                               compute=ActorPoolStrategy(min_size=c.pool.min_actors, max_size=c.pool.max_actors))
     h = cfg.http
     log(f"expert (HTTP {h.base_url}, model {h.model}): {h.actors} actors x {h.concurrency_per_actor} concurrent, {h.requests_per_second:g} req/s")

@@ -119,7 +119,7 @@ def run_stage1(cfg: JobConfig, corpus: str, out_uri: str, spec: dict) -> Stage1:
                          batch_format="pyarrow", batch_size=a.batch_size, num_cpus=0.5,
                          compute=ActorPoolStrategy(min_size=1, max_size=max(1, a.max_actors)))
     act = tok.map_batches(ActivationStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=a.batch_size,
-                          num_gpus=a.num_gpus or None, num_cpus=a.num_cpus,
+                          num_gpus=a.num_gpus or None, num_cpus=a.num_cpus, resources=dict(a.resources) or None,
                           compute=ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors))
     _write(act, out_uri)
     files = _files(out_uri)

