@@ -22,7 +22,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["ConfigError", "JobConfig", "load_config", "resolve_model_path", "config_hash"]
+__all__ = ["ConfigError", "JobConfig", "MonitorConfig", "load_config", "resolve_model_path", "config_hash"]
 
 
 class ConfigError(ValueError):
@@ -197,6 +197,30 @@ class JobConfig(Strict):
         return v
 
 
+class MonitorColumns(Strict):
+    trajectory: str = "uq_problem_idx"
+    step: str = "num_steps"
+    score: str = "judge_probability"
+    label: Optional[str] = Field("solved", description="final correctness (1 = correct), optional: used for the report")
+    tokens: Optional[str] = "generated_tokens"
+
+
+class MonitorJob(Strict):
+    input: str = Field(description="step logs (a file or folder of CSV/Parquet/JSONL) at any URI")
+    calibration: str = Field(description="monitor calibration (monitor.json or its folder) from `ctd monitor calibrate`")
+    output: str = Field(description="URI folder; runs go to <output>/runs/<run_id>/")
+    run_id: str = "monitor-{datetime}"
+    columns: MonitorColumns = MonitorColumns()
+
+
+class MonitorConfig(Strict):
+    """Config of the online-monitoring job (``python -m jobs.monitor``)."""
+
+    name: str = "monitor"
+    monitor: MonitorJob
+    ray: RayConfig = RayConfig()
+
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 
@@ -221,8 +245,9 @@ def _expand(obj, path=""):
     return obj
 
 
-def load_config(path: str, overrides: dict | None = None) -> JobConfig:
-    """Read, expand and validate a YAML config. Raises ConfigError with every problem's key path."""
+def load_config(path: str, overrides: dict | None = None, model=None):
+    """Read, expand and validate a YAML config (a :class:`JobConfig`, or ``model``). Raises
+    ConfigError with every problem's key path."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
@@ -240,7 +265,7 @@ def load_config(path: str, overrides: dict | None = None) -> JobConfig:
         node[leaf] = value
     raw = _expand(raw)
     try:
-        return JobConfig.model_validate(raw)
+        return (model or JobConfig).model_validate(raw)
     except ValidationError as e:
         problems = []
         for err in e.errors():

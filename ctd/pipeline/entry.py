@@ -25,7 +25,7 @@ def _override(s: str) -> tuple[str, object]:
     return k.strip(), yaml.safe_load(v)
 
 
-def job_main(name: str, run: Callable, argv=None, add_args: Callable | None = None) -> int:
+def job_main(name: str, run: Callable, argv=None, add_args: Callable | None = None, config_model=None) -> int:
     from ..artifacts import ArtifactError
     from ..config import ConfigError, load_config
     from ..tables import TableError
@@ -37,7 +37,7 @@ def job_main(name: str, run: Callable, argv=None, add_args: Callable | None = No
         add_args(ap)
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, dict(args.overrides))
+        cfg = load_config(args.config, dict(args.overrides), model=config_model)
         code = run(cfg, args)
     except (ConfigError, ArtifactError, TableError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -1,0 +1,174 @@
+"""Online monitoring: CRC and UCB thresholds against closed forms and by simulation; streaming
+monitors against the vectorised evaluation; bad step logs."""
+
+import numpy as np
+import pytest
+
+from ctd.monitor import (DensityRatio, EProcessMonitor, ThresholdMonitor, TrajectoryError, evaluate_eprocess, evaluate_threshold,
+                         validate_steps)
+from ctd.stats.calibrate import threshold_grid
+from ctd.stats.pvalues import clopper_pearson, max_certifiable_count
+from ctd.stats.risk_control import alarm_counts, control_threshold
+
+
+def test_crc_and_ucb_match_closed_forms():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        m = rng.choice(np.round(rng.uniform(0, 1, 8), 2), n)  # ties, and values on the grid
+        grid = np.unique(np.round(rng.uniform(0, 1, int(rng.integers(2, 15))), 2))
+        eps, dlt = float(rng.choice([0.05, 0.1, 0.3])), 0.1
+        # false alarm: smallest λ with (n/(n+1)) R̂ + 1/(n+1) <= ε (monotone: the set is an upper ray)
+        ok = [lam for lam in grid if all((np.sum(m > l2) + 1) / (n + 1) <= eps for l2 in grid if l2 >= lam)]
+        assert control_threshold(m, grid, "false-alarm", "crc", eps) == (min(ok) if ok else np.inf)
+        k = max_certifiable_count(n, eps, dlt)
+        ok = [lam for lam in grid if k >= 0 and np.sum(m > lam) <= k]
+        assert control_threshold(m, grid, "false-alarm", "ucb", eps, dlt) == (min(ok) if ok else np.inf)
+        # missed detection: largest λ with the bound on #{M <= λ}
+        ok = [lam for lam in grid if all((np.sum(m <= l2) + 1) / (n + 1) <= eps for l2 in grid if l2 <= lam)]
+        assert control_threshold(m, grid, "missed-detection", "crc", eps) == (max(ok) if ok else -np.inf)
+        ok = [lam for lam in grid if k >= 0 and np.sum(m <= lam) <= k]
+        assert control_threshold(m, grid, "missed-detection", "ucb", eps, dlt) == (max(ok) if ok else -np.inf)
+    assert alarm_counts([0.2, 0.5, 0.5], [0.5], "false-alarm").tolist() == [0]  # strict: r > λ alarms
+    assert alarm_counts([0.2, 0.5, 0.5], [0.5], "missed-detection").tolist() == [3]
+
+
+@pytest.mark.parametrize("risk", ["false-alarm", "missed-detection"])
+def test_guarantees_by_simulation(risk):
+    """M ~ Uniform(0, 1): R_I(λ) = 1 - λ, R_II(λ) = λ exactly. CRC: the mean realised risk over 2,000
+    draws stays <= ε; UCB: the violation frequency is not significantly above δ."""
+    rng = np.random.default_rng(1)
+    eps, dlt, n, draws = 0.1, 0.1, 150, 2000
+    grid = threshold_grid(size=501, low=0.0, high=1.0)
+    true = (lambda lam: 1 - np.clip(lam, 0, 1)) if risk == "false-alarm" else (lambda lam: np.clip(lam, 0, 1))
+    m = rng.uniform(size=(draws, n))
+    crc = true(control_threshold(m, grid, risk, "crc", eps))
+    ucb = true(control_threshold(m, grid, risk, "ucb", eps, dlt))
+    assert crc.mean() <= eps + 3 * crc.std() / np.sqrt(draws)
+    assert crc.mean() > eps - 0.02  # and not vacuous
+    lo, _ = clopper_pearson(np.array([(ucb > eps).sum()]), draws, 0.999)
+    assert lo[0] <= dlt
+    assert (crc > eps).mean() > dlt  # CRC controls the mean, not the tail: the two controls differ
+
+
+def traj_fixture():
+    ids = ["a"] * 3 + ["b"] * 2 + ["c"] * 4
+    steps = [1, 2, 3, 1, 2, 1, 2, 3, 4]
+    scores = [0.9, 0.4, 0.8, 0.95, 0.9, 0.7, 0.6, 0.2, 0.1]
+    labels = [1, 1, 1, 1, 1, 0, 0, 0, 0]
+    tokens = [10, 5, 5, 3, 3, 4, 4, 4, 4]
+    return validate_steps(ids, steps, scores, labels, tokens)
+
+
+def test_streaming_monitors_agree_with_vectorised_evaluation():
+    t = traj_fixture()
+    for lam in (0.3, 0.5, 0.75):
+        mon = ThresholdMonitor(lam)
+        alarms = {tr: s for tr, s, sc in ((t.ids[i], int(t.steps[j]), float(t.scores[j])) for i in range(len(t))
+                                           for j in range(t.offsets[i], t.offsets[i + 1])) if mon.observe(tr, s, sc)}
+        alarmed, first = t.first_alarm(lam)
+        assert {t.ids[i]: int(t.steps[t.offsets[i] + first[i]]) for i in range(len(t)) if alarmed[i]} == alarms
+    m = evaluate_threshold(t, 0.5)
+    assert m["false_alarm_rate"] == 0.5 and m["power"] == 1.0 and m["delay_steps"] == 3 and m["delay_tokens"] == 12
+    ratio = DensityRatio([0.2, 0.1, 0.6], [0.9, 0.95, 0.8, 0.9], bins=5)
+    mon = EProcessMonitor(ratio, 0.2)
+    got = [tr for tr, s, sc in [("c", 1, 0.7), ("c", 2, 0.6), ("c", 3, 0.2), ("c", 4, 0.1)] if mon.observe(tr, s, sc)]
+    ev = evaluate_eprocess(t, ratio, 0.2)
+    assert (got == ["c"]) == (ev["power"] == 1.0)
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"steps": [1, 3, 2, 1, 2, 1, 2, 3, 4]}, "steps out of order"),
+    ({"steps": [1, 2, 2, 1, 2, 1, 2, 3, 4]}, "duplicated step"),
+    ({"scores": [0.9, 1.4, 0.8, 0.95, 0.9, 0.7, 0.6, 0.2, 0.1]}, "outside"),
+    ({"labels": [1, 0, 1, 1, 1, 0, 0, 0, 0]}, "mixed final labels"),
+])
+def test_bad_step_logs_error_or_quarantine(change, reason):
+    base = dict(ids=["a"] * 3 + ["b"] * 2 + ["c"] * 4, steps=[1, 2, 3, 1, 2, 1, 2, 3, 4],
+                scores=[0.9, 0.4, 0.8, 0.95, 0.9, 0.7, 0.6, 0.2, 0.1], labels=[1, 1, 1, 1, 1, 0, 0, 0, 0])
+    base.update(change)
+    with pytest.raises(TrajectoryError, match=reason):
+        validate_steps(base["ids"], base["steps"], base["scores"], base["labels"])
+    t, bad = validate_steps(base["ids"], base["steps"], base["scores"], base["labels"], quarantine=True)
+    assert bad == [("a", reason)] or (bad[0][0] == "a" and reason in bad[0][1])
+    assert sorted(t.ids.tolist()) == ["b", "c"]
+    mon = ThresholdMonitor(0.5)
+    mon.observe("x", 2, 0.9)
+    with pytest.raises(TrajectoryError, match="out of order"):
+        mon.observe("x", 1, 0.9)
+    with pytest.raises(TrajectoryError, match="duplicated"):
+        mon.observe("x", 2, 0.9)
+    with pytest.raises(TrajectoryError, match="outside"):
+        mon.observe("y", 1, -0.1)
+
+
+def test_monitor_calibrate_cli_on_real_trajectories(data_dir, tmp_path):
+    import json
+    import os
+
+    from ctd.cli import main
+
+    src = os.path.join(data_dir, "verifier-trajectories", "math.csv.gz")
+    for risk, control in (("false-alarm", "crc"), ("missed-detection", "ucb")):
+        out = tmp_path / f"{risk}-{control}"
+        assert main(["monitor", "calibrate", "--trajectories", src, "--risk", risk, "--control", control, "--epsilon", "0.1",
+                     "--out", str(out)]) == 0
+        body = json.load(open(out / "monitor.json"))
+        assert body["risk"] == risk and body["n_relevant"] > 1000 and body["empirical_risk_at_lambda"] <= 0.1
+    bad = tmp_path / "bad.csv"
+    bad.write_text("uq_problem_idx,num_steps,judge_probability,solved\na,1,0.5,1\na,1,0.6,1\n")
+    assert main(["monitor", "calibrate", "--trajectories", str(bad), "--risk", "false-alarm", "--control", "crc", "--epsilon", "0.1",
+                 "--out", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.slow
+def test_monitor_job_on_s3_with_bad_trajectories(ray_head, s3, data_dir, tmp_path):
+    """Step logs in S3 → the Ray monitor job → alarms, quarantine, report and manifest in S3."""
+    import gzip
+    import io
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.csv as pcsv
+
+    from ctd import storage
+    from ctd.cli import main
+    from ctd.config import load_config
+    from ctd.config import MonitorConfig
+    from ctd.monitor import read_step_table
+    from ctd.pipeline.monitor import run_monitor
+    from ctd.pipeline.runs import read_manifest, read_run_table
+
+    src = read_step_table(os.path.join(data_dir, "verifier-trajectories", "math.csv.gz"))
+    first = src.slice(0, 2400)
+    keep = [c for c in ("uq_problem_idx", "num_steps", "judge_probability", "solved", "generated_tokens")]
+    buf = io.BytesIO()
+    pcsv.write_csv(first.select(keep), buf)
+    bad = ("zz_order,2,0.5,1,3\nzz_order,1,0.5,1,3\nzz_dup,1,0.5,0,3\nzz_dup,1,0.4,0,3\n"
+           "zz_mixed,1,0.5,1,3\nzz_mixed,2,0.5,0,3\nzz_score,1,1.7,0,3\n")
+    root = f"s3://{s3['bucket']}/monitor"
+    storage.write_bytes(f"{root}/steps/part-0.csv.gz", gzip.compress(buf.getvalue() + bad.encode()))
+    storage.write_bytes(f"{root}/heldout.csv", open(os.path.join(data_dir, "verifier-trajectories", "math.csv.gz"), "rb").read())
+    assert main(["monitor", "calibrate", "--trajectories", f"{root}/heldout.csv", "--risk", "false-alarm", "--control", "ucb",
+                 "--epsilon", "0.1", "--out", f"{root}/calibration"]) == 0
+    cfg_path = tmp_path / "monitor.yaml"
+    cfg_path.write_text(f"monitor:\n  input: {root}/steps/\n  calibration: {root}/calibration\n  output: {root}\n  run_id: m1\n")
+    cfg = load_config(str(cfg_path), model=MonitorConfig)
+    summary = run_monitor(cfg)
+    n_traj = len(set(first.column("uq_problem_idx").to_pylist()))
+    assert summary["trajectories"] == n_traj + 4 and summary["trajectories_quarantined"] == 4
+    assert set(summary["quarantine_reasons"]) == {"steps out of order", "duplicated step", "mixed final labels", "score outside [0, 1]"}
+    alarms = read_run_table(root, "m1")
+    assert set(alarms.column_names) >= {"trajectory", "step", "score"} and alarms.num_rows == summary["alarms"] > 0
+    # every alarm is the first step whose alarm score exceeds λ
+    lam = storage.read_json(f"{root}/calibration/monitor.json")["lambda_hat"]
+    assert all(1 - s > lam for s in alarms.column("score").to_pylist())
+    assert read_manifest(root, "m1")["rows"] == {"results": alarms.num_rows, "quarantine": 4}
+    # a tampered calibration is refused by the job entrypoint: one line, exit 2
+    body = storage.read_json(f"{root}/calibration/monitor.json")
+    body["lambda_hat"] = 0.99
+    storage.write_json(f"{root}/tampered/monitor.json", body)
+    r = subprocess.run([sys.executable, "-m", "jobs.monitor", "--config", str(cfg_path), "--set", f"monitor.calibration={root}/tampered"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and "integrity" in r.stderr
