@@ -3,6 +3,7 @@
     ctd calibrate --scores FILE --alpha A --delta D [--pareto|--no-pareto] [--risk accuracy|auroc] --out DIR
     ctd report fetch URI [--to DIR]        download a run's or a calibration's report
     ctd report show URI_OR_DIR             print a report's summary
+    ctd report verify RUN_URI              check a published run (manifest, files, counts, duplicates)
     ctd monitor calibrate ...              calibrate an online alarm threshold (see `ctd monitor calibrate -h`)
 
 Bad input (unreadable or malformed files, missing columns, NaN, labels not 0/1, probabilities
@@ -68,6 +69,19 @@ def _cmd_report(args) -> int:
         for path in fetch_report(args.uri, args.to):
             print(path)
         return 0
+    if args.report_cmd == "verify":
+        import json
+
+        from . import storage
+        from .pipeline.verify import verify_run
+
+        uri = args.uri.rstrip("/")
+        run_id = uri.rsplit("/", 1)[-1]
+        output = uri[: -len(run_id)].rstrip("/")
+        output = output[: -len("/runs")] if output.endswith("/runs") else output
+        res = verify_run(output if "://" in uri else storage.local_path(output), run_id)
+        print(json.dumps(res, indent=2))
+        return 0 if res["ok"] else 1
     print(show_report(args.uri))
     return 0
 
@@ -116,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--to", default=".", help="local folder (default: current)")
     s = rs.add_parser("show", help="print a report's summary")
     s.add_argument("uri")
+    v = rs.add_parser("verify", help="check a published run: manifest, files, row counts, no duplicate ids (exit 1 if not)")
+    v.add_argument("uri", help="<output>/runs/<run_id>")
     r.set_defaults(fn=_cmd_report)
 
     m = sub.add_parser("monitor", help="online monitoring of step-wise verifier scores")

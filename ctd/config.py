@@ -172,6 +172,7 @@ class AuditJob(Strict):
     run_id: str = "{datetime}"
     budget_cap: Optional[float] = Field(None, gt=0, le=1, description="hard cap: at most ceil(cap x rows) expert calls")
     resume: bool = True
+    commit_rows: int = Field(256, ge=1, description="expert scores are committed in files of about this many rows; a resumed run skips them")
     drift_alpha: float = Field(0.01, gt=0, lt=1, description="level of the realised-rate binomial test")
 
 

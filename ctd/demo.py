@@ -137,16 +137,19 @@ def _row(rng, i: int, split: str, groups: list[str], ambiguous: float) -> dict:
 SIZES = {"train": 500, "expert_train": 700, "dev": 600, "calibration": 800, "audit": 1200}
 
 
-def generate_corpus(out_dir: str, seed: int = 0, sizes: dict | None = None) -> dict[str, str]:
-    """Write the demo splits as JSON lines under ``out_dir``; returns {split: uri}."""
+def generate_corpus(out_dir: str, seed: int = 0, sizes: dict | None = None, ambiguous: float = 0.25,
+                    bad_rows: bool = True) -> dict[str, str]:
+    """Write the demo splits as JSON lines under ``out_dir``; returns {split: uri}. ``ambiguous`` is
+    the share of ambiguous rows outside the probe's training split (raise it to simulate a night
+    whose traffic has shifted)."""
     sizes = {**SIZES, **(sizes or {})}
     rng = np.random.default_rng(seed)
     uris = {}
     for split, n in sizes.items():
         probe_split = split == "train"
         groups = ["medical", "finance"] if probe_split else ["medical", "finance", "it_ops", "travel"]
-        lines = [json.dumps(_row(rng, i, split, groups, 0.0 if probe_split else 0.25)).encode() + b"\n" for i in range(n)]
-        if split == "audit":
+        lines = [json.dumps(_row(rng, i, split, groups, 0.0 if probe_split else ambiguous)).encode() + b"\n" for i in range(n)]
+        if split == "audit" and bad_rows:
             lines += BAD_ROWS
         uri = storage.join(out_dir, f"{split}.jsonl")
         storage.write_bytes(uri, b"".join(lines))
@@ -168,3 +171,44 @@ def build_demo_expert(corpus_uri: str, model_dir: str, out_dir: str, seed: int =
     feats = cls_features(model_dir, ids)
     os.makedirs(out_dir, exist_ok=True)
     return build_classifier(model_dir, feats, labels, out_dir, seed=seed)
+
+
+def deploy(root: str, work_dir: str, base: dict, *, sizes: dict | None = None, seed: int = 0, log=print) -> dict:
+    """The whole set-up before a nightly audit, on the generated corpus: corpus under ``root``
+    (any URI), the classifier expert in ``work_dir/expert``, the config (``base`` with every path
+    filled in) at ``work_dir/config.yaml``, probes from the training job (its chosen layer written
+    back into the config) and λ* from the calibration job."""
+    import yaml
+
+    from .config import load_config, resolve_model_path
+    from .pipeline.calibrate import run_calibration
+    from .pipeline.train import run_training
+
+    os.makedirs(work_dir, exist_ok=True)
+    log(f"generating the corpus under {root}/corpus")
+    corpus = generate_corpus(f"{root}/corpus", seed=seed, sizes=sizes)
+    expert_dir = os.path.join(os.path.abspath(work_dir), "expert")
+    if not os.path.exists(os.path.join(expert_dir, "config.json")):
+        log("building the expert: MiniLM sequence classifier, head fine-tuned on the expert split")
+        build_demo_expert(corpus["expert_train"], resolve_model_path(base["model"]["path"]), expert_dir, seed=seed)
+    cfg = json.loads(json.dumps(base))
+    cfg["probes"] = {"safety": f"{root}/probes/safety", "dv": f"{root}/probes/dv"}
+    cfg["expert"]["classifier"]["path"] = expert_dir
+    cfg["train"] = {**cfg.get("train", {}), "train": corpus["train"], "dev": corpus["dev"]}
+    cfg["calibrate"] = {"corpus": corpus["calibration"], "output": f"{root}/calibration"}
+    cfg["audit"] = {**cfg.get("audit", {}), "corpus": corpus["audit"], "output": root, "calibration": f"{root}/calibration"}
+    path = os.path.join(work_dir, "config.yaml")
+
+    def save():
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+
+    save()
+    log("training the safety and DV probes")
+    trained = run_training(load_config(path))
+    cfg["model"]["layer"] = trained["layer"]
+    save()
+    log("calibrating λ* on the held-out shard (expert on every row)")
+    art = run_calibration(load_config(path))
+    return {"root": root, "config_path": path, "expert_dir": expert_dir, "corpus": corpus, "trained": trained, "calibration": art,
+            "tmp": work_dir}

@@ -305,3 +305,27 @@ def test_joint_control_certifies_performance_too():
     assert loose.delegates and loose.performance_pvalues is not None
     impossible = cal.calibrate(d, grid, 0.3, 0.1, labels=y, probe=p, expert=e, pareto=True, performance_target=0.01)
     assert not impossible.delegates and "jointly" in impossible.message
+
+
+# ------------------------------------------------------------------ drift across nights
+def test_drift_eprocess_is_anytime_valid_and_detects_a_shift():
+    from ctd.stats.drift import detection_delay, drift_eprocess, log_e_values
+
+    # closed form for one alternative
+    le = log_e_values([30], [200], 0.1, alternatives=(2.0,))
+    assert le[0] == pytest.approx(30 * np.log(0.2 / 0.1) + 170 * np.log(0.8 / 0.9))
+    # at the boundary rate α the e-detector's average run length is >= 1/level: over 20 nights at
+    # level 0.05 the share of histories with an alarm stays near or below 20 x 0.05 = 1 (Markov), far below
+    # in practice; the plain e-process alarms with probability <= level over the whole history (Ville)
+    null = detection_delay(0.1, 0.1, 2000, nights_before=20, max_nights=1, level=0.05, sims=4000)
+    assert null["false_alarm_before_shift"] <= 0.2
+    rng = np.random.default_rng(0)
+    d = rng.binomial(2000, 0.1, size=(4000, 60))
+    proc = np.cumsum(log_e_values(d, np.full(d.shape, 2000), 0.1), axis=1)
+    lo, _ = clopper_pearson(np.array([int((proc >= np.log(20)).any(axis=1).sum())]), 4000, 0.999)
+    assert lo[0] <= 0.05
+    shift = detection_delay(0.1, 0.15, 2000, level=0.01, sims=500)
+    assert shift["share_detected"] > 0.99 and shift["median_delay_nights"] <= 3
+    r = drift_eprocess([180, 200, 210], [2000, 2000, 2000], 0.1)
+    assert r["alarm"] is False and len(r["log_e_detector"]) == 3
+    assert drift_eprocess([180, 200, 300], [2000, 2000, 2000], 0.1)["alarm"] is True

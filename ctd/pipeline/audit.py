@@ -26,12 +26,13 @@ from ..config import JobConfig, expand_dates, expand_run_id, resolve_model_path
 from ..config import config_hash as job_config_hash
 from ..probes import LinearProbe
 from ..report import plot_histogram, write_report
+from ..stats.drift import drift_eprocess
 from ..stats.pvalues import binomial_upper_pvalue
 from ..tables import read_parquet
 from .graph import (Stage1, activation_spec, apply_budget_cap, find_duplicates, init_ray, log, merge_and_write, run_expert_stage,
                     run_stage1, stage1_columns)
 from .reports import AuditReport, StageTiming
-from .runs import RunLayout, parquet_files
+from .runs import RunLayout, list_runs, parquet_files
 
 __all__ = ["run_audit", "check_artifacts", "Artifacts"]
 
@@ -151,9 +152,10 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | 
         resumed["expert_rows"] = done.num_rows
     calls_before = 0 if done is None else done.num_rows
     expert, t2 = run_expert_stage(cfg, s1, expert_uri, exclude=set(dups) | over_cap, n_expected=n_to_expert,
-                                  n_rows=n_scored_expected, alpha=cal.alpha, done=done)
+                                  n_rows=n_scored_expected, alpha=cal.alpha, done=done, commit_rows=a.commit_rows)
     log("stage 3: merge → results and quarantine")
-    t3 = merge_and_write(cfg, s1, expert, duplicates=dups, over_cap=over_cap, results_uri=layout.results, quarantine_uri=layout.quarantine)
+    t3 = merge_and_write(cfg, s1, expert, duplicates=dups, over_cap=over_cap, results_uri=layout.results, quarantine_uri=layout.quarantine,
+                         n_results=n_scored_expected, n_quarantine=s1.rows - n_scored_expected)
 
     report, figures = _report(cfg, art, layout, run_id, s1, t2, t3, n_to_expert, expert, calls_before, cap, over_cap, resumed)
     files = write_report(layout.root, "report", report.model_dump(), report.html(figures), figures)
@@ -167,6 +169,23 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | 
         print(line, flush=True)
     log(f"report: {files['html']}")
     return report
+
+
+def _history(output: str, run_id: str, calibration_hash: str) -> list[dict]:
+    """Earlier published audits made with the same calibration, oldest first (this run id excluded:
+    a rerun replaces it)."""
+    out = []
+    for rid in list_runs(output):
+        if rid == run_id:
+            continue
+        try:
+            r = storage.read_json(RunLayout(output, rid).path("report.json"))
+        except (FileNotFoundError, ValueError):
+            continue
+        if r.get("kind") == "audit" and r.get("calibration_hash") == calibration_hash:
+            out.append({"run_id": rid, "created_at": r["created_at"], "delegated_by_threshold": r["delegated_by_threshold"],
+                        "rows_scored": r["rows_scored"]})
+    return sorted(out, key=lambda h: h["created_at"])
 
 
 def _read_results(layout: RunLayout, columns) -> pa.Table:
@@ -185,7 +204,10 @@ def _report(cfg, art, layout, run_id, s1, t2, t3, n_to_expert, expert, calls_bef
     by_threshold = int(deleg.sum()) + len(over_cap)
     D = int(deleg.sum()) + len(over_cap)  # the threshold's own delegation count (the cap is a separate fallback)
     pval = float(binomial_upper_pvalue(D, max(n_scored, 1), cal.alpha)) if n_scored else 1.0
-    alarm = pval < cfg.audit.drift_alpha
+    history = _history(cfg.audit.output, run_id, art.calibration_hash)
+    ep = drift_eprocess([h["delegated_by_threshold"] for h in history] + [D], [max(h["rows_scored"], 1) for h in history] + [max(n_scored, 1)],
+                        cal.alpha, cfg.audit.drift_alpha)
+    alarm = pval < cfg.audit.drift_alpha or ep["alarm"]
     rate = D / n_scored if n_scored else 0.0
     msg = (f"{D} of {n_scored} rows ({rate:.2%}) passed λ*; under the guarantee (rate ≤ α = {cal.alpha:.2%}) a count this large "
            f"has p = {pval:.3g}" + (f" < {cfg.audit.drift_alpha}: the traffic does not look like the calibration data."
@@ -214,6 +236,7 @@ def _report(cfg, art, layout, run_id, s1, t2, t3, n_to_expert, expert, calls_bef
         invariant_ok=s1.rows == n_scored + n_q, quarantine_reasons=dict(reasons), delegated_by_threshold=by_threshold,
         delegated=int(deleg.sum()), over_cap=len(over_cap), budget_cap=cap, realised_rate=rate, rate_pvalue=pval,
         drift_alpha=cfg.audit.drift_alpha, drift_alarm=alarm, drift_message=msg, expert_kind=cfg.expert.kind,
+        drift_history_runs=[h["run_id"] for h in history], drift_e_value=ep["e_value"], drift_eprocess_alarm=ep["alarm"],
         expert_calls=expert.num_rows - calls_before, expert_failures=sum(v for k, v in statuses.items() if k.startswith("error")),
         expert_status=dict(statuses), decisions_unsafe=int(dec.sum()), groups=groups, stages=stages, resumed=resumed)
     dv = res.column("dv").to_numpy(zero_copy_only=False).astype(float)

@@ -50,8 +50,8 @@ def init_ray(cfg: JobConfig) -> None:
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
-        else:
-            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+        else:  # a new local instance, never some other cluster found on this machine
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.enable_operator_progress_bars = False
@@ -172,7 +172,7 @@ def _select(batch: pa.Table, exclude: set, all_rows: bool) -> pa.Table:
 
 
 def run_expert_stage(cfg: JobConfig, s1: Stage1, out_uri: str, *, exclude: set, n_expected: int, n_rows: int, alpha: float,
-                     done: pa.Table | None = None, all_rows: bool = False) -> tuple[pa.Table, float]:
+                     done: pa.Table | None = None, all_rows: bool = False, commit_rows: int = 256) -> tuple[pa.Table, float]:
     """Expert scores of the delegated rows (every valid row with ``all_rows``) not in ``exclude``
     nor already in ``done``, written to ``out_uri``; returns all scores (earlier and new) and the
     seconds spent."""
@@ -186,8 +186,11 @@ def run_expert_stage(cfg: JobConfig, s1: Stage1, out_uri: str, *, exclude: set, 
         return done if done is not None else EXPERT_SCHEMA.empty_table(), 0.0
     log(f"stage 2: {todo} delegated rows → expert ({cfg.expert.kind})")
     cols = ["id", "input", "is_chat", "error"] + ([] if all_rows else ["delegated"])
+    # Blocks of ~commit_rows rows: each becomes one expert task and one committed file, the unit that
+    # a resumed run can skip.
     ds = _read(s1.files, columns=cols).map_batches(
-        _select, fn_kwargs={"exclude": skip, "all_rows": all_rows}, batch_format="pyarrow", batch_size=4096)
+        _select, fn_kwargs={"exclude": skip, "all_rows": all_rows}, batch_format="pyarrow", batch_size=4096
+    ).repartition(target_num_rows_per_block=commit_rows)
     scored = run_expert(ds, cfg.expert, alpha=alpha, n_rows=n_rows, log=log)
     path, fs = ray_path(out_uri)
     scored.write_parquet(path, filesystem=fs)  # appends new files beside earlier (resumed) ones
@@ -223,8 +226,10 @@ def _quarantine(batch: pa.Table, duplicates: dict) -> pa.Table:
 
 
 def merge_and_write(cfg: JobConfig, s1: Stage1, expert: pa.Table, *, duplicates: dict, over_cap: set, results_uri: str,
-                    quarantine_uri: str) -> float:
-    """Final scores for valid rows → results; invalid and duplicate-id rows → quarantine."""
+                    quarantine_uri: str, n_results: int, n_quarantine: int) -> float:
+    """Final scores for valid rows → results; invalid and duplicate-id rows → quarantine. An empty
+    table is not handed to Ray: its Parquet sink deletes an empty output folder afterwards, which
+    fails on object stores where the folder never existed."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -232,8 +237,10 @@ def merge_and_write(cfg: JobConfig, s1: Stage1, expert: pa.Table, *, duplicates:
     cols = [c for c in read_parquet(s1.files[0]).column_names if not c.startswith("pooled_")] if s1.files else []
     base = _read(s1.files, columns=cols)
     spec = {"expert": ray.put(expert), "cascade": cfg.cascade, "decision_threshold": cfg.decision_threshold, "over_cap": sorted(over_cap)}
-    results = base.map_batches(_results, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow").map_batches(
-        MergeStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=2))
-    _write(results, results_uri)
-    _write(base.map_batches(_quarantine, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow"), quarantine_uri)
+    if n_results:
+        results = base.map_batches(_results, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow").map_batches(
+            MergeStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=2))
+        _write(results, results_uri)
+    if n_quarantine:
+        _write(base.map_batches(_quarantine, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow"), quarantine_uri)
     return time.perf_counter() - t0

@@ -65,6 +65,9 @@ class AuditReport(BaseModel):
     drift_alpha: float
     drift_alarm: bool
     drift_message: str
+    drift_history_runs: list[str] = Field(default_factory=list, description="earlier published runs with this calibration, oldest first")
+    drift_e_value: float = 1.0
+    drift_eprocess_alarm: bool = False
     expert_kind: str
     expert_calls: int
     expert_failures: int
@@ -86,6 +89,8 @@ class AuditReport(BaseModel):
             + (f", {self.over_cap} over the hard cap of {self.budget_cap} fell back to the probe" if self.over_cap else ""),
             f"  expert ({self.expert_kind}): {self.expert_calls} calls, {self.expert_failures} failed",
             f"  drift: {'ALARM — ' if self.drift_alarm else ''}{self.drift_message}",
+            f"  drift over {len(self.drift_history_runs) + 1} night(s) with this calibration: e-detector {self.drift_e_value:.3g}"
+            f" ({'ALARM' if self.drift_eprocess_alarm else 'ok'}, alarm at {1 / self.drift_alpha:g})",
             f"  unsafe decisions: {self.decisions_unsafe}",
         ]
         for s in self.stages:

@@ -1,0 +1,62 @@
+"""Fault injection for the reliability tests and benchmark: kill real Ray actor processes mid-run.
+
+:class:`ActorKiller` watches the cluster's live actors from a thread and sends SIGKILL to the worker
+process of an actor whose class name contains a given string, once it has lived long enough to be
+working. Ray Data then restarts the actor and retries its in-flight batch (its actor pools default to
+``max_restarts=-1, max_task_retries=-1``). Nothing in the pipeline knows about this module: the
+faults are real process deaths, not flags. Single-node only (it kills by PID).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+__all__ = ["ActorKiller"]
+
+
+class ActorKiller(threading.Thread):
+    def __init__(self, class_contains: str, after_seconds: float = 3.0, kills: int = 1, poll: float = 0.25):
+        super().__init__(daemon=True)
+        self.class_contains, self.after, self.kills, self.poll = class_contains, after_seconds, kills, poll
+        self.first_seen: dict[str, float] = {}
+        self.pids_seen: set[int] = set()
+        self.killed: list[int] = []
+        self._halt = threading.Event()
+
+    def run(self):
+        from ray.util.state import list_actors
+
+        while not self._halt.is_set():
+            try:
+                actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False)
+            except Exception:  # the state API can be briefly unavailable; keep watching
+                time.sleep(self.poll)
+                continue
+            now = time.time()
+            for a in actors:
+                if self.class_contains not in (a.class_name or ""):
+                    continue
+                pid = a.pid
+                if not pid:
+                    continue
+                self.pids_seen.add(pid)
+                self.first_seen.setdefault(a.actor_id, now)
+                if len(self.killed) < self.kills and pid not in self.killed and now - self.first_seen[a.actor_id] >= self.after:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append(pid)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(self.poll)
+
+    def stop(self):
+        self._halt.set()
+        self.join(timeout=10)
+
+    @property
+    def restarted(self) -> bool:
+        """A live actor of that class was seen with a PID other than the killed ones."""
+        return bool(self.killed) and bool(self.pids_seen - set(self.killed))

@@ -1,0 +1,142 @@
+"""Reliability under real faults, shift and hostile input: nothing lost, nothing duplicated, budget
+never exceeded, nothing published by a failed job, no secret in any written file."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ctd import storage
+from ctd.config import load_config
+from ctd.demo import generate_corpus
+from ctd.pipeline.audit import run_audit
+from ctd.pipeline.chaos import ActorKiller
+from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table
+from ctd.pipeline.verify import corpus_ids, verify_run
+from ctd.tables import read_parquet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def big(deployment):
+    root = deployment["root"]
+    corpus = generate_corpus(f"{root}/rel/corpus", seed=7, sizes={"train": 1, "expert_train": 1, "dev": 1, "calibration": 1, "audit": 1500})
+    shifted = generate_corpus(f"{root}/rel/shifted", seed=8, sizes={"train": 1, "expert_train": 1, "dev": 1, "calibration": 1, "audit": 800},
+                              ambiguous=0.9, bad_rows=False)
+    return {"corpus": corpus["audit"], "shifted": shifted["audit"], "out": f"{root}/rel"}
+
+
+def cfg_for(deployment, big, **over):
+    return load_config(deployment["config_path"], {"audit.corpus": big["corpus"], "audit.output": big["out"], **over})
+
+
+def test_activation_and_expert_actors_killed_mid_run(deployment, big):
+    cfg = cfg_for(deployment, big, **{"activations.batch_size": 32, "expert.classifier.pool.batch_size": 8})
+    killers = [ActorKiller("ActivationStage", after_seconds=6), ActorKiller("ClassifierStage", after_seconds=2, poll=0.1)]
+    for k in killers:
+        k.start()
+    try:
+        report = run_audit(cfg, run_id="killed")
+    finally:
+        for k in killers:
+            k.stop()
+    assert all(k.killed for k in killers), [k.killed for k in killers]  # both faults really happened...
+    assert all(k.restarted for k in killers)  # ...and Ray restarted the actors
+    v = verify_run(big["out"], "killed", corpus_ids(big["corpus"]))
+    assert v["ok"], v["problems"]
+    assert v["rows_lost"] == 0 and v["duplicate_ids"] == 0 and report.invariant_ok
+    assert report.rows_read == 1510 and report.rows_quarantined == 10
+
+
+def test_driver_killed_while_writing_leaves_no_run_and_resume_skips_finished_work(deployment, big, ray_head):
+    layout = RunLayout(big["out"], "resumed")
+    env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
+    cmd = [sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"], "--run-id", "resumed",
+           "--set", f"audit.corpus={big['corpus']}", "--set", f"audit.output={big['out']}", "--set", "expert.classifier.pool.batch_size=8",
+           "--set", "audit.commit_rows=32"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    expert_dir = layout.path("_staging", "expert")
+    deadline = time.time() + 600
+    committed_files = []
+    while time.time() < deadline and proc.poll() is None:
+        committed_files = [n for n in storage.listdir(expert_dir) if n.endswith(".parquet")]
+        if len(committed_files) >= 2:
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, "the job finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies in the middle of writing expert scores
+    proc.wait()
+    time.sleep(3)
+    assert read_manifest(big["out"], "resumed") is None and "resumed" not in list_runs(big["out"])  # readers do not see it
+    committed = sum(read_parquet(storage.join(expert_dir, n)).num_rows for n in storage.listdir(expert_dir) if n.endswith(".parquet"))
+    assert committed > 0
+    report = run_audit(cfg_for(deployment, big), run_id="resumed")  # the same run id, resume on (the default)
+    assert report.resumed["stage1_rows"] == 1510  # stage 1 was not recomputed
+    assert report.resumed["expert_rows"] >= committed > 0
+    assert report.expert_calls + report.resumed["expert_rows"] == report.delegated  # no delegated row scored twice...
+    assert report.expert_calls < report.delegated  # ...and the finished ones were not scored again
+    v = verify_run(big["out"], "resumed", corpus_ids(big["corpus"]))
+    assert v["ok"] and v["rows_lost"] == 0 and v["duplicate_ids"] == 0, v["problems"]
+
+
+def test_hard_budget_cap_holds_under_shift_and_drift_fails_the_job(deployment, big, ray_head):
+    cap_fraction = 0.05
+    env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
+    r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"], "--run-id", "shifted", "--fail-on-drift",
+                        "--set", f"audit.corpus={big['shifted']}", "--set", f"audit.output={big['out']}",
+                        "--set", f"audit.budget_cap={cap_fraction}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]  # published, but the drift alarm fails the job
+    report = storage.read_json(RunLayout(big["out"], "shifted").path("report.json"))
+    cap = math.ceil(cap_fraction * report["rows_scored"])
+    sent = [n for n in storage.listdir(RunLayout(big["out"], "shifted").path("_staging", "expert")) if n.endswith(".parquet")]
+    calls = sum(read_parquet(storage.join(RunLayout(big["out"], "shifted").path("_staging", "expert"), n)).num_rows for n in sent)
+    assert report["budget_cap"] == cap and calls == report["delegated"] <= cap  # never over the cap, across the whole pool
+    assert report["over_cap"] == report["delegated_by_threshold"] - cap > 0 and report["drift_alarm"]
+    res = read_run_table(big["out"], "shifted")
+    over = res.column("over_cap").to_numpy(zero_copy_only=False).astype(bool)
+    final = res.column("final").to_numpy(zero_copy_only=False)
+    probe = res.column("probe").to_numpy(zero_copy_only=False)
+    assert over.sum() == report["over_cap"] and np.allclose(final[over], probe[over])  # flagged, fell back to the probe
+    assert not res.column("delegated").to_numpy(zero_copy_only=False)[over].any()
+
+
+def test_a_failed_job_publishes_nothing(deployment, big):
+    cfg = cfg_for(deployment, big, **{"expert.classifier.path": "/nonexistent/expert-model"})
+    with pytest.raises(Exception):
+        run_audit(cfg, run_id="failed")
+    assert read_manifest(big["out"], "failed") is None and "failed" not in list_runs(big["out"])
+    assert not storage.exists(RunLayout(big["out"], "failed").results)
+
+
+def test_no_secret_in_any_written_file_or_log(deployment, big, s3, ray_head):
+    """The S3 secret key is in the environment of every process of these tests; it must appear in no
+    object the pipeline wrote and in no job log."""
+    secret = s3["secret"]
+    fs = s3["fs"]
+    checked = []
+    for path in fs.find(f"{s3['bucket']}/"):
+        assert secret.encode() not in fs.cat(path), path
+        checked.append(path)
+    assert len(checked) >= 20 and any(p.endswith("report.json") for p in checked) and any("/results/" in p for p in checked)
+    for dirpath, _, files in os.walk(deployment["tmp"]):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                assert secret.encode() not in fh.read(), f
+    env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
+    r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", RunLayout(big["out"], "killed").root], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and secret not in r.stdout + r.stderr
+    # a report that would carry a credential is redacted when written
+    from ctd.report import write_report
+
+    uri = f"{big['out']}/redaction-check"
+    write_report(uri, "r", {"note": f"aws_secret_access_key={secret}", "token": "Bearer abcdefghijklmnop"}, "<p>x</p>", secrets=[secret])
+    body = storage.read_bytes(f"{uri}/r.json").decode()
+    assert secret not in body and "abcdefghijklmnop" not in body
