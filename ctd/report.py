@@ -43,11 +43,8 @@ METHOD_STYLE = {
 }
 
 # Anything that looks like a credential: AWS keys, bearer tokens, key=value secrets, long hex/base64.
-_SECRET_PATTERNS = [
-    re.compile(r"(?i)(aws_secret_access_key|secret|password|passwd|token|api[_-]?key)(\s*[=:]\s*\"?|\"\s*:\s*\")([^\s\"',;]+)"),
-    re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"),
-    re.compile(r"(?i)bearer\s+[A-Za-z0-9._\-]{8,}"),
-]
+_SHAPED = [re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"), re.compile(r"(?i)bearer\s+[A-Za-z0-9._\-]{8,}")]
+_KEY_VALUE = re.compile(r"(?i)(aws_secret_access_key|secret|password|passwd|token|api[_-]?key)(\s*[=:]\s*\"?|\"\s*:\s*\")([^\s\"',;]+)")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -55,10 +52,9 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for s in secrets:
         if s and len(s) >= 4:
             text = text.replace(s, "***")
-    text = _SECRET_PATTERNS[0].sub(lambda m: m.group(1) + m.group(2) + "***", text)
-    for pat in _SECRET_PATTERNS[1:]:
+    for pat in _SHAPED:  # before key=value, which would otherwise eat "Bearer" and leave the token
         text = pat.sub("***", text)
-    return text
+    return _KEY_VALUE.sub(lambda m: m.group(1) + m.group(2) + "***", text)
 
 
 def _plt():

@@ -80,3 +80,24 @@ def test_config_files_that_are_not_configs(tmp_path, text):
         load_config(str(p))
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("text, leaked", [
+    ('{"token": "Bearer abcdefghijklmnop"}', "abcdefghijklmnop"),
+    ("Authorization: bearer abc.def-ghi_jkl", "abc.def-ghi_jkl"),
+    ("aws_secret_access_key=wJalrXUtnFEMIK7MDENG", "wJalrXUtnFEMIK7MDENG"),
+    ('{"api_key": "sk-live-1234567890"}', "sk-live-1234567890"),
+    ("key id AKIAIOSFODNN7EXAMPLE in a log line", "AKIAIOSFODNN7EXAMPLE"),
+    ("password: hunter2hunter2", "hunter2hunter2"),
+])
+def test_redact_removes_anything_shaped_like_a_credential(text, leaked):
+    from ctd.report import redact
+
+    out = redact(text)
+    assert leaked not in out and "***" in out
+
+
+def test_redact_removes_known_secret_values_anywhere():
+    from ctd.report import redact
+
+    assert redact("the value xq9-secret-value-77 appears bare", ["xq9-secret-value-77"]) == "the value *** appears bare"
