@@ -19,6 +19,14 @@ def pytest_configure(config):
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_unconfigure(config):
+    # Ray Data's cluster-metrics poller is a daemon thread that keeps logging (at debug level) after
+    # pytest has closed the streams its handlers captured; silence it so the run ends cleanly.
+    import logging
+
+    logging.getLogger("ray.data._internal.usage").setLevel(logging.CRITICAL)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     if not os.path.isdir(os.path.join(DATA, "high-stakes")):
