@@ -22,7 +22,8 @@ class ActorKiller(threading.Thread):
         super().__init__(daemon=True)
         self.class_contains, self.after, self.kills, self.poll = class_contains, after_seconds, kills, poll
         self.first_seen: dict[str, float] = {}
-        self.pids_seen: set[int] = set()
+        self.pid_first_seen: dict[int, float] = {}
+        self.kill_times: list[float] = []
         self.killed: list[int] = []
         self._halt = threading.Event()
 
@@ -42,12 +43,13 @@ class ActorKiller(threading.Thread):
                 pid = a.pid
                 if not pid:
                     continue
-                self.pids_seen.add(pid)
+                self.pid_first_seen.setdefault(pid, now)
                 self.first_seen.setdefault(a.actor_id, now)
                 if len(self.killed) < self.kills and pid not in self.killed and now - self.first_seen[a.actor_id] >= self.after:
                     try:
                         os.kill(pid, signal.SIGKILL)
                         self.killed.append(pid)
+                        self.kill_times.append(now)
                     except ProcessLookupError:
                         pass
             time.sleep(self.poll)
@@ -58,5 +60,5 @@ class ActorKiller(threading.Thread):
 
     @property
     def restarted(self) -> bool:
-        """A live actor of that class was seen with a PID other than the killed ones."""
-        return bool(self.killed) and bool(self.pids_seen - set(self.killed))
+        """A live actor of that class appeared (a new PID) after the first kill: Ray replaced it."""
+        return bool(self.kill_times) and any(t > self.kill_times[0] for t in self.pid_first_seen.values())
