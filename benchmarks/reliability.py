@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -71,24 +70,15 @@ def scenario_actor_kills(d, corpus, out):
 
 def scenario_driver_kill(d, corpus, out, head):
     from ctd.pipeline.audit import run_audit
-    from ctd.pipeline.runs import RunLayout, list_runs, read_manifest
+    from ctd.pipeline.chaos import kill_audit_driver
+    from ctd.pipeline.runs import list_runs, read_manifest
     from ctd.pipeline.verify import corpus_ids, verify_run
-    from ctd.tables import read_parquet
 
-    layout = RunLayout(out, "resumed")
     env = dict(os.environ, RAY_ADDRESS=head.address)
-    cmd = [sys.executable, "-m", "jobs.audit", "--config", d["config_path"], "--run-id", "resumed", "--set", f"audit.corpus={corpus}",
-           "--set", f"audit.output={out}", "--set", "expert.classifier.pool.batch_size=8", "--set", "audit.commit_rows=32"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    exp = layout.path("_staging", "expert")
-    while proc.poll() is None and len([n for n in storage.listdir(exp) if n.endswith(".parquet")]) < 2:
-        time.sleep(0.3)
-    interrupted = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(3)
+    overrides = {"audit.corpus": corpus, "audit.output": out, "expert.classifier.pool.batch_size": 8, "audit.commit_rows": 32}
+    killed = kill_audit_driver(d["config_path"], out, "resumed", overrides, env=env, cwd=ROOT)
+    interrupted, committed = killed["interrupted"], killed["committed_rows"]
     hidden = read_manifest(out, "resumed") is None and "resumed" not in list_runs(out)
-    committed = sum(read_parquet(storage.join(exp, n)).num_rows for n in storage.listdir(exp) if n.endswith(".parquet"))
     report = run_audit(load_config(d["config_path"], {"audit.corpus": corpus, "audit.output": out}), run_id="resumed")
     v = verify_run(out, "resumed", corpus_ids(corpus))
     return {"fault": "SIGKILL the driver while it writes expert scores", "interrupted_mid_run": interrupted,

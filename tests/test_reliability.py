@@ -3,10 +3,8 @@ never exceeded, nothing published by a failed job, no secret in any written file
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from ctd import storage
 from ctd.config import load_config
 from ctd.demo import generate_corpus
 from ctd.pipeline.audit import run_audit
-from ctd.pipeline.chaos import ActorKiller
+from ctd.pipeline.chaos import ActorKiller, kill_audit_driver
 from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table
 from ctd.pipeline.verify import corpus_ids, verify_run
 from ctd.tables import read_parquet
@@ -56,26 +54,12 @@ def test_activation_and_expert_actors_killed_mid_run(deployment, big):
 
 
 def test_driver_killed_while_writing_leaves_no_run_and_resume_skips_finished_work(deployment, big, ray_head):
-    layout = RunLayout(big["out"], "resumed")
     env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
-    cmd = [sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"], "--run-id", "resumed",
-           "--set", f"audit.corpus={big['corpus']}", "--set", f"audit.output={big['out']}", "--set", "expert.classifier.pool.batch_size=8",
-           "--set", "audit.commit_rows=32"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    expert_dir = layout.path("_staging", "expert")
-    deadline = time.time() + 600
-    committed_files = []
-    while time.time() < deadline and proc.poll() is None:
-        committed_files = [n for n in storage.listdir(expert_dir) if n.endswith(".parquet")]
-        if len(committed_files) >= 2:
-            break
-        time.sleep(0.3)
-    assert proc.poll() is None, "the job finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies in the middle of writing expert scores
-    proc.wait()
-    time.sleep(3)
+    overrides = {"audit.corpus": big["corpus"], "audit.output": big["out"], "expert.classifier.pool.batch_size": 8, "audit.commit_rows": 32}
+    killed = kill_audit_driver(deployment["config_path"], big["out"], "resumed", overrides, env=env, cwd=ROOT)
+    assert killed["interrupted"], "the job finished before it could be interrupted"  # the driver died writing expert scores
     assert read_manifest(big["out"], "resumed") is None and "resumed" not in list_runs(big["out"])  # readers do not see it
-    committed = sum(read_parquet(storage.join(expert_dir, n)).num_rows for n in storage.listdir(expert_dir) if n.endswith(".parquet"))
+    committed = killed["committed_rows"]
     assert committed > 0
     report = run_audit(cfg_for(deployment, big), run_id="resumed")  # the same run id, resume on (the default)
     assert report.resumed["stage1_rows"] == 1510  # stage 1 was not recomputed

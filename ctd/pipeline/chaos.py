@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
-__all__ = ["ActorKiller"]
+from .. import storage
+from ..tables import read_parquet
+from .runs import RunLayout
+
+__all__ = ["ActorKiller", "kill_audit_driver"]
 
 
 class ActorKiller(threading.Thread):
@@ -62,3 +68,28 @@ class ActorKiller(threading.Thread):
     def restarted(self) -> bool:
         """A live actor of that class appeared (a new PID) after the first kill: Ray replaced it."""
         return bool(self.kill_times) and any(t > self.kill_times[0] for t in self.pid_first_seen.values())
+
+
+def kill_audit_driver(config_path: str, output: str, run_id: str, overrides: dict[str, str], *, env: dict, cwd: str,
+                      after_files: int = 2, timeout: float = 600.0, stdout=subprocess.DEVNULL) -> dict:
+    """Start ``python -m jobs.audit`` as its own process group, wait until it has committed
+    ``after_files`` expert-score files, then SIGKILL the whole group (the driver dies while writing).
+    Returns whether it was still running when killed and how many expert rows were committed."""
+    expert_dir = RunLayout(output, run_id).path("_staging", "expert")
+    cmd = [sys.executable, "-m", "jobs.audit", "--config", config_path, "--run-id", run_id]
+    for k, v in overrides.items():
+        cmd += ["--set", f"{k}={v}"]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def committed_files():
+        return [n for n in storage.listdir(expert_dir) if n.endswith(".parquet")]
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and len(committed_files()) < after_files:
+        time.sleep(0.3)
+    interrupted = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # let the dead driver's Ray job and workers go
+    rows = sum(read_parquet(storage.join(expert_dir, n)).num_rows for n in committed_files())
+    return {"interrupted": interrupted, "committed_rows": rows}
