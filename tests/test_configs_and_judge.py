@@ -58,9 +58,9 @@ def test_dates_in_run_ids_and_corpus_paths():
 
 def test_pool_size_from_budget():
     # 10% of 2M rows at 25 rows/s per replica within 2 h: 200,000 / 25 / 7200 = 1.11 -> 2 replicas
-    assert expert_pool_max(0.1, 2_000_000, 25, 7200) == 2
-    assert expert_pool_max(0.1, 10, 25, 7200) == 1
-    assert expert_pool_max(0.2, 10_000_000, 10, 3600) == math.ceil(2_000_000 / 10 / 3600)
+    assert expert_pool_max(200_000, 25, 7200) == 2  # the rows really left to judge after stage 1
+    assert expert_pool_max(1, 25, 7200) == 1
+    assert expert_pool_max(2_000_000, 10, 3600) == math.ceil(2_000_000 / 10 / 3600)
 
 
 def test_judge_logprob_parsing_and_defined_results():

@@ -87,7 +87,7 @@ def test_audit_on_s3_row_invariant_quarantine_gate_and_expert_rows(audited, depl
     assert storage.exists(RunLayout(out, rid).path("report.html"))
     body = storage.read_json(RunLayout(out, rid).path("report.json"))
     assert body["rows_read"] == 310 and body["alpha"] == 0.25 and 0 <= body["rate_pvalue"] <= 1
-    assert {s["stage"] for s in body["stages"]} == {"activations", "expert", "merge"}
+    assert {s["stage"] for s in body["stages"]} == {"activations", "select", "expert", "merge"}
 
 
 def test_rerun_with_the_same_run_id_leaves_one_copy(audited):

@@ -15,7 +15,7 @@ from ctd.demo import generate_corpus
 from ctd.pipeline.audit import run_audit
 from ctd.pipeline.chaos import ActorKiller, kill_audit_driver
 from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table
-from ctd.pipeline.verify import corpus_ids, verify_run
+from ctd.pipeline.verify import verify_run
 from ctd.tables import read_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def test_activation_and_expert_actors_killed_mid_run(deployment, big):
             k.stop()
     assert all(k.killed for k in killers), [k.killed for k in killers]  # both faults really happened...
     assert all(k.restarted for k in killers)  # ...and Ray restarted the actors
-    v = verify_run(big["out"], "killed", corpus_ids(big["corpus"]))
+    v = verify_run(big["out"], "killed", corpus=big["corpus"])
     assert v["ok"], v["problems"]
     assert v["rows_lost"] == 0 and v["duplicate_ids"] == 0 and report.invariant_ok
     assert report.rows_read == 1510 and report.rows_quarantined == 10
@@ -66,7 +66,7 @@ def test_driver_killed_while_writing_leaves_no_run_and_resume_skips_finished_wor
     assert report.resumed["expert_rows"] >= committed > 0
     assert report.expert_calls + report.resumed["expert_rows"] == report.delegated  # no delegated row scored twice...
     assert report.expert_calls < report.delegated  # ...and the finished ones were not scored again
-    v = verify_run(big["out"], "resumed", corpus_ids(big["corpus"]))
+    v = verify_run(big["out"], "resumed", corpus=big["corpus"])
     assert v["ok"] and v["rows_lost"] == 0 and v["duplicate_ids"] == 0, v["problems"]
 
 

@@ -1,20 +1,33 @@
 """The nightly audit: score every row, delegate those whose DV passes λ*, publish audited results.
 
-Before any compute the job refuses artifacts that do not fit: probes whose model fingerprint,
-layer or feature size differ from the configured model, and a calibration artifact that fails its
-integrity check or was made for other probes or another model. It then runs the job graph of
-:mod:`ctd.pipeline.graph`, checks that rows read = rows scored + rows quarantined, writes the
-report, and publishes the run with its manifest (last).
+Read top to bottom, :func:`run_audit` is the data flow. Every per-row step is a Ray Data operation
+(:mod:`ctd.pipeline.ops`); the driver holds counts, one boundary row, file lists and, while it is
+small, the set of duplicated ids:
+
+    artifacts   probes and calibration checked against the model before any compute
+    stage 1     read → validate → tokenize → activations + probes + gate        (graph.run_stage1)
+                → _staging/stage1/  scores of every row; text only on delegated rows
+    dedup       groupby(id).count() over valid rows → duplicated ids           (ops.find_duplicates)
+    cap         distributed sort of the passing rows by (d(x) desc, id), split at the cap → the first
+                row over it, applied as a scalar filter                         (ops.cap_boundary)
+    expert      delegated rows, within the cap, not yet judged → expert pool → _staging/expert/
+                (the delegated rows' own results: no join back onto stage 1)
+    publish     rows below λ* or over the cap → results/; judged rows → results/; invalid and
+                duplicate-id rows → quarantine/ (few large files)
+    report      counts, groups, statuses, reasons, histograms as distributed aggregates (ops.facts);
+                rows read = rows scored + rows quarantined, then the manifest (last)
 
 Resuming: stage outputs stay under ``_staging/``. A rerun of the same run id with ``resume: true``
 reuses a finished stage 1 made from the same corpus, model, probes and λ*, and sends to the expert
-only the delegated rows that have no expert score yet.
+only the delegated rows that have no committed expert score yet (a left-anti join on id).
 """
 
 from __future__ import annotations
 
-import collections
 import datetime as _dt
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -25,16 +38,20 @@ from ..calibration import load_calibration
 from ..config import JobConfig, expand_dates, expand_run_id, resolve_model_path
 from ..config import config_hash as job_config_hash
 from ..probes import LinearProbe
-from ..report import plot_histogram, write_report
+from ..report import plot_binned, write_report
 from ..stats.drift import drift_eprocess
 from ..stats.pvalues import binomial_upper_pvalue
-from ..tables import read_parquet
-from .graph import (Stage1, activation_spec, apply_budget_cap, find_duplicates, init_ray, log, merge_and_write, run_expert_stage,
-                    run_stage1, stage1_columns)
+from ..tables import parquet_rows
+from . import ops
+from .experts import run_expert
+from .graph import Stage1, activation_spec, count_rows, init_ray, log, run_stage1, stage1_files
 from .reports import AuditReport, StageTiming
 from .runs import RunLayout, list_runs, parquet_files
 
 __all__ = ["run_audit", "check_artifacts", "Artifacts"]
+
+# stage-1 columns the audit reads back (never the pooled vectors)
+S1_COLUMNS = ["id", "input", "is_chat", "group", "label", "source", "error", "truncated", "probe", "dv", "delegated", "tokens"]
 
 
 class Artifacts:
@@ -58,6 +75,117 @@ def check_artifacts(cfg: JobConfig, calibration_uri: str) -> Artifacts:
     return Artifacts(cfg, calibration_uri)
 
 
+def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | None = None) -> AuditReport:
+    if cfg.audit is None:
+        raise ValueError("config has no 'audit' section")
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"corpus": expand_dates(cfg.audit.corpus, now)})})
+    a = cfg.audit
+    run_id = expand_run_id(run_id or a.run_id, now)
+    layout = RunLayout(a.output, run_id)
+    art = check_artifacts(cfg, a.calibration)  # refuses mismatches before any compute
+    cal = art.calibration.result
+    lam = art.calibration.lambda_star if cal.delegates else None
+    log(f"audit {run_id}: α={cal.alpha} δ={cal.delta} λ*={'never delegate' if lam is None else f'{lam:.6g}'} → {layout.root}")
+    init_ray(cfg)
+    layout.unpublish(keep_staging=a.resume)
+    if not a.resume:
+        storage.remove(layout.staging)
+    resumed: dict = {}
+    timings: dict[str, tuple[float, int]] = {}
+
+    # stage 1: every row scored (or carrying its error), text kept only where d(x) > λ*
+    key = _stage1_key(cfg, art, lam)
+    s1 = _resumable_stage1(layout, key) if a.resume else None
+    if s1 is not None:
+        log(f"resume: stage 1 already done ({s1.rows} rows), reusing it")
+        resumed["stage1_rows"] = s1.rows
+    else:
+        storage.remove(layout.path("_staging", "expert"))
+        spec = activation_spec(cfg, lambda_star=np.inf if lam is None else lam) | {"text": "delegated"}
+        s1 = run_stage1(cfg, a.corpus, layout.path("_staging", "stage1"), spec, rows_per_file=a.rows_per_file)
+        storage.write_json(layout.path("_staging", "stage1", "_SUCCESS.json"), {"key": key, "rows": s1.rows, "files": s1.files})
+    timings["activations"] = (s1.seconds, s1.rows)
+
+    # dedup and the hard budget cap: distributed; the driver gets counts and one boundary row
+    t0 = time.perf_counter()
+    rows = ops.read(s1.files, S1_COLUMNS) if s1.files else None
+    dups = ops.find_duplicates(rows, broadcast_limit=a.broadcast_limit, size=s1.rows) if rows is not None else ops.Duplicates(0, 0)
+    if dups.ids:
+        log(f"dedup: {dups.ids} ids occur on {dups.rows} valid rows; all of them are quarantined"
+            + ("" if dups.broadcast else " (too many to broadcast: joined on id)"))
+    counts = ops.count_true(ops.mark(rows, dups), {"scored": ops.is_scored, "passing": ops.is_passing}) if rows is not None else {
+        "scored": 0, "passing": 0}
+    n_scored, n_passing = counts["scored"], counts["passing"]
+    cap = int(math.ceil(a.budget_cap * n_scored)) if a.budget_cap is not None else None
+    boundary = ops.cap_boundary(ops.mark(rows, dups), cap) if cap is not None and n_passing > cap else None
+    n_over = n_passing - cap if boundary is not None else 0
+    n_sent = n_passing - n_over
+    if n_over:
+        log(f"budget cap: {n_passing} rows pass λ*, the cap allows {cap}; {n_over} fall back to the probe "
+            f"(first over the cap: d(x) = {boundary[0]:.6g}, id {boundary[1]!r})")
+    marked = ops.mark(rows, dups, boundary) if rows is not None else None
+    timings["select"] = (time.perf_counter() - t0, s1.rows)
+
+    # the expert stage: delegated rows within the cap that have no committed score yet
+    t0 = time.perf_counter()
+    expert_uri = layout.path("_staging", "expert")
+    done_files, done_rows = _committed_expert(expert_uri, {"stage1": key, "budget_cap": a.budget_cap}) if a.resume else ([], 0)
+    if not a.resume:
+        storage.remove(expert_uri)
+        storage.write_json(storage.join(expert_uri, "_KEY.json"), {"stage1": key, "budget_cap": a.budget_cap})
+    if done_rows:
+        log(f"resume: {done_rows} expert scores already committed")
+        resumed["expert_rows"] = done_rows
+    n_todo = n_sent - done_rows
+    if n_todo > 0:
+        log(f"stage 2: {n_todo} delegated rows → expert ({cfg.expert.kind})")
+        todo = marked.map_batches(ops.to_expert, batch_format="pyarrow", batch_size=None)
+        if done_files:  # skip what a killed attempt committed: a left-anti join on id, never an id set on the driver
+            todo = todo.join(ops.read(done_files, ["id"]), join_type="left_anti", on=("id",), num_partitions=ops.partitions(n_sent))
+        # blocks of ~commit_rows rows: each becomes one expert task and one committed file, the unit
+        # a resumed run can skip
+        todo = todo.repartition(target_num_rows_per_block=a.commit_rows)
+        ops.write(run_expert(todo, cfg.expert, n_todo=n_todo, carry=ops.EXPERT_CARRY, log=log), expert_uri)
+    else:
+        log("stage 2: nothing to send to the expert")
+    expert_files = [storage.join(expert_uri, n) for n in parquet_files(expert_uri)]
+    n_judged = count_rows(expert_files)
+    timings["expert"] = (time.perf_counter() - t0, n_judged - done_rows)
+    log(f"stage 2 done: {n_judged} expert scores ({n_judged - done_rows} new) in {timings['expert'][0]:.1f} s")
+
+    # publish the rows: results (probe-only rows, judged rows) and quarantine, in few large files
+    t0 = time.perf_counter()
+    log("stage 3: results and quarantine")
+    for uri in (layout.results, layout.quarantine):
+        storage.remove(uri)
+    finalize = {"cascade": cfg.cascade, "decision_threshold": cfg.decision_threshold}
+    parts = []
+    if n_scored - n_sent:  # below λ*, or over the cap: the probe's score
+        parts.append(marked.map_batches(ops.not_sent, batch_format="pyarrow", batch_size=None))
+    if expert_files:  # judged: the expert stage's output rows
+        parts.append(ops.read(expert_files).map_batches(ops.judged, batch_format="pyarrow", batch_size=None))
+    if parts:
+        results = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        ops.write(results.map_batches(ops.finalize, fn_kwargs=finalize, batch_format="pyarrow", batch_size=None), layout.results, a.rows_per_file)
+    if s1.rows - n_scored:
+        ops.write(marked.map_batches(ops.quarantined, batch_format="pyarrow", batch_size=None), layout.quarantine, a.rows_per_file)
+    timings["merge"] = (time.perf_counter() - t0, s1.rows)
+
+    report, figures = _report(cfg, art, layout, run_id, s1, timings, n_judged - done_rows, cap, resumed)
+    files = write_report(layout.root, "report", report.model_dump(), report.html(figures), figures)
+    if not report.invariant_ok:
+        raise RuntimeError(f"row invariant violated: read {report.rows_read} != scored {report.rows_scored} + "
+                           f"quarantined {report.rows_quarantined}; run {run_id} is not published")
+    layout.publish({"rows_read": report.rows_read, "rows_scored": report.rows_scored, "rows_quarantined": report.rows_quarantined,
+                    "delegated": report.delegated, "drift_alarm": report.drift_alarm}, [storage.local_path(f) or f for f in files.values()])
+    log(f"published {layout.root} (manifest written last)")
+    for line in report.summary_lines():
+        print(line, flush=True)
+    log(f"report: {files['html']}")
+    return report
+
+
 def _stage1_key(cfg: JobConfig, art: Artifacts, lam) -> dict:
     from .corpus import list_corpus_files
 
@@ -75,100 +203,35 @@ def _resumable_stage1(layout: RunLayout, key: dict) -> Stage1 | None:
     m = storage.read_json(marker)
     if m.get("key") != key:
         return None
-    files = [storage.join(layout.staging, "stage1", n) for n in parquet_files(storage.join(layout.staging, "stage1"))]
+    files = stage1_files(storage.join(layout.staging, "stage1"))
     if sorted(files) != sorted(m["files"]):
         return None
     return Stage1(storage.join(layout.staging, "stage1"), m["rows"], 0.0, files)
 
 
-def _resumable_expert(uri: str) -> pa.Table | None:
-    """Expert scores already committed: every readable Parquet file in the expert staging folder
-    (a file cut short by a crash has no footer and is removed)."""
-    from .experts import EXPERT_SCHEMA
+def _committed_expert(uri: str, key: dict) -> tuple[list[str], int]:
+    """Expert output files a previous attempt committed for the same stage 1 and cap, and their rows.
+    A file cut short by a crash has no footer and is removed; a folder made for another stage 1 or
+    cap is cleared."""
+    marker = storage.join(uri, "_KEY.json")
+    if not storage.exists(marker) or storage.read_json(marker) != key:
+        storage.remove(uri)
+        storage.write_json(marker, key)
+        return [], 0
+    files = [storage.join(uri, n) for n in parquet_files(uri)]
 
-    tables = []
-    for name in parquet_files(uri):
-        f = storage.join(uri, name)
+    def rows(f):
         try:
-            tables.append(read_parquet(f).cast(EXPERT_SCHEMA))
+            return parquet_rows(f)
         except Exception:
             log(f"resume: removing unreadable partial file {f}")
             storage.remove(f)
-    if not tables:
-        return None
-    t = pa.concat_tables(tables)
-    # one score per id, even if a retried task wrote a row twice
-    ids = t.column("id").to_pylist()
-    first = {}
-    for i, rid in enumerate(ids):
-        first.setdefault(rid, i)
-    return t.take(pa.array(sorted(first.values())))
+            return None
 
-
-def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | None = None) -> AuditReport:
-    if cfg.audit is None:
-        raise ValueError("config has no 'audit' section")
-    now = now or _dt.datetime.now(_dt.timezone.utc)
-    cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"corpus": expand_dates(cfg.audit.corpus, now)})})
-    a = cfg.audit
-    run_id = expand_run_id(run_id or a.run_id, now)
-    layout = RunLayout(a.output, run_id)
-    art = check_artifacts(cfg, a.calibration)  # refuses mismatches before any compute
-    cal = art.calibration.result
-    lam = art.calibration.lambda_star if cal.delegates else None
-    log(f"audit {run_id}: α={cal.alpha} δ={cal.delta} λ*={'never delegate' if lam is None else f'{lam:.6g}'} → {layout.root}")
-    init_ray(cfg)
-    layout.unpublish(keep_staging=a.resume)
-    if not a.resume:
-        storage.remove(layout.staging)
-    key = _stage1_key(cfg, art, lam)
-    resumed = {}
-    s1 = _resumable_stage1(layout, key) if a.resume else None
-    if s1 is not None:
-        log(f"resume: stage 1 already done ({s1.rows} rows), reusing it")
-        resumed["stage1_rows"] = s1.rows
-    else:
-        storage.remove(layout.path("_staging", "expert"))
-        spec = activation_spec(cfg, lambda_star=np.inf if lam is None else lam)
-        s1 = run_stage1(cfg, a.corpus, layout.path("_staging", "stage1"), spec)
-        storage.write_json(layout.path("_staging", "stage1", "_SUCCESS.json"), {"key": key, "rows": s1.rows, "files": s1.files})
-
-    t = stage1_columns(s1, ["id", "error", "dv", "delegated", "truncated"])
-    dups = find_duplicates(t)
-    valid = np.asarray(t.column("error").is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    ids = t.column("id").to_pylist()
-    not_dup = np.array([i not in dups for i in ids], dtype=bool)
-    n_scored_expected = int((valid & not_dup).sum())
-    delegated = np.asarray(t.column("delegated").to_numpy(zero_copy_only=False), dtype=bool) & valid & not_dup
-    over_cap, cap = apply_budget_cap(t, a.budget_cap, n_scored_expected, dups)
-    n_to_expert = int(delegated.sum()) - len(over_cap)
-    if over_cap:
-        log(f"budget cap: {int(delegated.sum())} rows pass λ*, the cap allows {cap}; {len(over_cap)} fall back to the probe")
-
-    expert_uri = layout.path("_staging", "expert")
-    done = _resumable_expert(expert_uri) if a.resume else None
-    if done is not None:
-        log(f"resume: {done.num_rows} expert scores already committed")
-        resumed["expert_rows"] = done.num_rows
-    calls_before = 0 if done is None else done.num_rows
-    expert, t2 = run_expert_stage(cfg, s1, expert_uri, exclude=set(dups) | over_cap, n_expected=n_to_expert,
-                                  n_rows=n_scored_expected, alpha=cal.alpha, done=done, commit_rows=a.commit_rows)
-    log("stage 3: merge → results and quarantine")
-    t3 = merge_and_write(cfg, s1, expert, duplicates=dups, over_cap=over_cap, results_uri=layout.results, quarantine_uri=layout.quarantine,
-                         n_results=n_scored_expected, n_quarantine=s1.rows - n_scored_expected)
-
-    report, figures = _report(cfg, art, layout, run_id, s1, t2, t3, n_to_expert, expert, calls_before, cap, over_cap, resumed)
-    files = write_report(layout.root, "report", report.model_dump(), report.html(figures), figures)
-    if not report.invariant_ok:
-        raise RuntimeError(f"row invariant violated: read {report.rows_read} != scored {report.rows_scored} + "
-                           f"quarantined {report.rows_quarantined}; run {run_id} is not published")
-    layout.publish({"rows_read": report.rows_read, "rows_scored": report.rows_scored, "rows_quarantined": report.rows_quarantined,
-                    "delegated": report.delegated, "drift_alarm": report.drift_alarm}, [storage.local_path(f) or f for f in files.values()])
-    log(f"published {layout.root} (manifest written last)")
-    for line in report.summary_lines():
-        print(line, flush=True)
-    log(f"report: {files['html']}")
-    return report
+    with ThreadPoolExecutor(16) as pool:
+        counted = list(pool.map(rows, files))
+    kept = [(f, n) for f, n in zip(files, counted) if n is not None]
+    return [f for f, _ in kept], sum(n for _, n in kept)
 
 
 def _history(output: str, run_id: str, calibration_hash: str) -> list[dict]:
@@ -188,21 +251,17 @@ def _history(output: str, run_id: str, calibration_hash: str) -> list[dict]:
     return sorted(out, key=lambda h: h["created_at"])
 
 
-def _read_results(layout: RunLayout, columns) -> pa.Table:
-    tables = [read_parquet(storage.join(layout.results, n), columns) for n in parquet_files(layout.results)]
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
-
-
-def _report(cfg, art, layout, run_id, s1, t2, t3, n_to_expert, expert, calls_before, cap, over_cap, resumed):
+def _report(cfg, art, layout, run_id, s1, timings, expert_calls, cap, resumed):
     cal = art.calibration.result
-    res = _read_results(layout, ["id", "group", "dv", "probe", "final", "delegated", "over_cap", "expert_status", "decision", "truncated"])
+    res_files = [storage.join(layout.results, n) for n in parquet_files(layout.results)]
     q_files = [storage.join(layout.quarantine, n) for n in parquet_files(layout.quarantine)]
-    quarantine = pa.concat_tables([read_parquet(f, ["error"]) for f in q_files]) if q_files else pa.table({"error": pa.array([], pa.string())})
-    n_scored, n_q = res.num_rows, quarantine.num_rows
-    reasons = collections.Counter(str(e).split(" (")[0] for e in quarantine.column("error").to_pylist())
-    deleg = np.asarray(res.column("delegated").to_numpy(zero_copy_only=False), dtype=bool)
-    by_threshold = int(deleg.sum()) + len(over_cap)
-    D = int(deleg.sum()) + len(over_cap)  # the threshold's own delegation count (the cap is a separate fallback)
+    pairs = ([(ops.read(res_files), ops.result_facts)] if res_files else []) + ([(ops.read(q_files), ops.quarantine_facts)] if q_files else [])
+    fr = ops.facts(pairs, None) if pairs else {}  # results and quarantine figures in one pass
+    fq = fr
+    count = lambda k: fr.get(("count", k), 0)  # noqa: E731
+    n_scored, n_q = count("rows"), fq.get(("count", "quarantined"), 0)
+    deleg, over = count("delegated"), count("over_cap")
+    D = deleg + over  # the threshold's own delegation count (the cap is a separate fallback)
     pval = float(binomial_upper_pvalue(D, max(n_scored, 1), cal.alpha)) if n_scored else 1.0
     history = _history(cfg.audit.output, run_id, art.calibration_hash)
     ep = drift_eprocess([h["delegated_by_threshold"] for h in history] + [D], [max(h["rows_scored"], 1) for h in history] + [max(n_scored, 1)],
@@ -212,17 +271,12 @@ def _report(cfg, art, layout, run_id, s1, t2, t3, n_to_expert, expert, calls_bef
     msg = (f"{D} of {n_scored} rows ({rate:.2%}) passed λ*; under the guarantee (rate ≤ α = {cal.alpha:.2%}) a count this large "
            f"has p = {pval:.3g}" + (f" < {cfg.audit.drift_alpha}: the traffic does not look like the calibration data."
                                      if alarm else f" ≥ {cfg.audit.drift_alpha}: consistent with the calibration."))
-    statuses = collections.Counter(s for s in res.column("expert_status").to_pylist() if s is not None)
-    groups = []
-    g = np.asarray([x if x is not None else "" for x in res.column("group").to_pylist()], dtype=object)
-    dec = np.asarray(res.column("decision").to_numpy(zero_copy_only=False), dtype=bool)
-    for name in sorted(set(g.tolist())):
-        m = g == name
-        groups.append({"group": name or "(none)", "rows": int(m.sum()), "delegated": int(deleg[m].sum()),
-                       "delegation_rate": float(deleg[m].mean()), "unsafe_decisions": int(dec[m].sum())})
-    stages = [StageTiming(stage="activations", seconds=round(s1.seconds, 2), rows=s1.rows, rows_per_second=round(s1.rows / max(s1.seconds, 1e-9), 1)),
-              StageTiming(stage="expert", seconds=round(t2, 2), rows=n_to_expert, rows_per_second=round(n_to_expert / max(t2, 1e-9), 1)),
-              StageTiming(stage="merge", seconds=round(t3, 2), rows=n_scored + n_q, rows_per_second=round((n_scored + n_q) / max(t3, 1e-9), 1))]
+    statuses = {k: v for k, v in ops.collect_facts(fr, "status").items() if k != "(none)"}
+    g_rows, g_del, g_uns = (ops.collect_facts(fr, k) for k in ("group_rows", "group_delegated", "group_unsafe"))
+    groups = [{"group": g, "rows": g_rows[g], "delegated": g_del.get(g, 0), "delegation_rate": g_del.get(g, 0) / g_rows[g],
+               "unsafe_decisions": g_uns.get(g, 0)} for g in sorted(g_rows, key=lambda g: "" if g == "(none)" else g)]
+    stages = [StageTiming(stage=name, seconds=round(sec, 2), rows=n, rows_per_second=round(n / sec, 1) if sec > 0 else 0.0)
+              for name, (sec, n) in timings.items()]  # a resumed stage took no time: no rate
     i = None if not cal.delegates else int(np.searchsorted(cal.grid, cal.lambda_hat))
     report = AuditReport(
         run_id=run_id, created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), config_hash=job_config_hash(cfg),
@@ -231,19 +285,17 @@ def _report(cfg, art, layout, run_id, s1, t2, t3, n_to_expert, expert, calls_bef
         calibration_hash=art.calibration_hash, alpha=cal.alpha, delta=cal.delta, lambda_star=cal.lambda_hat if cal.delegates else None,
         calibration_n=cal.n, calibration_message=cal.message,
         calibration_pvalue_at_lambda=None if i is None else float(cal.pvalues[i]) if np.isfinite(cal.pvalues[i]) else None,
-        rows_read=s1.rows, rows_scored=n_scored, rows_quarantined=n_q,
-        rows_truncated=int(np.sum(np.asarray(res.column("truncated").to_numpy(zero_copy_only=False), dtype=bool))),
-        invariant_ok=s1.rows == n_scored + n_q, quarantine_reasons=dict(reasons), delegated_by_threshold=by_threshold,
-        delegated=int(deleg.sum()), over_cap=len(over_cap), budget_cap=cap, realised_rate=rate, rate_pvalue=pval,
+        rows_read=s1.rows, rows_scored=n_scored, rows_quarantined=n_q, rows_truncated=count("truncated"),
+        invariant_ok=s1.rows == n_scored + n_q, quarantine_reasons=ops.collect_facts(fq, "reason"), delegated_by_threshold=D,
+        delegated=deleg, over_cap=over, budget_cap=cap, realised_rate=rate, rate_pvalue=pval,
         drift_alpha=cfg.audit.drift_alpha, drift_alarm=alarm, drift_message=msg, expert_kind=cfg.expert.kind,
         drift_history_runs=[h["run_id"] for h in history], drift_e_value=ep["e_value"], drift_eprocess_alarm=ep["alarm"],
-        expert_calls=expert.num_rows - calls_before, expert_failures=sum(v for k, v in statuses.items() if k.startswith("error")),
-        expert_status=dict(statuses), decisions_unsafe=int(dec.sum()), groups=groups, stages=stages, resumed=resumed)
-    dv = res.column("dv").to_numpy(zero_copy_only=False).astype(float)
+        expert_calls=expert_calls, expert_failures=sum(v for k, v in statuses.items() if k.startswith("error")),
+        expert_status=statuses, decisions_unsafe=count("unsafe"), groups=groups, stages=stages, resumed=resumed)
+    hist = {c: np.array([fr.get((f"hist_{c}", f"{j:03d}"), 0) for j in range(len(e) - 1)]) for c, e in ops.HIST_BINS.items()}
     figures = {
-        "dv_histogram": plot_histogram({"scored rows": dv}, cal.lambda_hat, f"DV scores of run {run_id} and λ*", "d(x)"),
-        "score_histogram": plot_histogram({"probe p(x)": res.column("probe").to_numpy(zero_copy_only=False).astype(float),
-                                           "final score": res.column("final").to_numpy(zero_copy_only=False).astype(float)},
-                                          None, "Probe and final scores", "P(unsafe)"),
+        "dv_histogram": plot_binned({"scored rows": hist["dv"]}, ops.HIST_BINS["dv"], cal.lambda_hat, f"DV scores of run {run_id} and λ*", "d(x)"),
+        "score_histogram": plot_binned({"probe p(x)": hist["probe"], "final score": hist["final"]}, ops.HIST_BINS["probe"], None,
+                                       "Probe and final scores", "P(unsafe)"),
     }
     return report, figures

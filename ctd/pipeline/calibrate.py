@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import storage
 from ..artifacts import model_fingerprint
@@ -18,7 +19,7 @@ from ..config import JobConfig, config_hash, resolve_model_path
 from ..probes import LinearProbe
 from ..stats.calibrate import threshold_grid
 from ..tables import write_parquet
-from .graph import activation_spec, find_duplicates, init_ray, log, run_expert_stage, run_stage1, stage1_columns
+from .graph import activation_spec, init_ray, judge_labelled, log, read_to_driver, run_stage1
 
 __all__ = ["run_calibration"]
 
@@ -35,36 +36,28 @@ def run_calibration(cfg: JobConfig) -> CalibrationArtifact:
     staging = storage.join(c.output, "_staging")
     storage.remove(staging)
     s1 = run_stage1(cfg, c.corpus, storage.join(staging, "stage1"), activation_spec(cfg, lambda_star=-np.inf))
-    t = stage1_columns(s1, ["id", "error", "label", "probe", "dv", "group"])
-    dups = find_duplicates(t)
-    valid = t.column("error").is_null().to_numpy(zero_copy_only=False).astype(bool)
-    labels = t.column("label").to_numpy(zero_copy_only=False).astype(int)
-    ids = t.column("id").to_pylist()
-    unlabelled = {i for i, v, y in zip(ids, valid, labels) if v and y < 0}
-    if unlabelled:
-        log(f"calibration: {len(unlabelled)} rows have no label and are left out")
-    exclude = set(dups) | unlabelled
-    n_use = int(sum(1 for i, v in zip(ids, valid) if v and i not in exclude))
-    expert, _ = run_expert_stage(cfg, s1, storage.join(staging, "expert"), exclude=exclude, n_expected=n_use, n_rows=n_use,
-                                 alpha=1.0 - 1e-9, all_rows=True)
-    e = dict(zip(expert.column("id").to_pylist(), expert.column("expert").to_pylist()))
-    keep = [j for j, (i, v) in enumerate(zip(ids, valid)) if v and i not in exclude and e.get(i) is not None]
-    failed = n_use - len(keep)
+    counts = judge_labelled(cfg, s1, storage.join(staging, "expert"))
+    if counts["scored"] - counts["labelled"]:
+        log(f"calibration: {counts['scored'] - counts['labelled']} rows have no label and are left out")
+    # the calibration sample itself: the statistics need it in memory (n rows of five numbers)
+    t = read_to_driver(counts["files"], ["id", "label", "probe", "expert", "dv", "group"])
+    t = t.filter(pc.is_valid(t.column("expert")))
+    failed = counts["labelled"] - t.num_rows
     if failed:
         log(f"calibration: the expert gave no score for {failed} rows; they are left out")
-    probe = t.column("probe").to_numpy(zero_copy_only=False)
-    dvs = t.column("dv").to_numpy(zero_copy_only=False)
-    groups = t.column("group").to_pylist()
-    scores = {"ids": np.array([ids[j] for j in keep], dtype=object), "label": labels[keep], "probe": probe[keep].astype(float),
-              "expert": np.array([e[ids[j]] for j in keep], dtype=float), "dv": dvs[keep].astype(float),
-              "group": np.array([groups[j] or "" for j in keep], dtype=object)}
+    scores = {"ids": np.asarray(t.column("id").to_pylist(), dtype=object), "label": t.column("label").to_numpy().astype(int),
+              "probe": t.column("probe").to_numpy().astype(float), "expert": t.column("expert").to_numpy().astype(float),
+              "dv": t.column("dv").to_numpy().astype(float),
+              "group": np.asarray(t.column("group").fill_null("").to_pylist(), dtype=object)}
+    order = np.argsort(scores["ids"].astype(str), kind="stable")  # a fixed order, whatever order the workers wrote in
+    scores = {k: v[order] for k, v in scores.items()}
     ref = dv.meta.get("grid_reference")
     grid = threshold_grid(reference=ref, size=len(ref)) if ref else threshold_grid()
     prov = {"model_id": safety.meta.get("model_id"), "model_fingerprint": fp, "layer": cfg.model.layer,
             "safety_probe_hash": safety.content_hash, "dv_probe_hash": dv.content_hash, "corpus": c.corpus,
             "config_hash": config_hash(cfg), "expert": cfg.expert.kind, "rows_read": s1.rows,
-            "rows_left_out": {"invalid": int((~valid).sum()), "duplicate_id": sum(dups.values()), "unlabelled": len(unlabelled),
-                              "expert_failed": failed},
+            "rows_left_out": {"invalid": s1.rows - counts["scored"] - counts["duplicate_rows"], "duplicate_id": counts["duplicate_rows"],
+                              "unlabelled": counts["scored"] - counts["labelled"], "expert_failed": failed},
             "grid": "DV probe reference quantiles" if ref else "uniform on [-1, 1]"}
     art = calibrate_table(scores, alpha=k.alpha, delta=k.delta, pareto=k.pareto, risk=k.risk, grid=grid,
                           performance_target=k.performance_target, method=k.method, seed=k.seed, opt_fraction=k.opt_fraction,

@@ -1,7 +1,8 @@
 """The expert stage: delegated rows → P(unsafe), on a pool separate from the activation actors.
 
-Three kinds, all returning a dataset with columns ``id``, ``expert`` (float, null on failure) and
-``expert_status``:
+Three kinds. Each takes rows with ``input`` and ``is_chat`` plus the stage-1 columns they carry
+(:data:`ctd.pipeline.ops.EXPERT_CARRY`) and returns those rows without their text, with ``expert``
+(float, null on failure) and ``expert_status`` added:
 
 * ``vllm``: an LLM judge on an autoscaled vLLM actor pool built with ``ray.data.llm``
   (``vLLMEngineProcessorConfig`` + ``build_processor``); P(unsafe) from the first token's logprobs.
@@ -9,8 +10,8 @@ Three kinds, all returning a dataset with columns ``id``, ``expert`` (float, nul
   retries, a pool-wide rate limit and an API key read from a named environment variable.
 * ``classifier``: a transformers sequence classifier on its own actor pool.
 
-When the vLLM pool's maximum size is not configured it is derived from the budget: expected
-delegated rows (α × rows) ÷ per-replica throughput ÷ target wall time.
+When the vLLM pool's maximum size is not configured it is derived from the work that is there: the
+rows still to judge (known exactly after stage 1) ÷ per-replica throughput ÷ target wall time.
 """
 
 from __future__ import annotations
@@ -26,35 +27,33 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import ExpertConfig, resolve_model_path
 from ..experts.judge import label_token_ids, p_unsafe_from_logprobs, render_prompt
 from .stages import ClassifierStage, row_input
 
-__all__ = ["expert_pool_max", "run_expert", "HTTPJudgeStage", "EXPERT_SCHEMA"]
-
-EXPERT_SCHEMA = pa.schema([("id", pa.string()), ("expert", pa.float64()), ("expert_status", pa.string())])
+__all__ = ["expert_pool_max", "run_expert", "HTTPJudgeStage"]
 
 
-def expert_pool_max(alpha: float, n_rows: int, rows_per_second_per_replica: float, target_wall_seconds: float, min_replicas: int = 1) -> int:
-    """Replicas needed to score the expected delegated rows within the target wall time."""
-    expected = alpha * n_rows
-    return max(min_replicas, int(math.ceil(expected / rows_per_second_per_replica / target_wall_seconds)))
+def expert_pool_max(n_todo: int, rows_per_second_per_replica: float, target_wall_seconds: float, min_replicas: int = 1) -> int:
+    """Replicas needed to score ``n_todo`` rows within the target wall time."""
+    return max(min_replicas, int(math.ceil(n_todo / rows_per_second_per_replica / target_wall_seconds)))
 
 
 # ----------------------------------------------------------------------------------------------
 # vLLM through ray.data.llm
 # ----------------------------------------------------------------------------------------------
-def _vllm_processor(cfg, *, alpha: float, n_rows: int, log):
+def _vllm_processor(cfg, *, n_todo: int, carry: tuple, log):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     from transformers import AutoTokenizer
 
     model = resolve_model_path(cfg.model)
     labels = label_token_ids(AutoTokenizer.from_pretrained(model), cfg.label_tokens.model_dump())
-    max_replicas = cfg.max_replicas or expert_pool_max(alpha, n_rows, cfg.rows_per_second_per_replica, cfg.target_wall_seconds, cfg.min_replicas)
+    max_replicas = cfg.max_replicas or expert_pool_max(n_todo, cfg.rows_per_second_per_replica, cfg.target_wall_seconds, cfg.min_replicas)
     max_replicas = max(max_replicas, cfg.min_replicas)
     log(f"expert pool (vLLM {cfg.model}): {cfg.min_replicas}..{max_replicas} replicas"
-        + ("" if cfg.max_replicas else f" (derived: {alpha:g} x {n_rows} rows / {cfg.rows_per_second_per_replica:g} rows/s / {cfg.target_wall_seconds:g} s)"))
+        + ("" if cfg.max_replicas else f" (derived: {n_todo} rows / {cfg.rows_per_second_per_replica:g} rows/s / {cfg.target_wall_seconds:g} s)"))
     engine_kwargs = {"max_model_len": cfg.max_model_len, "tensor_parallel_size": cfg.tensor_parallel_size,
                      "max_logprobs": max(cfg.top_logprobs, 20), **cfg.engine_kwargs}
     on_gpu = cfg.num_gpus_per_replica > 0
@@ -76,13 +75,14 @@ def _vllm_processor(cfg, *, alpha: float, n_rows: int, log):
         return {"id": row["id"], "prompt": prompt, "sampling_params": sp}
 
     def post(row):
+        kept = {c: row.get(c) for c in carry}
         err = row.get("__inference_error__")
         lps = row.get("logprobs")
         if err or not lps:
-            return {"id": row["id"], "expert": None, "expert_status": f"error: {str(err)[:200] or 'no logprobs'}"}
+            return kept | {"expert": None, "expert_status": f"error: {str(err)[:200] or 'no logprobs'}"}
         top = {int(t): v for t, v in lps[0].items()}
         p, status = p_unsafe_from_logprobs(top, labels)
-        return {"id": row["id"], "expert": float(p), "expert_status": status}
+        return kept | {"expert": float(p), "expert_status": status}
 
     return build_processor(proc_cfg, preprocess=pre, postprocess=post)
 
@@ -161,32 +161,52 @@ class HTTPJudgeStage:
         rows = list(zip(batch.column("input").to_pylist(), batch.column("is_chat").to_pylist()))
         with ThreadPoolExecutor(self.spec["concurrency_per_actor"]) as pool:
             res = list(pool.map(lambda r: self._one(*r), rows))
-        return pa.table({"id": batch.column("id"), "expert": pa.array([r[0] for r in res], type=pa.float64()),
-                         "expert_status": pa.array([r[1] for r in res], type=pa.string())}, schema=EXPERT_SCHEMA)
+        return batch.drop_columns(["input", "is_chat"]).append_column("expert", pa.array([r[0] for r in res], type=pa.float64())).append_column(
+            "expert_status", pa.array([r[1] for r in res], type=pa.string()))
 
 
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
-def run_expert(ds, cfg: ExpertConfig, *, alpha: float, n_rows: int, log=print):
-    """The expert scores of ``ds`` (columns id, input, is_chat) as a dataset (id, expert, expert_status)."""
+def _normalise(batch: pa.Table, carry: tuple) -> pa.Table:
+    """One shape for every expert's output, whatever the processor returned: the carried columns,
+    ``expert`` and ``expert_status``. A row that failed inference inside ``ray.data.llm`` bypasses
+    our postprocess and comes back as the processor's raw row with ``__inference_error__``; it
+    becomes expert = null, expert_status = "error: <reason>"."""
+    n = batch.num_rows
+    cols = {c: batch.column(c) if c in batch.column_names else pa.nulls(n) for c in carry}
+    expert = pc.cast(batch.column("expert"), pa.float64()) if "expert" in batch.column_names else pa.nulls(n, pa.float64())
+    status = pc.cast(batch.column("expert_status"), pa.string()) if "expert_status" in batch.column_names else pa.nulls(n, pa.string())
+    if "__inference_error__" in batch.column_names:
+        err = pc.utf8_slice_codeunits(pc.cast(batch.column("__inference_error__"), pa.string()), 0, 200)
+        failed = pc.and_(pc.is_valid(err), pc.not_equal(pc.fill_null(err, ""), ""))
+        status = pc.if_else(failed, pc.binary_join_element_wise("error: ", err, ""), status)
+        expert = pc.if_else(failed, pa.scalar(None, pa.float64()), expert)
+    status = pc.fill_null(status, "error: the expert returned no status")
+    return pa.table({**cols, "expert": expert, "expert_status": status})
+
+
+def run_expert(ds, cfg: ExpertConfig, *, n_todo: int, carry: tuple = ("id",), log=print):
+    """Expert scores of ``ds`` (columns input, is_chat and ``carry``) as a dataset of the carried
+    columns with ``expert`` and ``expert_status``."""
     from ray.data import ActorPoolStrategy
 
-    ds = ds.select_columns(["id", "input", "is_chat"])
+    ds = ds.select_columns(list(dict.fromkeys([*carry, "input", "is_chat"])))
     if cfg.kind == "vllm":
-        out = _vllm_processor(cfg.vllm, alpha=alpha, n_rows=n_rows, log=log)(ds)
-        return out.select_columns(["id", "expert", "expert_status"])
-    if cfg.kind == "classifier":
+        out = _vllm_processor(cfg.vllm, n_todo=n_todo, carry=carry, log=log)(ds)
+    elif cfg.kind == "classifier":
         c = cfg.classifier
         log(f"expert pool (classifier {c.path}): {c.pool.min_actors}..{c.pool.max_actors} actors")
         spec = {"path": resolve_model_path(c.path), "unsafe_label": c.unsafe_label, "max_length": c.max_length}
-        return ds.map_batches(ClassifierStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow",
-                              batch_size=c.pool.batch_size, num_gpus=c.pool.num_gpus or None, num_cpus=c.pool.num_cpus,
-                              resources=dict(c.pool.resources) or None,
-                              compute=ActorPoolStrategy(min_size=c.pool.min_actors, max_size=c.pool.max_actors))
-    h = cfg.http
-    log(f"expert (HTTP {h.base_url}, model {h.model}): {h.actors} actors x {h.concurrency_per_actor} concurrent, {h.requests_per_second:g} req/s")
-    spec = h.model_dump()
-    spec["label_tokens"] = h.label_tokens.model_dump()
-    return ds.map_batches(HTTPJudgeStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=64,
-                          num_cpus=0.5, compute=ActorPoolStrategy(size=h.actors))
+        out = ds.map_batches(ClassifierStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow",
+                             batch_size=c.pool.batch_size, num_gpus=c.pool.num_gpus or None, num_cpus=c.pool.num_cpus,
+                             resources=dict(c.pool.resources) or None,
+                             compute=ActorPoolStrategy(min_size=c.pool.min_actors, max_size=c.pool.max_actors))
+    else:
+        h = cfg.http
+        log(f"expert (HTTP {h.base_url}, model {h.model}): {h.actors} actors x {h.concurrency_per_actor} concurrent, {h.requests_per_second:g} req/s")
+        spec = h.model_dump()
+        spec["label_tokens"] = h.label_tokens.model_dump()
+        out = ds.map_batches(HTTPJudgeStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=64,
+                             num_cpus=0.5, compute=ActorPoolStrategy(size=h.actors))
+    return out.map_batches(_normalise, fn_kwargs={"carry": tuple(carry)}, batch_format="pyarrow", batch_size=None)

@@ -7,7 +7,8 @@ through untouched, so every row read reaches the end of stage 1 exactly once.
 Stage 1 (``TokenizeStage`` → ``ActivationStage``) turns validated rows into scores: p(x), d(x),
 ``delegated`` and, when asked, the pooled vectors. Stage 2 is an expert over delegated rows only
 (``ClassifierStage``, ``HTTPJudgeStage``, or the vLLM processor from :mod:`ctd.pipeline.experts`).
-Stage 3 (``MergeStage``) joins the expert scores and computes the final score and decision.
+Each expert stage returns its input rows without their text, with ``expert`` and ``expert_status``
+added: the delegated rows' own results.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..activations import ActivationExtractor, TextEncoder
 from ..experts.judge import STATUS_OK
 
-__all__ = ["row_input", "TokenizeStage", "ActivationStage", "ClassifierStage", "MergeStage", "pooled_column"]
+__all__ = ["row_input", "TokenizeStage", "ActivationStage", "ClassifierStage", "pooled_column"]
 
 
 def row_input(text: str, is_chat: bool):
@@ -66,13 +68,18 @@ class ActivationStage:
 
     spec: model_dir, layers (pooled), score_layer, token_budget, compile, dtype, device,
     safety_probe / dv_probe (artifact URIs or None), lambda_star (None: no gate; -inf: all),
-    return_pooled (bool), expected (model_id/fingerprint to check the probes against).
+    return_pooled (bool), text ("delegated": keep the text of delegated rows only; default all).
     """
 
     def __init__(self, spec: dict):
         from ..probes import LinearProbe
 
         self.spec = spec
+        if spec.get("threads"):
+            # torch's intra-op threads = the CPUs this actor holds (Ray's default environment gives one)
+            import torch
+
+            torch.set_num_threads(int(spec["threads"]))
         layers = sorted(set(spec.get("layers") or [spec["score_layer"]]))
         self.extractor = ActivationExtractor.from_pretrained(
             spec["model_dir"], layers, device=spec.get("device", "auto"), dtype=spec.get("dtype", "auto"),
@@ -115,6 +122,10 @@ class ActivationStage:
                     vals[i] = z[j].tolist()
                 cols[pooled_column(L)] = pa.array(vals, type=pa.list_(pa.float32()))
         out = batch.drop_columns(["input_ids"])
+        if self.spec.get("text") == "delegated" and "delegated" in cols:
+            # only the rows that go to the expert keep their text in the stage-1 output
+            i = out.column_names.index("input")
+            out = out.set_column(i, "input", pc.if_else(cols["delegated"], out.column("input"), pa.scalar(None, pa.string())))
         for k, v in cols.items():
             out = out.append_column(k, v)
         return out
@@ -132,55 +143,5 @@ class ClassifierStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         inputs = [row_input(t, c) for t, c in zip(batch.column("input").to_pylist(), batch.column("is_chat").to_pylist())]
         scores = self.expert.score(inputs) if inputs else np.zeros(0)
-        return pa.table({"id": batch.column("id"), "expert": pa.array(scores, type=pa.float64()),
-                         "expert_status": pa.array([STATUS_OK] * batch.num_rows, type=pa.string())})
-
-
-class MergeStage:
-    """Joins expert scores onto stage-1 rows and computes the final score and decision.
-
-    spec: expert (an ObjectRef or pyarrow Table with id, expert, expert_status), cascade,
-    decision_threshold, over_cap (ids delegated but over the hard budget cap), duplicates (ids).
-    """
-
-    def __init__(self, spec: dict):
-        import ray
-
-        table = spec["expert"]
-        if isinstance(table, ray.ObjectRef):
-            table = ray.get(table)
-        ids = table.column("id").to_pylist()
-        self.expert = dict(zip(ids, table.column("expert").to_pylist()))
-        self.status = dict(zip(ids, table.column("expert_status").to_pylist()))
-        self.cascade = spec.get("cascade", "switch")
-        self.threshold = float(spec.get("decision_threshold", 0.5))
-        self.over_cap = set(spec.get("over_cap") or ())
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch.column("id").to_pylist()
-        probe = batch.column("probe").to_numpy(zero_copy_only=False).astype(float)
-        delegated = np.asarray(batch.column("delegated").to_numpy(zero_copy_only=False), dtype=bool)
-        over = np.array([i in self.over_cap for i in ids], dtype=bool)
-        sent = delegated & ~over
-        expert = np.array([self.expert.get(i, np.nan) if s else np.nan for i, s in zip(ids, sent)], dtype=float)
-        status = [self.status.get(i, "not_scored") if s else None for i, s in zip(ids, sent)]
-        # A delegated row whose expert gave no usable answer keeps the probe's score (and says so).
-        usable = sent & np.isfinite(expert) & np.array([s == STATUS_OK or (s or "").endswith("_outside_topk") for s in status])
-        if self.cascade == "switch":
-            final = np.where(usable, expert, probe)
-        else:
-            final = np.where(usable, 0.5 * (probe + expert), probe)
-        out = batch
-        for name in ("delegated",):
-            out = out.drop_columns([name])
-        cols = {
-            "delegated": pa.array(sent),
-            "over_cap": pa.array(over),
-            "expert": pa.array(expert, mask=~np.isfinite(expert)),
-            "expert_status": pa.array(status, type=pa.string()),
-            "final": pa.array(final),
-            "decision": pa.array(final >= self.threshold),
-        }
-        for k, v in cols.items():
-            out = out.append_column(k, v)
-        return out
+        return batch.drop_columns(["input", "is_chat"]).append_column("expert", pa.array(scores, type=pa.float64())).append_column(
+            "expert_status", pa.array([STATUS_OK] * batch.num_rows, type=pa.string()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 
 import numpy as np
+import pyarrow as pa
 
 from .. import storage
 from ..artifacts import model_fingerprint
@@ -21,15 +22,16 @@ from ..metrics import auroc, mse, spearman
 from ..probes import cross_fit_predict, fit_dv_probe, select_layer
 from ..signals import delegation_value, effective_capacity
 from ..stats.calibrate import threshold_grid
-from .graph import activation_spec, init_ray, log, run_expert_stage, run_stage1, stage1_columns
+from .graph import activation_spec, init_ray, judge_labelled, log, read_to_driver, run_stage1
 from .stages import pooled_column
 
 __all__ = ["run_training"]
 
 
 def _pooled(s1, layers):
+    """Labelled rows' pooled features on the driver, float32 (4 bytes x hidden size x layers per row)."""
     cols = ["id", "error", "label"] + [pooled_column(L) for L in layers]
-    t = stage1_columns(s1, cols)
+    t = read_to_driver(s1.files, cols)
     ok = t.column("error").is_null().to_numpy(zero_copy_only=False).astype(bool)
     y = t.column("label").to_numpy(zero_copy_only=False).astype(int)
     use = ok & (y >= 0)
@@ -37,8 +39,8 @@ def _pooled(s1, layers):
     feats = {}
     for L in layers:
         col = t.column(pooled_column(L)).take(idx).combine_chunks()
-        feats[L] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(idx), -1).astype(np.float64)
-    ids = [t.column("id")[int(i)].as_py() for i in idx]
+        feats[L] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(idx), -1).astype(np.float32, copy=False)
+    ids = t.column("id").take(pa.array(idx)).to_pylist()
     return ids, y[idx], feats, int((~use).sum())
 
 
@@ -70,11 +72,8 @@ def run_training(cfg: JobConfig) -> dict:
     p_dev = safety.predict(f_dev[best])
     log(f"training: safety probe layer {best}, dev AUROC {layer_auroc[best]:.3f}; expert on all {len(y_dev)} dev rows")
 
-    labelled = set(dev_ids)
-    all_ids = stage1_columns(s_dev, ["id"]).column("id").to_pylist()
-    exclude = {i for i in all_ids if i not in labelled}
-    expert, _ = run_expert_stage(cfg, s_dev, storage.join(staging, "dev_expert"), exclude=exclude, n_expected=len(dev_ids),
-                                 n_rows=len(dev_ids), alpha=1.0 - 1e-9, all_rows=True)
+    judged = judge_labelled(cfg, s_dev, storage.join(staging, "dev_expert"))
+    expert = read_to_driver(judged["files"], ["id", "expert"])
     e_map = dict(zip(expert.column("id").to_pylist(), expert.column("expert").to_pylist()))
     have = np.array([e_map.get(i) is not None for i in dev_ids])
     e_dev = np.array([e_map.get(i) if e_map.get(i) is not None else np.nan for i in dev_ids], dtype=float)

@@ -1,75 +1,102 @@
 """Verify a published run: what a reader can trust.
 
 Checks that the manifest exists and lists exactly the files present, that the listed row counts are
-the files' row counts, that no id appears twice among scored rows, that rows read = rows scored +
-rows quarantined, and (given the corpus's ids) that every input row is accounted for exactly once.
-``ctd report verify <run folder>`` prints the result.
+the files' row counts, that no id appears twice among scored rows nor in both results and quarantine,
+that rows read = rows scored + rows quarantined, and (given the corpus) that every input row is
+accounted for exactly once. Row-level checks are Ray Data groupbys and joins on id; the driver gets
+counts. ``ctd report verify <run folder> [--corpus URI]`` prints the result.
 """
 
 from __future__ import annotations
 
-import collections
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import storage
-from ..tables import parquet_rows, read_parquet
+from ..tables import parquet_rows, parquet_schema
+from . import ops
 from .runs import RunLayout, parquet_files, read_manifest
 
-__all__ = ["verify_run", "corpus_ids"]
+__all__ = ["verify_run"]
 
 
-def corpus_ids(uri: str) -> list[str]:
-    """The ids a JSON-lines corpus file holds (rows without a usable id have none to account for)."""
-    import json
-
-    ids = []
-    for line in storage.read_bytes(uri).split(b"\n"):
-        try:
-            row = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(row, dict) and isinstance(row.get("id"), str) and row["id"].strip():
-            ids.append(row["id"])
-    return ids
+def _ids(batch: pa.Table) -> pa.Table:
+    return batch.select(["id"]).filter(pc.is_valid(batch.column("id")))
 
 
-def verify_run(output: str, run_id: str, expected_ids: list[str] | None = None) -> dict:
+def _counts(ds, name: str, size: int):
+    """(id, <name>) occurrences per id, hash-partitioned for ``size`` rows."""
+    return (ds.map_batches(_ids, batch_format="pyarrow", batch_size=None).groupby("id", num_partitions=ops.partitions(size)).count()
+            .rename_columns({"count()": name}))
+
+
+def _differences(batch: pa.Table) -> pa.Table:
+    exp = pc.fill_null(batch.column("expected"), 0)
+    seen = pc.fill_null(batch.column("seen"), 0)
+    return pa.table({"lost": pc.max_element_wise(pc.subtract(exp, seen), 0), "extra": pc.max_element_wise(pc.subtract(seen, exp), 0)})
+
+
+def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
+    from .graph import configure_data
+
+    configure_data()
     layout = RunLayout(output, run_id)
     m = read_manifest(output, run_id)
     if m is None:
         return {"published": False, "ok": False, "problems": ["no manifest: the run is not published"]}
-    problems = []
-    ids = {}
+    problems: list[str] = []
+    files: dict[str, list[str]] = {}
+    rows: dict[str, int] = {}
     for kind, uri in (("results", layout.results), ("quarantine", layout.quarantine)):
         listed = {f["file"]: f["rows"] for f in m["files"][kind]}
         present = {f"{kind}/{n}" for n in parquet_files(uri)}
         if set(listed) != present:
             problems.append(f"{kind}: files on storage differ from the manifest ({sorted(present ^ set(listed))[:3]})")
-        rows = []
+        files[kind], rows[kind] = [], 0
         for f, n in listed.items():
             if not storage.exists(layout.path(f)):
                 problems.append(f"{f} listed but missing")
                 continue
-            if parquet_rows(layout.path(f)) != n:
-                problems.append(f"{f}: {parquet_rows(layout.path(f))} rows, manifest says {n}")
-            col = "id" if kind == "results" else ("id" if "id" in read_parquet(layout.path(f)).column_names else "trajectory")
-            rows += read_parquet(layout.path(f), [col]).column(col).to_pylist()
-        ids[kind] = rows
-    dup = [k for k, c in collections.Counter(ids["results"]).items() if c > 1]
-    if dup:
-        problems.append(f"{len(dup)} ids appear more than once among scored rows, e.g. {dup[0]!r}")
+            got = parquet_rows(layout.path(f))
+            if got != n:
+                problems.append(f"{f}: {got} rows, manifest says {n}")
+            files[kind].append(layout.path(f))
+            rows[kind] += got
+    # monitor runs' quarantine keys rows by trajectory, not id: only tables with an id are checked by id
+    with_ids = {k: v if v and "id" in parquet_schema(v[0]).names else [] for k, v in files.items()}
+    res = ops.read(with_ids["results"], ["id"]) if with_ids["results"] else None
+    qua = ops.read(with_ids["quarantine"], ["id"]) if with_ids["quarantine"] else None
+    n = rows["results"] + rows["quarantine"]
+    dup = 0
+    if res is not None:
+        dup = _counts(res, "n", n).map_batches(lambda b: b.filter(pc.greater(b.column("n"), 1)), batch_format="pyarrow", batch_size=None).count()
+        if dup:
+            problems.append(f"{dup} ids appear more than once among scored rows")
+    both = 0
+    if res is not None and qua is not None:
+        both = _counts(res, "n", n).join(_counts(qua, "m", n), join_type="inner", on=("id",), num_partitions=ops.partitions(n)).count()
+        if both:
+            problems.append(f"{both} ids appear both in results and in quarantine")
     report = storage.read_json(layout.path("report.json")) if storage.exists(layout.path("report.json")) else {}
     read = report.get("rows_read")
-    if read is not None and read != len(ids["results"]) + len(ids["quarantine"]):
-        problems.append(f"rows read {read} != scored {len(ids['results'])} + quarantined {len(ids['quarantine'])}")
-    out = {"published": True, "results_rows": len(ids["results"]), "quarantine_rows": len(ids["quarantine"]),
-           "duplicate_ids": len(dup), "rows_read": read}
-    if expected_ids is not None:
-        seen = collections.Counter(ids["results"]) + collections.Counter(i for i in ids["quarantine"] if i is not None)
-        exp = collections.Counter(expected_ids)
-        lost = sum((exp - seen).values())
-        out["rows_lost"] = lost
-        if lost:
-            problems.append(f"{lost} input rows are in neither results nor quarantine")
+    if read is not None and read != rows["results"] + rows["quarantine"]:
+        problems.append(f"rows read {read} != scored {rows['results']} + quarantined {rows['quarantine']}")
+    out = {"published": True, "results_rows": rows["results"], "quarantine_rows": rows["quarantine"], "duplicate_ids": dup,
+           "ids_in_both": both, "rows_read": read}
+    if corpus is not None:
+        from .corpus import read_corpus
+
+        parts = [d for d in (res, qua) if d is not None]
+        seen = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        diff = (_counts(read_corpus(corpus).select_columns(["id"]), "expected", n)
+                .join(_counts(seen, "seen", n), join_type="full_outer", on=("id",), num_partitions=ops.partitions(n))
+                .map_batches(_differences, batch_format="pyarrow", batch_size=None))
+        totals = diff.sum(["lost", "extra"]) or {}
+        out["rows_lost"], out["rows_extra"] = int(totals.get("sum(lost)") or 0), int(totals.get("sum(extra)") or 0)
+        if out["rows_lost"]:
+            problems.append(f"{out['rows_lost']} input rows are in neither results nor quarantine")
+        if out["rows_extra"]:
+            problems.append(f"{out['rows_extra']} output rows have no input row (an id not in the corpus, or written twice)")
     out["problems"] = problems
     out["ok"] = not problems
     return out

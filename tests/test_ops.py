@@ -1,0 +1,158 @@
+"""The audit's distributed row operations (ctd.pipeline.ops) against the straightforward driver-side
+logic they replaced, kept here as the oracle: duplicate ids, the hard budget cap with ties broken by
+id, and the split of rows into expert / probe-only / quarantine. Both ways of applying the
+duplicates (broadcast of a small id set, and the join used when the set is large) are checked."""
+
+import collections
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ctd.pipeline import ops
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _data_context(ray_head):
+    from ctd.pipeline.graph import configure_data
+
+    configure_data()
+
+
+def synthetic_stage1(folder, n=3000, seed=0, files=4):
+    """Stage-1 rows with planted duplicate ids (x2 and x3, one duplicated id also on an invalid
+    row), invalid rows, and d(x) rounded to two decimals so that many rows tie at the cap."""
+    rng = np.random.default_rng(seed)
+    ids = [f"r{i:05d}" for i in range(n)]
+    for j in range(0, 60, 3):  # 20 ids occur twice, 10 of them three times
+        ids[n - 1 - j] = ids[j]
+        if j % 6 == 0:
+            ids[n - 2 - j] = ids[j]
+    error = [None] * n
+    for j in rng.choice(np.arange(200, n - 200), 40, replace=False):  # not on the planted duplicates
+        error[j] = "malformed JSON (Expecting value at column 1)" if j % 2 else "empty text"
+    error[n - 1] = "empty text"  # an invalid row sharing a duplicated id keeps its own reason
+    for j in (100, 101):  # invalid rows without an id: kept (quarantined) by the join path too
+        ids[j], error[j] = None, "missing id"
+    dv = np.round(rng.normal(0, 0.4, n), 2)
+    valid = np.array([e is None for e in error])
+    t = pa.table({"id": ids, "input": [f"text {i}" for i in range(n)], "is_chat": [False] * n, "group": rng.choice(["a", "b", None], n).tolist(),
+                  "label": pa.array(rng.integers(-1, 2, n), pa.int8()), "source": [f"c.jsonl:{i + 1}" for i in range(n)], "error": error,
+                  "truncated": rng.random(n) < 0.1, "probe": rng.random(n), "dv": np.where(valid, dv, np.nan), "delegated": valid & (dv > 0.1),
+                  "tokens": pa.array(rng.integers(1, 50, n), pa.int32())})
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for k, part in enumerate(np.array_split(np.arange(n), files)):
+        p = os.path.join(folder, f"part-{k}.parquet")
+        pq.write_table(t.take(pa.array(part)), p)
+        paths.append(p)
+    return t, paths
+
+
+def oracle(t: pa.Table, cap_fraction):
+    """The driver-side logic of the implementation before the scale rewrite."""
+    ids = t.column("id").to_pylist()
+    valid = np.array([e is None for e in t.column("error").to_pylist()])
+    counts = collections.Counter(i for i, v in zip(ids, valid) if v)
+    dups = {k: c for k, c in counts.items() if c > 1}
+    not_dup = np.array([i not in dups for i in ids])
+    scored = valid & not_dup
+    deleg = np.asarray(t.column("delegated").to_pylist(), dtype=bool) & scored
+    over = set()
+    if cap_fraction is not None:
+        cap = math.ceil(cap_fraction * scored.sum())
+        idx = np.flatnonzero(deleg)
+        ida = np.asarray(ids, dtype=object)
+        dv = t.column("dv").to_numpy(zero_copy_only=False)
+        if idx.size > cap:
+            order = idx[np.lexsort((ida[idx].astype(str), -dv[idx]))]
+            over = set(ida[order[cap:]].tolist())
+    sent = {i for i, d in zip(ids, deleg) if d and i not in over}
+    quarantine = sorted((i or "", e if e is not None else f"duplicate id ({dups[i]} rows share it)")
+                        for i, e, v in zip(ids, t.column("error").to_pylist(), valid) if not v or i in dups)
+    return {"dups": dups, "sent": sent, "over": over, "scored": {i for i, s in zip(ids, scored) if s}, "quarantine": quarantine}
+
+
+def distributed(paths, cap_fraction, broadcast_limit):
+    rows = ops.read(paths)
+    dups = ops.find_duplicates(rows, broadcast_limit=broadcast_limit, size=3000)
+    counts = ops.count_true(ops.mark(rows, dups), {"scored": ops.is_scored, "passing": ops.is_passing})
+    cap = math.ceil(cap_fraction * counts["scored"]) if cap_fraction is not None else None
+    boundary = ops.cap_boundary(ops.mark(rows, dups), cap) if cap is not None and counts["passing"] > cap else None
+    marked = ops.mark(rows, dups, boundary)
+    sent = marked.map_batches(ops.to_expert, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+    rest = marked.map_batches(ops.not_sent, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+    q = marked.map_batches(ops.quarantined, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+    import ray
+
+    cat = lambda refs: pa.concat_tables([x for x in ray.get(refs) if x.num_rows]) if refs else None  # noqa: E731
+    sent, rest, q = cat(sent), cat(rest), cat(q)
+    over = {i for i, o in zip(rest.column("id").to_pylist(), rest.column("over_cap").to_pylist()) if o}
+    return {"dups": dups, "counts": counts, "boundary": boundary, "sent": set(sent.column("id").to_pylist()), "over": over,
+            "scored": set(sent.column("id").to_pylist()) | set(rest.column("id").to_pylist()), "n_sent_rows": sent.num_rows,
+            "n_rest_rows": rest.num_rows, "quarantine": sorted(zip([i or "" for i in q.column("id").to_pylist()], q.column("error").to_pylist()))}
+
+
+@pytest.mark.parametrize("broadcast_limit", [1_000_000, 0], ids=["broadcast", "join"])
+@pytest.mark.parametrize("cap_fraction", [None, 0.05, 0.2])
+def test_dedup_cap_and_split_match_the_driver_side_oracle(ray_head, tmp_path, cap_fraction, broadcast_limit):
+    t, paths = synthetic_stage1(str(tmp_path / "s1"), seed=int(100 * (cap_fraction or 0)))
+    want = oracle(t, cap_fraction)
+    got = distributed(paths, cap_fraction, broadcast_limit)
+    assert got["dups"].broadcast == (broadcast_limit > 0)
+    assert got["dups"].ids == len(want["dups"]) == 20 and got["dups"].rows == sum(want["dups"].values())
+    assert got["counts"]["scored"] == len(want["scored"])
+    assert got["scored"] == want["scored"] and got["n_sent_rows"] + got["n_rest_rows"] == len(want["scored"])  # each once
+    assert got["sent"] == want["sent"] and got["over"] == want["over"]  # the same rows, ties broken by id alike
+    if cap_fraction is not None:
+        assert len(got["sent"]) == min(math.ceil(cap_fraction * len(want["scored"])), got["counts"]["passing"])  # cap exact
+        assert got["boundary"] is not None and len(want["over"]) > 0
+    assert got["quarantine"] == want["quarantine"]
+    assert len(want["scored"]) + len(want["quarantine"]) == t.num_rows  # rows in = scored + quarantined
+
+
+def test_cap_boundary_breaks_ties_by_id(ray_head, tmp_path):
+    """Ten rows tie at the cap's d(x): the cap takes the smallest ids among them."""
+    n = 40
+    dv = np.array([0.9] * 5 + [0.5] * 10 + [0.2] * 25)
+    ids = [f"x{i:02d}" for i in np.random.default_rng(1).permutation(n)]
+    t = pa.table({"id": ids, "error": pa.nulls(n, pa.string()), "dv": dv, "delegated": dv > 0.3})
+    p = str(tmp_path / "t.parquet")
+    pq.write_table(t, p)
+    rows = ops.read([p])
+    dups = ops.find_duplicates(rows, broadcast_limit=10, size=n)
+    boundary = ops.cap_boundary(ops.mark(rows, dups), 8)  # 5 at 0.9, then 3 of the 10 tied at 0.5
+    tied = sorted(i for i, d in zip(ids, dv) if d == 0.5)
+    assert boundary == (0.5, tied[3])
+    assert ops.cap_boundary(ops.mark(rows, dups), 15) is None  # 15 pass, cap 15: nobody over
+
+
+def test_facts_sum_to_the_rows(ray_head, tmp_path):
+    rng = np.random.default_rng(3)
+    n = 5000
+    probe = rng.random(n)
+    deleg = rng.random(n) < 0.2
+    expert = np.where(deleg, rng.random(n), np.nan)
+    status = np.where(deleg, np.where(rng.random(n) < 0.1, "error: boom", "ok"), None)
+    t = pa.table({"id": [str(i) for i in range(n)], "group": rng.choice(["a", "b", None], n).tolist(), "label": pa.array(np.zeros(n), pa.int8()),
+                  "source": ["s"] * n, "truncated": rng.random(n) < 0.3, "tokens": pa.array(np.ones(n), pa.int32()), "probe": probe,
+                  "dv": rng.normal(0, 0.5, n), "delegated": deleg, "over_cap": np.zeros(n, bool), "expert": pa.array(expert, mask=~deleg),
+                  "expert_status": status.tolist()})
+    res = ops.finalize(t)
+    usable = deleg & (status == "ok")
+    assert np.allclose(res.column("final").to_numpy(), np.where(usable, expert, probe))
+    for k in range(3):
+        pq.write_table(res.slice(k * 2000, 2000), str(tmp_path / f"r{k}.parquet"))
+    f = ops.facts(ops.read([str(tmp_path / f"r{k}.parquet") for k in range(3)]), ops.result_facts)
+    assert f[("count", "rows")] == n and f[("count", "delegated")] == deleg.sum() and f[("count", "truncated")] == t.column("truncated").to_numpy().sum()
+    assert f[("count", "unsafe")] == int((res.column("final").to_numpy() >= 0.5).sum())
+    g = ops.collect_facts(f, "group_rows")
+    assert sum(g.values()) == n and g["(none)"] == sum(x is None for x in t.column("group").to_pylist())
+    st = ops.collect_facts(f, "status")
+    assert st["error: boom"] == ((status == "error: boom")).sum() and st["ok"] == usable.sum()
+    assert sum(v for (k, _), v in f.items() if k == "hist_probe") == n
