@@ -94,7 +94,9 @@ def pipeline(cfg, path: str, out: str) -> tuple[float, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=24_000, help="rows of the large corpus (the small one has a sixth)")
-    ap.add_argument("--work", default="out/overhead")
+    ap.add_argument("--work", default="out/overhead", help="a demo deployment (made here if it has no config.yaml)")
+    ap.add_argument("--actor-cpus", type=float, default=None, help="activations.num_cpus (default: the deployment's config)")
+    ap.add_argument("--batch-size", type=int, default=None, help="activations.batch_size (default: the deployment's config)")
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
     args = ap.parse_args(argv)
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -102,7 +104,12 @@ def main(argv=None) -> int:
     from ctd.pipeline.graph import init_ray
 
     work = os.path.abspath(args.work)
-    cfg = load_config(deploy_probes(work))
+    over = {}
+    if args.actor_cpus is not None:
+        over["activations.num_cpus"] = args.actor_cpus
+    if args.batch_size is not None:
+        over["activations.batch_size"] = args.batch_size
+    cfg = load_config(deploy_probes(work), over)
     sizes = (args.rows // 6, args.rows)
     paths = {n: corpus(work, n) for n in sizes}
     res: dict = {"command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),

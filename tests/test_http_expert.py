@@ -55,7 +55,7 @@ def test_http_judge_scores_rows_through_a_real_endpoint(ray_head, vllm_server):
     from ctd.pipeline.experts import run_expert
 
     t0 = time.time()
-    out = run_expert(rows(12), http_config(vllm_server, requests_per_second=5.0), alpha=1.0, n_rows=12).take_all()
+    out = run_expert(rows(12), http_config(vllm_server, requests_per_second=5.0), n_todo=12).take_all()
     took = time.time() - t0
     assert sorted(r["id"] for r in out) == sorted(f"r{i}" for i in range(12))
     assert all(r["expert_status"] in {"ok", "unsafe_outside_topk", "safe_outside_topk", "no_label_token"} for r in out)
@@ -67,7 +67,7 @@ def test_unreachable_endpoint_is_retried_then_fails_the_row_not_the_batch(ray_he
     from ctd.pipeline.experts import run_expert
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    out = run_expert(rows(3), http_config(dead, max_retries=2), alpha=1.0, n_rows=3).take_all()
+    out = run_expert(rows(3), http_config(dead, max_retries=2), n_todo=3).take_all()
     assert len(out) == 3 and all(r["expert"] is None for r in out)
     assert all("unreachable after 3 attempts" in r["expert_status"] for r in out)
 

@@ -7,18 +7,23 @@ URI. Row schema: ``id`` (unique non-empty string), ``messages`` (list of {role, 
 Every physical input row becomes exactly one output row: valid rows carry the normalised fields,
 invalid ones an ``error`` (the quarantine reason) and their ``source`` (file:line). Nothing is
 dropped, so rows read = rows scored + rows quarantined can be checked at the end. JSON lines are
-split and decoded row by row, so one malformed line or one invalid UTF-8 byte sequence affects only
-its own row.
+read as a stream (gzip decompressed as it is read), split and decoded line by line, so one malformed
+line or one invalid UTF-8 byte sequence affects only its own row, and a read task's memory is bounded
+by a chunk and a block of rows, whatever the file's size.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import posixpath
-from typing import Any
+import zlib
+from typing import Any, Iterator
 
 import numpy as np
+
+from ray.data.datasource import FileBasedDatasource
 
 from .. import storage
 
@@ -108,37 +113,81 @@ def validate_record(obj: Any, source: str) -> dict:
     return row
 
 
+def _line_row(raw: bytes, src: str) -> dict:
+    """One JSON line → one output row (valid, or carrying its error)."""
+    if len(raw) > MAX_ROW_BYTES:
+        return validate_record(None, src) | {"error": f"row larger than {MAX_ROW_BYTES} bytes"}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return validate_record(None, src) | {"error": f"undecodable bytes (invalid UTF-8 at byte {e.start})"}
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return validate_record(None, src) | {"error": f"malformed JSON ({e.msg} at column {e.colno})"}
+    except RecursionError:
+        return validate_record(None, src) | {"error": "malformed JSON (nested too deeply)"}
+    return validate_record(obj, src)
+
+
+def stream_rows(f, path: str, *, chunk_bytes: int = 1 << 20, rows_per_block: int = 8192) -> Iterator[list[dict]]:
+    """A JSON-lines stream (already decompressed) → lists of at most ``rows_per_block`` rows, one per
+    non-empty line, each decoded on its own. Memory is bounded by the chunk, the block and the longest
+    line kept (a line over MAX_ROW_BYTES is skipped to its end, not held). A stream that cannot be read
+    to the end (a corrupt gzip file) ends with one row saying so, after the rows read before it."""
+    out: list[dict] = []
+    buf = b""
+    lineno = 0
+    skipping = False  # inside a line already reported as too large
+    try:
+        while True:
+            data = f.read(chunk_bytes)
+            if not data:
+                break
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                lineno += 1
+                if skipping:  # the end of the oversized line
+                    skipping = False
+                    continue
+                if raw.strip():
+                    out.append(_line_row(raw, f"{path}:{lineno}"))
+            if len(buf) > MAX_ROW_BYTES and not skipping:
+                out.append(validate_record(None, f"{path}:{lineno + 1}") | {"error": f"row larger than {MAX_ROW_BYTES} bytes"})
+                skipping, buf = True, b""
+            elif skipping:
+                buf = b""
+            if len(out) >= rows_per_block:
+                yield out
+                out = []
+    except (OSError, EOFError, ValueError, zlib.error) as e:  # gzip/zlib/arrow decompression errors
+        out.append(validate_record(None, f"{path}:{lineno + 1}") | {"error": f"unreadable gzip file ({e})" if path.endswith(".gz")
+                                                                   else f"unreadable file ({e})"})
+        buf = b""
+    if buf.strip() and not skipping:
+        out.append(_line_row(buf, f"{path}:{lineno + 1}"))
+    if out:
+        yield out
+
+
 def _split_lines(item: dict) -> list[dict]:
-    """A JSON-lines file (bytes) → one row per non-empty line, each decoded on its own."""
-    path, data = item["path"], item["bytes"]
-    if path.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            return [validate_record(None, f"{path}") | {"error": f"unreadable gzip file ({e})"}]
-    out = []
-    for i, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        src = f"{path}:{i}"
-        if len(raw) > MAX_ROW_BYTES:
-            out.append(validate_record(None, src) | {"error": f"row larger than {MAX_ROW_BYTES} bytes"})
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            out.append(validate_record(None, src) | {"error": f"undecodable bytes (invalid UTF-8 at byte {e.start})"})
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            out.append(validate_record(None, src) | {"error": f"malformed JSON ({e.msg} at column {e.colno})"})
-            continue
-        except RecursionError:
-            out.append(validate_record(None, src) | {"error": "malformed JSON (nested too deeply)"})
-            continue
-        out.append(validate_record(obj, src))
-    return out
+    """A whole JSON-lines file held in memory (bytes) → its rows: the same decoding as the streaming
+    reader, for small inputs and tests."""
+    data = io.BytesIO(item["bytes"])
+    f = gzip.GzipFile(fileobj=data) if item["path"].endswith(".gz") else data
+    return [r for block in stream_rows(f, item["path"]) for r in block]
+
+
+class JSONLinesDatasource(FileBasedDatasource):
+    """JSON lines (plain or gzipped: Ray opens a decompressing stream by extension) read as a stream:
+    each read task holds one chunk, one block of rows and one line at a time, never a whole file."""
+
+    _FILE_EXTENSIONS = ["jsonl", "json", "ndjson", "gz"]
+
+    def _read_stream(self, f, path: str):
+        for rows in stream_rows(f, path):
+            yield _rows_to_table(rows)
 
 
 def _validate_parquet_batch(batch):
@@ -173,8 +222,8 @@ def read_corpus(uri: str, *, override_num_blocks: int | None = None):
 
     fs, files, kind = list_corpus_files(uri)
     if kind == "jsonl":
-        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, override_num_blocks=override_num_blocks)
-        return ds.flat_map(_split_lines).map_batches(_rows_to_table_batch, batch_format="pyarrow", batch_size=None)
+        ds = ray.data.read_datasource(JSONLinesDatasource(files, filesystem=fs), override_num_blocks=override_num_blocks)
+        return ds.map_batches(_rows_to_table_batch, batch_format="pyarrow", batch_size=None)
     ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, override_num_blocks=override_num_blocks)
     if "path" in ds.columns():
         ds = ds.rename_columns({"path": "__path"})
