@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -156,3 +157,13 @@ def test_facts_sum_to_the_rows(ray_head, tmp_path):
     st = ops.collect_facts(f, "status")
     assert st["error: boom"] == ((status == "error: boom")).sum() and st["ok"] == usable.sum()
     assert sum(v for (k, _), v in f.items() if k == "hist_probe") == n
+
+
+def test_facts_reduce_many_blocks_as_a_tree(ray_head):
+    """More partial tables than one summing task takes (64): sums of sums."""
+    import ray
+
+    ds = ray.data.range(300, override_num_blocks=150)
+    counted = ops.count_true(ds, {"all": lambda b: pa.array(np.ones(b.num_rows, bool)),
+                                  "even": lambda b: pc.equal(pc.bit_wise_and(b.column("id"), 1), 0)})
+    assert counted == {"all": 300, "even": 150}

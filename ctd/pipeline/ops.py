@@ -328,8 +328,12 @@ def quarantine_facts(batch: pa.Table) -> pa.Table:
 
 
 def _sum_facts(*tables: pa.Table) -> pa.Table:
-    t = pa.concat_tables([x.cast(_FACT_SCHEMA) for x in tables if x.num_rows]) if any(x.num_rows for x in tables) else _FACT_SCHEMA.empty_table()
-    return t.group_by(["kind", "key"]).aggregate([("n", "sum")])
+    """Partial figures (kind, key, n) summed by (kind, key): the same schema in and out, so sums of
+    sums work (the reduction is a tree)."""
+    parts = [x.cast(_FACT_SCHEMA) for x in tables if x.num_rows]
+    t = pa.concat_tables(parts) if parts else _FACT_SCHEMA.empty_table()
+    g = t.group_by(["kind", "key"]).aggregate([("n", "sum")])
+    return pa.table({"kind": g.column("kind"), "key": g.column("key"), "n": g.column("n_sum")}, schema=_FACT_SCHEMA)
 
 
 def facts(ds, fn) -> dict[tuple[str, str], int]:
@@ -346,10 +350,8 @@ def facts(ds, fn) -> dict[tuple[str, str], int]:
     # a tree of Ray tasks: at most 64 partial tables per task
     while len(refs) > 1:
         refs = [ray.remote(_sum_facts).remote(*refs[i:i + 64]) for i in range(0, len(refs), 64)]
-    t = ray.get(refs[0]) if refs else _FACT_SCHEMA.empty_table()
-    if "n_sum" not in t.column_names:
-        t = _sum_facts(t)
-    return {(k, key): int(n) for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(), t.column("n_sum").to_pylist())}
+    t = _sum_facts(ray.get(refs[0])) if refs else _FACT_SCHEMA.empty_table()
+    return {(k, key): int(n) for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(), t.column("n").to_pylist())}
 
 
 def collect_facts(f: dict, kind: str) -> dict[str, int]:
