@@ -161,9 +161,12 @@ def stream_rows(f, path: str, *, chunk_bytes: int = 1 << 20, rows_per_block: int
             if len(out) >= rows_per_block:
                 yield out
                 out = []
-    except (OSError, EOFError, ValueError, zlib.error) as e:  # gzip/zlib/arrow decompression errors
-        out.append(validate_record(None, f"{path}:{lineno + 1}") | {"error": f"unreadable gzip file ({e})" if path.endswith(".gz")
-                                                                   else f"unreadable file ({e})"})
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        # A corrupt gzip stream is the file's fault: one quarantine row. Anything else (a network error
+        # on a plain file) is raised, so that Ray retries the read rather than drop the file's rest.
+        if not path.endswith(".gz"):
+            raise
+        out.append(validate_record(None, f"{path}:{lineno + 1}") | {"error": f"unreadable gzip file ({e})"})
         buf = b""
     if buf.strip() and not skipping:
         out.append(_line_row(buf, f"{path}:{lineno + 1}"))

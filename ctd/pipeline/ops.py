@@ -298,6 +298,8 @@ def _fact_rows(kind: str, keys, counts) -> pa.Table:
 
 
 def _group_counts(kind: str, keys: pa.ChunkedArray, weights: np.ndarray | None = None) -> pa.Table:
+    if kind.startswith("group"):  # no group and an empty group are one "(none)" row, as before
+        keys = pc.if_else(pc.equal(pc.fill_null(keys, ""), ""), pa.scalar(None, pa.string()), keys)
     keys = pc.fill_null(keys, "\x00none")
     t = pa.table({"k": keys, "w": pa.array(np.ones(len(keys), dtype=np.int64) if weights is None else weights.astype(np.int64))})
     g = t.group_by("k").aggregate([("w", "sum")])

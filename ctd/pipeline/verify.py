@@ -74,9 +74,14 @@ def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
             problems.append(f"{dup} ids appear more than once among scored rows")
     both = 0
     if res is not None and qua is not None:
-        both = _counts(res, "n", n).join(_counts(qua, "m", n), join_type="inner", on=("id",), num_partitions=ops.partitions(n)).count()
+        # an id quarantined as a duplicate must not also have a result (an invalid row may share a
+        # valid row's id: that one is scored, the invalid one quarantined with its own reason)
+        dup_q = ops.read(with_ids["quarantine"], ["id", "error"]).map_batches(
+            lambda b: b.filter(pc.starts_with(pc.fill_null(b.column("error"), ""), "duplicate id")).select(["id"]),
+            batch_format="pyarrow", batch_size=None)
+        both = _counts(res, "n", n).join(_counts(dup_q, "m", n), join_type="inner", on=("id",), num_partitions=ops.partitions(n)).count()
         if both:
-            problems.append(f"{both} ids appear both in results and in quarantine")
+            problems.append(f"{both} ids quarantined as duplicates also appear in results")
     report = storage.read_json(layout.path("report.json")) if storage.exists(layout.path("report.json")) else {}
     read = report.get("rows_read")
     if read is not None and read != rows["results"] + rows["quarantine"]:
@@ -87,10 +92,14 @@ def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
         from .corpus import read_corpus
 
         parts = [d for d in (res, qua) if d is not None]
-        seen = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        diff = (_counts(read_corpus(corpus).select_columns(["id"]), "expected", n)
-                .join(_counts(seen, "seen", n), join_type="full_outer", on=("id",), num_partitions=ops.partitions(n))
-                .map_batches(_differences, batch_format="pyarrow", batch_size=None))
+        expected = _counts(read_corpus(corpus).select_columns(["id"]), "expected", n)
+        if parts:
+            seen = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            expected = expected.join(_counts(seen, "seen", n), join_type="full_outer", on=("id",), num_partitions=ops.partitions(n))
+        else:  # nothing published with an id: every corpus id is lost
+            expected = expected.map_batches(lambda b: b.append_column("seen", pa.nulls(b.num_rows, pa.int64())), batch_format="pyarrow",
+                                            batch_size=None)
+        diff = expected.map_batches(_differences, batch_format="pyarrow", batch_size=None)
         totals = diff.sum(["lost", "extra"]) or {}
         out["rows_lost"], out["rows_extra"] = int(totals.get("sum(lost)") or 0), int(totals.get("sum(extra)") or 0)
         if out["rows_lost"]:
