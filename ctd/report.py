@@ -161,6 +161,17 @@ def plot_topk_value(curve: dict, title: str = "") -> bytes:
     return _png(fig)
 
 
+def _finish_histogram(fig, ax, threshold, title, xlabel) -> bytes:
+    """The threshold line, labels and legend shared by the histogram plots."""
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="C3", lw=1.5, label=f"λ* = {threshold:.4g}")
+    ax.set_xlabel(xlabel)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
 def plot_histogram(values: dict[str, np.ndarray], threshold: float | None = None, title: str = "", xlabel: str = "") -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -169,12 +180,7 @@ def plot_histogram(values: dict[str, np.ndarray], threshold: float | None = None
         v = v[np.isfinite(v)]
         if v.size:
             ax.hist(v, bins=50, alpha=0.55, label=f"{name} (n={v.size})")
-    if threshold is not None and np.isfinite(threshold):
-        ax.axvline(threshold, color="C3", lw=1.5, label=f"λ* = {threshold:.4g}")
-    ax.set_xlabel(xlabel)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    return _png(fig)
+    return _finish_histogram(fig, ax, threshold, title, xlabel)
 
 
 def plot_binned(counts: dict[str, np.ndarray], edges: np.ndarray, threshold: float | None = None, title: str = "", xlabel: str = "") -> bytes:
@@ -185,12 +191,7 @@ def plot_binned(counts: dict[str, np.ndarray], edges: np.ndarray, threshold: flo
         c = np.asarray(c)
         if c.sum():
             ax.stairs(c, edges, fill=True, alpha=0.55, label=f"{name} (n={int(c.sum())})")
-    if threshold is not None and np.isfinite(threshold):
-        ax.axvline(threshold, color="C3", lw=1.5, label=f"λ* = {threshold:.4g}")
-    ax.set_xlabel(xlabel)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    return _png(fig)
+    return _finish_histogram(fig, ax, threshold, title, xlabel)
 
 
 def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
