@@ -39,13 +39,13 @@ def audit(code_dir: str, config: str, run_id: str, cap: float | None) -> float:
 
 def published(output: str, run_id: str) -> dict:
     from ctd import storage
-    from ctd.pipeline.runs import RunLayout, read_run_table
+    from ctd.pipeline.runs import read_run_table, run_file
 
     res = read_run_table(output, run_id)
     q = read_run_table(output, run_id, "quarantine")
     col = lambda t, c: t.column(c).to_pylist() if t.num_rows else []  # noqa: E731
     ids = col(res, "id")
-    report = storage.read_json(RunLayout(output, run_id).path("report.json"))
+    report = storage.read_json(run_file(output, run_id, "report.json"))  # either layout (v1 before attempts, v2)
     return {
         "ids": sorted(ids),
         "decision": dict(zip(ids, col(res, "decision"))),

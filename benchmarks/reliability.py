@@ -9,6 +9,8 @@ classifier expert, probes, calibration) into S3, then:
 1. kills an activation actor and an expert actor (SIGKILL to their processes) during an audit;
 2. kills the driver while it writes expert scores, checks readers do not see the run, and reruns the
    same run id, counting expert calls across both runs;
+2b. reruns the published run of step 1 without resume and kills that driver mid-way, while a reader
+   polls the run: the reader must see the previous run, whole, every time;
 3. audits a shifted night (90% ambiguous rows) with a hard budget cap and ``--fail-on-drift``;
 4. runs a job that fails mid-way (a missing expert model) and checks nothing is published;
 5. throws hostile input at the corpus reader, the config loader and the artifact loaders;
@@ -75,7 +77,8 @@ def scenario_driver_kill(d, corpus, out, head):
     from ctd.pipeline.verify import verify_run
 
     env = dict(os.environ, RAY_ADDRESS=head.address)
-    overrides = {"audit.corpus": corpus, "audit.output": out, "expert.classifier.pool.batch_size": 8, "audit.commit_rows": 32}
+    overrides = {"audit.corpus": corpus, "audit.output": out, "expert.classifier.pool.batch_size": 8, "audit.commit_rows": 32,
+                 "audit.lease_seconds": 10}
     killed = kill_audit_driver(d["config_path"], out, "resumed", overrides, env=env, cwd=ROOT)
     interrupted, committed = killed["interrupted"], killed["committed_rows"]
     hidden = read_manifest(out, "resumed") is None and "resumed" not in list_runs(out)
@@ -91,15 +94,51 @@ def scenario_driver_kill(d, corpus, out, head):
             "rows_lost": v["rows_lost"], "duplicate_rows": v["duplicate_ids"]}
 
 
+def scenario_rerun_kill(d, corpus, out, head, run_id="actor-kills"):
+    """Kill a rerun of a published run mid-way while a reader polls it."""
+    import threading
+
+    from ctd.pipeline.chaos import kill_audit_driver
+    from ctd.pipeline.runs import read_manifest, read_run_table
+    from ctd.pipeline.verify import verify_run
+
+    before = read_manifest(out, run_id)
+    want = sorted(read_run_table(out, run_id, columns=["id"]).column("id").to_pylist())
+    reads, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            m = read_manifest(out, run_id)
+            ids = sorted(read_run_table(out, run_id, columns=["id"]).column("id").to_pylist()) if m else []
+            reads.append({"attempt": (m or {}).get("attempt"), "whole_previous_run": m is not None and m["attempt"] == before["attempt"] and ids == want})
+            time.sleep(0.5)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    env = dict(os.environ, RAY_ADDRESS=head.address)
+    overrides = {"audit.corpus": corpus, "audit.output": out, "audit.resume": "false", "expert.classifier.pool.batch_size": 8,
+                 "audit.commit_rows": 32, "audit.lease_seconds": 10}
+    killed = kill_audit_driver(d["config_path"], out, run_id, overrides, env=env, cwd=ROOT)
+    stop.set()
+    t.join()
+    after = read_manifest(out, run_id)
+    v = verify_run(out, run_id, corpus=corpus)
+    ok = killed["interrupted"] and all(r["whole_previous_run"] for r in reads) and after == before and v["ok"]
+    return {"fault": "SIGKILL the driver of a rerun of a published run mid-way", "interrupted_mid_run": killed["interrupted"],
+            "reader_polls": len(reads), "polls_that_saw_the_previous_run_whole": sum(r["whole_previous_run"] for r in reads),
+            "manifest_unchanged": after == before, "verify_ok_after": v["ok"], "survived": ok}
+
+
 def scenario_budget_cap(d, shifted, out, head, cap_fraction=0.05):
-    from ctd.pipeline.runs import RunLayout, read_run_table
+    from ctd.pipeline.runs import RunLayout, read_run_table, run_file
     from ctd.tables import read_parquet
 
     env = dict(os.environ, RAY_ADDRESS=head.address)
     r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", d["config_path"], "--run-id", "shifted", "--fail-on-drift",
-                        "--set", f"audit.corpus={shifted}", "--set", f"audit.output={out}", "--set", f"audit.budget_cap={cap_fraction}"],
+                        "--set", f"audit.corpus={shifted}", "--set", f"audit.output={out}", "--set", f"audit.budget_cap={cap_fraction}",
+                        "--set", "audit.keep_staging=true"],
                        cwd=ROOT, env=env, capture_output=True, text=True)
-    rep = storage.read_json(RunLayout(out, "shifted").path("report.json"))
+    rep = storage.read_json(run_file(out, "shifted", "report.json"))
     exp = RunLayout(out, "shifted").path("_staging", "expert")
     calls = sum(read_parquet(storage.join(exp, n)).num_rows for n in storage.listdir(exp) if n.endswith(".parquet"))
     cap = math.ceil(cap_fraction * rep["rows_scored"])
@@ -122,8 +161,10 @@ def scenario_failed_job(d, corpus, out):
         failed = False
     except Exception:
         failed = True
+    fs, attempts = storage.filesystem(RunLayout(out, "failed").path("attempts"))
+    written = [p for p in fs.find(attempts) if p.endswith(".parquet")] if fs.exists(attempts) else []
     return {"fault": "expert model missing: the job fails after stage 1", "job_failed": failed,
-            "published": "failed" in list_runs(out), "results_written": storage.exists(RunLayout(out, "failed").results)}
+            "published": "failed" in list_runs(out), "results_written": bool(written)}
 
 
 def scenario_hostile(d, root, n=3000, seed=0):
@@ -239,6 +280,8 @@ def main(argv=None):
         kills = scenario_actor_kills(d, corpus, out)
         log("2. driver kill and resume")
         driver = scenario_driver_kill(d, corpus, out, head)
+        log("2b. a rerun of a published run killed mid-way, a reader polling")
+        rerun = scenario_rerun_kill(d, corpus, out, head)
         log("3. hard budget cap on a shifted night")
         cap = scenario_budget_cap(d, shifted, out, head)
         log("4. a job that fails mid-way")
@@ -250,7 +293,8 @@ def main(argv=None):
     log("6. drift detection delay (simulated nights)")
     drift = [detection_delay(0.1, r, 5000, sims=2000) for r in (0.11, 0.12, 0.15, 0.2)]
     null = detection_delay(0.1, 0.1, 5000, nights_before=100, max_nights=1, sims=2000)
-    faults = kills["faults"] + [{"fault": driver["fault"], "survived": driver["survived"]}, {"fault": failed["fault"], "survived": not failed["published"]}]
+    faults = kills["faults"] + [{"fault": driver["fault"], "survived": driver["survived"]}, {"fault": rerun["fault"], "survived": rerun["survived"]},
+                                {"fault": failed["fault"], "survived": not failed["published"]}]
     result = {
         "benchmark": "reliability", "command": "python benchmarks/reliability.py", "seconds": round(time.time() - t0),
         "summary": {
@@ -263,7 +307,7 @@ def main(argv=None):
             "secret_occurrences_in_outputs": secrets_["occurrences"],
             "drift_median_delay_nights": {f"{x['shifted_rate'] / 0.1:.2f}x alpha": x["median_delay_nights"] for x in drift},
         },
-        "actor_kills": kills, "driver_kill_and_resume": driver, "budget_cap_under_shift": cap, "failed_job": failed,
+        "actor_kills": kills, "driver_kill_and_resume": driver, "rerun_killed_midway": rerun, "budget_cap_under_shift": cap, "failed_job": failed,
         "hostile_input": hostile, "secrets": secrets_, "drift": {"shifts": drift, "null_false_alarm_over_100_nights": null["false_alarm_before_shift"]},
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -147,14 +147,20 @@ def run(code: str, config: str, corpus: str, output: str, extra: list[str], env:
         raise RuntimeError(f"audit failed ({code}):\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}")
     rss = int(next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KIB")))
     parts = json.loads(next(line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("DRIVER_PEAKS_KIB")))
-    rep = json.load(open(os.path.join(output, "runs", "scale", "report.json")))
+    sys.path.insert(0, ROOT)
+    from ctd.pipeline.runs import run_file
+
+    root = os.path.join(output, "runs", "scale")
+    rep = json.load(open(run_file(output, "scale", "report.json")))  # either layout (v1 before attempts, v2)
+    sub = {k: [os.path.join(d, k) for d, names, _ in os.walk(root) if k in names] for k in ("results", "quarantine")}  # v2: attempts/<a>/
     return {"rows_read": rep["rows_read"], "rows_scored": rep["rows_scored"], "rows_quarantined": rep["rows_quarantined"],
             "delegated": rep["delegated"], "expert_calls": rep["expert_calls"], "driver_peak_rss_mib": round(rss / 1024, 1),
             "driver_peak_mib_by_kind": {k: round(v / 1024, 1) for k, v in parts.items()},
             "wall_seconds": round(wall, 1), "rows_per_second": round(rep["rows_read"] / wall, 1),
             "stages": {s["stage"]: s["seconds"] for s in rep["stages"]}, "objects_written": objects(os.path.join(output, "runs", "scale")),
-            "published_files": objects(os.path.join(output, "runs", "scale", "results")) + objects(os.path.join(output, "runs", "scale", "quarantine")),
-            "bytes": {k: volume(os.path.join(output, "runs", "scale", *k.split("/"))) for k in ("_staging/stage1", "_staging/expert", "results", "quarantine")}}
+            "published_files": sum(objects(d) for k in ("results", "quarantine") for d in sub[k]),
+            "bytes": {**{k: volume(os.path.join(root, *k.split("/"))) for k in ("_staging/stage1", "_staging/expert")},
+                      **{k: sum(volume(d) for d in sub[k]) for k in ("results", "quarantine")}}}
 
 
 def targets(result: dict) -> dict:
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
             corpus = os.path.join(work, f"corpus-{n}.jsonl")
             write_corpus(corpus, n)
             for name, code in impls.items():
-                extra = ["--set", "audit.rows_per_file=250000"] if name == "after" else []
+                extra = ["--set", "audit.rows_per_file=250000", "--set", "audit.keep_staging=true"] if name == "after" else []
                 r = run(code, config, corpus, os.path.join(work, f"{name}-{n}"), extra, env)
                 result["runs"].setdefault(str(n), {})[name] = r
                 print(f"N={n:>9} {name:6s} driver peak RSS {r['driver_peak_rss_mib']:8.1f} MiB  wall {r['wall_seconds']:8.1f} s  "

@@ -8,19 +8,25 @@ import sys
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENTRYPOINT = "python -m jobs.audit --config configs/production.yaml --fail-on-drift"
+ENTRYPOINT = "python -m jobs.audit --config configs/production.yaml"
 
 JOB_HEADER = """\
 # One audit run as a RayJob: KubeRay creates the cluster (same spec as raycluster.yaml), submits
-#   python -m jobs.audit --config configs/production.yaml --fail-on-drift
-# and deletes the cluster when the job ends. A rerun of the same run id resumes from its staging
-# files and never duplicates rows. Exit code 3 (drift alarm) marks the job failed.
+#   python -m jobs.audit --config configs/production.yaml [--date YYYY-MM-DD]
+# and deletes the cluster when the job ends. Exit codes (jobs/audit.py): 0 published, with any drift
+# alarm in the report and the manifest's summary (not a failure: nothing is rerun); 2 bad input;
+# 4 another driver holds the run id's lease (nothing written); 1 a crash: the retry (backoffLimit)
+# resumes the run id from its staging, never duplicating rows, while the last good run stays published.
 # Rendered from raycluster.yaml by cluster/render.py: edit that file, then re-render.
 """
 CRON_HEADER = """\
-# The nightly audit (KubeRay >= 1.6, RayCronJob is alpha): every day at 02:30 UTC a RayJob audits
-# yesterday's logs (audit.corpus uses {yesterday}) into run id nightly-{date}. The budget is fixed
-# by the calibration artifact; the hard cap (audit.budget_cap) bounds the expert bill even under shift.
+# The nightly audit (RayCronJob is alpha): every day at 02:30 UTC a RayJob audits yesterday's logs
+# (audit.corpus and audit.run_id use {date}: the audited day, by default yesterday in audit.timezone).
+# Retries (backoffLimit 1, activeDeadlineSeconds 8 h each) end before the next midnight UTC, so they
+# audit the same day; a manual rerun of an older night passes --date. Overlapping runs of one night
+# are refused by the job itself (the run id's lease: exit 4). A drift alarm exits 0: it is in the report.
+# The budget is fixed by the calibration artifact; the hard cap (audit.budget_cap) bounds the expert
+# bill even under shift.
 # Rendered from raycluster.yaml by cluster/render.py: edit that file, then re-render.
 """
 

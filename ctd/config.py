@@ -169,7 +169,13 @@ class AuditJob(Strict):
     corpus: str
     output: str = Field(description="URI folder; runs go to <output>/runs/<run_id>/")
     calibration: str = Field(description="calibration artifact URI (calibration.json or its folder)")
-    run_id: str = "{datetime}"
+    run_id: str = Field("audit-{date}", description="{date}: the audited day, so a retry of the same day reruns (and resumes) the same run")
+    date: Optional[str] = Field(None, description="the audited day YYYY-MM-DD (--date overrides); default yesterday in timezone")
+    timezone: str = Field("UTC", description="IANA time zone in which 'yesterday' (the default audited day) is reckoned")
+    lease_seconds: float = Field(120, ge=10, description="the writer's lease expires this long after its last renewal (renewed every third of it)")
+    lease_wait_seconds: Optional[float] = Field(None, ge=0, description="wait this long for a held lease before exiting 4 "
+                                                "(default lease_seconds + 30: a retry after a crash outlives the dead driver's lease)")
+    keep_staging: bool = Field(False, description="keep _staging/ (stage outputs, with the delegated rows' text) after publishing")
     budget_cap: Optional[float] = Field(None, gt=0, le=1, description="hard cap: at most ceil(cap x rows) expert calls")
     resume: bool = True
     commit_rows: int = Field(256, ge=1, description="expert scores are committed in files of about this many rows; a resumed run skips them")
@@ -293,16 +299,38 @@ def config_hash(cfg: JobConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def expand_dates(template: str, now: _dt.datetime | None = None) -> str:
-    """{date} (UTC, YYYY-MM-DD), {yesterday} and {datetime} (YYYYMMDDTHHMMSSZ) for nightly runs."""
+def audit_date(date: str | None = None, timezone: str = "UTC", now: _dt.datetime | None = None) -> _dt.date:
+    """The audited day: ``date`` (YYYY-MM-DD) when given, else yesterday in ``timezone`` (an IANA
+    name). A retry after midnight given the same ``--date`` audits the same day."""
+    if date:
+        try:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(date)):
+                raise ValueError
+            return _dt.date.fromisoformat(str(date))
+        except ValueError:
+            raise ConfigError(f"--date {date!r}: expected YYYY-MM-DD") from None
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        tz = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"audit.timezone {timezone!r}: not an IANA time zone name (e.g. UTC, Europe/Paris)") from None
+    now = (now or _dt.datetime.now(_dt.timezone.utc)).astimezone(tz)
+    return now.date() - _dt.timedelta(days=1)
+
+
+def expand_dates(template: str, day: _dt.date | None = None, now: _dt.datetime | None = None) -> str:
+    """``{date}`` → the audited day (YYYY-MM-DD; ``{yesterday}`` is the same day under its old name:
+    by default the audited day is yesterday); ``{datetime}`` → when this attempt started
+    (YYYYMMDDTHHMMSSZ, UTC: unique per attempt, so not for run ids that a retry should reuse)."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    return (template.replace("{date}", now.strftime("%Y-%m-%d"))
-            .replace("{yesterday}", (now - _dt.timedelta(days=1)).strftime("%Y-%m-%d"))
-            .replace("{datetime}", now.strftime("%Y%m%dT%H%M%SZ")))
+    day = day or audit_date(now=now)
+    return (template.replace("{date}", day.isoformat()).replace("{yesterday}", day.isoformat())
+            .replace("{datetime}", now.astimezone(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")))
 
 
-def expand_run_id(template: str, now: _dt.datetime | None = None) -> str:
-    rid = expand_dates(template, now)
+def expand_run_id(template: str, day: _dt.date | None = None, now: _dt.datetime | None = None) -> str:
+    rid = expand_dates(template, day, now)
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", rid):
         raise ConfigError(f"audit.run_id {rid!r}: use letters, digits, '.', '_' or '-'")
     return rid

@@ -1,7 +1,13 @@
-"""The nightly audit: python -m jobs.audit --config configs/demo.yaml [--run-id ID] [--fail-on-drift]
+"""The nightly audit: python -m jobs.audit --config configs/demo.yaml [--date YYYY-MM-DD] [--run-id ID]
 
-Exit codes: 0 published; 2 bad input (nothing written); 3 published but the drift alarm fired and
---fail-on-drift was given.
+Exit codes (what a scheduler should do):
+  0  published (the drift alarm, if it fired, is in the report, the manifest's summary and the log:
+     a published run is not a failure, so Kubernetes does not rerun it)
+  2  bad input: config, artifacts or corpus (nothing written; a retry fails the same way)
+  3  published, the drift alarm fired and --fail-on-drift was given (for interactive use and CI
+     gates; the manifests in cluster/ do not pass it)
+  4  another driver holds this run id's lease (nothing written; the other run goes on)
+  1  anything else: a crash (retrying resumes the run id from its staging)
 """
 
 import sys
@@ -11,12 +17,14 @@ from ctd.pipeline.entry import job_main
 
 
 def _args(ap):
+    ap.add_argument("--date", default=None, metavar="YYYY-MM-DD",
+                    help="the day to audit: {date} in audit.corpus and audit.run_id (default: yesterday in audit.timezone)")
     ap.add_argument("--run-id", default=None, help="overrides audit.run_id")
-    ap.add_argument("--fail-on-drift", action="store_true", help="exit 3 when the drift alarm fires")
+    ap.add_argument("--fail-on-drift", action="store_true", help="exit 3 after publishing when the drift alarm fires")
 
 
 def _run(cfg, args):
-    report = run_audit(cfg, run_id=args.run_id)
+    report = run_audit(cfg, run_id=args.run_id, date=args.date)
     return 3 if (args.fail_on_drift and report.drift_alarm) else 0
 
 

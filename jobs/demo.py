@@ -17,6 +17,7 @@ import yaml
 from ctd.config import load_config
 from ctd.demo import deploy
 from ctd.pipeline.audit import run_audit
+from ctd.pipeline.runs import run_file
 from ctd.pipeline.graph import init_ray, log
 
 
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     log("[5/5] nightly audit")
     report = run_audit(load_config(d["config_path"]))
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
-    print(f"\nAudit report:        {out}/runs/{report.run_id}/report.html")
+    print(f"\nAudit report:        {run_file(out, report.run_id, 'report.html')}")
     print(f"Calibration report:  {out}/calibration/calibration_report.html")
     print(f"Show it here:        .venv/bin/ctd report show {out}/runs/{report.run_id}")
     print(f"Config used:         {d['config_path']}")

@@ -90,7 +90,8 @@ def base_config(root: str, expert_dir: str, **over) -> dict:
         "calibration": {"alpha": 0.25, "delta": 0.1, "pareto": True},
         "train": {"train": f"{root}/corpus/train.jsonl", "dev": f"{root}/corpus/dev.jsonl", "grid_size": 201},
         "calibrate": {"corpus": f"{root}/corpus/calibration.jsonl", "output": f"{root}/calibration"},
-        "audit": {"corpus": f"{root}/corpus/audit.jsonl", "output": root, "calibration": f"{root}/calibration", "run_id": "nightly"},
+        "audit": {"corpus": f"{root}/corpus/audit.jsonl", "output": root, "calibration": f"{root}/calibration", "run_id": "nightly",
+                  "date": "2026-11-24"},  # a fixed audited day: reruns within the session never cross midnight
     }
     for dotted, v in over.items():
         node = cfg

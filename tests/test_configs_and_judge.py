@@ -48,12 +48,29 @@ def test_cluster_manifests_are_rendered_secure_and_autoscaled():
     assert cron["kind"] == "RayCronJob" and "jobs.audit" in cron["spec"]["jobTemplate"]["entrypoint"]
 
 
-def test_dates_in_run_ids_and_corpus_paths():
-    now = dt.datetime(2026, 11, 23, 2, 30, tzinfo=dt.timezone.utc)
-    assert expand_run_id("nightly-{date}", now) == "nightly-2026-11-23"
-    assert expand_dates("s3://b/logs/{yesterday}/", now) == "s3://b/logs/2026-11-22/"
+def test_the_audited_day_is_a_parameter_and_a_retry_after_midnight_audits_the_same_day():
+    from ctd.config import audit_date
+
+    night = dt.datetime(2026, 11, 23, 2, 30, tzinfo=dt.timezone.utc)  # the nightly run, 02:30 UTC on the 23rd
+    day = audit_date(None, "UTC", night)
+    assert day == dt.date(2026, 11, 22)  # default: yesterday
+    assert expand_run_id("nightly-{date}", day, night) == "nightly-2026-11-22"
+    assert expand_dates("s3://b/logs/{date}/", day, night) == expand_dates("s3://b/logs/{yesterday}/", day, night) == "s3://b/logs/2026-11-22/"
+    # the retry runs after the next midnight: with --date it audits the same day, under the same run id
+    retry = dt.datetime(2026, 11, 24, 0, 10, tzinfo=dt.timezone.utc)
+    assert audit_date(None, "UTC", retry) == dt.date(2026, 11, 23)  # (without --date it would not)
+    again = audit_date("2026-11-22", "UTC", retry)
+    assert expand_run_id("nightly-{date}", again, retry) == "nightly-2026-11-22"
+    assert expand_dates("s3://b/logs/{date}/", again, retry) == "s3://b/logs/2026-11-22/"
+    # "yesterday" is reckoned in the configured time zone: 02:30 UTC is still the 22nd in Los Angeles
+    assert audit_date(None, "America/Los_Angeles", night) == dt.date(2026, 11, 21)
+    assert expand_dates("x-{datetime}", day, night) == "x-20261123T023000Z"  # when the attempt started
+    with pytest.raises(ConfigError, match="YYYY-MM-DD"):
+        audit_date("22/11/2026")
+    with pytest.raises(ConfigError, match="time zone"):
+        audit_date(None, "Mars/Olympus")
     with pytest.raises(ConfigError, match="run_id"):
-        expand_run_id("bad id/../x", now)
+        expand_run_id("bad id/../x", day, night)
 
 
 def test_pool_size_from_budget():

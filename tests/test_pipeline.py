@@ -16,7 +16,7 @@ from ctd import storage
 from ctd.artifacts import ArtifactError
 from ctd.config import load_config
 from ctd.pipeline.audit import run_audit
-from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table
+from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table, run_file
 from ctd.tables import read_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def expert_staging_ids(output: str, run_id: str) -> list:
 
 @pytest.fixture(scope="module")
 def audited(deployment):
-    cfg = load_config(deployment["config_path"])
+    cfg = load_config(deployment["config_path"], {"audit.keep_staging": True})  # kept: the tests read what the expert received
     report = run_audit(cfg, run_id="night-1")
     return cfg, report, deployment["config_path"]
 
@@ -84,23 +84,31 @@ def test_audit_on_s3_row_invariant_quarantine_gate_and_expert_rows(audited, depl
     # published: manifest last, listing the files; report JSON and HTML beside it
     m = read_manifest(out, rid)
     assert m["rows"] == {"results": 300, "quarantine": 10} and rid in list_runs(out)
-    assert storage.exists(RunLayout(out, rid).path("report.html"))
-    body = storage.read_json(RunLayout(out, rid).path("report.json"))
+    assert storage.exists(run_file(out, rid, "report.html")) and m["attempt"] == report.attempt
+    assert all(len(e["sha256"]) == 64 and e["bytes"] > 0 for e in m["files"]["results"] + m["report"])
+    body = storage.read_json(run_file(out, rid, "report.json"))
     assert body["rows_read"] == 310 and body["alpha"] == 0.25 and 0 <= body["rate_pvalue"] <= 1
     assert {s["stage"] for s in body["stages"]} == {"activations", "select", "expert", "merge"}
 
 
-def test_rerun_with_the_same_run_id_leaves_one_copy(audited):
+def test_rerun_with_the_same_run_id_publishes_a_new_attempt_and_drops_staging(audited):
     cfg, first, path = audited
-    cfg2 = load_config(path, {"audit.resume": False})
-    run_audit(cfg2, run_id="night-1")
-    res = read_run_table(cfg.audit.output, "night-1")
+    out = cfg.audit.output
+    cfg2 = load_config(path, {"audit.resume": False})  # keep_staging: false, the default
+    second = run_audit(cfg2, run_id="night-1")
+    res = read_run_table(out, "night-1")
     ids = res.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == first.rows_scored
-    m = read_manifest(cfg.audit.output, "night-1")
+    m = read_manifest(out, "night-1")
+    assert m["attempt"] == second.attempt != first.attempt and m["replaces_attempt"] == first.attempt
     listed = {f["file"] for f in m["files"]["results"]}
-    on_disk = {f"results/{n}" for n in storage.listdir(RunLayout(cfg.audit.output, "night-1").results)}
-    assert listed == on_disk  # no stale files from the first run
+    on_disk = {RunLayout(out, "night-1").relative(storage.join(RunLayout(out, "night-1", m["attempt"]).results, n))
+               for n in storage.listdir(RunLayout(out, "night-1", m["attempt"]).results)}
+    assert listed == on_disk and all(f.startswith(f"attempts/{second.attempt}/") for f in listed)
+    # the replaced attempt stays (a reader holding the old manifest keeps working); staging is gone
+    assert sorted(storage.listdir(RunLayout(out, "night-1").path("attempts"))) == sorted([first.attempt, second.attempt])
+    fs, staging = storage.filesystem(RunLayout(out, "night-1").staging)
+    assert not [p for p in (fs.find(staging) if fs.exists(staging) else []) if p.rstrip("/") != staging]  # (an empty folder marker may stay)
 
 
 def test_report_fetch_and_show_from_s3(audited, tmp_path):
@@ -116,7 +124,7 @@ def test_report_fetch_and_show_from_s3(audited, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", f"{cfg.calibrate.output}"], capture_output=True, text=True)
     assert r.returncode == 0 and "λ*" in r.stdout
     # a run without a manifest is not there
-    storage.write_json(RunLayout(cfg.audit.output, "half-done").path("report.json"), {"kind": "audit"})
+    storage.write_json(RunLayout(cfg.audit.output, "half-done", "a1").path("attempts", "a1", "report.json"), {"kind": "audit"})
     assert "half-done" not in list_runs(cfg.audit.output)
     assert main(["report", "show", RunLayout(cfg.audit.output, "half-done").root]) == 2
 
@@ -154,7 +162,8 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, tiny_llama):
     vllm = {"model": tiny_llama, "top_logprobs": 100, "max_model_len": 256, "batch_size": 16,
             "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16},
             "rows_per_second_per_replica": 1000.0, "target_wall_seconds": 60.0, "max_input_chars": 400}
-    cfg = load_config(deployment["config_path"], {"expert.kind": "vllm", "expert.vllm": vllm, "audit.output": f"{root}/vllm"})
+    cfg = load_config(deployment["config_path"], {"expert.kind": "vllm", "expert.vllm": vllm, "audit.output": f"{root}/vllm",
+                                                       "audit.keep_staging": True})
     report = run_audit(cfg, run_id="vllm")
     res = read_run_table(cfg.audit.output, "vllm")
     deleg = res.column("delegated").to_numpy(zero_copy_only=False).astype(bool)

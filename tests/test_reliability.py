@@ -5,6 +5,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from ctd.config import load_config
 from ctd.demo import generate_corpus
 from ctd.pipeline.audit import run_audit
 from ctd.pipeline.chaos import ActorKiller, kill_audit_driver
-from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table
+from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table, run_file
 from ctd.pipeline.verify import verify_run
 from ctd.tables import read_parquet
 
@@ -55,32 +57,95 @@ def test_activation_and_expert_actors_killed_mid_run(deployment, big):
 
 def test_driver_killed_while_writing_leaves_no_run_and_resume_skips_finished_work(deployment, big, ray_head):
     env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
-    overrides = {"audit.corpus": big["corpus"], "audit.output": big["out"], "expert.classifier.pool.batch_size": 8, "audit.commit_rows": 32}
+    overrides = {"audit.corpus": big["corpus"], "audit.output": big["out"], "expert.classifier.pool.batch_size": 8, "audit.commit_rows": 32,
+                 "audit.lease_seconds": 10}  # the dead driver's lease expires 10 s after its last renewal
     killed = kill_audit_driver(deployment["config_path"], big["out"], "resumed", overrides, env=env, cwd=ROOT)
     assert killed["interrupted"], "the job finished before it could be interrupted"  # the driver died writing expert scores
     assert read_manifest(big["out"], "resumed") is None and "resumed" not in list_runs(big["out"])  # readers do not see it
     committed = killed["committed_rows"]
     assert committed > 0
-    report = run_audit(cfg_for(deployment, big), run_id="resumed")  # the same run id, resume on (the default)
+    report = run_audit(cfg_for(deployment, big), run_id="resumed")  # the same run id, resume on (the default); waits out the lease
     assert report.resumed["stage1_rows"] == 1510  # stage 1 was not recomputed
     assert report.resumed["expert_rows"] >= committed > 0
     assert report.expert_calls + report.resumed["expert_rows"] == report.delegated  # no delegated row scored twice...
     assert report.expert_calls < report.delegated  # ...and the finished ones were not scored again
     v = verify_run(big["out"], "resumed", corpus=big["corpus"])
     assert v["ok"] and v["rows_lost"] == 0 and v["duplicate_ids"] == 0, v["problems"]
+    fs, staging = storage.filesystem(RunLayout(big["out"], "resumed").staging)
+    assert not [p for p in (fs.find(staging) if fs.exists(staging) else []) if p.rstrip("/") != staging]  # the staging copy of the text is gone
+
+
+def test_a_rerun_killed_midway_leaves_the_previous_run_published_and_readable(deployment, big, ray_head):
+    """Rerun the published run "killed" without resume and SIGKILL the driver while it writes expert
+    scores; a reader polling all along sees the previous run, whole, every time."""
+    out, rid = big["out"], "killed"
+    before = read_manifest(out, rid)
+    want = sorted(read_run_table(out, rid, columns=["id"]).column("id").to_pylist())
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            m = read_manifest(out, rid)
+            ids = sorted(read_run_table(out, rid, columns=["id"]).column("id").to_pylist())
+            seen.append((m["attempt"], ids == want))
+            time.sleep(0.5)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
+    overrides = {"audit.corpus": big["corpus"], "audit.output": out, "audit.resume": "false", "expert.classifier.pool.batch_size": 8,
+                 "audit.commit_rows": 32, "audit.lease_seconds": 10}
+    killed = kill_audit_driver(deployment["config_path"], out, rid, overrides, env=env, cwd=ROOT)
+    stop.set()
+    t.join()
+    assert killed["interrupted"] and len(seen) >= 10
+    assert all(a == before["attempt"] and whole for a, whole in seen)  # the old run, whole, throughout
+    assert read_manifest(out, rid) == before
+    r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", RunLayout(out, rid).root], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "rows read 1510" in r.stdout, r.stdout + r.stderr
+    assert verify_run(out, rid, corpus=big["corpus"])["ok"]
+
+
+def test_two_drivers_on_one_run_id_one_refused_and_the_date_is_a_parameter(deployment, big, ray_head):
+    """Two real audit jobs for the same day against the S3 server: the second exits 4 with a clear
+    message while the first holds the run's lease; the first publishes the day given by --date."""
+    out = f"{big['out']}/dated"
+    day_corpus = f"{out}/corpus/2026-11-24/audit.jsonl"
+    storage.write_bytes(day_corpus, storage.read_bytes(load_config(deployment["config_path"]).audit.corpus))
+    env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
+    cmd = [sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"], "--date", "2026-11-24",
+           "--set", f"audit.corpus={out}/corpus/{{date}}/audit.jsonl", "--set", f"audit.output={out}", "--set", "audit.run_id=night-{date}"]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lease = RunLayout(out, "night-2026-11-24").lease
+    deadline = time.time() + 300
+    while not storage.exists(lease) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    second = subprocess.run(cmd + ["--set", "audit.lease_wait_seconds=0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = first.communicate(timeout=900)[0]
+    assert first.returncode == 0, log[-3000:]
+    assert second.returncode == 4, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "being written by another driver" in second.stderr and "nothing was written" in second.stderr
+    m = read_manifest(out, "night-2026-11-24")
+    assert m["summary"]["audited_date"] == "2026-11-24" and m["rows"] == {"results": 300, "quarantine": 10}
+    assert storage.read_json(run_file(out, "night-2026-11-24", "report.json"))["corpus"] == day_corpus
+    assert storage.read_json(lease)["released"]  # the first released it on the way out
 
 
 def test_hard_budget_cap_holds_under_shift_and_drift_fails_the_job(deployment, big, ray_head):
     cap_fraction = 0.05
     env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
     r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"], "--run-id", "shifted", "--fail-on-drift",
-                        "--set", f"audit.corpus={big['shifted']}", "--set", f"audit.output={big['out']}",
+                        "--set", f"audit.corpus={big['shifted']}", "--set", f"audit.output={big['out']}", "--set", "audit.keep_staging=true",
                         "--set", f"audit.budget_cap={cap_fraction}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]  # published, but the drift alarm fails the job
-    report = storage.read_json(RunLayout(big["out"], "shifted").path("report.json"))
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]  # published, but the drift alarm fails the job (--fail-on-drift)
+    assert "DRIFT ALARM" in r.stdout
+    report = storage.read_json(run_file(big["out"], "shifted", "report.json"))
+    assert read_manifest(big["out"], "shifted")["summary"]["drift_alarm"]
     cap = math.ceil(cap_fraction * report["rows_scored"])
-    sent = [n for n in storage.listdir(RunLayout(big["out"], "shifted").path("_staging", "expert")) if n.endswith(".parquet")]
-    calls = sum(read_parquet(storage.join(RunLayout(big["out"], "shifted").path("_staging", "expert"), n)).num_rows for n in sent)
+    expert = RunLayout(big["out"], "shifted").path("_staging", "expert")
+    sent = [n for n in storage.listdir(expert) if n.endswith(".parquet")]
+    calls = sum(read_parquet(storage.join(expert, n)).num_rows for n in sent)
     assert report["budget_cap"] == cap and calls == report["delegated"] <= cap  # never over the cap, across the whole pool
     assert report["over_cap"] == report["delegated_by_threshold"] - cap > 0 and report["drift_alarm"]
     res = read_run_table(big["out"], "shifted")
@@ -96,7 +161,9 @@ def test_a_failed_job_publishes_nothing(deployment, big):
     with pytest.raises(Exception):
         run_audit(cfg, run_id="failed")
     assert read_manifest(big["out"], "failed") is None and "failed" not in list_runs(big["out"])
-    assert not storage.exists(RunLayout(big["out"], "failed").results)
+    attempts = RunLayout(big["out"], "failed").path("attempts")
+    assert not [p for p in storage.filesystem(attempts)[0].find(storage.filesystem(attempts)[1]) if p.endswith(".parquet")]
+    assert storage.read_json(RunLayout(big["out"], "failed").lease)["released"]  # a failed driver gives the lease back
 
 
 def test_no_secret_in_any_written_file_or_log(deployment, big, s3, ray_head):

@@ -4,7 +4,9 @@ Read top to bottom, :func:`run_audit` is the data flow. Every per-row step is a 
 (:mod:`ctd.pipeline.ops`); the driver holds counts, one boundary row, file lists and, while it is
 small, the set of duplicated ids:
 
+    date        the audited day: --date, or yesterday in audit.timezone; {date} in corpus and run id
     artifacts   probes and calibration checked against the model before any compute
+    lease       one writer per run id (ctd.lease): a second driver exits 4, nothing written
     stage 1     read → validate → tokenize → activations + probes + gate        (graph.run_stage1)
                 → _staging/stage1/  scores of every row; text only on delegated rows
     dedup       groupby(id).count() over valid rows → duplicated ids           (ops.find_duplicates)
@@ -12,14 +14,17 @@ small, the set of duplicated ids:
                 row over it, applied as a scalar filter                         (ops.cap_boundary)
     expert      delegated rows, within the cap, not yet judged → expert pool → _staging/expert/
                 (the delegated rows' own results: no join back onto stage 1)
-    publish     rows below λ* or over the cap → results/; judged rows → results/; invalid and
-                duplicate-id rows → quarantine/ (few large files)
+    rows        rows below λ* or over the cap, and judged rows → attempts/<attempt>/results/;
+                invalid and duplicate-id rows → attempts/<attempt>/quarantine/ (few large files)
     report      counts, groups, statuses, reasons, histograms as distributed aggregates (ops.facts);
-                rows read = rows scored + rows quarantined, then the manifest (last)
+                rows read = rows scored + rows quarantined
+    publish     manifest.json (one write, last) names the attempt and every file with its rows and
+                SHA-256; the run's previous attempt stays readable until then; _staging/ removed
 
-Resuming: stage outputs stay under ``_staging/``. A rerun of the same run id with ``resume: true``
-reuses a finished stage 1 made from the same corpus, model, probes and λ*, and sends to the expert
-only the delegated rows that have no committed expert score yet (a left-anti join on id).
+Resuming: stage outputs stay under ``_staging/`` until the run is published. A rerun of the same run
+id with ``resume: true`` (a new attempt) reuses a finished stage 1 made from the same corpus content
+(ETags or SHA-256), model, probes and λ*, and sends to the expert only the delegated rows that have
+no committed expert score yet (a left-anti join on id).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ import pyarrow as pa
 from .. import storage
 from ..artifacts import config_hash, model_fingerprint
 from ..calibration import load_calibration
-from ..config import JobConfig, expand_dates, expand_run_id, resolve_model_path
+from ..config import JobConfig, audit_date, expand_dates, expand_run_id, resolve_model_path
 from ..config import config_hash as job_config_hash
+from ..lease import Lease
 from ..probes import LinearProbe
 from ..report import plot_binned, write_report
 from ..stats.drift import drift_eprocess
@@ -46,7 +52,7 @@ from . import ops
 from .experts import run_expert
 from .graph import Stage1, activation_spec, count_rows, init_ray, log, run_stage1, stage1_files
 from .reports import AuditReport, StageTiming
-from .runs import RunLayout, list_runs, parquet_files
+from .runs import RunLayout, list_runs, parquet_files, read_manifest, run_file
 
 __all__ = ["run_audit", "check_artifacts", "Artifacts"]
 
@@ -75,20 +81,52 @@ def check_artifacts(cfg: JobConfig, calibration_uri: str) -> Artifacts:
     return Artifacts(cfg, calibration_uri)
 
 
-def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | None = None) -> AuditReport:
+def run_audit(cfg: JobConfig, *, run_id: str | None = None, date: str | None = None, now: _dt.datetime | None = None) -> AuditReport:
+    """Audit one day's corpus (``date``: YYYY-MM-DD, default yesterday in ``audit.timezone``) into
+    ``<output>/runs/<run_id>/``, as the only writer of that run id (raises :class:`ctd.lease.LeaseHeld`
+    when another driver holds it). The previous published run of the same id stays readable until
+    this one is published."""
     if cfg.audit is None:
         raise ValueError("config has no 'audit' section")
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"corpus": expand_dates(cfg.audit.corpus, now)})})
+    day = audit_date(date or cfg.audit.date, cfg.audit.timezone, now)
+    cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"corpus": expand_dates(cfg.audit.corpus, day, now)})})
+    run_id = expand_run_id(run_id or cfg.audit.run_id, day, now)
+    art = check_artifacts(cfg, cfg.audit.calibration)  # refuses mismatches before any compute
+    from .corpus import list_corpus_files
+
+    list_corpus_files(cfg.audit.corpus)  # a missing corpus is bad input (exit 2), found before the lease
+    _check_same_day(cfg.audit.output, run_id, day)
+    init_ray(cfg)
+    layout = RunLayout.new_attempt(cfg.audit.output, run_id)
     a = cfg.audit
-    run_id = expand_run_id(run_id or a.run_id, now)
-    layout = RunLayout(a.output, run_id)
-    art = check_artifacts(cfg, a.calibration)  # refuses mismatches before any compute
+    wait = a.lease_seconds + 30 if a.lease_wait_seconds is None else a.lease_wait_seconds
+    with Lease(layout.lease, run_id=run_id, ttl_s=a.lease_seconds, wait_s=wait, log=log) as lease:
+        return _audit(cfg, art, layout, day, lease)
+
+
+def _check_same_day(output: str, run_id: str, day: _dt.date) -> None:
+    """A run id holds one audited day: refuse to replace a published run of another day (e.g. a
+    run-id template without {date}, or one whose meaning changed: before attempts, {date} was the
+    day the job ran, not the day audited)."""
+    m = read_manifest(output, run_id)
+    if m is None:
+        return
+    had = (m.get("summary") or {}).get("audited_date")
+    if had != day.isoformat():
+        from ..config import ConfigError
+
+        raise ConfigError(f"run {run_id!r} under {output} is already published for "
+                          f"{'an unrecorded day (an older layout)' if had is None else had}, not {day}: "
+                          "choose a run id with {date} in it (audit.run_id / --run-id), or remove that run first")
+
+
+def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lease: Lease) -> AuditReport:
+    a, run_id = cfg.audit, layout.run_id
     cal = art.calibration.result
     lam = art.calibration.lambda_star if cal.delegates else None
-    log(f"audit {run_id}: α={cal.alpha} δ={cal.delta} λ*={'never delegate' if lam is None else f'{lam:.6g}'} → {layout.root}")
-    init_ray(cfg)
-    layout.unpublish(keep_staging=a.resume)
+    log(f"audit {run_id} of {day}: α={cal.alpha} δ={cal.delta} λ*={'never delegate' if lam is None else f'{lam:.6g}'} "
+        f"→ {layout.root} (attempt {layout.attempt})")
     if not a.resume:
         storage.remove(layout.staging)
     resumed: dict = {}
@@ -106,6 +144,7 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | 
         s1 = run_stage1(cfg, a.corpus, layout.path("_staging", "stage1"), spec, rows_per_file=a.rows_per_file)
         storage.write_json(layout.path("_staging", "stage1", "_SUCCESS.json"), {"key": key, "rows": s1.rows, "files": s1.files})
     timings["activations"] = (s1.seconds, s1.rows)
+    lease.check()  # stop here if another driver took the run over while stage 1 ran
 
     # dedup and the hard budget cap: distributed; the driver gets counts and one boundary row
     t0 = time.perf_counter()
@@ -152,6 +191,7 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | 
     expert_files = [storage.join(expert_uri, n) for n in parquet_files(expert_uri)]
     n_judged = count_rows(expert_files)
     timings["expert"] = (time.perf_counter() - t0, n_judged - done_rows)
+    lease.check()
     log(f"stage 2 done: {n_judged} expert scores ({n_judged - done_rows} new) in {timings['expert'][0]:.1f} s")
 
     # publish the rows: results (probe-only rows, judged rows) and quarantine, in few large files
@@ -172,14 +212,24 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | 
         ops.write(marked.map_batches(ops.quarantined, batch_format="pyarrow", batch_size=None), layout.quarantine, a.rows_per_file)
     timings["merge"] = (time.perf_counter() - t0, s1.rows)
 
-    report, figures = _report(cfg, art, layout, run_id, s1, timings, n_judged - done_rows, cap, resumed)
-    files = write_report(layout.root, "report", report.model_dump(), report.html(figures), figures)
+    report, figures = _report(cfg, art, layout, day, s1, timings, n_judged - done_rows, cap, resumed)
+    files = write_report(layout.attempt_root, "report", report.model_dump(), report.html(figures), figures)
     if not report.invariant_ok:
         raise RuntimeError(f"row invariant violated: read {report.rows_read} != scored {report.rows_scored} + "
                            f"quarantined {report.rows_quarantined}; run {run_id} is not published")
-    layout.publish({"rows_read": report.rows_read, "rows_scored": report.rows_scored, "rows_quarantined": report.rows_quarantined,
-                    "delegated": report.delegated, "drift_alarm": report.drift_alarm}, [storage.local_path(f) or f for f in files.values()])
-    log(f"published {layout.root} (manifest written last)")
+    # lease.check right before the manifest's conditional write: a driver whose lease expired and was
+    # taken over must not publish
+    layout.publish({"audited_date": day.isoformat(), "rows_read": report.rows_read, "rows_scored": report.rows_scored,
+                    "rows_quarantined": report.rows_quarantined, "delegated": report.delegated, "drift_alarm": report.drift_alarm},
+                   list(files.values()), before_commit=lease.check)
+    log(f"published {layout.root} (attempt {layout.attempt}; manifest written last)")
+    if not a.keep_staging:
+        try:  # stage outputs (with the delegated rows' text) do not outlive the run
+            storage.remove(layout.staging)
+        except Exception as e:  # published already: never fail (and get rerun) over garbage
+            log(f"published; removing {layout.staging} failed ({e!r}): remove it by hand")
+    if report.drift_alarm:
+        log("DRIFT ALARM: " + report.drift_message)
     for line in report.summary_lines():
         print(line, flush=True)
     log(f"report: {files['html']}")
@@ -189,11 +239,18 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, now: _dt.datetime | 
 def _stage1_key(cfg: JobConfig, art: Artifacts, lam) -> dict:
     from .corpus import list_corpus_files
 
-    fs, files, _ = list_corpus_files(cfg.audit.corpus)
-    sizes = {f: fs.size(f) for f in files}
-    return {"corpus": cfg.audit.corpus, "files": sizes, "model": art.model_fingerprint, "layer": cfg.model.layer,
+    _, files, _ = list_corpus_files(cfg.audit.corpus)
+    uris = [_corpus_uri(cfg.audit.corpus, f) for f in files]
+    with ThreadPoolExecutor(16) as pool:  # ETags (one HEAD each) or SHA-256 of the bytes: content, not size
+        keys = dict(zip(files, pool.map(storage.content_key, uris)))
+    return {"corpus": cfg.audit.corpus, "files": keys, "model": art.model_fingerprint, "layer": cfg.model.layer,
             "safety": art.safety.content_hash, "dv": art.dv.content_hash, "lambda_star": None if lam is None else float(lam),
             "max_length": cfg.model.max_length}
+
+
+def _corpus_uri(corpus: str, path: str) -> str:
+    """A listed corpus file (a filesystem path) as a URI: the corpus' scheme put back."""
+    return f"{corpus.split('://', 1)[0]}://{path}" if "://" in corpus and not corpus.startswith("file://") else path
 
 
 def _resumable_stage1(layout: RunLayout, key: dict) -> Stage1 | None:
@@ -234,24 +291,29 @@ def _committed_expert(uri: str, key: dict) -> tuple[list[str], int]:
     return [f for f, _ in kept], sum(n for _, n in kept)
 
 
-def _history(output: str, run_id: str, calibration_hash: str) -> list[dict]:
-    """Earlier published audits made with the same calibration, oldest first (this run id excluded:
-    a rerun replaces it)."""
-    out = []
+def _history(output: str, run_id: str, day: _dt.date, calibration_hash: str) -> list[dict]:
+    """Earlier audited days with the same calibration, one per day (the latest published run of each
+    day), oldest first; this run id and this day are excluded (a rerun replaces them)."""
+    by_day: dict[str, dict] = {}
     for rid in list_runs(output):
         if rid == run_id:
             continue
         try:
-            r = storage.read_json(RunLayout(output, rid).path("report.json"))
+            r = storage.read_json(run_file(output, rid, "report.json"))
         except (FileNotFoundError, ValueError):
             continue
-        if r.get("kind") == "audit" and r.get("calibration_hash") == calibration_hash:
-            out.append({"run_id": rid, "created_at": r["created_at"], "delegated_by_threshold": r["delegated_by_threshold"],
-                        "rows_scored": r["rows_scored"]})
-    return sorted(out, key=lambda h: h["created_at"])
+        if r.get("kind") != "audit" or r.get("calibration_hash") != calibration_hash:
+            continue
+        d = r.get("audited_date") or r["created_at"][:10]
+        h = {"run_id": rid, "audited_date": d, "created_at": r["created_at"], "delegated_by_threshold": r["delegated_by_threshold"],
+             "rows_scored": r["rows_scored"]}
+        if d != day.isoformat() and (d not in by_day or by_day[d]["created_at"] < h["created_at"]):
+            by_day[d] = h
+    return sorted(by_day.values(), key=lambda h: h["audited_date"])
 
 
-def _report(cfg, art, layout, run_id, s1, timings, expert_calls, cap, resumed):
+def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed):
+    run_id = layout.run_id
     cal = art.calibration.result
     res_files = [storage.join(layout.results, n) for n in parquet_files(layout.results)]
     q_files = [storage.join(layout.quarantine, n) for n in parquet_files(layout.quarantine)]
@@ -263,7 +325,7 @@ def _report(cfg, art, layout, run_id, s1, timings, expert_calls, cap, resumed):
     deleg, over = count("delegated"), count("over_cap")
     D = deleg + over  # the threshold's own delegation count (the cap is a separate fallback)
     pval = float(binomial_upper_pvalue(D, max(n_scored, 1), cal.alpha)) if n_scored else 1.0
-    history = _history(cfg.audit.output, run_id, art.calibration_hash)
+    history = _history(cfg.audit.output, run_id, day, art.calibration_hash)
     ep = drift_eprocess([h["delegated_by_threshold"] for h in history] + [D], [max(h["rows_scored"], 1) for h in history] + [max(n_scored, 1)],
                         cal.alpha, cfg.audit.drift_alpha)
     alarm = pval < cfg.audit.drift_alpha or ep["alarm"]
@@ -279,7 +341,7 @@ def _report(cfg, art, layout, run_id, s1, timings, expert_calls, cap, resumed):
               for name, (sec, n) in timings.items()]  # a resumed stage took no time: no rate
     i = None if not cal.delegates else int(np.searchsorted(cal.grid, cal.lambda_hat))
     report = AuditReport(
-        run_id=run_id, created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), config_hash=job_config_hash(cfg),
+        run_id=run_id, audited_date=day.isoformat(), attempt=layout.attempt, created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), config_hash=job_config_hash(cfg),
         corpus=cfg.audit.corpus, model_id=art.model_id, model_fingerprint=art.model_fingerprint, layer=cfg.model.layer,
         safety_probe_hash=art.safety.content_hash, dv_probe_hash=art.dv.content_hash, calibration_uri=cfg.audit.calibration,
         calibration_hash=art.calibration_hash, alpha=cal.alpha, delta=cal.delta, lambda_star=cal.lambda_hat if cal.delegates else None,

@@ -4,7 +4,9 @@
     --set KEY=VALUE      override a config value by dotted path (VALUE parsed as YAML), repeatable
 
 Bad input — a config error, a missing or tampered artifact, a corpus that cannot be found — prints
-one line starting with "error:" and exits with code 2, before anything is written.
+one line starting with "error:" and exits with code 2, before anything is written. A run id whose
+lease another driver holds (:mod:`ctd.lease`), or took over from this one, prints one line and exits
+with code 4.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def _override(s: str) -> tuple[str, object]:
 def job_main(name: str, run: Callable, argv=None, add_args: Callable | None = None, config_model=None) -> int:
     from ..artifacts import ArtifactError
     from ..config import ConfigError, load_config
+    from ..lease import EXIT_LEASE_HELD, LeaseHeld, LeaseLost
     from ..tables import TableError
 
     ap = argparse.ArgumentParser(prog=f"python -m jobs.{name}")
@@ -42,4 +45,7 @@ def job_main(name: str, run: Callable, argv=None, add_args: Callable | None = No
     except (ConfigError, ArtifactError, TableError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (LeaseHeld, LeaseLost) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_LEASE_HELD
     return int(code or 0)

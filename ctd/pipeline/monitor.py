@@ -24,6 +24,7 @@ from ..config import config_hash as _cfg_hash
 from ..monitor import ThresholdMonitor, TrajectoryError, load_monitor, monitor_lambda, read_step_table, validate_steps
 from ..report import html_page, html_table, plot_histogram, write_report
 from ..tables import read_parquet
+from ..lease import Lease
 from .graph import init_ray, log, ray_path
 from .runs import RunLayout, parquet_files
 
@@ -92,12 +93,18 @@ def run_monitor(cfg: MonitorConfig, *, run_id: str | None = None):
     lam = monitor_lambda(cal)
     files = _step_files(m.input)
     rid = expand_run_id(run_id or m.run_id)
-    layout = RunLayout(m.output, rid)
+    layout = RunLayout.new_attempt(m.output, rid)
     log(f"monitor {rid}: {cal['rule']} ({cal['control'].upper()}, {cal['guarantee']}) on {len(files)} file(s) → {layout.root}")
     init_ray(cfg)
+    with Lease(layout.lease, run_id=rid, ttl_s=120, wait_s=150, log=log) as lease:  # a retry outwaits a dead driver's lease
+        return _monitor(cfg, cal, lam, files, layout, lease)
+
+
+def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], layout: RunLayout, lease: Lease) -> dict:
     import ray
 
-    layout.unpublish(keep_staging=False)
+    m, rid = cfg.monitor, layout.run_id
+    storage.remove(layout.staging)
     t0 = time.perf_counter()
     rows = ray.data.from_items([{"uri": f} for f in files]).flat_map(_read_file, fn_kwargs={"columns": m.columns.model_dump()})
     per_traj = rows.groupby("trajectory").map_groups(_apply, fn_kwargs={"lam": lam}, batch_format="pyarrow")
@@ -137,9 +144,9 @@ def run_monitor(cfg: MonitorConfig, *, run_id: str | None = None):
     fig = {"alarm_position": plot_histogram({"steps seen when the alarm fired": ok.column("steps_seen").to_numpy(zero_copy_only=False)[al].astype(float)},
                                             None, "When alarms fire", "steps seen")}
     page = html_page(f"CTD monitor {rid}", [("Summary", html_table([{"quantity": k, "value": str(v)} for k, v in summary.items()]))], fig)
-    files_written = write_report(layout.root, "report", summary, page, fig)
-    layout.publish({"trajectories": t.num_rows, "alarms": alarms.num_rows, "quarantined": quarantine.num_rows},
-                   [storage.local_path(f) or f for f in files_written.values()])
+    files_written = write_report(layout.attempt_root, "report", summary, page, fig)
+    layout.publish({"trajectories": t.num_rows, "alarms": alarms.num_rows, "quarantined": quarantine.num_rows}, list(files_written.values()),
+                   before_commit=lease.check)
     log(f"monitor {rid}: {t.num_rows} trajectories, {n_steps} steps, {alarms.num_rows} alarms, {quarantine.num_rows} quarantined"
         + (f"; false alarms {quality['false_alarm_rate']:.3f}, power {quality['power']:.3f}" if quality.get("power") is not None else ""))
     log(f"report: {files_written['html']}")

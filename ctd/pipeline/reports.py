@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from .. import storage
 from ..report import html_page, html_table
+from .runs import MANIFEST
 
 __all__ = ["StageTiming", "AuditReport", "fetch_report", "show_report", "REPORT_FILES"]
 
@@ -34,6 +35,8 @@ class StageTiming(BaseModel):
 class AuditReport(BaseModel):
     kind: str = "audit"
     run_id: str
+    audited_date: Optional[str] = Field(None, description="the day whose traffic was audited (YYYY-MM-DD)")
+    attempt: Optional[str] = Field(None, description="the attempt folder this report was written in")
     created_at: str
     config_hash: str
     corpus: str
@@ -118,27 +121,34 @@ class AuditReport(BaseModel):
         return html_page(f"CTD audit {self.run_id}", sections, figures)
 
 
-def _report_files(uri: str) -> list[str]:
+def _report_files(uri: str) -> dict[str, str]:
+    """{name: URI} of the report files at ``uri``: a published run's (through its manifest), or a
+    calibration/training folder's. A run folder without a manifest is refused: it is not published."""
     names = storage.listdir(uri)
-    return [n for n in names if n in REPORT_FILES or n.endswith(".png")]
+    if MANIFEST in names:
+        m = storage.read_json(storage.join(uri, MANIFEST))
+        if m.get("format") == "ctd.run/v1":  # published before attempts: report files beside the manifest
+            return {n: storage.join(uri, n) for n in names if n in REPORT_FILES or n.endswith(".png")}
+        files = {e["file"].rsplit("/", 1)[-1]: storage.join(uri, e["file"]) for e in m.get("report", [])}
+        return files | {MANIFEST: storage.join(uri, MANIFEST)}
+    if "attempts" in names or "_lease.json" in names:  # a run folder (a calibration folder may have _staging)
+        raise FileNotFoundError(f"run at {uri} is not published (no manifest): it is incomplete or being written")
+    return {n: storage.join(uri, n) for n in names if n in REPORT_FILES or n.endswith(".png")}
 
 
 def fetch_report(uri: str, to: str = ".") -> list[str]:
-    """Download the report files of a run (``<output>/runs/<id>``) or a calibration folder.
-    A run without a manifest is refused: it is not published."""
+    """Download the report files of a published run (``<output>/runs/<id>``) or a calibration folder."""
     uri = uri.rstrip("/")
-    names = _report_files(uri)
-    if not names:
+    files = _report_files(uri)
+    if not files:
         raise FileNotFoundError(f"no report at {uri}")
-    if "report.json" in names and "manifest.json" not in names:
-        raise FileNotFoundError(f"run at {uri} is not published (no manifest): it is incomplete or being rewritten")
     dest = os.path.join(to, os.path.basename(uri))
     os.makedirs(dest, exist_ok=True)
     out = []
-    for n in names:
+    for n, src in sorted(files.items()):
         p = os.path.join(dest, n)
         with open(p, "wb") as f:
-            f.write(storage.read_bytes(storage.join(uri, n)))
+            f.write(storage.read_bytes(src))
         out.append(p)
     return out
 
@@ -149,17 +159,11 @@ def show_report(uri: str) -> str:
     if uri.endswith(".json"):
         body = storage.read_json(uri)
     else:
-        names = storage.listdir(uri)
-        if "report.json" in names:
-            if "manifest.json" not in names:
-                raise FileNotFoundError(f"run at {uri} is not published (no manifest)")
-            body = storage.read_json(storage.join(uri, "report.json"))
-        elif "calibration_report.json" in names:
-            body = storage.read_json(storage.join(uri, "calibration_report.json"))
-        elif "training_report.json" in names:
-            body = storage.read_json(storage.join(uri, "training_report.json"))
-        else:
+        files = _report_files(uri)
+        name = next((n for n in ("report.json", "calibration_report.json", "training_report.json") if n in files), None)
+        if name is None:
             raise FileNotFoundError(f"no report at {uri}")
+        body = storage.read_json(files[name])
     if body.get("kind") == "audit":
         return "\n".join(AuditReport.model_validate(body).summary_lines())
     if "lambda_star" in body and "message" in body:

@@ -1,9 +1,13 @@
 """Verify a published run: what a reader can trust.
 
-Checks that the manifest exists and lists exactly the files present, that the listed row counts are
-the files' row counts, that no id appears twice among scored rows nor in both results and quarantine,
-that rows read = rows scored + rows quarantined, and (given the corpus) that every input row is
-accounted for exactly once. Row-level checks are Ray Data groupbys and joins on id; the driver gets
+Checks that the manifest exists; that every file it lists (results, quarantine, report) is there with
+the SHA-256, size and row count the manifest recorded, and that no unlisted Parquet file sits beside
+them; that the row counts equal the report's (rows read = scored + quarantined, and each table's
+count); that no id appears twice among scored rows, nor both in results and among the rows
+quarantined as duplicate ids; and (given the corpus) that every corpus id occurs in results ∪
+quarantine exactly as often as in the corpus: none lost, none extra (an id not in the corpus, or
+written twice). An id in results that is also quarantined as *invalid* is legitimate (the corpus
+held it twice, once valid) and is caught only through the corpus check when it is not. Row-level checks are Ray Data groupbys and joins on id; the driver gets
 counts. ``ctd report verify <run folder> [--corpus URI]`` prints the result.
 """
 
@@ -13,27 +17,39 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
-from ..tables import parquet_rows, parquet_schema
+from ..tables import parquet_schema
 from . import ops
-from .runs import RunLayout, parquet_files, read_manifest
+from .runs import RunLayout, describe_files, parquet_files, read_manifest, run_file
 
 __all__ = ["verify_run"]
 
 
-def _ids(batch: pa.Table) -> pa.Table:
-    return batch.select(["id"]).filter(pc.is_valid(batch.column("id")))
+COUNTERS = ("res", "qua", "dupq", "corp")
 
 
-def _counts(ds, name: str, size: int):
-    """(id, <name>) occurrences per id, hash-partitioned for ``size`` rows."""
-    return (ds.map_batches(_ids, batch_format="pyarrow", batch_size=None).groupby("id", num_partitions=ops.partitions(size)).count()
-            .rename_columns({"count()": name}))
+def _tag(batch: pa.Table, source: str) -> pa.Table:
+    """One row per id occurrence with a 1 in the counter of its source (the quarantine's rows
+    quarantined as duplicate ids also count in ``dupq``)."""
+    batch = batch.filter(pc.is_valid(batch.column("id")))
+    n, one, zero = batch.num_rows, pa.array([1] * batch.num_rows, pa.int64()), pa.array([0] * batch.num_rows, pa.int64())
+    cols = {c: one if c == source else zero for c in COUNTERS}
+    if source == "qua":
+        cols["dupq"] = pc.cast(pc.starts_with(pc.fill_null(batch.column("error"), ""), "duplicate id"), pa.int64())
+    return pa.table({"id": batch.column("id"), **cols}) if n else pa.table({"id": pa.array([], pa.string()), **{c: zero for c in COUNTERS}})
 
 
-def _differences(batch: pa.Table) -> pa.Table:
-    exp = pc.fill_null(batch.column("expected"), 0)
-    seen = pc.fill_null(batch.column("seen"), 0)
-    return pa.table({"lost": pc.max_element_wise(pc.subtract(exp, seen), 0), "extra": pc.max_element_wise(pc.subtract(seen, exp), 0)})
+def _per_id(batch: pa.Table, with_corpus: bool) -> pa.Table:
+    """Per id: scored more than once; scored and quarantined as a duplicate; lost and extra
+    occurrences against the corpus."""
+    res, qua, dupq, corp = (batch.column(f"sum({c})") for c in COUNTERS)
+    seen = pc.add(res, qua)
+    zeros = pa.array([0] * batch.num_rows, pa.int64())
+    return pa.table({
+        "dup": pc.cast(pc.greater(res, 1), pa.int64()),
+        "both": pc.cast(pc.and_(pc.greater(res, 0), pc.greater(dupq, 0)), pa.int64()),
+        "lost": pc.max_element_wise(pc.subtract(corp, seen), 0) if with_corpus else zeros,
+        "extra": pc.max_element_wise(pc.subtract(seen, corp), 0) if with_corpus else zeros,
+    })
 
 
 def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
@@ -47,61 +63,76 @@ def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
     problems: list[str] = []
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
-    for kind, uri in (("results", layout.results), ("quarantine", layout.quarantine)):
-        listed = {f["file"]: f["rows"] for f in m["files"][kind]}
-        present = {f"{kind}/{n}" for n in parquet_files(uri)}
-        if set(listed) != present:
-            problems.append(f"{kind}: files on storage differ from the manifest ({sorted(present ^ set(listed))[:3]})")
-        files[kind], rows[kind] = [], 0
-        for f, n in listed.items():
-            if not storage.exists(layout.path(f)):
-                problems.append(f"{f} listed but missing")
-                continue
-            got = parquet_rows(layout.path(f))
-            if got != n:
-                problems.append(f"{f}: {got} rows, manifest says {n}")
-            files[kind].append(layout.path(f))
-            rows[kind] += got
+    v2 = m.get("format") != "ctd.run/v1"  # v1 (before attempts): no checksums, report files not listed
+    listed = [(kind, e) for kind in ("results", "quarantine") for e in m["files"][kind]] + [
+        ("report", e) for e in m.get("report", []) if isinstance(e, dict)]
+    present = {e["file"]: storage.exists(layout.path(e["file"])) for _, e in listed}
+    for f in sorted(f for f, ok in present.items() if not ok):
+        problems.append(f"{f}: listed in the manifest but missing")
+    facts = describe_files([layout.path(e["file"]) for _, e in listed if present[e["file"]]], rows=lambda f: f.endswith(".parquet"), strict=False)
+    for kind, e in listed:
+        got = facts.get(layout.path(e["file"]))
+        if got is None:
+            continue
+        if v2 and "sha256" not in e:
+            problems.append(f"{e['file']}: the manifest has no SHA-256 for it")
+        elif "sha256" in e and (got["sha256"] != e["sha256"] or got["bytes"] != e.get("bytes")):
+            problems.append(f"{e['file']}: content differs from the manifest (SHA-256 {got['sha256'][:12]}… != {e['sha256'][:12]}…): "
+                            "replaced or modified after publishing")
+        if got.get("error"):
+            problems.append(f"{e['file']}: unreadable ({got['error']})")
+        elif "rows" in e and got.get("rows") != e["rows"]:
+            problems.append(f"{e['file']}: {got.get('rows')} rows, manifest says {e['rows']}")
+    for kind in ("results", "quarantine"):
+        attempt = RunLayout(output, run_id, m.get("attempt"))
+        folder = (attempt.results if kind == "results" else attempt.quarantine) if m.get("attempt") else layout.path(kind)
+        on_storage = {layout.relative(storage.join(folder, n)) for n in parquet_files(folder)}
+        extra = sorted(on_storage - {e["file"] for e in m["files"][kind]})
+        if extra:
+            problems.append(f"{kind}: files on storage that the manifest does not list ({extra[:3]})")
+        files[kind] = [layout.path(e["file"]) for e in m["files"][kind] if present[e["file"]]]
+        rows[kind] = sum(facts[f].get("rows") or 0 for f in files[kind])
     # monitor runs' quarantine keys rows by trajectory, not id: only tables with an id are checked by id
     with_ids = {k: v if v and "id" in parquet_schema(v[0]).names else [] for k, v in files.items()}
-    res = ops.read(with_ids["results"], ["id"]) if with_ids["results"] else None
-    qua = ops.read(with_ids["quarantine"], ["id"]) if with_ids["quarantine"] else None
-    n = rows["results"] + rows["quarantine"]
-    dup = 0
-    if res is not None:
-        dup = _counts(res, "n", n).map_batches(lambda b: b.filter(pc.greater(b.column("n"), 1)), batch_format="pyarrow", batch_size=None).count()
-        if dup:
-            problems.append(f"{dup} ids appear more than once among scored rows")
-    both = 0
-    if res is not None and qua is not None:
-        # an id quarantined as a duplicate must not also have a result (an invalid row may share a
-        # valid row's id: that one is scored, the invalid one quarantined with its own reason)
-        dup_q = ops.read(with_ids["quarantine"], ["id", "error"]).map_batches(
-            lambda b: b.filter(pc.starts_with(pc.fill_null(b.column("error"), ""), "duplicate id")).select(["id"]),
-            batch_format="pyarrow", batch_size=None)
-        both = _counts(res, "n", n).join(_counts(dup_q, "m", n), join_type="inner", on=("id",), num_partitions=ops.partitions(n)).count()
-        if both:
-            problems.append(f"{both} ids quarantined as duplicates also appear in results")
-    report = storage.read_json(layout.path("report.json")) if storage.exists(layout.path("report.json")) else {}
-    read = report.get("rows_read")
-    if read is not None and read != rows["results"] + rows["quarantine"]:
-        problems.append(f"rows read {read} != scored {rows['results']} + quarantined {rows['quarantine']}")
-    out = {"published": True, "results_rows": rows["results"], "quarantine_rows": rows["quarantine"], "duplicate_ids": dup,
-           "ids_in_both": both, "rows_read": read}
+    # the row checks: one hash-partitioned pass over every id of results, quarantine (and corpus)
+    parts = []
+    if with_ids["results"]:
+        parts.append(ops.read(with_ids["results"], ["id"]).map_batches(_tag, fn_kwargs={"source": "res"}, batch_format="pyarrow", batch_size=None))
+    if with_ids["quarantine"]:
+        parts.append(ops.read(with_ids["quarantine"], ["id", "error"]).map_batches(_tag, fn_kwargs={"source": "qua"}, batch_format="pyarrow",
+                                                                                   batch_size=None))
     if corpus is not None:
         from .corpus import read_corpus
 
-        parts = [d for d in (res, qua) if d is not None]
-        expected = _counts(read_corpus(corpus).select_columns(["id"]), "expected", n)
-        if parts:
-            seen = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-            expected = expected.join(_counts(seen, "seen", n), join_type="full_outer", on=("id",), num_partitions=ops.partitions(n))
-        else:  # nothing published with an id: every corpus id is lost
-            expected = expected.map_batches(lambda b: b.append_column("seen", pa.nulls(b.num_rows, pa.int64())), batch_format="pyarrow",
-                                            batch_size=None)
-        diff = expected.map_batches(_differences, batch_format="pyarrow", batch_size=None)
-        totals = diff.sum(["lost", "extra"]) or {}
-        out["rows_lost"], out["rows_extra"] = int(totals.get("sum(lost)") or 0), int(totals.get("sum(extra)") or 0)
+        parts.append(read_corpus(corpus).map_batches(_tag, fn_kwargs={"source": "corp"}, batch_format="pyarrow", batch_size=None))
+    n = rows["results"] + rows["quarantine"]
+    totals = {"dup": 0, "both": 0, "lost": 0, "extra": 0}
+    if parts:
+        ids = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        per_id = ids.groupby("id", num_partitions=ops.partitions(n)).sum(list(COUNTERS))
+        got = per_id.map_batches(_per_id, fn_kwargs={"with_corpus": corpus is not None}, batch_format="pyarrow", batch_size=None).sum(list(totals))
+        totals = {k: int((got or {}).get(f"sum({k})") or 0) for k in totals}
+    dup, both = totals["dup"], totals["both"]
+    if dup:
+        problems.append(f"{dup} ids appear more than once among scored rows")
+    if both:
+        problems.append(f"{both} ids quarantined as duplicates also appear in results")
+    try:
+        report = storage.read_json(run_file(output, run_id, "report.json"))
+    except FileNotFoundError:
+        report = {}
+    read = report.get("rows_read")
+    if read is not None and read != rows["results"] + rows["quarantine"]:
+        problems.append(f"rows read {read} (report) != scored {rows['results']} + quarantined {rows['quarantine']} (files)")
+    for kind, field in (("results", "rows_scored"), ("quarantine", "rows_quarantined")):
+        if report.get(field) is not None and report[field] != rows[kind]:
+            problems.append(f"{kind}: {rows[kind]} rows in the files, the report says {field} = {report[field]}")
+        if m.get("rows", {}).get(kind) is not None and m["rows"][kind] != rows[kind]:
+            problems.append(f"{kind}: {rows[kind]} rows in the files, the manifest's total says {m['rows'][kind]}")
+    out = {"published": True, "results_rows": rows["results"], "quarantine_rows": rows["quarantine"], "duplicate_ids": dup,
+           "ids_in_both": both, "rows_read": read}
+    if corpus is not None:
+        out["rows_lost"], out["rows_extra"] = totals["lost"], totals["extra"]
         if out["rows_lost"]:
             problems.append(f"{out['rows_lost']} input rows are in neither results nor quarantine")
         if out["rows_extra"]:
