@@ -96,34 +96,21 @@ def scenario_driver_kill(d, corpus, out, head):
 
 def scenario_rerun_kill(d, corpus, out, head, run_id="actor-kills"):
     """Kill a rerun of a published run mid-way while a reader polls it."""
-    import threading
-
-    from ctd.pipeline.chaos import kill_audit_driver
-    from ctd.pipeline.runs import read_manifest, read_run_table
+    from ctd.pipeline.chaos import RunReader, kill_audit_driver
+    from ctd.pipeline.runs import read_manifest
     from ctd.pipeline.verify import verify_run
 
-    before = read_manifest(out, run_id)
-    want = sorted(read_run_table(out, run_id, columns=["id"]).column("id").to_pylist())
-    reads, stop = [], threading.Event()
-
-    def reader():
-        while not stop.is_set():
-            m = read_manifest(out, run_id)
-            ids = sorted(read_run_table(out, run_id, columns=["id"]).column("id").to_pylist()) if m else []
-            reads.append({"attempt": (m or {}).get("attempt"), "whole_previous_run": m is not None and m["attempt"] == before["attempt"] and ids == want})
-            time.sleep(0.5)
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
+    reader = RunReader(out, run_id)
+    before = reader.before
+    reader.start()
     env = dict(os.environ, RAY_ADDRESS=head.address)
     overrides = {"audit.corpus": corpus, "audit.output": out, "audit.resume": "false", "expert.classifier.pool.batch_size": 8,
                  "audit.commit_rows": 32, "audit.lease_seconds": 10}
     killed = kill_audit_driver(d["config_path"], out, run_id, overrides, env=env, cwd=ROOT)
-    stop.set()
-    t.join()
+    reads = reader.stop()
     after = read_manifest(out, run_id)
     v = verify_run(out, run_id, corpus=corpus)
-    ok = killed["interrupted"] and all(r["whole_previous_run"] for r in reads) and after == before and v["ok"]
+    ok = killed["interrupted"] and reader.saw_previous_run_whole and after == before and v["ok"]
     return {"fault": "SIGKILL the driver of a rerun of a published run mid-way", "interrupted_mid_run": killed["interrupted"],
             "reader_polls": len(reads), "polls_that_saw_the_previous_run_whole": sum(r["whole_previous_run"] for r in reads),
             "manifest_unchanged": after == before, "verify_ok_after": v["ok"], "survived": ok}

@@ -176,6 +176,8 @@ class AuditJob(Strict):
     lease_wait_seconds: Optional[float] = Field(None, ge=0, description="wait this long for a held lease before exiting 4 "
                                                 "(default lease_seconds + 30: a retry after a crash outlives the dead driver's lease)")
     keep_staging: bool = Field(False, description="keep _staging/ (stage outputs, with the delegated rows' text) after publishing")
+    staging_retention_days: Optional[float] = Field(7, ge=0, description="each audit removes _staging/ and unpublished attempts of "
+                                                    "other run ids abandoned longer than this (None: never)")
     budget_cap: Optional[float] = Field(None, gt=0, le=1, description="hard cap: at most ceil(cap x rows) expert calls")
     resume: bool = True
     commit_rows: int = Field(256, ge=1, description="expert scores are committed in files of about this many rows; a resumed run skips them")

@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ from ctd import storage
 from ctd.config import load_config
 from ctd.demo import generate_corpus
 from ctd.pipeline.audit import run_audit
-from ctd.pipeline.chaos import ActorKiller, kill_audit_driver
+from ctd.pipeline.chaos import ActorKiller, RunReader, kill_audit_driver
 from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table, run_file
 from ctd.pipeline.verify import verify_run
 from ctd.tables import read_parquet
@@ -79,28 +78,16 @@ def test_a_rerun_killed_midway_leaves_the_previous_run_published_and_readable(de
     """Rerun the published run "killed" without resume and SIGKILL the driver while it writes expert
     scores; a reader polling all along sees the previous run, whole, every time."""
     out, rid = big["out"], "killed"
-    before = read_manifest(out, rid)
-    want = sorted(read_run_table(out, rid, columns=["id"]).column("id").to_pylist())
-    seen, stop = [], threading.Event()
-
-    def reader():
-        while not stop.is_set():
-            m = read_manifest(out, rid)
-            ids = sorted(read_run_table(out, rid, columns=["id"]).column("id").to_pylist())
-            seen.append((m["attempt"], ids == want))
-            time.sleep(0.5)
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
+    reader = RunReader(out, rid)
+    reader.start()
     env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
     overrides = {"audit.corpus": big["corpus"], "audit.output": out, "audit.resume": "false", "expert.classifier.pool.batch_size": 8,
                  "audit.commit_rows": 32, "audit.lease_seconds": 10}
     killed = kill_audit_driver(deployment["config_path"], out, rid, overrides, env=env, cwd=ROOT)
-    stop.set()
-    t.join()
-    assert killed["interrupted"] and len(seen) >= 10
-    assert all(a == before["attempt"] and whole for a, whole in seen)  # the old run, whole, throughout
-    assert read_manifest(out, rid) == before
+    reads = reader.stop()
+    assert killed["interrupted"] and len(reads) >= 10
+    assert reader.saw_previous_run_whole  # the old run, whole, throughout
+    assert read_manifest(out, rid) == reader.before
     r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", RunLayout(out, rid).root], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0 and "rows read 1510" in r.stdout, r.stdout + r.stderr

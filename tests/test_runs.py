@@ -208,3 +208,27 @@ def test_verify_cli_exits_non_zero_with_the_reason(published):
     storage.remove(published["layout"].path(f"attempts/{published['layout'].attempt}/quarantine/part-0.parquet"))
     code, v = _verify_cli(published, corpus=False)
     assert code == 1 and any("listed in the manifest but missing" in p for p in v["problems"]), v
+
+
+def test_abandoned_staging_and_attempts_are_swept_after_their_retention(tmp_path):
+    from ctd.pipeline.runs import sweep
+
+    out, day = str(tmp_path), 86400
+    published = write_attempt(out, "done", ["a", "b"], [], "A")
+    now = time.time()
+    cases = {"done": {"released": True, "renewed_at": now - 30 * day, "expires_at": now - 30 * day},   # published, abandoned retry
+             "crashed": {"released": False, "renewed_at": now - 9 * day, "expires_at": now - 9 * day + 120},  # died 9 days ago
+             "recent": {"released": False, "renewed_at": now - 2 * day, "expires_at": now - 2 * day + 120},   # died 2 days ago
+             "running": {"released": False, "renewed_at": now - 20 * day, "expires_at": now + 60}}           # live (long run)
+    for rid, lease in cases.items():
+        layout = RunLayout.new_attempt(out, rid)
+        storage.write_bytes(layout.path("_staging", "stage1", "part-0.parquet"), b"text copies")
+        storage.write_bytes(storage.join(layout.results, "part-0.parquet"), b"unpublished")
+        storage.write_json(layout.lease, {"owner": "x", **lease})
+    removed = sweep(out, retention_days=7, log=lambda *a: None)
+    gone = lambda rid: not storage.exists(RunLayout(out, rid).staging) and storage.listdir(RunLayout(out, rid).path("attempts")) in ([], [published.attempt])  # noqa: E731
+    assert gone("done") and gone("crashed") and len(removed) == 4
+    assert storage.listdir(RunLayout(out, "done").path("attempts")) == [published.attempt]  # the published attempt stays
+    assert read_run_table(out, "done").num_rows == 2
+    for rid in ("recent", "running"):
+        assert storage.exists(RunLayout(out, rid).staging) and storage.listdir(RunLayout(out, rid).path("attempts"))

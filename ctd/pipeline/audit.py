@@ -52,7 +52,7 @@ from . import ops
 from .experts import run_expert
 from .graph import Stage1, activation_spec, count_rows, init_ray, log, run_stage1, stage1_files
 from .reports import AuditReport, StageTiming
-from .runs import RunLayout, list_runs, parquet_files, read_manifest, run_file
+from .runs import RunLayout, list_runs, parquet_files, read_manifest, run_file, sweep
 
 __all__ = ["run_audit", "check_artifacts", "Artifacts"]
 
@@ -102,6 +102,11 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, date: str | None = N
     a = cfg.audit
     wait = a.lease_seconds + 30 if a.lease_wait_seconds is None else a.lease_wait_seconds
     with Lease(layout.lease, run_id=run_id, ttl_s=a.lease_seconds, wait_s=wait, log=log) as lease:
+        if a.staging_retention_days is not None:
+            try:  # abandoned runs' staging (text copies) and attempts do not outlive their retention
+                sweep(a.output, a.staging_retention_days, log)
+            except Exception as e:
+                log(f"retention sweep failed ({e!r}); continuing")
         return _audit(cfg, art, layout, day, lease)
 
 

@@ -20,7 +20,7 @@ from .. import storage
 from ..tables import read_parquet
 from .runs import RunLayout
 
-__all__ = ["ActorKiller", "kill_audit_driver"]
+__all__ = ["ActorKiller", "kill_audit_driver", "RunReader"]
 
 
 class ActorKiller(threading.Thread):
@@ -93,3 +93,38 @@ def kill_audit_driver(config_path: str, output: str, run_id: str, overrides: dic
     time.sleep(3)  # let the dead driver's Ray job and workers go
     rows = sum(read_parquet(storage.join(expert_dir, n)).num_rows for n in committed_files())
     return {"interrupted": interrupted, "committed_rows": rows}
+
+
+class RunReader(threading.Thread):
+    """A reader polling a published run while something else happens to it (a rerun, a kill): each
+    read records the manifest's attempt and whether the ids read are the run's ids at the start."""
+
+    def __init__(self, output: str, run_id: str, every: float = 0.5):
+        from .runs import read_manifest, read_run_table
+
+        super().__init__(daemon=True)
+        self.output, self.run_id, self.every = output, run_id, every
+        self._manifest, self._table = read_manifest, read_run_table
+        self.before = read_manifest(output, run_id)
+        self.want = self._ids()
+        self.reads: list[dict] = []
+        self._halt = threading.Event()
+
+    def _ids(self) -> list:
+        return sorted(self._table(self.output, self.run_id, columns=["id"]).column("id").to_pylist())
+
+    def run(self):
+        while not self._halt.is_set():
+            m = self._manifest(self.output, self.run_id)
+            whole = m is not None and m["attempt"] == self.before["attempt"] and self._ids() == self.want
+            self.reads.append({"attempt": (m or {}).get("attempt"), "whole_previous_run": whole})
+            time.sleep(self.every)
+
+    def stop(self) -> list[dict]:
+        self._halt.set()
+        self.join(timeout=30)
+        return self.reads
+
+    @property
+    def saw_previous_run_whole(self) -> bool:
+        return bool(self.reads) and all(r["whole_previous_run"] for r in self.reads)

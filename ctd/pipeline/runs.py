@@ -35,7 +35,7 @@ import pyarrow as pa
 from .. import storage
 from ..tables import parquet_rows, read_parquet
 
-__all__ = ["RunLayout", "list_runs", "read_manifest", "read_run_table", "run_file", "parquet_files", "describe_files", "MANIFEST"]
+__all__ = ["RunLayout", "list_runs", "read_manifest", "read_run_table", "run_file", "parquet_files", "describe_files", "sweep", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 FORMAT = "ctd.run/v2"
@@ -130,6 +130,36 @@ class RunLayout:
         except Exception as e:  # published already: old attempts are only garbage
             print(f"[ctd] published; removing old attempts failed ({e!r}): they are unlisted, remove them by hand", flush=True)
         return manifest
+
+
+def sweep(output: str, retention_days: float, log=print) -> list[str]:
+    """Remove what unfinished runs left behind: ``_staging/`` (which holds the delegated rows' text)
+    and attempts that no manifest names, of every run id whose last writer's lease is released or
+    expired and was last renewed more than ``retention_days`` ago. Run ids without a lease (written
+    before leases) are left alone. Returns the URIs removed. One small read per run id."""
+    import time
+
+    removed = []
+    for rid in storage.listdir(storage.join(output, "runs")):
+        layout = RunLayout(output, rid)
+        try:
+            lease = storage.read_json(layout.lease)
+        except (FileNotFoundError, ValueError):
+            continue
+        # idle since the last renewal, or since expiry for a lease never released (negative while live)
+        idle = time.time() - max(lease.get("renewed_at", 0), lease.get("expires_at", 0) if not lease.get("released") else 0)
+        if idle < retention_days * 86400:
+            continue
+        m = read_manifest(output, rid) or {}
+        keep = {m.get("attempt"), m.get("replaces_attempt")}
+        stale = ([layout.staging] if storage.exists(layout.staging) else []) + [
+            layout.path("attempts", a) for a in storage.listdir(layout.path("attempts")) if a not in keep]
+        for uri in stale:
+            storage.remove(uri)
+            removed.append(uri)
+    if removed:
+        log(f"retention: removed {len(removed)} stale staging/attempt folders (older than {retention_days:g} days): {removed[:3]}")
+    return removed
 
 
 def parquet_files(uri: str) -> list[str]:
