@@ -111,6 +111,16 @@ def test_rerun_with_the_same_run_id_publishes_a_new_attempt_and_drops_staging(au
     assert not [p for p in (fs.find(staging) if fs.exists(staging) else []) if p.rstrip("/") != staging]  # (an empty folder marker may stay)
 
 
+def test_a_run_id_holds_one_audited_day(audited):
+    from ctd.config import ConfigError
+
+    cfg = audited[0]
+    before = read_manifest(cfg.audit.output, "night-1")
+    with pytest.raises(ConfigError, match="already published for 2026-11-24, not 2026-11-25"):
+        run_audit(cfg, run_id="night-1", date="2026-11-25")  # refused before the lease or any compute
+    assert read_manifest(cfg.audit.output, "night-1") == before
+
+
 def test_report_fetch_and_show_from_s3(audited, tmp_path):
     from ctd.cli import main
 

@@ -40,7 +40,7 @@ import pyarrow as pa
 from .. import storage
 from ..artifacts import config_hash, model_fingerprint
 from ..calibration import load_calibration
-from ..config import JobConfig, audit_date, expand_dates, expand_run_id, resolve_model_path
+from ..config import ConfigError, JobConfig, audit_date, expand_dates, expand_run_id, resolve_model_path
 from ..config import config_hash as job_config_hash
 from ..lease import Lease
 from ..probes import LinearProbe
@@ -49,6 +49,7 @@ from ..stats.drift import drift_eprocess
 from ..stats.pvalues import binomial_upper_pvalue
 from ..tables import parquet_rows
 from . import ops
+from .corpus import list_corpus_files
 from .experts import run_expert
 from .graph import Stage1, activation_spec, count_rows, init_ray, log, run_stage1, stage1_files
 from .reports import AuditReport, StageTiming
@@ -93,8 +94,6 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, date: str | None = N
     cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"corpus": expand_dates(cfg.audit.corpus, day, now)})})
     run_id = expand_run_id(run_id or cfg.audit.run_id, day, now)
     art = check_artifacts(cfg, cfg.audit.calibration)  # refuses mismatches before any compute
-    from .corpus import list_corpus_files
-
     list_corpus_files(cfg.audit.corpus)  # a missing corpus is bad input (exit 2), found before the lease
     _check_same_day(cfg.audit.output, run_id, day)
     init_ray(cfg)
@@ -119,8 +118,6 @@ def _check_same_day(output: str, run_id: str, day: _dt.date) -> None:
         return
     had = (m.get("summary") or {}).get("audited_date")
     if had != day.isoformat():
-        from ..config import ConfigError
-
         raise ConfigError(f"run {run_id!r} under {output} is already published for "
                           f"{'an unrecorded day (an older layout)' if had is None else had}, not {day}: "
                           "choose a run id with {date} in it (audit.run_id / --run-id), or remove that run first")
@@ -242,8 +239,6 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
 
 
 def _stage1_key(cfg: JobConfig, art: Artifacts, lam) -> dict:
-    from .corpus import list_corpus_files
-
     _, files, _ = list_corpus_files(cfg.audit.corpus)
     uris = [_corpus_uri(cfg.audit.corpus, f) for f in files]
     with ThreadPoolExecutor(16) as pool:  # ETags (one HEAD each) or SHA-256 of the bytes: content, not size
