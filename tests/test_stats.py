@@ -70,6 +70,18 @@ def test_max_certifiable_count_oracle_including_tiny_n():
     assert max_certifiable_count(44, 0.05, 0.1) == -1 and max_certifiable_count(45, 0.05, 0.1) == 0
 
 
+def test_hoeffding_bentkus_with_a_float_sum_just_above_an_integer_is_valid():
+    # S = 12.00000005 > 12: the Bentkus term must use ceil(S) = 13 (p ≈ 0.105); rounding it down to 12
+    # gave p ≈ 0.069, too small (issue #13, item 3)
+    s, n, a = 12.00000005, 100, 0.2
+    r = s / n
+    h1 = r * np.log(r / a) + (1 - r) * np.log((1 - r) / (1 - a))
+    expected = min(np.exp(-n * h1), np.e * stats.binom.cdf(13, n, a))
+    assert hoeffding_bentkus_pvalue(s, n, a) == pytest.approx(expected, rel=1e-12)
+    assert hoeffding_bentkus_pvalue(s, n, a) > 0.1
+    assert hoeffding_bentkus_pvalue(12.0, n, a) == pytest.approx(hoeffding_bentkus_pvalue(12, n, a), rel=1e-12)  # exact integers unchanged
+
+
 def test_hoeffding_bentkus_closed_form_and_validity():
     # closed form at one point
     n, a, s = 100, 0.2, 10

@@ -106,7 +106,12 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, date: str | None = N
                 sweep(a.output, a.staging_retention_days, log)
             except Exception as e:
                 log(f"retention sweep failed ({e!r}); continuing")
-        return _audit(cfg, art, layout, day, lease)
+        try:
+            return _audit(cfg, art, layout, day, lease)
+        except (FileNotFoundError, ConfigError) as e:
+            # input was checked before the lease: a file vanishing now is a failure to retry (exit 1),
+            # not bad input (exit 2)
+            raise RuntimeError(f"audit {run_id} failed mid-run: {e}") from e
 
 
 def _check_same_day(output: str, run_id: str, day: _dt.date) -> None:

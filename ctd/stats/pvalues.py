@@ -125,8 +125,10 @@ def hoeffding_bentkus_pvalue(loss_sum, n, alpha):
         ceil_s = s
     else:
         s = s.astype(float)
-        # A float sum of 0/1 losses can carry rounding noise (e.g. 12.000000001): absorb it.
-        ceil_s = np.ceil(s - 1e-9 * np.maximum(n_arr, 1)).astype(np.int64)
+        # The exact ceiling, never less: a sum just above an integer (12.00000005, real or rounding
+        # noise) must count as above it, or the p-value is too small (invalid). Noise only ever makes
+        # this conservative; pass integer counts for 0/1 losses to use them exactly.
+        ceil_s = np.ceil(s).astype(np.int64)
     if np.any(s < 0) or np.any(s > n_arr + 1e-9):
         raise ValueError("loss_sum must lie in [0, n] (losses bounded in [0, 1])")
     r_hat = np.asarray(s, dtype=float) / n_arr
