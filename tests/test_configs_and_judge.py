@@ -3,14 +3,12 @@
 import datetime as dt
 import math
 import os
-import re
 
 import pytest
-import yaml
 
 from ctd.config import ConfigError, expand_dates, expand_run_id, load_config
 from ctd.experts.judge import conversation_text, label_token_ids, p_unsafe_from_logprobs, render_prompt
-from ctd.pipeline.experts import expert_pool_max
+from ctd.pipeline.experts import expert_pool_max, plan_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,31 +19,10 @@ def test_shipped_configs_validate(monkeypatch):
     monkeypatch.setenv("CTD_BUCKET", "acme")
     prod = load_config(os.path.join(ROOT, "configs", "production.yaml"))
     assert prod.model.layer == 11 and prod.expert.vllm.tensor_parallel_size == 2 and prod.activations.num_gpus == 1
-    assert prod.probes.safety.startswith("s3://acme/") and prod.expert.vllm.max_replicas is None
+    assert prod.probes.safety.startswith("s3://acme/") and prod.expert.vllm.max_replicas == 4
     monkeypatch.delenv("CTD_BUCKET")
     with pytest.raises(ConfigError, match="CTD_BUCKET is not set"):
         load_config(os.path.join(ROOT, "configs", "production.yaml"))
-
-
-def test_cluster_manifests_are_rendered_secure_and_autoscaled():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("render", os.path.join(ROOT, "cluster", "render.py"))
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
-    for name, text in render.render().items():
-        assert open(os.path.join(ROOT, "cluster", name)).read() == text, f"cluster/{name} is stale: run python cluster/render.py"
-    for name in ("raycluster.yaml", "rayjob-audit.yaml", "raycronjob-nightly.yaml", "cluster-launcher.yaml"):
-        text = open(os.path.join(ROOT, "cluster", name)).read()
-        assert not re.search(r"(?i)(secret_access_key|password|api_key|auth_token)\s*:\s*\S", text), name  # nothing inline
-    rc = yaml.safe_load(open(os.path.join(ROOT, "cluster", "raycluster.yaml")))["spec"]
-    assert rc["authOptions"]["mode"] == "token" and rc["enableInTreeAutoscaling"]
-    groups = {g["groupName"]: g for g in rc["workerGroupSpecs"]}
-    assert groups["activations"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert groups["expert"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
-    assert all(g["minReplicas"] == 0 and g["maxReplicas"] >= 1 for g in groups.values())
-    cron = yaml.safe_load(open(os.path.join(ROOT, "cluster", "raycronjob-nightly.yaml")))
-    assert cron["kind"] == "RayCronJob" and "jobs.audit" in cron["spec"]["jobTemplate"]["entrypoint"]
 
 
 def test_the_audited_day_is_a_parameter_and_a_retry_after_midnight_audits_the_same_day():
@@ -80,6 +57,19 @@ def test_pool_size_from_budget():
     assert expert_pool_max(2_000_000, 10, 3600) == math.ceil(2_000_000 / 10 / 3600)
 
 
+def test_pool_plan_is_capped_by_the_quota_and_says_when_the_target_is_missed(monkeypatch):
+    monkeypatch.setenv("CTD_BUCKET", "acme")
+    prod = load_config(os.path.join(ROOT, "configs", "production.yaml")).expert  # 25 rows/s per replica, 2 h, quota 4
+    small = plan_pool(prod, 200_000)  # 200,000 / 25 / 7200 = 1.1 -> 2 replicas, 1.1 h
+    assert (small.replicas, small.needed, small.target_met) == (2, 2, True) and small.expected_seconds == pytest.approx(4000)
+    # α = 0.1 of 10^8 rows: 10^7 rows need 56 replicas; the quota allows 4: ~27.8 h, and the plan says so
+    big = plan_pool(prod, 10_000_000)
+    assert (big.replicas, big.needed, big.target_met) == (4, 56, False)
+    assert big.expected_seconds == pytest.approx(10_000_000 / (4 * 25))
+    assert "OVER the target of 2.00 h, which needs 56 replicas" in big.describe() and "27.78 h" in big.describe()
+    assert plan_pool(prod, 0).replicas == 1  # min_replicas
+
+
 def test_judge_logprob_parsing_and_defined_results():
     labels = {"unsafe": [10, 11], "safe": [20]}
     p, s = p_unsafe_from_logprobs({10: math.log(0.3), 11: math.log(0.1), 20: math.log(0.4), 5: math.log(0.2)}, labels)
@@ -95,7 +85,7 @@ def test_judge_logprob_parsing_and_defined_results():
     p, _ = p_unsafe_from_logprobs({"Yes": -0.1, "No": -3.0}, {"unsafe": ["Yes"], "safe": ["No"]})
     assert p > 0.9
     assert "user: hi" in render_prompt("Q: {conversation}", [{"role": "user", "content": "hi"}])
-    assert conversation_text("x" * 50, max_chars=10).startswith("…")
+    assert conversation_text([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "user: a\nassistant: b"
     with pytest.raises(ValueError, match="conversation"):
         render_prompt("no placeholder", "x")
 
@@ -108,3 +98,30 @@ def test_label_tokens_must_be_single_tokens(tiny_llama):
     assert ids == {"unsafe": [4], "safe": [5]}
     with pytest.raises(ValueError, match="single-token"):
         label_token_ids(tok, {"unsafe": ["Yes Yes"], "safe": ["No"]})
+
+
+def test_judge_prompt_keeps_the_head_and_the_tail_in_tokens(tiny_llama):
+    """A conversation longer than the room the template leaves is cut in the judge's tokens: the
+    first quarter of the room from its start, the rest from its end, the cut marked between them,
+    and the whole prompt one token short of the context (room for the answer)."""
+    from transformers import AutoTokenizer
+
+    from ctd.experts.judge import JudgePrompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    jp = JudgePrompt(tok, "Answer : {conversation} Answer :", 128)
+    words = [f"w{i}" for i in range(300)]
+    ids, cut = jp(" ".join(words))
+    toks = tok.convert_ids_to_tokens(ids)
+    assert cut and len(ids) == 127
+    conv = toks[2:-2]  # between the template's "Answer :" pairs
+    assert toks[:2] == toks[-2:] == ["Answer", ":"]
+    head = next(i for i, t in enumerate(conv) if t != words[i])
+    tail = next(i for i, t in enumerate(reversed(conv)) if t != words[-1 - i])
+    assert conv[:head] == words[:head] and conv[len(conv) - tail:] == words[300 - tail:]
+    assert head == int((head + tail) * 0.25) and head + tail > 100  # 25% head, 75% tail of what is kept
+    assert conv[head:len(conv) - tail] and set(conv[head:len(conv) - tail]) <= {"<unk>"}  # the marker between them (outside this vocabulary)
+    short, cut = jp("w1 w2 w3")
+    assert not cut and tok.convert_ids_to_tokens(short) == ["Answer", ":", "w1", "w2", "w3", "Answer", ":"]
+    with pytest.raises(ValueError, match="leaves"):
+        JudgePrompt(tok, "{conversation}" + " w5" * 120, 128)

@@ -1,4 +1,6 @@
-"""The HTTP expert against a real OpenAI-compatible server: vLLM's own, serving the tiny Llama."""
+"""The HTTP expert against a real OpenAI-compatible server: vLLM's own, serving the tiny Llama. It is
+the same judge as the vLLM pool (the same token ids, the same label tokens): checked row by row
+against a direct computation from the same weights. A dead endpoint costs a bounded time."""
 
 import os
 import subprocess
@@ -9,7 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import _stop, free_port
+from conftest import _stop, direct_p_unsafe, free_port, judge_rows
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +21,7 @@ def vllm_server(tiny_llama, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_llama, "--host", "127.0.0.1",
-                             "--port", str(port), "--max-model-len", "256", "--max-logprobs", "20", "--enforce-eager",
+                             "--port", str(port), "--max-model-len", "256", "--max-logprobs", "20", "--enforce-eager", "--dtype", "float32",
                              "--served-model-name", "tiny-judge"], env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
@@ -37,12 +39,20 @@ def vllm_server(tiny_llama, tmp_path_factory):
     _stop(proc)
 
 
-def http_config(base_url, **kw):
+def http_config(base_url, tokenizer, **kw):
     from ctd.config import ExpertConfig
 
-    http = {"base_url": base_url, "model": "tiny-judge", "top_logprobs": 20, "max_input_chars": 300, "actors": 1,
-            "concurrency_per_actor": 4, "requests_per_second": 50.0, "max_retries": 2, "timeout_seconds": 20, **kw}
+    http = {"base_url": base_url, "model": "tiny-judge", "tokenizer": tokenizer, "max_model_len": 256, "top_logprobs": 20,
+            "label_tokens": {"unsafe": ["Yes"], "safe": ["No"]}, "actors": 1, "concurrency_per_actor": 4, "requests_per_second": 50.0,
+            "max_retries": 2, "timeout_seconds": 20, **kw}
     return ExpertConfig.model_validate({"kind": "http", "http": http})
+
+
+def stage_spec(cfg):
+    from ctd.pipeline.experts import _prompt_spec
+
+    h = cfg.http
+    return {**h.model_dump(), "label_tokens": h.label_tokens.model_dump(), "prompt": _prompt_spec(h)}
 
 
 def rows(n):
@@ -51,32 +61,62 @@ def rows(n):
     return ray.data.from_items([{"id": f"r{i}", "input": f"w{i} w{i + 1} w{i + 2}", "is_chat": False} for i in range(n)])
 
 
-def test_http_judge_scores_rows_through_a_real_endpoint(ray_head, vllm_server):
+def test_http_judge_is_the_same_judge_row_by_row(ray_head, vllm_server, tiny_llama):
+    import ray
+
+    from ctd.config import JUDGE_TEMPLATE
+    from ctd.experts.judge import JudgePrompt
     from ctd.pipeline.experts import run_expert
+    from ctd.pipeline.stages import row_input
+    from transformers import AutoTokenizer
 
+    data = judge_rows()
     t0 = time.time()
-    out = run_expert(rows(12), http_config(vllm_server, requests_per_second=5.0), n_todo=12).take_all()
+    out = {r["id"]: r for r in run_expert(ray.data.from_items(data), http_config(vllm_server, tiny_llama, requests_per_second=5.0),
+                                          n_todo=len(data)).take_all()}
     took = time.time() - t0
-    assert sorted(r["id"] for r in out) == sorted(f"r{i}" for i in range(12))
-    assert all(r["expert_status"] in {"ok", "unsafe_outside_topk", "safe_outside_topk", "no_label_token"} for r in out)
-    assert all(0 <= r["expert"] <= 1 for r in out)
-    assert took >= 11 / 5.0  # the pool-wide rate limit (5 requests/s) held
+    assert sorted(out) == sorted(r["id"] for r in data)
+    jp = JudgePrompt(AutoTokenizer.from_pretrained(tiny_llama), JUDGE_TEMPLATE, 256)
+    expected = [jp(row_input(r["input"], r["is_chat"])) for r in data]
+    direct = direct_p_unsafe(tiny_llama, [ids for ids, _ in expected])
+    assert [out[r["id"]]["expert_status"] for r in data] == ["ok"] * len(data)
+    np.testing.assert_allclose([out[r["id"]]["expert"] for r in data], direct, atol=2e-3)
+    assert np.std(direct) > 0.05
+    assert [out[r["id"]]["expert_truncated"] for r in data] == [cut for _, cut in expected] and sum(c for _, c in expected) == 3
+    assert took >= (len(data) - 1) / 5.0  # the pool-wide rate limit (5 requests/s) held
 
 
-def test_unreachable_endpoint_is_retried_then_fails_the_row_not_the_batch(ray_head):
+def test_unreachable_endpoint_is_retried_then_fails_the_row_not_the_batch(ray_head, tiny_llama):
     from ctd.pipeline.experts import run_expert
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    out = run_expert(rows(3), http_config(dead, max_retries=2), n_todo=3).take_all()
+    out = run_expert(rows(3), http_config(dead, tiny_llama, max_retries=2), n_todo=3).take_all()
     assert len(out) == 3 and all(r["expert"] is None for r in out)
-    assert all("unreachable after 3 attempts" in r["expert_status"] for r in out)
+    assert all(r["expert_status"] == "error: judge endpoint unreachable after N attempts: [Errno N] Connection refused" for r in out)
 
 
-def test_api_key_only_from_a_named_environment_variable(vllm_server):
+def test_a_dead_endpoint_opens_the_circuit_breaker_in_bounded_time(ray_head, tiny_llama):
+    """After K consecutive failed rows the actor declares the endpoint down: the remaining rows keep
+    the probe's score at once instead of each paying the retries."""
+    from ctd.pipeline.experts import run_expert
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    cfg = http_config(dead, tiny_llama, max_retries=3, circuit_breaker_failures=3, concurrency_per_actor=1)
+    t0 = time.time()
+    out = run_expert(rows(40), cfg, n_todo=40).take_all()
+    took = time.time() - t0
+    status = [r["expert_status"] for r in out]
+    assert len(out) == 40 and all(r["expert"] is None for r in out)
+    assert sum(s.startswith("error: judge endpoint unreachable") for s in status) == 3
+    assert sum(s == "error: judge endpoint down (circuit breaker open)" for s in status) == 37
+    # each failed row waits 0.5..1 + 1..2 + 2..4 s of backoff: 3 rows ≤ 21 s; without the breaker 40 rows ≥ 140 s
+    assert took < 90, took
+
+
+def test_api_key_only_from_a_named_environment_variable(vllm_server, tiny_llama):
     from ctd.pipeline.experts import HTTPJudgeStage
 
-    cfg = http_config(vllm_server, api_key_env="CTD_TEST_JUDGE_KEY").http
-    spec = {**cfg.model_dump(), "label_tokens": cfg.label_tokens.model_dump()}
+    spec = stage_spec(http_config(vllm_server, tiny_llama, api_key_env="CTD_TEST_JUDGE_KEY"))
     os.environ.pop("CTD_TEST_JUDGE_KEY", None)
     with pytest.raises(RuntimeError, match="CTD_TEST_JUDGE_KEY"):
         HTTPJudgeStage(spec)

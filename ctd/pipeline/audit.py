@@ -29,6 +29,7 @@ no committed expert score yet (a left-anti join on id).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import time
@@ -50,7 +51,7 @@ from ..stats.pvalues import binomial_upper_pvalue
 from ..tables import parquet_rows
 from . import ops
 from .corpus import list_corpus_files
-from .experts import run_expert
+from .experts import check_judge, judge_identity, plan_pool, run_expert
 from .graph import Stage1, activation_spec, count_rows, init_ray, log, run_stage1, stage1_files
 from .reports import AuditReport, StageTiming
 from .runs import RunLayout, list_runs, parquet_files, read_manifest, run_file, sweep
@@ -94,6 +95,7 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, date: str | None = N
     cfg = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"corpus": expand_dates(cfg.audit.corpus, day, now)})})
     run_id = expand_run_id(run_id or cfg.audit.run_id, day, now)
     art = check_artifacts(cfg, cfg.audit.calibration)  # refuses mismatches before any compute
+    check_judge(cfg.expert)  # and a judge whose prompt cannot be built (label tokens, context, chat template)
     list_corpus_files(cfg.audit.corpus)  # a missing corpus is bad input (exit 2), found before the lease
     _check_same_day(cfg.audit.output, run_id, day)
     init_ray(cfg)
@@ -176,23 +178,28 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
     # the expert stage: delegated rows within the cap that have no committed score yet
     t0 = time.perf_counter()
     expert_uri = layout.path("_staging", "expert")
-    done_files, done_rows = _committed_expert(expert_uri, {"stage1": key, "budget_cap": a.budget_cap}) if a.resume else ([], 0)
+    # committed expert scores are reused only for the same stage 1, cap and expert (model, prompt, context)
+    expert_key = {"stage1": key, "budget_cap": a.budget_cap, "expert": config_hash(judge_identity(cfg.expert))}
+    done_files, done_rows = _committed_expert(expert_uri, expert_key) if a.resume else ([], 0)
     if not a.resume:
         storage.remove(expert_uri)
-        storage.write_json(storage.join(expert_uri, "_KEY.json"), {"stage1": key, "budget_cap": a.budget_cap})
+        storage.write_json(storage.join(expert_uri, "_KEY.json"), expert_key)
     if done_rows:
         log(f"resume: {done_rows} expert scores already committed")
         resumed["expert_rows"] = done_rows
     n_todo = n_sent - done_rows
+    plan = plan_pool(cfg.expert, n_todo)
     if n_todo > 0:
         log(f"stage 2: {n_todo} delegated rows → expert ({cfg.expert.kind})")
+        if not plan.target_met:
+            log(f"WARNING: the expert pool cannot meet its target: {plan.describe()}")
         todo = marked.map_batches(ops.to_expert, batch_format="pyarrow", batch_size=None)
         if done_files:  # skip what a killed attempt committed: a left-anti join on id, never an id set on the driver
             todo = todo.join(ops.read(done_files, ["id"]), join_type="left_anti", on=("id",), num_partitions=ops.partitions(n_sent))
         # blocks of ~commit_rows rows: each becomes one expert task and one committed file, the unit
         # a resumed run can skip
         todo = todo.repartition(target_num_rows_per_block=a.commit_rows)
-        ops.write(run_expert(todo, cfg.expert, n_todo=n_todo, carry=ops.EXPERT_CARRY, log=log), expert_uri)
+        ops.write(run_expert(todo, cfg.expert, n_todo=n_todo, carry=ops.EXPERT_CARRY, plan=plan, log=log), expert_uri)
     else:
         log("stage 2: nothing to send to the expert")
     expert_files = [storage.join(expert_uri, n) for n in parquet_files(expert_uri)]
@@ -219,7 +226,7 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
         ops.write(marked.map_batches(ops.quarantined, batch_format="pyarrow", batch_size=None), layout.quarantine, a.rows_per_file)
     timings["merge"] = (time.perf_counter() - t0, s1.rows)
 
-    report, figures = _report(cfg, art, layout, day, s1, timings, n_judged - done_rows, cap, resumed)
+    report, figures = _report(cfg, art, layout, day, s1, timings, n_judged - done_rows, cap, resumed, plan)
     files = write_report(layout.attempt_root, "report", report.model_dump(), report.html(figures), figures)
     if not report.invariant_ok:
         raise RuntimeError(f"row invariant violated: read {report.rows_read} != scored {report.rows_scored} + "
@@ -227,7 +234,8 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
     # lease.check right before the manifest's conditional write: a driver whose lease expired and was
     # taken over must not publish
     layout.publish({"audited_date": day.isoformat(), "rows_read": report.rows_read, "rows_scored": report.rows_scored,
-                    "rows_quarantined": report.rows_quarantined, "delegated": report.delegated, "drift_alarm": report.drift_alarm},
+                    "rows_quarantined": report.rows_quarantined, "delegated": report.delegated, "drift_alarm": report.drift_alarm,
+                    "judge_alarm": report.judge_alarm},
                    list(files.values()), before_commit=lease.check)
     log(f"published {layout.root} (attempt {layout.attempt}; manifest written last)")
     if not a.keep_staging:
@@ -237,6 +245,8 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
             log(f"published; removing {layout.staging} failed ({e!r}): remove it by hand")
     if report.drift_alarm:
         log("DRIFT ALARM: " + report.drift_message)
+    if report.judge_alarm:
+        log("JUDGE ALARM: " + report.judge_message)
     for line in report.summary_lines():
         print(line, flush=True)
     log(f"report: {files['html']}")
@@ -317,7 +327,7 @@ def _history(output: str, run_id: str, day: _dt.date, calibration_hash: str) -> 
     return sorted(by_day.values(), key=lambda h: h["audited_date"])
 
 
-def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed):
+def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed, plan):
     run_id = layout.run_id
     cal = art.calibration.result
     res_files = [storage.join(layout.results, n) for n in parquet_files(layout.results)]
@@ -339,6 +349,13 @@ def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed):
            f"has p = {pval:.3g}" + (f" < {cfg.audit.drift_alpha}: the traffic does not look like the calibration data."
                                      if alarm else f" ≥ {cfg.audit.drift_alpha}: consistent with the calibration."))
     statuses = {k: v for k, v in ops.collect_facts(fr, "status").items() if k != "(none)"}
+    failures = sum(v for k, v in statuses.items() if k.startswith("error"))
+    share, limit = failures / max(deleg, 1), cfg.expert.max_failure_share
+    judge_alarm = deleg > 0 and share > limit
+    judge_msg = (f"{failures} of {deleg} judged rows ({share:.2%}) failed in the expert and kept the probe's score"
+                 + (f": over the limit of {limit:.2%} (expert.max_failure_share)" if judge_alarm else f" (limit {limit:.2%})")
+                 + ("; by reason: " + "; ".join(f"{k[7:]}: {v}" for k, v in sorted(statuses.items(), key=lambda x: -x[1])
+                                              if k.startswith("error")) if failures else ""))
     g_rows, g_del, g_uns = (ops.collect_facts(fr, k) for k in ("group_rows", "group_delegated", "group_unsafe"))
     groups = [{"group": g, "rows": g_rows[g], "delegated": g_del.get(g, 0), "delegation_rate": g_del.get(g, 0) / g_rows[g],
                "unsafe_decisions": g_uns.get(g, 0)} for g in sorted(g_rows, key=lambda g: "" if g == "(none)" else g)]
@@ -357,8 +374,8 @@ def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed):
         delegated=deleg, over_cap=over, budget_cap=cap, realised_rate=rate, rate_pvalue=pval,
         drift_alpha=cfg.audit.drift_alpha, drift_alarm=alarm, drift_message=msg, expert_kind=cfg.expert.kind,
         drift_history_runs=[h["run_id"] for h in history], drift_e_value=ep["e_value"], drift_eprocess_alarm=ep["alarm"],
-        expert_calls=expert_calls, expert_failures=sum(v for k, v in statuses.items() if k.startswith("error")),
-        expert_status=statuses, decisions_unsafe=count("unsafe"), groups=groups, stages=stages, resumed=resumed)
+        expert_calls=expert_calls, expert_failures=failures, expert_status=statuses, expert_truncated=count("expert_truncated"),
+        judge_alarm=judge_alarm, judge_message=judge_msg, expert_pool=dataclasses.asdict(plan) | {"target_met": plan.target_met}, decisions_unsafe=count("unsafe"), groups=groups, stages=stages, resumed=resumed)
     hist = {c: np.array([fr.get((f"hist_{c}", f"{j:03d}"), 0) for j in range(len(e) - 1)]) for c, e in ops.HIST_BINS.items()}
     figures = {
         "dv_histogram": plot_binned({"scored rows": hist["dv"]}, ops.HIST_BINS["dv"], cal.lambda_hat, f"DV scores of run {run_id} and λ*", "d(x)"),

@@ -32,7 +32,8 @@ __all__ = ["RESULT_SCHEMA", "QUARANTINE_SCHEMA", "EXPERT_CARRY", "Duplicates", "
 RESULT_SCHEMA = pa.schema([
     ("id", pa.string()), ("group", pa.string()), ("label", pa.int8()), ("source", pa.string()), ("truncated", pa.bool_()),
     ("tokens", pa.int32()), ("probe", pa.float64()), ("dv", pa.float64()), ("delegated", pa.bool_()), ("over_cap", pa.bool_()),
-    ("expert", pa.float64()), ("expert_status", pa.string()), ("final", pa.float64()), ("decision", pa.bool_()),
+    ("expert", pa.float64()), ("expert_status", pa.string()), ("expert_truncated", pa.bool_()), ("final", pa.float64()),
+    ("decision", pa.bool_()),
 ])
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string()), ("group", pa.string())])
 # Stage-1 columns that travel through the expert stage with each delegated row, so that the expert's
@@ -246,7 +247,8 @@ def not_sent(batch: pa.Table) -> pa.Table:
     return (b.select(list(EXPERT_CARRY) + ["over_cap"])
             .append_column("delegated", pa.array(np.zeros(n, dtype=bool)))
             .append_column("expert", pa.nulls(n, pa.float64()))
-            .append_column("expert_status", pa.nulls(n, pa.string())))
+            .append_column("expert_status", pa.nulls(n, pa.string()))
+            .append_column("expert_truncated", pa.nulls(n, pa.bool_())))
 
 
 def judged(batch: pa.Table) -> pa.Table:
@@ -277,7 +279,8 @@ def finalize(batch: pa.Table, cascade: str = "switch", decision_threshold: float
     cols = {name: batch.column(name) for name in RESULT_SCHEMA.names if name in batch.column_names}
     cols["final"] = pa.array(final)
     cols["decision"] = pa.array(final >= decision_threshold)
-    return pa.table({n: cols[n] for n in RESULT_SCHEMA.names}).cast(RESULT_SCHEMA)
+    n = batch.num_rows  # a column an older writer did not have (e.g. expert_truncated) is null
+    return pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in RESULT_SCHEMA}).cast(RESULT_SCHEMA)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,8 +314,10 @@ def result_facts(batch: pa.Table) -> pa.Table:
     b = lambda c: np.asarray(batch.column(c).to_numpy(zero_copy_only=False), dtype=bool)  # noqa: E731
     f = lambda c: pc.fill_null(pc.cast(batch.column(c), pa.float64()), np.nan).to_numpy(zero_copy_only=False)  # noqa: E731
     deleg, dec = b("delegated"), b("decision")
-    parts = [_fact_rows("count", ["rows", "delegated", "over_cap", "truncated", "unsafe"],
-                        [batch.num_rows, int(deleg.sum()), int(b("over_cap").sum()), int(b("truncated").sum()), int(dec.sum())]),
+    cut = b("expert_truncated") if "expert_truncated" in batch.column_names else np.zeros(batch.num_rows, dtype=bool)
+    parts = [_fact_rows("count", ["rows", "delegated", "over_cap", "truncated", "unsafe", "expert_truncated"],
+                        [batch.num_rows, int(deleg.sum()), int(b("over_cap").sum()), int(b("truncated").sum()), int(dec.sum()),
+                         int(cut.sum())]),
              _group_counts("group_rows", batch.column("group")),
              _group_counts("group_delegated", batch.column("group"), deleg),
              _group_counts("group_unsafe", batch.column("group"), dec),

@@ -75,6 +75,10 @@ class AuditReport(BaseModel):
     expert_calls: int
     expert_failures: int
     expert_status: dict[str, int]
+    expert_truncated: int = Field(0, description="judged rows whose conversation was cut to the judge's context")
+    expert_pool: dict = Field(default_factory=dict, description="the pool plan: rows, replicas, needed, expected_seconds, target_seconds, target_met")
+    judge_alarm: bool = Field(False, description="more than expert.max_failure_share of the judged rows failed")
+    judge_message: str = ""
     decisions_unsafe: int
     groups: list[dict] = Field(default_factory=list)
     stages: list[StageTiming]
@@ -90,7 +94,9 @@ class AuditReport(BaseModel):
             f"  [{'ok' if self.invariant_ok else 'VIOLATED'}]; truncated {self.rows_truncated}",
             f"  delegated {self.delegated} ({self.realised_rate:.2%} of scored; budget {self.alpha:.2%})"
             + (f", {self.over_cap} over the hard cap of {self.budget_cap} fell back to the probe" if self.over_cap else ""),
-            f"  expert ({self.expert_kind}): {self.expert_calls} calls, {self.expert_failures} failed",
+            f"  expert ({self.expert_kind}): {self.expert_calls} calls, {self.expert_failures} failed, {self.expert_truncated} cut to the judge's context",
+            f"  judge: {'ALARM — ' if self.judge_alarm else ''}{self.judge_message}",
+            *([self.pool_line()] if self.expert_pool else []),
             f"  drift: {'ALARM — ' if self.drift_alarm else ''}{self.drift_message}",
             f"  drift over {len(self.drift_history_runs) + 1} night(s) with this calibration: e-detector {self.drift_e_value:.3g}"
             f" ({'ALARM' if self.drift_eprocess_alarm else 'ok'}, alarm at {1 / self.drift_alpha:g})",
@@ -102,13 +108,23 @@ class AuditReport(BaseModel):
             lines.append("  quarantine reasons: " + "; ".join(f"{k}: {v}" for k, v in sorted(self.quarantine_reasons.items(), key=lambda x: -x[1])))
         return lines
 
+    def pool_line(self) -> str:
+        p = self.expert_pool
+        s = f"  expert pool: {p['rows']} rows to judge on up to {p['replicas']} replica(s)"
+        if p.get("expected_seconds") is not None:
+            s += f", expected {p['expected_seconds'] / 3600:.2f} h"
+        if not p.get("target_met", True):
+            s += f" — OVER the target of {p['target_seconds'] / 3600:.2f} h ({p['needed']} replicas needed; the quota allows {p['replicas']})"
+        return s
+
     def html(self, figures: dict[str, bytes]) -> str:
         d = self.model_dump()
         alarm = f"<p class='{'alarm' if self.drift_alarm else 'ok'}'>{'DRIFT ALARM: ' if self.drift_alarm else ''}{self.drift_message}</p>"
+        alarm += f"<p class='{'alarm' if self.judge_alarm else 'ok'}'>{'JUDGE ALARM: ' if self.judge_alarm else ''}{self.judge_message}</p>"
         overview = [{"quantity": k, "value": d[k]} for k in (
             "run_id", "created_at", "corpus", "model_id", "layer", "alpha", "delta", "lambda_star", "calibration_n", "rows_read", "rows_scored",
             "rows_quarantined", "rows_truncated", "invariant_ok", "delegated", "over_cap", "realised_rate", "rate_pvalue", "expert_kind",
-            "expert_calls", "expert_failures", "decisions_unsafe")]
+            "expert_calls", "expert_failures", "expert_truncated", "decisions_unsafe")]
         hashes = [{"artifact": k, "hash": d[k]} for k in ("config_hash", "model_fingerprint", "safety_probe_hash", "dv_probe_hash", "calibration_hash")]
         sections = [
             ("Summary", alarm + html_table(overview)),
@@ -116,6 +132,7 @@ class AuditReport(BaseModel):
             ("Groups", html_table(self.groups)),
             ("Quarantine reasons", html_table([{"reason": k, "rows": v} for k, v in self.quarantine_reasons.items()])),
             ("Expert status", html_table([{"status": k, "rows": v} for k, v in self.expert_status.items()])),
+            ("Expert pool", "<p>" + self.pool_line().strip() + "</p>" if self.expert_pool else "<p>no pool plan recorded</p>"),
             ("Provenance", html_table(hashes)),
         ]
         return html_page(f"CTD audit {self.run_id}", sections, figures)

@@ -140,8 +140,24 @@ class ClassifierStage:
         self.expert = SequenceClassifierExpert(spec["path"], unsafe_label=spec.get("unsafe_label"),
                                                max_length=spec.get("max_length"), device=spec.get("device", "auto"))
 
+    def _score(self, inputs) -> tuple[list, list, list]:
+        ids, cut = self.expert.encoder.encode(inputs)
+        return self.expert.score_ids(ids).tolist(), [STATUS_OK] * len(inputs), cut.tolist()
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        inputs = [row_input(t, c) for t, c in zip(batch.column("input").to_pylist(), batch.column("is_chat").to_pylist())]
-        scores = self.expert.score(inputs) if inputs else np.zeros(0)
-        return batch.drop_columns(["input", "is_chat"]).append_column("expert", pa.array(scores, type=pa.float64())).append_column(
-            "expert_status", pa.array([STATUS_OK] * batch.num_rows, type=pa.string()))
+        from ..experts.judge import error_status
+
+        texts, chats = batch.column("input").to_pylist(), batch.column("is_chat").to_pylist()
+        try:
+            scores, status, cut = self._score([row_input(t, c) for t, c in zip(texts, chats)]) if texts else ([], [], [])
+        except Exception:  # find the rows that fail; the others are scored
+            scores, status, cut = [], [], []
+            for t, c in zip(texts, chats):
+                try:
+                    (p,), (s,), (k,) = self._score([row_input(t, c)])
+                except Exception as e:
+                    p, s, k = None, error_status(f"{type(e).__name__}: {e}"), False
+                scores.append(p), status.append(s), cut.append(k)
+        return (batch.drop_columns(["input", "is_chat"]).append_column("expert", pa.array(scores, type=pa.float64()))
+                .append_column("expert_status", pa.array(status, type=pa.string()))
+                .append_column("expert_truncated", pa.array(cut, type=pa.bool_())))
