@@ -135,7 +135,7 @@ class ClassifierExpertConfig(Strict):
 
 class ExpertConfig(Strict):
     kind: Literal["vllm", "http", "classifier"]
-    max_failure_share: float = Field(0.05, ge=0, le=1, description="a night where more of the judged rows fail raises the judge alarm")
+    max_failure_share: float = Field(0.05, ge=0, le=1, description="a night where a larger share of the judged rows fails or answers with no label token raises the judge alarm")
     vllm: Optional[VLLMExpertConfig] = None
     http: Optional[HTTPExpertConfig] = None
     classifier: Optional[ClassifierExpertConfig] = None

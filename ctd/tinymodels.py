@@ -11,8 +11,8 @@ def vocabulary(vocab: int = 512) -> list[str]:
     return words + [f"w{i}" for i in range(vocab - len(words))]
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
-                 "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
 
 
 def build_tiny_llama(path: str, *, vocab: int = 512, layers: int = 4, seed: int = 0, hidden: int = 128, classifier: bool = False) -> str:
@@ -26,12 +26,15 @@ def build_tiny_llama(path: str, *, vocab: int = 512, layers: int = 4, seed: int 
     a fixed offset that the two label rows of the output layer turn into a shared logit boost; their
     other weights are ±3 × a random direction with the mean final state projected out."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     words = vocabulary(vocab)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    # a BOS on every encoding with special tokens, as Llama tokenizers do: a chat prompt tokenized
+    # with special tokens on top of a template that writes BOS would show two
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,

@@ -6,8 +6,8 @@ Exit codes (what a scheduler should do):
   2  bad input: config, artifacts or corpus (nothing written; a retry fails the same way)
   3  published, the drift alarm fired and --fail-on-drift was given (for interactive use and CI
      gates; the manifests in cluster/ do not pass it)
-  5  published, more than expert.max_failure_share of the judged rows failed (they kept the probe's
-     score) and --fail-on-judge-errors was given; without it the JUDGE ALARM is in the report, the
+  5  published, more than expert.max_failure_share of the judged rows got no usable answer from the
+     expert (failed, or no label token: they kept the probe's score) and --fail-on-judge-errors was given; without it the JUDGE ALARM is in the report, the
      manifest's summary and the log, and the exit code is 0
   4  another driver holds this run id's lease (nothing written; the other run goes on)
   1  anything else: a crash (retrying resumes the run id from its staging)

@@ -112,8 +112,8 @@ def test_judge_prompt_keeps_the_head_and_the_tail_in_tokens(tiny_llama):
     jp = JudgePrompt(tok, "Answer : {conversation} Answer :", 128)
     words = [f"w{i}" for i in range(300)]
     ids, cut = jp(" ".join(words))
-    toks = tok.convert_ids_to_tokens(ids)
-    assert cut and len(ids) == 127
+    bos, *toks = tok.convert_ids_to_tokens(ids)  # a text prompt gets the tokenizer's BOS, as vLLM tokenizes it
+    assert cut and len(ids) == 127 and bos == "<s>"
     conv = toks[2:-2]  # between the template's "Answer :" pairs
     assert toks[:2] == toks[-2:] == ["Answer", ":"]
     head = next(i for i, t in enumerate(conv) if t != words[i])
@@ -122,6 +122,6 @@ def test_judge_prompt_keeps_the_head_and_the_tail_in_tokens(tiny_llama):
     assert head == int((head + tail) * 0.25) and head + tail > 100  # 25% head, 75% tail of what is kept
     assert conv[head:len(conv) - tail] and set(conv[head:len(conv) - tail]) <= {"<unk>"}  # the marker between them (outside this vocabulary)
     short, cut = jp("w1 w2 w3")
-    assert not cut and tok.convert_ids_to_tokens(short) == ["Answer", ":", "w1", "w2", "w3", "Answer", ":"]
+    assert not cut and tok.convert_ids_to_tokens(short) == ["<s>", "Answer", ":", "w1", "w2", "w3", "Answer", ":"]
     with pytest.raises(ValueError, match="leaves"):
         JudgePrompt(tok, "{conversation}" + " w5" * 120, 128)

@@ -111,6 +111,16 @@ def test_a_dead_endpoint_opens_the_circuit_breaker_in_bounded_time(ray_head, tin
     assert sum(s == "error: judge endpoint down (circuit breaker open)" for s in status) == 37
     # each failed row waits 0.5..1 + 1..2 + 2..4 s of backoff: 3 rows ≤ 21 s; without the breaker 40 rows ≥ 140 s
     assert took < 90, took
+    # with 4 rows in flight per actor the breaker still bounds the damage: at most K + 3 rows try the
+    # endpoint (the ones already in flight when it opens), every other row gets the breaker's status
+    t0 = time.time()
+    out = run_expert(rows(40), http_config(dead, tiny_llama, max_retries=3, circuit_breaker_failures=3, concurrency_per_actor=4),
+                     n_todo=40).take_all()
+    status = [r["expert_status"] for r in out]
+    assert len(out) == 40 and all(r["expert"] is None for r in out)
+    tried = sum(s.startswith("error: judge endpoint unreachable") for s in status)
+    assert 3 <= tried <= 3 + 3 and sum(s == "error: judge endpoint down (circuit breaker open)" for s in status) == 40 - tried
+    assert time.time() - t0 < 90
 
 
 def test_api_key_only_from_a_named_environment_variable(vllm_server, tiny_llama):
@@ -127,3 +137,39 @@ def test_api_key_only_from_a_named_environment_variable(vllm_server, tiny_llama)
 
     t = stage(pa.table({"id": ["a"], "input": ["w1 w2"], "is_chat": [False]}))
     assert np.isfinite(t.column("expert")[0].as_py())
+
+
+def test_chat_prompts_are_the_tokens_vllm_renders(ray_head, vllm_server, tiny_llama):
+    """With apply_chat_template the judge's prompt is one user message through the tokenizer's chat
+    template, exactly as vLLM's own chat endpoint renders and tokenizes it (one BOS, not two: the
+    tiny tokenizer adds BOS to encodings with special tokens and its template writes BOS too); and
+    the HTTP judge in chat mode still matches the direct computation row by row."""
+    import json as _json
+
+    import ray
+
+    from ctd.config import JUDGE_TEMPLATE
+    from ctd.experts.judge import JudgePrompt, render_prompt
+    from ctd.pipeline.experts import run_expert
+    from ctd.pipeline.stages import row_input
+    from transformers import AutoTokenizer
+
+    data = judge_rows(n_short=6, n_long=1)
+    jp = JudgePrompt(AutoTokenizer.from_pretrained(tiny_llama), JUDGE_TEMPLATE, 256, chat=True)
+    expected = [jp(row_input(r["input"], r["is_chat"])) for r in data]
+    for r, (ids, cut) in zip(data, expected):
+        if cut:
+            continue
+        body = {"model": "tiny-judge", "messages": [{"role": "user", "content": render_prompt(JUDGE_TEMPLATE, row_input(r["input"], r["is_chat"]))}],
+                "max_tokens": 1, "temperature": 0, "return_token_ids": True}
+        req = urllib.request.Request(vllm_server + "/chat/completions", data=_json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert _json.loads(resp.read())["prompt_token_ids"] == ids, r["id"]
+        assert ids.count(1) == 1  # one BOS
+    out = {x["id"]: x for x in run_expert(ray.data.from_items(data), http_config(vllm_server, tiny_llama, apply_chat_template=True),
+                                          n_todo=len(data)).take_all()}
+    direct = direct_p_unsafe(tiny_llama, [ids for ids, _ in expected])
+    assert [out[r["id"]]["expert_status"] for r in data] == ["ok"] * len(data)
+    np.testing.assert_allclose([out[r["id"]]["expert"] for r in data], direct, atol=2e-3)
+    assert [out[r["id"]]["expert_truncated"] for r in data] == [c for _, c in expected] and any(c for _, c in expected)

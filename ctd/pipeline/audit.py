@@ -350,9 +350,11 @@ def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed, plan
                                      if alarm else f" ≥ {cfg.audit.drift_alpha}: consistent with the calibration."))
     statuses = {k: v for k, v in ops.collect_facts(fr, "status").items() if k != "(none)"}
     failures = sum(v for k, v in statuses.items() if k.startswith("error"))
-    share, limit = failures / max(deleg, 1), cfg.expert.max_failure_share
+    unanswered = failures + statuses.get("no_label_token", 0)  # every row that kept the probe's score
+    share, limit = unanswered / max(deleg, 1), cfg.expert.max_failure_share
     judge_alarm = deleg > 0 and share > limit
-    judge_msg = (f"{failures} of {deleg} judged rows ({share:.2%}) failed in the expert and kept the probe's score"
+    judge_msg = (f"{unanswered} of {deleg} judged rows ({share:.2%}) got no usable answer from the expert ({failures} failed, "
+                 f"{unanswered - failures} without a label token) and kept the probe's score"
                  + (f": over the limit of {limit:.2%} (expert.max_failure_share)" if judge_alarm else f" (limit {limit:.2%})")
                  + ("; by reason: " + "; ".join(f"{k[7:]}: {v}" for k, v in sorted(statuses.items(), key=lambda x: -x[1])
                                               if k.startswith("error")) if failures else ""))
