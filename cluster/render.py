@@ -31,7 +31,8 @@ CRON_HEADER = """\
 # Retries (backoffLimit 1, activeDeadlineSeconds 8 h each) end before the next midnight UTC, so they
 # audit the same day; a manual rerun of an older night passes --date. Overlapping runs of one night
 # are refused by the job itself (the run id's lease: exit 4); no RayCronJob field does it (there is no
-# concurrencyPolicy in any KubeRay release). A drift alarm exits 0: it is in the report.
+# concurrencyPolicy in any KubeRay release). An exit 4 is still a failed RayJob to KubeRay, so its one
+# retry (backoffLimit 1) starts a cluster that exits 4 again: a cost, never a second writer. A drift alarm exits 0: it is in the report.
 # The budget is fixed by the calibration artifact; the hard cap (audit.budget_cap) bounds the expert
 # bill even under shift.
 # Rendered from raycluster.yaml by cluster/render.py: edit that file, then re-render.

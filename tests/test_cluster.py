@@ -24,12 +24,27 @@ CLUSTER = os.path.join(ROOT, "cluster")
 CRDS = os.path.join(DATA, "kuberay-crds")
 PRODUCTION = os.path.join(ROOT, "configs", "production.yaml")
 MANIFESTS = {"raycluster.yaml": "RayCluster", "rayjob-audit.yaml": "RayJob", "raycronjob-nightly.yaml": "RayCronJob"}
-Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class Loader(yaml.SafeLoader):
+    """Rejects a key given twice in one mapping, as kubectl's strict validation does (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {sorted(map(str, dup))}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load(name):
     with open(os.path.join(CLUSTER, name)) as f:
         return yaml.load(f, Loader=Loader)
+
+
+def test_duplicate_keys_are_rejected():
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate"):
+        yaml.load("a: 1\nb: {c: 1, c: 2}\n", Loader=Loader)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +170,9 @@ def test_cluster_manifests_are_rendered_secure_and_autoscaled():
     assert all(g["minReplicas"] == 0 and g["maxReplicas"] >= 1 for g in groups.values())
     cron = load("raycronjob-nightly.yaml")
     assert cron["kind"] == "RayCronJob" and "jobs.audit" in cron["spec"]["jobTemplate"]["entrypoint"]
+    for entry in (cron["spec"]["jobTemplate"]["entrypoint"], load("rayjob-audit.yaml")["spec"]["entrypoint"]):
+        module = re.search(r"python -m (\S+)", entry).group(1)
+        assert os.path.exists(os.path.join(ROOT, *module.split(".")) + ".py"), entry  # the job module is in the image (COPY jobs)
     assert "--fail-on-drift" not in cron["spec"]["jobTemplate"]["entrypoint"]
 
 
@@ -220,7 +238,7 @@ def test_every_path_and_variable_of_the_production_config_is_mounted_or_set_in_e
         # a secretRef's keys cannot be checked here: the variables the config expands are plain `env`
         names = {e["name"] for e in ray.get("env", [])}
         assert set(env) <= names, f"{name}: {group} lacks {set(env) - names} in env"
-    assert len(claims) == 1, claims  # one model store, the same on every pod
+    assert claims == {"ctd-models"}, claims  # one model store (a PVC, not an emptyDir), the same on every pod
 
 
 def rayres(g) -> dict:
@@ -301,7 +319,7 @@ def test_image_versions_and_entrypoint_agree():
     # the RayJob's config path is inside the image and is configs/production.yaml
     workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
     config = re.search(r"--config (\S+)", load("rayjob-audit.yaml")["spec"]["entrypoint"]).group(1)
-    assert config == f"{workdir}/configs/production.yaml" and re.search(r"^COPY configs \./configs$", dockerfile, re.M)
+    assert config == f"{workdir}/configs/production.yaml" and re.search(r"^COPY (--chown=\S+ )?configs \./configs$", dockerfile, re.M)
     assert os.path.exists(PRODUCTION)
 
 

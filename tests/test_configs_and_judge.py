@@ -1,4 +1,4 @@
-"""Configs and cluster manifests validate; the judge's logprob parsing; pool sizing from the budget."""
+"""Configs validate; the audited day; the judge's logprob parsing and prompt cut; pool sizing from the work and the quota."""
 
 import datetime as dt
 import math
