@@ -8,7 +8,9 @@ Per dataset: 30% of the trajectories (seeded) fit the e-process's step-score den
 ``--draws`` calibration sets of the relevant trajectories (half the population's count) are drawn
 with replacement; λ̂ is evaluated exactly over the population: the realised risk, the power (share of
 incorrect trajectories flagged), the false-alarm rate and the detection delay (steps, and tokens where
-the data has them). CRC must keep the mean realised risk <= ε; UCB the violation frequency <= δ.
+the data has them). CRC must keep the mean realised risk <= ε (one-sided z-test at 1%); UCB the violation
+frequency <= δ (exact one-sided binomial test at 1%; the default ``--draws`` is ``simulation_draws(δ)``,
+with which a true violation rate of 1.25 δ fails the check with probability >= 0.9).
 The e-process (alarm when prod f_1/f_0 >= 1/ε) needs no calibration; its false-alarm rate is measured.
 """
 
@@ -28,7 +30,7 @@ from ctd.datasets import default_data_dir  # noqa: E402
 from ctd.monitor import DensityRatio, evaluate_eprocess, evaluate_threshold, read_trajectories  # noqa: E402
 from ctd.report import html_page, html_table, write_report  # noqa: E402
 from ctd.stats.calibrate import threshold_grid  # noqa: E402
-from ctd.stats.pvalues import clopper_pearson  # noqa: E402
+from ctd.stats.pvalues import binomial_upper_pvalue, clopper_pearson, simulation_draws  # noqa: E402
 from ctd.stats.risk_control import alarm_counts, control_threshold  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,6 +86,7 @@ def run_dataset(name: str, args) -> dict:
                     "epsilon": eps, "risk": risk, "control": control, "n_cal": n_cal, "draws": args.draws,
                     "mean_realised_risk": float(realised.mean()), "realised_risk_se": float(realised.std(ddof=1) / np.sqrt(args.draws)),
                     "violation_frequency": viol / args.draws,
+                    "violation_test_pvalue": float(binomial_upper_pvalue(viol, args.draws, args.delta)),
                     "violation_ci": [float(lo[0]), float(hi[0])], "lambda_median": float(np.median(lam)), **agg})
         ev = evaluate_eprocess(pop, ratio, eps)
         # the threshold monitor at the same realised false-alarm rate as the e-process (its ROC point)
@@ -106,8 +109,8 @@ def claims(results: list[dict], delta: float) -> dict:
         for eps in EPSILONS:
             for risk in ("false-alarm", "missed-detection"):
                 c, u = by[(eps, risk, "crc")], by[(eps, risk, "ucb")]
-                ok_crc &= c["mean_realised_risk"] <= eps + 2 * c["realised_risk_se"]  # Monte-Carlo error of the mean
-                ok_ucb &= u["violation_ci"][0] <= delta
+                ok_crc &= c["mean_realised_risk"] <= eps + 2.33 * c["realised_risk_se"]  # one-sided z-test at 1%
+                ok_ucb &= u["violation_test_pvalue"] > 0.01  # exact binomial test at 1%
             e, c, u = by[(eps, "false-alarm", "eprocess")], by[(eps, "false-alarm", "crc")], by[(eps, "false-alarm", "ucb")]
             rows.append({"dataset": ds["dataset"], "epsilon": eps,
                          "power_crc": c["power"], "power_ucb": u["power"], "power_eprocess": e["power"],
@@ -171,15 +174,20 @@ def plots(results):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="math,gsm8k,mmlupro")
-    ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--draws", type=int, default=None, help="calibration sets per setting (default: simulation_draws(δ))")
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=default_data_dir())
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    if args.draws is None:
+        args.draws = simulation_draws(args.delta)
     results = [run_dataset(d, args) for d in args.datasets.split(",")]
     summary = {"benchmark": "monitor", "command": "python benchmarks/monitor.py " + " ".join(argv or sys.argv[1:]),
-               "epsilons": EPSILONS, "delta": args.delta, "draws": args.draws, "datasets": results, "claims": claims(results, args.delta)}
+               "epsilons": EPSILONS, "delta": args.delta, "draws": args.draws,
+               "check": {"ucb": "exact one-sided binomial test of the violation count at 1%", "crc": "one-sided z-test of the mean realised risk at 1%",
+                         "power": "a true violation rate of 1.25 δ fails the UCB check with probability >= 0.9 when draws >= simulation_draws(δ)",
+                         "power_ok": args.draws >= simulation_draws(args.delta)}, "datasets": results, "claims": claims(results, args.delta)}
     figs = plots(results)
     table = html_table(summary["claims"]["false_alarm_control_vs_eprocess"])
     write_report(args.out, "monitor", summary, html_page("Online monitoring: calibrated thresholds vs a sequential test",

@@ -29,9 +29,12 @@ def _level(name):
             x = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1), got {s!r}") from None
-        if not 0 < x < 1:
-            raise argparse.ArgumentTypeError(f"{name} must lie in the open interval (0, 1), got {s}")
-        return x
+        from .stats.pvalues import check_level
+
+        try:
+            return check_level(x, name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
 

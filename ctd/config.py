@@ -157,6 +157,15 @@ class CalibrationConfig(Strict):
     seed: int = 0
     opt_fraction: float = Field(0.3, gt=0, lt=1)
 
+    @model_validator(mode="after")
+    def _joint_needs_an_order(self):
+        from .stats.calibrate import check_joint
+
+        check_joint(self.performance_target, self.pareto, self.method)
+        if self.pareto and self.method != "fixed_sequence":
+            raise ValueError("Pareto testing orders the front and uses fixed-sequence testing: set method: fixed_sequence or pareto: false")
+        return self
+
 
 class RayConfig(Strict):
     address: Optional[str] = Field(None, description="None: start a local Ray instance; 'auto' inside ray job submit")
@@ -193,7 +202,8 @@ class AuditJob(Strict):
     budget_cap: Optional[float] = Field(None, gt=0, le=1, description="hard cap: at most ceil(cap x rows) expert calls")
     resume: bool = True
     commit_rows: int = Field(256, ge=1, description="expert scores are committed in files of about this many rows; a resumed run skips them")
-    drift_alpha: float = Field(0.01, gt=0, lt=1, description="level of the realised-rate binomial test")
+    drift_alpha: float = Field(0.01, gt=0, lt=1, description="drift alarm level: the e-detector alarms at 1/drift_alpha "
+                             "(average run length to a false alarm >= 1/drift_alpha nights)")
     rows_per_file: int = Field(250_000, ge=1, description="stage outputs, results and quarantine are written in files of at least this many rows")
     broadcast_limit: int = Field(1_000_000, ge=0, description="duplicated ids up to this many are broadcast to the tasks; more are joined on id")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import accuracy, auroc, group_table, mse, spearman
+from .metrics import accuracy, auroc, group_table, mse, paired_difference, spearman
 from .policies import cascade_scores, threshold_policy, top_k_count, top_k_policy
 from .signals import delegation_value, effective_capacity
 from .stats.calibrate import (
@@ -33,6 +33,7 @@ from .stats.calibrate import (
     exceedance_counts,
     ltt_select,
     pareto_ltt_select,
+    pareto_split,
 )
 from .stats.pvalues import clopper_pearson
 
@@ -50,6 +51,7 @@ __all__ = [
 DEFAULT_BUDGETS = np.round(np.linspace(0.05, 0.95, 20), 4)
 CALIBRATED = ("ctd_pareto", "ctd_ltt", "uncertainty_pareto", "uncertainty_ltt")
 TOPK = ("topk_uncertainty", "topk_dv", "topk_oracle")
+COMPARISONS = (("ctd_pareto", "uncertainty_pareto"), ("ctd_ltt", "uncertainty_ltt"), ("topk_dv", "topk_uncertainty"))
 
 
 @dataclass
@@ -85,7 +87,10 @@ def budget_sweep(scores: Scores, *, budgets=DEFAULT_BUDGETS, delta: float = 0.1,
                  group_budget: float | None = 0.2, progress=None) -> dict:
     """AUROC, accuracy and realised delegation rate of every method at every budget, on the
     evaluation half of ``splits`` random calibration/evaluation splits (mean and std over splits).
-    Also the per-group table of ``ctd_pareto`` at the sweep budget nearest ``group_budget``."""
+    ``comparisons``: DV against uncertainty (calibrated and top-k), the mean paired difference over
+    splits with its 95% t-interval, overall and per budget (:func:`ctd.metrics.paired_difference`).
+    Also the per-group table of ``ctd_pareto`` at the sweep budget nearest ``group_budget``, with a
+    95% interval over splits of each group's delegation rate."""
     y, p, e, d, u = scores.labels, scores.probe, scores.expert, scores.dv, scores.uncertainty
     v = scores.v
     n = len(y)
@@ -119,27 +124,29 @@ def budget_sweep(scores: Scores, *, budgets=DEFAULT_BUDGETS, delta: float = 0.1,
             progress(s + 1, splits)
     out = {"budgets": budgets.tolist(), "delta": delta, "splits": splits, "n": n, "n_cal": n_cal, "cascade": cascade,
            "risk": risk, "seconds": round(time.perf_counter() - t0, 2), "methods": {}}
-    for method, metrics in store.items():
-        out["methods"][method] = {}
-        for metric, vals in metrics.items():
-            arr = np.array([[vals[(s, b)] for b in range(len(budgets))] for s in range(splits)])
-            out["methods"][method][metric] = {"mean": arr.mean(0).tolist(), "std": arr.std(0).tolist()}
+    per_split = {m: {k: np.array([[vals[(s, b)] for b in range(len(budgets))] for s in range(splits)]) for k, vals in metrics.items()}
+                 for m, metrics in store.items()}
+    for method, metrics in per_split.items():
+        out["methods"][method] = {metric: {"mean": arr.mean(0).tolist(), "std": arr.std(0).tolist()} for metric, arr in metrics.items()}
+    if splits >= 2:  # paired over splits: the same split and budget for both methods
+        out["comparisons"] = {f"{a} - {b}": {metric: paired_difference(per_split[a][metric], per_split[b][metric]) for metric in ("auroc", "accuracy")}
+                              for a, b in COMPARISONS}
     if groups_rows:
         keys = [r["group"] for r in groups_rows[0]]
-        out["group_table"] = {
-            "budget": float(budgets[group_index]),
-            "method": "ctd_pareto",
-            "rows": [
-                {"group": g, **{f: float(np.nanmean([rows[i][f] for rows in groups_rows])) for f in ("n", "delegation_rate", "mean_v", "mean_v_delegated", "capacity")}}
-                for i, g in enumerate(keys)
-            ],
-        }
+        rows = []
+        for i, g in enumerate(keys):
+            vals = {f: np.array([r[i][f] for r in groups_rows], dtype=float) for f in ("n", "delegation_rate", "mean_v", "mean_v_delegated", "capacity")}
+            row = {"group": g, **{f: float(np.nanmean(v)) for f, v in vals.items()}}
+            if splits >= 2:
+                row["delegation_rate_ci"] = paired_difference(vals["delegation_rate"], 0.0)["ci"]
+            rows.append(row)
+        out["group_table"] = {"budget": float(budgets[group_index]), "method": "ctd_pareto", "rows": rows}
     return out
 
 
 def validate_guarantee(dv, budgets, delta: float, grid, *, n_cal: int, draws: int = 500, scheme: str = "bootstrap",
                        pareto: bool = False, labels=None, probe=None, expert=None, opt_fraction: float = 0.3,
-                       cascade: str = "switch", seed: int = 0, confidence: float = 0.95) -> dict:
+                       cascade: str = "switch", seed: int = 0, confidence: float = 0.95, details: bool = False) -> dict:
     """Frequency over ``draws`` random calibration sets with which the calibrated threshold's
     delegation rate exceeds the budget, per budget, with a Clopper-Pearson interval.
 
@@ -148,7 +155,10 @@ def validate_guarantee(dv, budgets, delta: float, grid, *, n_cal: int, draws: in
     guarantee itself. ``scheme="split_halves"``: each draw splits the rows into calibration and
     evaluation parts without replacement and measures the rate on the evaluation part (the paper's
     Appendix D style); the two parts are anti-correlated and the measured rate is itself noisy, so
-    this can exceed δ although the guarantee holds. Pareto validation uses the accuracy risk.
+    this can exceed δ although the guarantee holds. Pareto validation uses the accuracy risk and
+    :func:`~ctd.stats.calibrate.pareto_split` seeded ``seed + r`` for draw r, so its λ̂ is exactly what
+    ``calibrate(dv[calibration_indices[r]], ..., pareto=True, seed=seed + r)`` returns. ``details=True``
+    adds ``lambda_hat`` [budgets][draws] and ``calibration_indices`` [draws][n_cal].
     """
     t0 = time.perf_counter()
     d = np.asarray(dv, dtype=float)
@@ -173,10 +183,11 @@ def validate_guarantee(dv, budgets, delta: float, grid, *, n_cal: int, draws: in
         if labels is None or probe is None or expert is None:
             raise ValueError("Pareto validation needs labels, probe and expert scores")
         lk, ld = cascade_losses(probe, expert, labels, mode=cascade)
-        n_opt = int(round(opt_fraction * n_cal))
-        inner = np.argsort(rng.random((draws, n_cal)), axis=1)
-        opt = np.take_along_axis(cal_idx, inner[:, :n_opt], axis=1)
-        test = np.take_along_axis(cal_idx, inner[:, n_opt:], axis=1)
+        # the library's own split, seeded as calibrate(..., pareto=True, seed=seed + r) seeds draw r
+        splits = [pareto_split(n_cal, opt_fraction, seed + r) for r in range(draws)]
+        opt = np.take_along_axis(cal_idx, np.stack([o for o, _ in splits]), axis=1)
+        test = np.take_along_axis(cal_idx, np.stack([t for _, t in splits]), axis=1)
+        n_opt = opt.shape[1]
         sel = pareto_ltt_select(
             grid, budgets, delta,
             opt_counts=exceedance_counts(d[opt], grid), n_opt=n_opt,
@@ -193,7 +204,7 @@ def validate_guarantee(dv, budgets, delta: float, grid, *, n_cal: int, draws: in
     rate = np.where(np.isfinite(lam), rate, 0.0)
     viol = (rate > budgets[:, None]).sum(axis=1)
     lo, hi = clopper_pearson(viol, draws, confidence)
-    return {
+    out = {
         "scheme": scheme,
         "pareto": pareto,
         "budgets": budgets.tolist(),
@@ -209,6 +220,10 @@ def validate_guarantee(dv, budgets, delta: float, grid, *, n_cal: int, draws: in
         "mean_violation_rate": float((viol / draws).mean()),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if details:
+        out["lambda_hat"] = [[None if not np.isfinite(x) else float(x) for x in row] for row in lam]
+        out["calibration_indices"] = cal_idx.tolist()
+    return out
 
 
 def topk_value_curve(v, signals: dict, fractions=np.linspace(0.05, 1.0, 20), seed: int = 0) -> dict:

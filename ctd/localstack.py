@@ -21,7 +21,43 @@ import subprocess
 import sys
 import time
 
-__all__ = ["free_port", "stop_process", "SeaweedFS", "RayHead"]
+__all__ = ["free_port", "stop_process", "SeaweedFS", "RayHead", "ray_session_logs", "find_secrets"]
+
+
+def ray_session_logs(since: float) -> list[str]:
+    """Every Ray session log file written since ``since`` (a time.time()): the local head's and those
+    of any local instance a job started, under Ray's default temp dir (as Ray chooses it:
+    $RAY_TMPDIR/ray, else $TMPDIR/ray on Linux, else /tmp/ray)."""
+    import glob
+    import sys
+
+    system = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None) or "/tmp"
+    out = []
+    for session in glob.glob(os.path.join(system, "ray", "session_2*")):
+        for dirpath, _, files in os.walk(os.path.join(session, "logs")):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                try:
+                    if os.path.getmtime(p) >= since:
+                        out.append(p)
+                except OSError:  # rotated away while we looked
+                    pass
+    return out
+
+
+def find_secrets(secrets: list[str], files: list[str]) -> tuple[int, list[str]]:
+    """(files read, files holding any of the secrets): a scan of written files and logs."""
+    n, hits = 0, []
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        n += 1
+        if any(s.encode() in data for s in secrets):
+            hits.append(f)
+    return n, hits
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-__all__ = ["auroc", "accuracy", "spearman", "mse", "group_table"]
+__all__ = ["auroc", "accuracy", "spearman", "spearman_permutation_pvalue", "paired_difference", "mse", "group_table"]
 
 
 def auroc(labels, scores) -> float:
@@ -27,6 +27,50 @@ def accuracy(labels, scores, decision_threshold: float = 0.5) -> float:
 
 def spearman(a, b) -> float:
     return float(stats.spearmanr(a, b).statistic)
+
+
+def spearman_permutation_pvalue(a, b, max_items: int = 9) -> float:
+    """Exact one-sided p-value of Spearman's ρ(a, b) against "no association": the share of the k!
+    orderings of b whose ρ is at least the observed one (ties averaged). With k = 4 items the
+    smallest possible p-value is 1/24 ≈ 0.042."""
+    import itertools
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.size != b.size or a.size < 2:
+        raise ValueError("need two arrays of the same length >= 2")
+    if a.size > max_items:
+        raise ValueError(f"exact enumeration over {a.size}! orderings is too large (max {max_items} items)")
+    ra, rb = stats.rankdata(a), stats.rankdata(b)
+    rho = lambda x: float(np.corrcoef(ra, x)[0, 1]) if np.std(ra) > 0 and np.std(x) > 0 else float("nan")  # noqa: E731
+    observed = rho(rb)
+    if not np.isfinite(observed):  # a constant input: no association to test
+        return float("nan")
+    perms = [rho(rb[list(p)]) for p in itertools.permutations(range(a.size))]
+    return float(np.mean([r >= observed - 1e-12 for r in perms]))
+
+
+def paired_difference(a, b, confidence: float = 0.95) -> dict:
+    """Mean of a - b over paired replicates (first axis) with a Student-t interval; for [R, K] inputs
+    (replicates × settings) also per setting. The interval covers the replicate-to-replicate
+    variation only (e.g. random calibration/evaluation splits of one test set), not the sampling of
+    that test set."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.shape[0] < 2:
+        raise ValueError("at least two replicates are needed for an interval")
+    t = float(stats.t.ppf(0.5 + confidence / 2, d.shape[0] - 1))
+
+    def summary(x):
+        m, se = x.mean(axis=0), x.std(axis=0, ddof=1) / np.sqrt(x.shape[0])
+        return m, m - t * se, m + t * se
+
+    per = d.reshape(d.shape[0], -1)
+    m, lo, hi = summary(per.mean(axis=1))
+    out = {"mean": float(m), "ci": [float(lo), float(hi)], "confidence": confidence, "replicates": int(d.shape[0])}
+    if d.ndim > 1:
+        pm, plo, phi = summary(per)
+        out |= {"per_setting_mean": pm.tolist(), "per_setting_ci": [[float(x), float(y)] for x, y in zip(plo, phi)],
+                "settings_above_zero": int((plo > 0).sum()), "settings_below_zero": int((phi < 0).sum())}
+    return out
 
 
 def mse(a, b) -> float:

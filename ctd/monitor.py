@@ -76,16 +76,19 @@ class Trajectories:
 
     def first_alarm(self, lam: float):
         """(alarmed [T], alarm step index within the trajectory [T], -1 where none) for r_t > λ."""
-        over = self.risk > lam
+        return self.first_true(self.risk > lam)
+
+    def first_true(self, over):
+        """For a flat per-step mask [N]: (any step true [T], index of the first true step within its
+        trajectory [T], -1 where none). Every monitor's first alarm is read off this."""
         seg = np.repeat(np.arange(len(self)), self.lengths)
-        pos = np.arange(self.steps.size) - self.offsets[seg]
         first = np.full(len(self), -1, dtype=np.int64)
         hit = np.flatnonzero(over)
         if hit.size:
-            # the first hit of each trajectory: hits are in flat order, so take the first per segment
+            # hits are in flat order, so the first hit of each trajectory is the first of its segment
             s = seg[hit]
             keep = np.concatenate([[True], s[1:] != s[:-1]])
-            first[s[keep]] = pos[hit[keep]]
+            first[s[keep]] = hit[keep] - self.offsets[s[keep]]
         return first >= 0, first
 
 
@@ -265,14 +268,7 @@ def evaluate_eprocess(t: Trajectories, ratio: DensityRatio, epsilon: float) -> d
     cum = np.cumsum(lr)
     before = np.concatenate([[0.0], cum])[t.offsets[:-1]]
     log_e = cum - before[seg]
-    over = log_e >= np.log(1.0 / epsilon)
-    first = np.full(len(t), -1, dtype=np.int64)
-    hit = np.flatnonzero(over)
-    if hit.size:
-        s = seg[hit]
-        keep = np.concatenate([[True], s[1:] != s[:-1]])
-        first[s[keep]] = hit[keep] - t.offsets[s[keep]]
-    return _metrics(t, first >= 0, first)
+    return _metrics(t, *t.first_true(log_e >= np.log(1.0 / epsilon)))
 
 
 # ----------------------------------------------------------------------------------------------

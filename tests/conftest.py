@@ -10,7 +10,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("CTD_DATA_DIR", os.path.normpath(os.path.join(ROOT, "..", "shared", "data")))
 
 
+JUDGE_KEY_ENV = "CTD_TEST_JUDGE_KEY"
+SESSION_START = None  # wall-clock start of this test session (Ray session logs written since are scanned)
+
+
 def pytest_configure(config):
+    global SESSION_START
+    import time
+
+    SESSION_START = time.time() - 5
+    # A planted judge API key, set before the session's Ray head starts so its workers inherit it the
+    # way a pod inherits a secretRef: the HTTP judge reads it through expert.http.api_key_env, and the
+    # vLLM server of tests/test_http_expert.py requires it (--api-key). No output may ever contain it.
+    import secrets
+
+    os.environ.setdefault(JUDGE_KEY_ENV, "sk-planted-" + secrets.token_hex(12))
     # Ray reads its auth mode when imported: the session's Ray head keeps token authentication on.
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -25,6 +39,30 @@ def pytest_unconfigure(config):
     import logging
 
     logging.getLogger("ray.data._internal.usage").setLevel(logging.CRITICAL)
+
+
+def ray_session_logs() -> list[str]:
+    """Every Ray session log file written during this test session (:func:`ctd.localstack.ray_session_logs`)."""
+    from ctd.localstack import ray_session_logs as logs
+
+    return logs(SESSION_START)
+
+
+def connected_session_logs() -> str:
+    """The logs folder of the Ray session this process is connected to (the shared head)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return os.path.join(ctx.get_temp_dir(), ctx.get_session_name(), "logs")
+
+
+def assert_not_in_files(secrets: list[str], files: list[str]) -> int:
+    """No secret appears in any of the files; returns how many files were read."""
+    from ctd.localstack import find_secrets
+
+    n, hits = find_secrets(secrets, files)
+    assert not hits, f"a planted secret is in {hits[:5]}"
+    return n
 
 
 def missing(reason: str):

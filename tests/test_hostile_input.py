@@ -42,9 +42,15 @@ def test_any_bytes_file_gives_one_row_per_non_empty_line(lines):
     lines = [x.replace(b"\n", b" ") for x in lines]
     data = b"\n".join(lines)
     rows = _split_lines({"path": "f.jsonl", "bytes": data})
-    assert len(rows) == sum(1 for x in data.split(b"\n") if x.strip())
+    # reconciled line by line: each row names the line it came from, every non-empty line has exactly one
+    # row (nothing dropped, nothing invented), and a valid row carries exactly that line's id and text
+    expected = [i + 1 for i, x in enumerate(data.split(b"\n")) if x.strip()]
+    assert [r["source"] for r in rows] == [f"f.jsonl:{i}" for i in expected]
     for r in rows:
         check_row(r)
+        if r["error"] is None:
+            obj = json.loads(data.split(b"\n")[int(r["source"].rsplit(":", 1)[1]) - 1])
+            assert r["id"] == obj["id"] and (r["input"] == obj["text"] if not r["is_chat"] else json.loads(r["input"]) == obj["messages"])
 
 
 def test_huge_rows_nested_junk_and_invalid_utf8_are_quarantined():

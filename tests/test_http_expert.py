@@ -11,7 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import _stop, direct_p_unsafe, free_port, judge_rows
+from conftest import JUDGE_KEY_ENV, _stop, assert_not_in_files, connected_session_logs, direct_p_unsafe, free_port, judge_rows, ray_session_logs
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +22,14 @@ def vllm_server(tiny_llama, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_llama, "--host", "127.0.0.1",
                              "--port", str(port), "--max-model-len", "256", "--max-logprobs", "20", "--enforce-eager", "--dtype", "float32",
-                             "--served-model-name", "tiny-judge"], env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
+                             "--served-model-name", "tiny-judge", "--api-key", os.environ[JUDGE_KEY_ENV]],
+                            env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 300
     while True:
         try:
-            urllib.request.urlopen(url + "/models", timeout=2)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)  # /v1 needs the key
             break
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
@@ -44,7 +45,7 @@ def http_config(base_url, tokenizer, **kw):
 
     http = {"base_url": base_url, "model": "tiny-judge", "tokenizer": tokenizer, "max_model_len": 256, "top_logprobs": 20,
             "label_tokens": {"unsafe": ["Yes"], "safe": ["No"]}, "actors": 1, "concurrency_per_actor": 4, "requests_per_second": 50.0,
-            "max_retries": 2, "timeout_seconds": 20, **kw}
+            "max_retries": 2, "timeout_seconds": 20, "api_key_env": JUDGE_KEY_ENV, **kw}
     return ExpertConfig.model_validate({"kind": "http", "http": http})
 
 
@@ -123,19 +124,26 @@ def test_a_dead_endpoint_opens_the_circuit_breaker_in_bounded_time(ray_head, tin
     assert time.time() - t0 < 90
 
 
-def test_api_key_only_from_a_named_environment_variable(vllm_server, tiny_llama):
-    from ctd.pipeline.experts import HTTPJudgeStage
-
-    spec = stage_spec(http_config(vllm_server, tiny_llama, api_key_env="CTD_TEST_JUDGE_KEY"))
-    os.environ.pop("CTD_TEST_JUDGE_KEY", None)
-    with pytest.raises(RuntimeError, match="CTD_TEST_JUDGE_KEY"):
-        HTTPJudgeStage(spec)
-    os.environ["CTD_TEST_JUDGE_KEY"] = "sk-test-value"
-    stage = HTTPJudgeStage(spec)  # vLLM without --api-key accepts any bearer token
-    assert stage.api_key == "sk-test-value"
+def test_api_key_only_from_a_named_environment_variable(vllm_server, tiny_llama, monkeypatch):
+    """The server requires the planted key (--api-key): every judged row of this module proves the key
+    reached the Ray workers through api_key_env and was sent. Unset, the stage refuses to start; wrong,
+    each row fails with a bounded reason that holds neither key."""
     import pyarrow as pa
 
-    t = stage(pa.table({"id": ["a"], "input": ["w1 w2"], "is_chat": [False]}))
+    from ctd.pipeline.experts import HTTPJudgeStage
+
+    spec = stage_spec(http_config(vllm_server, tiny_llama))
+    good = os.environ[JUDGE_KEY_ENV]
+    monkeypatch.delenv(JUDGE_KEY_ENV)
+    with pytest.raises(RuntimeError, match=JUDGE_KEY_ENV):
+        HTTPJudgeStage(spec)
+    monkeypatch.setenv(JUDGE_KEY_ENV, "sk-wrong-key-0123456789")
+    t = HTTPJudgeStage({**spec, "max_retries": 0})(pa.table({"id": ["a"], "input": ["w1 w2"], "is_chat": [False]}))
+    status = t.column("expert_status")[0].as_py()
+    assert t.column("expert")[0].as_py() is None and status.startswith("error: judge answered HTTP 401"), status
+    assert "sk-wrong-key" not in status and good not in status
+    monkeypatch.setenv(JUDGE_KEY_ENV, good)
+    t = HTTPJudgeStage(spec)(pa.table({"id": ["a"], "input": ["w1 w2"], "is_chat": [False]}))
     assert np.isfinite(t.column("expert")[0].as_py())
 
 
@@ -162,8 +170,8 @@ def test_chat_prompts_are_the_tokens_vllm_renders(ray_head, vllm_server, tiny_ll
             continue
         body = {"model": "tiny-judge", "messages": [{"role": "user", "content": render_prompt(JUDGE_TEMPLATE, row_input(r["input"], r["is_chat"]))}],
                 "max_tokens": 1, "temperature": 0, "return_token_ids": True}
-        req = urllib.request.Request(vllm_server + "/chat/completions", data=_json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(vllm_server + "/chat/completions", data=_json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {os.environ[JUDGE_KEY_ENV]}"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert _json.loads(resp.read())["prompt_token_ids"] == ids, r["id"]
         assert ids.count(1) == 1  # one BOS
@@ -173,3 +181,25 @@ def test_chat_prompts_are_the_tokens_vllm_renders(ray_head, vllm_server, tiny_ll
     assert [out[r["id"]]["expert_status"] for r in data] == ["ok"] * len(data)
     np.testing.assert_allclose([out[r["id"]]["expert"] for r in data], direct, atol=2e-3)
     assert [out[r["id"]]["expert_truncated"] for r in data] == [c for _, c in expected] and any(c for _, c in expected)
+
+
+def test_a_night_with_the_http_judge_leaks_no_key(deployment, vllm_server, tiny_llama, s3, ray_head):
+    """A whole audit with the HTTP judge on S3: the planted judge key (read through api_key_env by every
+    judge actor) and the S3 secret key (read by the storage layer) appear in no object written to the
+    bucket and in no Ray session log (drivers, workers, raylet, dashboard)."""
+    from ctd.config import load_config
+    from ctd.pipeline.audit import run_audit
+
+    http = http_config(vllm_server, tiny_llama).http.model_dump()
+    cfg = load_config(deployment["config_path"], {"expert.kind": "http", "expert.http": http, "audit.output": f"{deployment['root']}/http-audit"})
+    report = run_audit(cfg, run_id="http-night")
+    assert report.expert_kind == "http" and report.expert_calls > 10 and report.expert_failures == 0
+    planted = [os.environ[JUDGE_KEY_ENV], s3["secret"]]
+    objects = s3["fs"].find(f"{s3['bucket']}/")
+    for path in objects:
+        data = s3["fs"].cat(path)
+        assert not [p for p in planted if p.encode() in data], path
+    assert len(objects) >= 20 and any("http-audit" in p and p.endswith("report.json") for p in objects)
+    logs = ray_session_logs()
+    assert any(f.startswith(connected_session_logs()) for f in logs)  # the shared head's own session is among them
+    assert assert_not_in_files(planted, logs) >= 10

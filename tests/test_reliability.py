@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import assert_not_in_files, connected_session_logs, ray_session_logs
 
 from ctd import storage
 from ctd.config import load_config
@@ -154,8 +155,8 @@ def test_a_failed_job_publishes_nothing(deployment, big):
 
 
 def test_no_secret_in_any_written_file_or_log(deployment, big, s3, ray_head):
-    """The S3 secret key is in the environment of every process of these tests; it must appear in no
-    object the pipeline wrote and in no job log."""
+    """The S3 secret key is in the environment of every process of these tests and the storage layer reads
+    it for every object: it must appear in no object the pipeline wrote, no job log and no Ray session log."""
     secret = s3["secret"]
     fs = s3["fs"]
     checked = []
@@ -167,6 +168,10 @@ def test_no_secret_in_any_written_file_or_log(deployment, big, s3, ray_head):
         for f in files:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 assert secret.encode() not in fh.read(), f
+    # and the Ray session logs of every process these tests ran (drivers, workers, raylet, dashboard)
+    logs = ray_session_logs()
+    assert any(f.startswith(connected_session_logs()) for f in logs)  # the shared head's own session is among them
+    assert assert_not_in_files([secret], logs) >= 10
     env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
     r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", RunLayout(big["out"], "killed").root], cwd=ROOT, env=env,
                        capture_output=True, text=True)

@@ -99,12 +99,20 @@ class JudgePrompt:
 
 
 def error_status(reason) -> str:
-    """``error: <reason>`` with a bounded vocabulary: digits, quoted text and anything after the
-    first line are dropped, so that a report counts failures per kind, not per row."""
+    """``error: <reason>`` with a bounded vocabulary: numbers (except an HTTP status code), quoted
+    text and anything after the first line are dropped, so that a report counts failures per kind, not per row."""
     lines = str(reason or "").strip().splitlines()
     r = lines[0] if lines else "no reason given"
     r = re.sub(r"(?<!\w)'[^']*'(?!\w)|\"[^\"]*\"", "…", r)  # quoted values (not the apostrophe of "model's")
-    r = re.sub(r"\d+(\.\d+)?", "N", r)
+    codes: list[str] = []  # HTTP status codes are kept (a bounded set); every other number becomes N
+
+    def hold(m):
+        codes.append(m.group(1))
+        return "HTTP \x00"
+
+    r = re.sub(r"\d+(\.\d+)*", "N", re.sub(r"\bHTTP (\d{3})\b", hold, r))
+    for c in codes:
+        r = r.replace("\x00", c, 1)
     return "error: " + r[:160]
 
 

@@ -47,7 +47,6 @@ from ..lease import Lease
 from ..probes import LinearProbe
 from ..report import plot_binned, write_report
 from ..stats.drift import drift_eprocess
-from ..stats.pvalues import binomial_upper_pvalue
 from ..tables import parquet_rows
 from . import ops
 from .corpus import list_corpus_files
@@ -339,15 +338,17 @@ def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed, plan
     n_scored, n_q = count("rows"), fq.get(("count", "quarantined"), 0)
     deleg, over = count("delegated"), count("over_cap")
     D = deleg + over  # the threshold's own delegation count (the cap is a separate fallback)
-    pval = float(binomial_upper_pvalue(D, max(n_scored, 1), cal.alpha)) if n_scored else 1.0
     history = _history(cfg.audit.output, run_id, day, art.calibration_hash)
     ep = drift_eprocess([h["delegated_by_threshold"] for h in history] + [D], [max(h["rows_scored"], 1) for h in history] + [max(n_scored, 1)],
                         cal.alpha, cfg.audit.drift_alpha)
-    alarm = pval < cfg.audit.drift_alpha or ep["alarm"]
+    alarm, pval = ep["alarm"], ep["night_pvalue"]  # one rule: the e-detector (ctd/stats/drift.py); the p-value is for information
     rate = D / n_scored if n_scored else 0.0
-    msg = (f"{D} of {n_scored} rows ({rate:.2%}) passed λ*; under the guarantee (rate ≤ α = {cal.alpha:.2%}) a count this large "
-           f"has p = {pval:.3g}" + (f" < {cfg.audit.drift_alpha}: the traffic does not look like the calibration data."
-                                     if alarm else f" ≥ {cfg.audit.drift_alpha}: consistent with the calibration."))
+    nights = len(history) + 1
+    msg = (f"{D} of {n_scored} rows ({rate:.2%}) passed λ* (budget α = {cal.alpha:.2%}). Drift e-detector over {nights} night(s) "
+           f"with this calibration: {ep['e_value']:.3g}, alarm at {ep['threshold']:g}: "
+           + ("the delegation rate has drifted above α; the traffic does not look like the calibration data."
+              if alarm else "consistent with the calibration.")
+           + f" (This night alone: one-sided binomial p = {pval:.3g}, for information.)")
     statuses = {k: v for k, v in ops.collect_facts(fr, "status").items() if k != "(none)"}
     failures = sum(v for k, v in statuses.items() if k.startswith("error"))
     unanswered = failures + statuses.get("no_label_token", 0)  # every row that kept the probe's score
@@ -375,7 +376,7 @@ def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed, plan
         invariant_ok=s1.rows == n_scored + n_q, quarantine_reasons=ops.collect_facts(fq, "reason"), delegated_by_threshold=D,
         delegated=deleg, over_cap=over, budget_cap=cap, realised_rate=rate, rate_pvalue=pval,
         drift_alpha=cfg.audit.drift_alpha, drift_alarm=alarm, drift_message=msg, expert_kind=cfg.expert.kind,
-        drift_history_runs=[h["run_id"] for h in history], drift_e_value=ep["e_value"], drift_eprocess_alarm=ep["alarm"],
+        drift_history_runs=[h["run_id"] for h in history], drift_e_value=ep["e_value"], drift_e_process=ep["e_process"],
         expert_calls=expert_calls, expert_failures=failures, expert_status=statuses, expert_truncated=count("expert_truncated"),
         judge_alarm=judge_alarm, judge_message=judge_msg, expert_pool=dataclasses.asdict(plan) | {"target_met": plan.target_met}, decisions_unsafe=count("unsafe"), groups=groups, stages=stages, resumed=resumed)
     hist = {c: np.array([fr.get((f"hist_{c}", f"{j:03d}"), 0) for j in range(len(e) - 1)]) for c, e in ops.HIST_BINS.items()}

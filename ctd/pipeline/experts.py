@@ -223,6 +223,16 @@ class _EndpointDown(RuntimeError):
     """The endpoint, not the row: unreachable, or 429/5xx after every retry."""
 
 
+def _phrase(code: int) -> str:
+    """The standard reason phrase of an HTTP status (never the server's own text)."""
+    import http as _http
+
+    try:
+        return _http.HTTPStatus(code).phrase
+    except ValueError:
+        return "(non-standard status)"
+
+
 class HTTPJudgeStage:
     """The judge behind an OpenAI-compatible ``/completions`` endpoint, sent the same token ids as
     the vLLM path (:class:`JudgePromptStage`) and asked for token-id keyed logprobs
@@ -271,7 +281,7 @@ class HTTPJudgeStage:
                     return json.loads(r.read())
             except urllib.error.HTTPError as e:
                 if e.code not in self.RETRY:  # the endpoint answered: this row is bad, the endpoint is not down
-                    raise RuntimeError(f"HTTP {e.code} from the judge endpoint") from None
+                    raise RuntimeError(f"judge answered HTTP {e.code} {_phrase(e.code)}") from None
                 if attempt == self.spec["max_retries"]:
                     raise _EndpointDown(f"HTTP {e.code} from the judge endpoint after {attempt + 1} attempts") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short

@@ -24,6 +24,11 @@ Variants
 * joint control (``performance_target=beta``): also test :math:`H'_\lambda: R_{err}(\lambda) > \beta`
   for the cascade's misclassification rate with the Hoeffding-Bentkus p-value; a threshold is
   certified only when the maximum of the two p-values is rejected, so both risks hold jointly.
+  Joint control needs a testing order that does not start at "never delegate": that threshold's
+  error is the probe's, so a fixed sequence from the top stops at its first step whenever β is
+  below the probe's error (the only case worth asking for). It therefore runs with Pareto testing
+  (order from an independent split) or with Holm/Bonferroni (no order); fixed-sequence testing
+  without Pareto is refused (:func:`check_joint`).
 
 When nothing is certified the policy never delegates (:math:`\hat\lambda = +\infty`) and the result
 says so in words.
@@ -41,11 +46,12 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
-from .pvalues import binomial_pvalue, hoeffding_bentkus_pvalue, max_certifiable_count, min_certifiable_n
+from .pvalues import binomial_pvalue, check_level, hoeffding_bentkus_pvalue, max_certifiable_count, min_certifiable_n
 from .testing import METHODS, multiple_test
 
 __all__ = [
     "threshold_grid",
+    "counts_at_or_below",
     "exceedance_counts",
     "cascade_losses",
     "delegation_loss_sums",
@@ -57,6 +63,7 @@ __all__ = [
     "ltt_select",
     "pareto_ltt_select",
     "pareto_split",
+    "check_joint",
     "Selection",
     "CalibrationResult",
     "calibrate",
@@ -106,6 +113,21 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
+def counts_at_or_below(scores, grid, what: str = "scores") -> np.ndarray:
+    """#{i : scores[..., i] <= λ} for every grid value: int64 [..., G], non-decreasing along the last
+    axis. The one sort-and-search of the package: exceedance counts, loss sums and the monitor's
+    alarm counts are all read off it."""
+    g = _check_grid(grid)
+    s = np.asarray(scores, dtype=float)
+    if np.any(np.isnan(s)):
+        raise ValueError(f"{what} contain NaN")
+    flat = np.sort(_rows(s), axis=-1)
+    out = np.empty((flat.shape[0], g.size), dtype=np.int64)
+    for r in range(flat.shape[0]):  # np.searchsorted is 1-D only; each call is O(G log n)
+        out[r] = np.searchsorted(flat[r], g, side="right")
+    return out.reshape(s.shape[:-1] + (g.size,))
+
+
 def exceedance_counts(scores, grid) -> np.ndarray:
     """k(lambda) = #{i : scores[..., i] > lambda} for every grid value.
 
@@ -118,16 +140,8 @@ def exceedance_counts(scores, grid) -> np.ndarray:
     -------
     int64 array [..., G], non-increasing along the last axis.
     """
-    g = _check_grid(grid)
     s = np.asarray(scores, dtype=float)
-    if np.any(np.isnan(s)):
-        raise ValueError("scores contain NaN")
-    n = s.shape[-1]
-    flat = np.sort(_rows(s), axis=-1)
-    out = np.empty((flat.shape[0], g.size), dtype=np.int64)
-    for r in range(flat.shape[0]):  # np.searchsorted is 1-D only; each call is O(G log n)
-        out[r] = n - np.searchsorted(flat[r], g, side="right")
-    return out.reshape(s.shape[:-1] + (g.size,))
+    return s.shape[-1] - counts_at_or_below(s, grid)
 
 
 def cascade_losses(probe, expert, labels, *, mode: CascadeMode = "switch", decision_threshold: float = 0.5):
@@ -160,13 +174,10 @@ def delegation_loss_sums(scores, loss_kept, loss_delegated, grid) -> np.ndarray:
     s2, d2 = _rows(s), _rows(np.broadcast_to(diff, s.shape))
     base = _rows(np.broadcast_to(lk, s.shape)).sum(axis=-1)
     order = np.argsort(s2, axis=-1, kind="stable")
-    s_sorted = np.take_along_axis(s2, order, axis=-1)
     d_sorted = np.take_along_axis(d2, order, axis=-1)
     # suffix[j] = sum of diff over sorted positions >= j; suffix[n] = 0
     suffix = np.concatenate([np.cumsum(d_sorted[:, ::-1], axis=-1)[:, ::-1], np.zeros((len(s2), 1), d_sorted.dtype)], axis=-1)
-    out = np.empty((len(s2), g.size), dtype=suffix.dtype)
-    for r in range(len(s2)):
-        out[r] = base[r] + suffix[r, np.searchsorted(s_sorted[r], g, side="right")]
+    out = base[:, None] + np.take_along_axis(suffix, counts_at_or_below(s2, g), axis=-1)
     return out.reshape(s.shape[:-1] + (g.size,))
 
 
@@ -390,12 +401,6 @@ class CalibrationResult:
         )
 
 
-def _check_level(x: float, name: str) -> float:
-    if not (isinstance(x, (int, float, np.floating)) and 0 < float(x) < 1):
-        raise ValueError(f"{name} must lie in the open interval (0, 1), got {x!r}")
-    return float(x)
-
-
 # ----------------------------------------------------------------------------------------------
 # the LTT selection, once, on count arrays batched over calibration sets [R, G] and budgets [B]
 # ----------------------------------------------------------------------------------------------
@@ -414,8 +419,7 @@ class Selection:
 
 def _alphas(alphas) -> np.ndarray:
     a = np.atleast_1d(np.asarray(alphas, dtype=float))
-    for x in a:
-        _check_level(float(x), "alpha")
+    check_level(a, "alpha")
     return a
 
 
@@ -500,7 +504,37 @@ def pareto_split(n: int, opt_fraction: float, seed: int) -> tuple[np.ndarray, np
     return perm[:n_opt], perm[n_opt:]
 
 
-def _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint) -> str:
+def check_joint(performance_target, pareto: bool, method: str) -> None:
+    """Refuse joint control with fixed-sequence testing from the top (no power; see module docstring)."""
+    if performance_target is not None and not pareto and method == "fixed_sequence":
+        raise ValueError(
+            "joint control (performance target) cannot use fixed-sequence testing without Pareto testing: the sequence "
+            "starts at 'never delegate', whose misclassification rate is the probe's, so with a target below the probe's "
+            "error it stops at the first step and certifies nothing. Use Pareto testing (it orders the thresholds on an "
+            "independent split) or method 'holm' / 'bonferroni' (no order needed)")
+
+
+def _joint_failure(alpha, delta, beta, budget_p, perf_p, perf_risk, grid, tested_split: bool = False) -> str:
+    """Why joint control certified nothing, in numbers (p-values compared with δ one by one, before the
+    multiplicity correction: a diagnosis, not a test)."""
+    b_ok, p_ok = budget_p <= delta, perf_p <= delta
+    if not p_ok.any():
+        i = int(np.argmin(perf_p))
+        return (f"no threshold meets the misclassification target β={beta:g}: the best one (λ={grid[i]:.4g}, empirical "
+                f"error {perf_risk[i]:.3g} on the calibration set) has performance p-value {perf_p[i]:.3g} > δ"
+                f"{' on the testing split' if tested_split else ''}; raise β or label more rows")
+    if not b_ok.any():
+        return f"no threshold is within the budget α={alpha} (see the budget p-values)"
+    if not (b_ok & p_ok).any():
+        return (f"the {int(b_ok.sum())} thresholds within the budget α={alpha} and the {int(p_ok.sum())} that meet β={beta:g} "
+                f"do not overlap: reaching β takes more delegation than α allows")
+    return (f"{int((b_ok & p_ok).sum())} thresholds pass both tests one by one, but none survives the "
+            f"multiplicity correction (the fixed sequence's order, or Holm's/Bonferroni's levels)")
+
+
+def _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint_reason=None) -> str:
+    if joint_reason is not None:
+        return f"Nothing certified jointly at α={alpha}, δ={delta}: {joint_reason}. The policy never delegates (λ̂ = +inf)."
     if k_star < 0:
         reason = (
             f"with n={n_eff} {'testing-split ' if pareto else ''}calibration rows even a threshold that "
@@ -508,8 +542,6 @@ def _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint) -> str
         )
     else:
         reason = f"no tested threshold delegates at most k*={k_star} of the {n_eff} {'testing-split ' if pareto else ''}calibration rows"
-    if joint:
-        reason += ", or the performance target could not be certified jointly"
     return f"Nothing certified at α={alpha}, δ={delta}: {reason}. The policy never delegates (λ̂ = +inf)."
 
 
@@ -560,8 +592,8 @@ def calibrate(
     decision_threshold : float
         A final score >= this is a positive ("unsafe") decision.
     """
-    alpha = _check_level(alpha, "alpha")
-    delta = _check_level(delta, "delta")
+    alpha = check_level(alpha, "alpha", scalar=True)
+    delta = check_level(delta, "delta", scalar=True)
     g = _check_grid(grid)
     d = np.asarray(dv, dtype=float)
     if d.ndim != 1 or d.size == 0:
@@ -577,8 +609,9 @@ def calibrate(
         raise ValueError("Pareto testing and joint control need labels, probe and expert scores")
     if pareto and method != "fixed_sequence":
         raise ValueError("Pareto testing orders the front and uses fixed-sequence testing; use method='fixed_sequence'")
+    check_joint(performance_target, pareto, method)
     if joint:
-        performance_target = _check_level(performance_target, "performance_target")
+        performance_target = check_level(performance_target, "performance_target", scalar=True)
         if risk != "accuracy":
             raise ValueError("joint control certifies the misclassification rate: use risk='accuracy'")
 
@@ -625,7 +658,12 @@ def calibrate(
             + (f" and the misclassification rate is ≤ {performance_target:g}." if joint else ".")
         )
     else:
-        msg = _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint)
+        reason = None
+        if joint:
+            tested = np.isfinite(sel.pvalues[0, 0])
+            reason = _joint_failure(alpha, delta, performance_target, np.where(tested, sel.budget_pvalues[0, 0], np.inf),
+                                    np.where(tested, sel.performance_pvalues[0, 0], np.inf), perf, g, tested_split=pareto)
+        msg = _no_certification_message(alpha, delta, n_eff, k_star, pareto, reason)
 
     return CalibrationResult(
         alpha=alpha,

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
+    "check_level",
     "binomial_pvalue",
     "binomial_upper_pvalue",
     "hoeffding_bentkus_pvalue",
@@ -24,6 +25,7 @@ __all__ = [
     "min_certifiable_n",
     "clopper_pearson",
     "binomial_ucb",
+    "simulation_draws",
 ]
 
 
@@ -37,10 +39,20 @@ def _as_counts(k, name: str = "k") -> np.ndarray:
     return k
 
 
-def _check_level(x, name: str) -> None:
-    x = np.asarray(x, dtype=float)
-    if np.any(~np.isfinite(x)) or np.any(x <= 0) or np.any(x >= 1):
-        raise ValueError(f"{name} must lie in the open interval (0, 1), got {x.tolist()}")
+def check_level(x, name: str, *, scalar: bool = False):
+    """A level (alpha, delta, epsilon, ...) or an array of them, each in the open interval (0, 1).
+    Returns it as a float (scalar input) or a float array; anything else (strings, booleans, empty
+    arrays, NaN, an array where ``scalar`` is asked) raises ValueError."""
+    bad = ValueError(f"{name} must {'be a number' if scalar else 'lie'} in the open interval (0, 1), got {x!r}")
+    if isinstance(x, (str, bytes, bool, np.bool_)):
+        raise bad
+    try:
+        arr = np.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        raise bad from None
+    if (scalar and arr.ndim) or arr.size == 0 or np.any(~np.isfinite(arr)) or np.any(arr <= 0) or np.any(arr >= 1):
+        raise bad
+    return float(arr) if arr.ndim == 0 else arr
 
 
 def _check_n(n) -> None:
@@ -70,7 +82,7 @@ def binomial_pvalue(k, n, alpha):
     """
     k = _as_counts(k)
     _check_n(n)
-    _check_level(alpha, "alpha")
+    check_level(alpha, "alpha")
     if np.any(k < 0) or np.any(k > np.asarray(n)):
         raise ValueError("counts must satisfy 0 <= k <= n")
     if np.ndim(n) == 0 and np.ndim(alpha) == 0 and k.size > int(n) + 1:
@@ -87,7 +99,7 @@ def binomial_upper_pvalue(k, n, alpha):
     """
     k = _as_counts(k)
     _check_n(n)
-    _check_level(alpha, "alpha")
+    check_level(alpha, "alpha")
     return stats.binom.sf(k - 1, n, alpha)
 
 
@@ -118,7 +130,7 @@ def hoeffding_bentkus_pvalue(loss_sum, n, alpha):
     alpha : float array_like in (0, 1)
     """
     _check_n(n)
-    _check_level(alpha, "alpha")
+    check_level(alpha, "alpha")
     s = np.asarray(loss_sum)
     n_arr = np.asarray(n)
     if np.issubdtype(s.dtype, np.integer):
@@ -144,8 +156,8 @@ def max_certifiable_count(n: int, alpha: float, delta: float) -> int:
     <= delta, so it is certified by any of the tests in :mod:`ctd.stats.testing`.
     """
     _check_n(n)
-    _check_level(alpha, "alpha")
-    _check_level(delta, "delta")
+    check_level(alpha, "alpha")
+    check_level(delta, "delta")
     cdf = stats.binom.cdf(np.arange(n + 1), n, alpha)
     return int(np.searchsorted(cdf, delta, side="right")) - 1
 
@@ -153,8 +165,8 @@ def max_certifiable_count(n: int, alpha: float, delta: float) -> int:
 def min_certifiable_n(alpha: float, delta: float) -> int:
     """Smallest calibration size n for which a policy that never delegates on it is certifiable:
     (1 - alpha)^n <= delta."""
-    _check_level(alpha, "alpha")
-    _check_level(delta, "delta")
+    check_level(alpha, "alpha")
+    check_level(delta, "delta")
     return int(np.ceil(np.log(delta) / np.log1p(-alpha)))
 
 
@@ -165,7 +177,7 @@ def clopper_pearson(k, n, confidence: float = 0.95):
     """
     k = _as_counts(k)
     _check_n(n)
-    _check_level(confidence, "confidence")
+    check_level(confidence, "confidence")
     a = 1.0 - confidence
     k_f = k.astype(float)
     n_f = np.asarray(n, dtype=float)
@@ -179,7 +191,27 @@ def binomial_ucb(k, n, delta: float):
     the largest R with P(Binom(n, R) <= k) >= delta."""
     k = _as_counts(k)
     _check_n(n)
-    _check_level(delta, "delta")
+    check_level(delta, "delta")
     k_f = k.astype(float)
     n_f = np.asarray(n, dtype=float)
     return np.where(k < n_f, stats.beta.ppf(1 - delta, k_f + 1, n_f - k_f), 1.0)
+
+
+def simulation_draws(bound: float, *, ratio: float = 1.25, level: float = 0.01, power: float = 0.9) -> int:
+    """How many independent draws a simulation of a guarantee "P(violation) <= bound" needs.
+
+    The check is the exact one-sided binomial test of the violation count ``v`` out of ``N`` draws,
+    failing when :func:`binomial_upper_pvalue` (v, N, bound) <= ``level``. Returns the smallest N
+    (in steps of 50) with which a true violation rate of ``ratio * bound`` fails the check with
+    probability >= ``power``; a correct method (rate <= bound) fails it with probability <= level.
+    """
+    check_level(bound, "bound")
+    check_level(level, "level")
+    check_level(power, "power")
+    if not (ratio > 1 and ratio * bound < 1):
+        raise ValueError("ratio must be > 1 with ratio * bound < 1")
+    for n in range(50, 1_000_001, 50):
+        c = stats.binom.isf(level, n, bound)  # fail when v > c: P(v > c | bound) <= level
+        if stats.binom.sf(c, n, ratio * bound) >= power:
+            return n
+    raise ValueError("more than a million draws needed")

@@ -28,8 +28,8 @@ from typing import Literal
 
 import numpy as np
 
-from .calibrate import _check_grid, certify
-from .pvalues import binomial_pvalue
+from .calibrate import certify, counts_at_or_below
+from .pvalues import binomial_pvalue, check_level
 
 __all__ = ["RISKS", "alarm_counts", "crc_threshold", "ucb_threshold", "control_threshold"]
 
@@ -40,16 +40,9 @@ Risk = Literal["false-alarm", "missed-detection"]
 def alarm_counts(max_scores, grid, risk: Risk) -> np.ndarray:
     """Loss counts per grid value, from trajectory maxima [..., n]:
     false alarm #{M > λ}; missed detection #{M <= λ}. Shape [..., G] (int64)."""
-    g = _check_grid(grid)
     m = np.asarray(max_scores, dtype=float)
-    if np.any(np.isnan(m)):
-        raise ValueError("trajectory scores contain NaN")
     n = m.shape[-1]
-    s = np.sort(m.reshape(-1, n), axis=-1)
-    le = np.empty((s.shape[0], g.size), dtype=np.int64)
-    for r in range(s.shape[0]):
-        le[r] = np.searchsorted(s[r], g, side="right")  # #{M <= λ}
-    le = le.reshape(m.shape[:-1] + (g.size,))
+    le = counts_at_or_below(m, grid, "trajectory scores")  # #{M <= λ}
     if risk == "false-alarm":
         return n - le
     if risk == "missed-detection":
@@ -58,8 +51,7 @@ def alarm_counts(max_scores, grid, risk: Risk) -> np.ndarray:
 
 
 def _check(epsilon, n):
-    if not 0 < epsilon < 1:
-        raise ValueError(f"epsilon must lie in (0, 1), got {epsilon}")
+    check_level(epsilon, "epsilon")
     if n < 1:
         raise ValueError("at least one calibration trajectory of the relevant kind is needed")
 

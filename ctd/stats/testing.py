@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .pvalues import check_level
+
 __all__ = ["fixed_sequence_test", "bonferroni", "holm", "multiple_test", "METHODS"]
 
 
 def _prepare(pvalues, delta: float) -> np.ndarray:
     p = np.asarray(pvalues, dtype=float)
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    check_level(delta, "delta")
     if p.ndim == 0:
         raise ValueError("pvalues must have at least one axis")
     if np.any(np.isnan(p)):
