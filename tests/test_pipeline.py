@@ -92,6 +92,27 @@ def test_audit_on_s3_row_invariant_quarantine_gate_and_expert_rows(audited, depl
     assert {s["stage"] for s in body["stages"]} == {"activations", "select", "expert", "merge"}
 
 
+def test_stage1_keeps_text_only_in_the_delegated_rows_own_partition(audited):
+    """Stage 1 writes the delegated rows, with their text, to part=expert/ (all the expert stage reads)
+    and every other row, without text, to part=scores/."""
+    import pyarrow as pa
+
+    cfg, report, _ = audited
+    stage1 = RunLayout(cfg.audit.output, "night-1").path("_staging", "stage1")
+    parts = {}
+    for part in ("part=expert", "part=scores"):
+        uri = storage.join(stage1, part)
+        files = [storage.join(uri, n) for n in storage.listdir(uri) if n.endswith(".parquet")]
+        assert files, part
+        parts[part] = pa.concat_tables([read_parquet(f, ["id", "input", "delegated", "error"]) for f in files])
+    exp, sco = parts["part=expert"], parts["part=scores"]
+    assert all(exp.column("delegated").to_pylist()) and exp.column("input").null_count == 0
+    assert not any(x for x in sco.column("delegated").to_pylist() if x) and sco.column("input").null_count == sco.num_rows
+    assert exp.num_rows + sco.num_rows == report.rows_read  # every row once
+    assert exp.num_rows >= report.delegated + report.over_cap > 0  # (duplicated ids among them are quarantined, not judged)
+    assert not [n for n in storage.listdir(stage1) if n.endswith(".parquet")]  # nothing outside the two partitions
+
+
 def test_rerun_with_the_same_run_id_publishes_a_new_attempt_and_drops_staging(audited):
     cfg, first, path = audited
     out = cfg.audit.output

@@ -8,11 +8,13 @@ small, the set of duplicated ids:
     artifacts   probes and calibration checked against the model before any compute
     lease       one writer per run id (ctd.lease): a second driver exits 4, nothing written
     stage 1     read → validate → tokenize → activations + probes + gate        (graph.run_stage1)
-                → _staging/stage1/  scores of every row; text only on delegated rows
+                → _staging/stage1/part=scores/  scores of every other row, no text
+                → _staging/stage1/part=expert/  the delegated rows with their text
     dedup       groupby(id).count() over valid rows → duplicated ids           (ops.find_duplicates)
     cap         distributed sort of the passing rows by (d(x) desc, id), split at the cap → the first
                 row over it, applied as a scalar filter                         (ops.cap_boundary)
-    expert      delegated rows, within the cap, not yet judged → expert pool → _staging/expert/
+    expert      delegated rows (part=expert only), within the cap, not yet judged → expert pool →
+                _staging/expert/
                 (the delegated rows' own results: no join back onto stage 1)
     rows        rows below λ* or over the cap, and judged rows → attempts/<attempt>/results/;
                 invalid and duplicate-id rows → attempts/<attempt>/quarantine/ (few large files)
@@ -57,8 +59,9 @@ from .runs import RunLayout, list_runs, parquet_files, read_manifest, run_file, 
 
 __all__ = ["run_audit", "check_artifacts", "Artifacts"]
 
-# stage-1 columns the audit reads back (never the pooled vectors)
-S1_COLUMNS = ["id", "input", "is_chat", "group", "label", "source", "error", "truncated", "probe", "dv", "delegated", "tokens"]
+# stage-1 columns the audit reads back (never the pooled vectors); the text only for the expert
+S1_COLUMNS = ["id", "group", "label", "source", "error", "truncated", "probe", "dv", "delegated", "tokens"]
+S1_EXPERT_COLUMNS = S1_COLUMNS + ["input", "is_chat"]
 
 
 class Artifacts:
@@ -192,7 +195,9 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
         log(f"stage 2: {n_todo} delegated rows → expert ({cfg.expert.kind})")
         if not plan.target_met:
             log(f"WARNING: the expert pool cannot meet its target: {plan.describe()}")
-        todo = marked.map_batches(ops.to_expert, batch_format="pyarrow", batch_size=None)
+        # only the delegated rows' partition is read here, text included (marked the same way)
+        todo = ops.mark(ops.read(s1.expert_files, S1_EXPERT_COLUMNS), dups, boundary).map_batches(ops.to_expert, batch_format="pyarrow",
+                                                                                                 batch_size=None)
         if done_files:  # skip what a killed attempt committed: a left-anti join on id, never an id set on the driver
             todo = todo.join(ops.read(done_files, ["id"]), join_type="left_anti", on=("id",), num_partitions=ops.partitions(n_sent))
         # blocks of ~commit_rows rows: each becomes one expert task and one committed file, the unit

@@ -2,6 +2,9 @@
 
     stage 1   corpus → validate → tokenize (CPU actors) → activations + probes + gate (GPU actors)
               → <staging>/stage1/*.parquet    every row read, scored or carrying its error
+              (the audit: <staging>/stage1/part=scores/  rows below λ* or invalid, no text
+                          <staging>/stage1/part=expert/  the delegated rows, with their text:
+                                                         the only files the expert stage reads)
 
 Stage outputs are written to storage in few large files rather than materialised in memory: the
 expert stage must not re-run the activation stage, and a later run can resume from them. What
@@ -64,12 +67,23 @@ def configure_data(preserve_order: bool = False) -> None:
 # ----------------------------------------------------------------------------------------------
 # stage 1
 # ----------------------------------------------------------------------------------------------
+EXPERT_PART, SCORES_PART = "part=expert", "part=scores"  # the audit's stage-1 partitions (Hive-style folders)
+
+
 @dataclass
 class Stage1:
     uri: str
     rows: int
     seconds: float
     files: list[str] = field(default_factory=list)
+
+    @property
+    def expert_files(self) -> list[str]:
+        """The files that hold the delegated rows (with their text): the ``part=expert`` partition of a
+        partitioned stage 1, else every file."""
+        if any(f"/{SCORES_PART}/" in f or f"/{EXPERT_PART}/" in f for f in self.files):
+            return [f for f in self.files if f"/{EXPERT_PART}/" in f]
+        return list(self.files)
 
 
 def activation_spec(cfg: JobConfig, *, layers=None, probes: bool = True, lambda_star=None, return_pooled=False) -> dict:
@@ -85,7 +99,13 @@ def activation_spec(cfg: JobConfig, *, layers=None, probes: bool = True, lambda_
 
 
 def stage1_files(uri: str) -> list[str]:
-    return [storage.join(uri, n) for n in parquet_files(uri)]
+    """Parquet files of a stage-1 output, including those of its partitions."""
+    files = [storage.join(uri, n) for n in parquet_files(uri)]
+    for part in (EXPERT_PART, SCORES_PART):
+        sub = storage.join(uri, part)
+        if storage.exists(sub):
+            files += [storage.join(sub, n) for n in parquet_files(sub)]
+    return files
 
 
 def count_rows(files: list[str]) -> int:
@@ -112,7 +132,10 @@ def run_stage1(cfg: JobConfig, corpus: str, out_uri: str, spec: dict, *, rows_pe
                           num_gpus=a.num_gpus or None, num_cpus=a.num_cpus, resources=dict(a.resources) or None,
                           compute=ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors))
     storage.remove(out_uri)
-    write(act, out_uri, rows_per_file)
+    # the audit's stage 1 (text kept on delegated rows only) is split in two partitions, so that the
+    # expert stage reads the delegated rows and their text, and nothing else
+    split = spec.get("text") == "delegated" and spec.get("lambda_star") is not None and bool(spec.get("dv_probe"))
+    write(act, out_uri, rows_per_file, partition_cols=["part"] if split else None)
     files = stage1_files(out_uri)
     rows = count_rows(files)
     dt = time.perf_counter() - t0

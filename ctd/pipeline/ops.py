@@ -58,13 +58,20 @@ def read(uris: list[str], columns: list[str] | None = None):
     """A lazy Ray Dataset over Parquet files (only ``columns`` are read)."""
     import ray
 
-    return ray.data.read_parquet([ray_path(u)[0] for u in uris], filesystem=ray_path(uris[0])[1], columns=columns)
+    # partitioning=None: the columns are the files' own, never parsed from a part=... folder name
+    return ray.data.read_parquet([ray_path(u)[0] for u in uris], filesystem=ray_path(uris[0])[1], columns=columns, partitioning=None)
 
 
-def write(ds, uri: str, rows_per_file: int | None = None) -> None:
-    """Write a dataset as Parquet files of at least ``rows_per_file`` rows (few, large files)."""
+def write(ds, uri: str, rows_per_file: int | None = None, partition_cols: list[str] | None = None) -> None:
+    """Write a dataset as Parquet files of at least ``rows_per_file`` rows (few, large files), in
+    Hive-style folders ``<col>=<value>/`` per value of ``partition_cols`` (whose columns then live in
+    the folder names only)."""
+    import warnings
+
     path, fs = ray_path(uri)
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
+    with warnings.catch_warnings():  # Ray 2.60 deprecates (for 2027) min_rows_per_file with partition_cols;
+        warnings.simplefilter("ignore", DeprecationWarning)  # its replacement is a shuffle of every row
+        ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file, partition_cols=partition_cols)
 
 
 def _valid(batch: pa.Table) -> pa.ChunkedArray:

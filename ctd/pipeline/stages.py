@@ -123,9 +123,10 @@ class ActivationStage:
                 cols[pooled_column(L)] = pa.array(vals, type=pa.list_(pa.float32()))
         out = batch.drop_columns(["input_ids"])
         if self.spec.get("text") == "delegated" and "delegated" in cols:
-            # only the rows that go to the expert keep their text in the stage-1 output
+            # only the rows that go to the expert keep their text, in a partition of their own
             i = out.column_names.index("input")
             out = out.set_column(i, "input", pc.if_else(cols["delegated"], out.column("input"), pa.scalar(None, pa.string())))
+            cols["part"] = pc.if_else(cols["delegated"], pa.scalar("expert"), pa.scalar("scores"))
         for k, v in cols.items():
             out = out.append_column(k, v)
         return out
