@@ -239,10 +239,12 @@ class MonitorColumns(Strict):
 
 
 class MonitorJob(Strict):
-    input: str = Field(description="step logs (a file or folder of CSV/Parquet/JSONL) at any URI")
+    input: str = Field(description="step logs (a file or folder of CSV/Parquet/JSONL) at any URI; {date} is the monitored day")
     calibration: str = Field(description="monitor calibration (monitor.json or its folder) from `ctd monitor calibrate`")
     output: str = Field(description="URI folder; runs go to <output>/runs/<run_id>/")
-    run_id: str = "monitor-{datetime}"
+    run_id: str = "monitor-{date}"
+    date: Optional[str] = Field(None, description="the monitored day YYYY-MM-DD (--date overrides); default yesterday in timezone")
+    timezone: str = Field("UTC", description="IANA time zone in which 'yesterday' (the default day) is reckoned")
     columns: MonitorColumns = MonitorColumns()
 
 

@@ -151,23 +151,26 @@ def test_monitor_job_on_s3_with_bad_trajectories(ray_head, s3, data_dir, tmp_pat
     bad = ("zz_order,2,0.5,1,3\nzz_order,1,0.5,1,3\nzz_dup,1,0.5,0,3\nzz_dup,1,0.4,0,3\n"
            "zz_mixed,1,0.5,1,3\nzz_mixed,2,0.5,0,3\nzz_score,1,1.7,0,3\n")
     root = f"s3://{s3['bucket']}/monitor"
-    storage.write_bytes(f"{root}/steps/part-0.csv.gz", gzip.compress(buf.getvalue() + bad.encode()))
+    storage.write_bytes(f"{root}/steps/2026-11-24/part-0.csv.gz", gzip.compress(buf.getvalue() + bad.encode()))
     storage.write_bytes(f"{root}/heldout.csv", open(os.path.join(data_dir, "verifier-trajectories", "math.csv.gz"), "rb").read())
     assert main(["monitor", "calibrate", "--trajectories", f"{root}/heldout.csv", "--risk", "false-alarm", "--control", "ucb",
                  "--epsilon", "0.1", "--out", f"{root}/calibration"]) == 0
     cfg_path = tmp_path / "monitor.yaml"
-    cfg_path.write_text(f"monitor:\n  input: {root}/steps/\n  calibration: {root}/calibration\n  output: {root}\n  run_id: m1\n")
+    # the monitored day is a parameter: {date} in the input and the run id, so a retry reads the same day
+    cfg_path.write_text(f"monitor:\n  input: {root}/steps/{{date}}/\n  calibration: {root}/calibration\n  output: {root}\n  run_id: m1-{{date}}\n")
     cfg = load_config(str(cfg_path), model=MonitorConfig)
-    summary = run_monitor(cfg)
+    summary = run_monitor(cfg, date="2026-11-24")
+    assert summary["run_id"] == "m1-2026-11-24" and summary["monitored_date"] == "2026-11-24"
+    assert read_manifest(root, "m1-2026-11-24")["summary"]["monitored_date"] == "2026-11-24"
     n_traj = len(set(first.column("uq_problem_idx").to_pylist()))
     assert summary["trajectories"] == n_traj + 4 and summary["trajectories_quarantined"] == 4
     assert set(summary["quarantine_reasons"]) == {"steps out of order", "duplicated step", "mixed final labels", "score outside [0, 1]"}
-    alarms = read_run_table(root, "m1")
+    alarms = read_run_table(root, "m1-2026-11-24")
     assert set(alarms.column_names) >= {"trajectory", "step", "score"} and alarms.num_rows == summary["alarms"] > 0
     # every alarm is the first step whose alarm score exceeds λ
     lam = storage.read_json(f"{root}/calibration/monitor.json")["lambda_hat"]
     assert all(1 - s > lam for s in alarms.column("score").to_pylist())
-    assert read_manifest(root, "m1")["rows"] == {"results": alarms.num_rows, "quarantine": 4}
+    assert read_manifest(root, "m1-2026-11-24")["rows"] == {"results": alarms.num_rows, "quarantine": 4}
     # a tampered calibration is refused by the job entrypoint: one line, exit 2
     body = storage.read_json(f"{root}/calibration/monitor.json")
     body["lambda_hat"] = 0.99

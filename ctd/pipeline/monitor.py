@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import storage
-from ..config import MonitorConfig, expand_run_id
+from ..config import MonitorConfig, audit_date, expand_dates, expand_run_id
 from ..config import config_hash as _cfg_hash
 from ..monitor import ThresholdMonitor, TrajectoryError, load_monitor, monitor_lambda, read_step_table, validate_steps
 from ..report import html_page, html_table, plot_histogram, write_report
@@ -87,20 +87,25 @@ def _apply(group: pa.Table, lam: float) -> pa.Table:
     return pa.Table.from_pylist([row], schema=OUT_SCHEMA)
 
 
-def run_monitor(cfg: MonitorConfig, *, run_id: str | None = None):
+def run_monitor(cfg: MonitorConfig, *, run_id: str | None = None, date: str | None = None, now: _dt.datetime | None = None):
+    """Monitor one day's step logs (``date``: YYYY-MM-DD, default yesterday in ``monitor.timezone``;
+    ``{date}`` in the input and run id is that day, so a retry after midnight monitors the same day)."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    day = audit_date(date or cfg.monitor.date, cfg.monitor.timezone, now)
+    cfg = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"input": expand_dates(cfg.monitor.input, day, now)})})
     m = cfg.monitor
     cal = load_monitor(m.calibration)  # refuses a tampered calibration before any compute
     lam = monitor_lambda(cal)
     files = _step_files(m.input)
-    rid = expand_run_id(run_id or m.run_id)
+    rid = expand_run_id(run_id or m.run_id, day, now)
     layout = RunLayout.new_attempt(m.output, rid)
     log(f"monitor {rid}: {cal['rule']} ({cal['control'].upper()}, {cal['guarantee']}) on {len(files)} file(s) → {layout.root}")
     init_ray(cfg)
     with Lease(layout.lease, run_id=rid, ttl_s=120, wait_s=150, log=log) as lease:  # a retry outwaits a dead driver's lease
-        return _monitor(cfg, cal, lam, files, layout, lease)
+        return _monitor(cfg, cal, lam, files, layout, lease, day)
 
 
-def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], layout: RunLayout, lease: Lease) -> dict:
+def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], layout: RunLayout, lease: Lease, day: _dt.date) -> dict:
     import ray
 
     m, rid = cfg.monitor, layout.run_id
@@ -133,7 +138,7 @@ def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], layout: RunLa
                    "mean_steps_seen_at_alarm_incorrect": float(np.mean(ok.column("steps_seen").to_numpy(zero_copy_only=False)[al & wrong]))
                    if (al & wrong).any() else None}
     summary = {
-        "kind": "monitor", "run_id": rid, "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "kind": "monitor", "run_id": rid, "monitored_date": day.isoformat(), "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config_hash": _cfg_hash(cfg), "input": m.input, "calibration": m.calibration, "calibration_hash": cal["artifact_hash"],
         "rule": cal["rule"], "risk": cal["risk"], "control": cal["control"], "epsilon": cal["epsilon"], "delta": cal["delta"],
         "guarantee": cal["guarantee"], "trajectories": t.num_rows, "steps": n_steps, "alarms": alarms.num_rows,
@@ -145,7 +150,8 @@ def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], layout: RunLa
                                             None, "When alarms fire", "steps seen")}
     page = html_page(f"CTD monitor {rid}", [("Summary", html_table([{"quantity": k, "value": str(v)} for k, v in summary.items()]))], fig)
     files_written = write_report(layout.attempt_root, "report", summary, page, fig)
-    layout.publish({"trajectories": t.num_rows, "alarms": alarms.num_rows, "quarantined": quarantine.num_rows}, list(files_written.values()),
+    layout.publish({"monitored_date": day.isoformat(), "trajectories": t.num_rows, "alarms": alarms.num_rows, "quarantined": quarantine.num_rows},
+                   list(files_written.values()),
                    before_commit=lease.check)
     log(f"monitor {rid}: {t.num_rows} trajectories, {n_steps} steps, {alarms.num_rows} alarms, {quarantine.num_rows} quarantined"
         + (f"; false alarms {quality['false_alarm_rate']:.3f}, power {quality['power']:.3f}" if quality.get("power") is not None else ""))
