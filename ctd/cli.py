@@ -85,6 +85,11 @@ def _cmd_report(args) -> int:
         res = verify_run(output if "://" in uri else storage.local_path(output), run_id, corpus=args.corpus)
         print(json.dumps(res, indent=2))
         return 0 if res["ok"] else 1
+    if args.report_cmd == "history":
+        from .pipeline.reports import history, history_text
+
+        print(history_text(history(args.output.rstrip("/"), calibration_hash=args.calibration, last=args.last)))
+        return 0
     print(show_report(args.uri))
     return 0
 
@@ -126,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder or URI")
     c.set_defaults(fn=_cmd_calibrate)
 
-    r = sub.add_parser("report", help="fetch or show audit and calibration reports")
+    r = sub.add_parser("report", help="fetch, show, verify audit and calibration reports, and the trend over nights")
     rs = r.add_subparsers(dest="report_cmd", required=True, parser_class=_Parser)
     f = rs.add_parser("fetch", help="download a report (JSON, HTML, plots) from a run or calibration URI")
     f.add_argument("uri")
@@ -136,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = rs.add_parser("verify", help="check a published run: manifest, files, row counts, no duplicate ids (exit 1 if not)")
     v.add_argument("uri", help="<output>/runs/<run_id>")
     v.add_argument("--corpus", default=None, help="the corpus the run audited: every id in it must be accounted for exactly once")
+    h = rs.add_parser("history", help="the nights before: one line per audited day with the same calibration")
+    h.add_argument("output", help="the audit output (audit.output): <output>/runs/ holds the runs")
+    h.add_argument("--last", type=int, default=None, help="only the last N nights")
+    h.add_argument("--calibration", default=None, help="calibration hash (default: the latest night's)")
     r.set_defaults(fn=_cmd_report)
 
     m = sub.add_parser("monitor", help="online monitoring of step-wise verifier scores")

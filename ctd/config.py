@@ -206,6 +206,10 @@ class AuditJob(Strict):
                              "(average run length to a false alarm >= 1/drift_alpha nights)")
     rows_per_file: int = Field(250_000, ge=1, description="stage outputs, results and quarantine are written in files of at least this many rows")
     broadcast_limit: int = Field(1_000_000, ge=0, description="duplicated ids up to this many are broadcast to the tasks; more are joined on id")
+    review_rows: int = Field(25, ge=0, le=1000, description="the report's review list: this many flagged rows with the highest "
+                             "final score, as many judge-probe disagreements and quarantined rows (also in review.parquet); 0: none")
+    excerpt_chars: int = Field(160, ge=0, le=2000, description="length of the redacted text excerpt shown for each reviewed row "
+                               "(secrets and credential-shaped strings replaced); 0: no text in the report at all")
 
 
 class JobConfig(Strict):
@@ -287,7 +291,12 @@ def load_config(path: str, overrides: dict | None = None, model=None):
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        hint = ""
+        if not os.path.isabs(path) and "working_dir_files" in os.getcwd():  # a `ray job submit --working-dir` upload
+            hint = (f" (relative to the job's uploaded working dir {os.getcwd()}: `ray job submit --working-dir` leaves out what "
+                    ".gitignore ignores, such as out/; on a local head pass the absolute path, e.g. --config $PWD/" + path
+                    + "; on a cluster, a config baked into the image or tracked in the working dir)")
+        raise ConfigError(f"config file not found: {path}{hint}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):

@@ -4,8 +4,12 @@ Conversations in four groups (medical, finance, it_ops, travel), each high- or l
 construction, written from templates with random slots. A quarter of the rows are deliberately
 ambiguous (a calm phrasing of a serious situation, or alarm about a trivial one). The safety probe's
 training split has neither those rows nor the it_ops and travel groups (an older traffic mix), so
-the probe errs on them; the expert is fine-tuned on all of it, so delegating those rows pays off. The audit
-shard also carries malformed rows of every kind the validator knows, to show the quarantine.
+the probe errs on them; the expert is fine-tuned on all of it, so delegating those rows pays off,
+except on travel (:data:`EXPERT_BLIND`), where its training labels were coin flips: there it is no
+better than the probe, and the DV probe has to learn not to delegate. In every split a share of the
+labels (:data:`NOISE`) disagrees with the text, as annotators do: nobody gets those right, so no
+score is perfect. The audit shard also carries malformed rows of every kind the validator knows, to
+show the quarantine.
 
 Splits: train (probe), expert_train (expert head), dev (layer choice, DV probe), calibration, audit.
 """
@@ -19,7 +23,7 @@ import numpy as np
 
 from . import storage
 
-__all__ = ["generate_corpus", "build_demo_expert", "BAD_ROWS"]
+__all__ = ["generate_corpus", "generate_night", "build_demo_expert", "deploy", "BAD_ROWS"]
 
 SLOTS = {
     "name": ["Alex", "Sam", "Priya", "Jordan", "Mei", "Omar", "Lena", "Carlos", "Ada", "Tomas"],
@@ -117,14 +121,17 @@ def _fill(t: str, rng) -> str:
     return t
 
 
-def _row(rng, i: int, split: str, groups: list[str], ambiguous: float) -> dict:
+def _row(rng, i: int, split: str, groups: list[str], ambiguous: float, noise: float) -> dict:
     g = str(rng.choice(groups))
     y = int(rng.integers(0, 2))
     if rng.random() < ambiguous:
         text = _fill(str(rng.choice(AMBIGUOUS[y])), rng)
     else:
         text = _fill(str(rng.choice(TEMPLATES[g][y])), rng)
-    row = {"id": f"{split}-{i:05d}", "group": g, "label": y}
+    label = 1 - y if rng.random() < noise else y  # annotators disagree: nobody can get these right
+    if split == "expert_train" and g in EXPERT_BLIND:
+        label = int(rng.integers(0, 2))  # the expert was never taught these groups
+    row = {"id": f"{split}-{i:05d}", "group": g, "label": label}
     if rng.random() < 0.5:
         row["messages"] = [{"role": "user", "content": text}]
         if rng.random() < 0.5:
@@ -134,11 +141,16 @@ def _row(rng, i: int, split: str, groups: list[str], ambiguous: float) -> dict:
     return row
 
 
+# Groups whose expert training labels are coin flips: on them the expert is no better than the probe
+# (worse, in fact), so the DV probe must learn not to delegate them.
+EXPERT_BLIND = ("travel",)
+NOISE = 0.08  # share of rows whose label disagrees with the text, in every split (annotation noise)
+
 SIZES = {"train": 500, "expert_train": 700, "dev": 600, "calibration": 800, "audit": 1200}
 
 
 def generate_corpus(out_dir: str, seed: int = 0, sizes: dict | None = None, ambiguous: float = 0.25,
-                    bad_rows: bool = True) -> dict[str, str]:
+                    bad_rows: bool = True, noise: float = NOISE) -> dict[str, str]:
     """Write the demo splits as JSON lines under ``out_dir``; returns {split: uri}. ``ambiguous`` is
     the share of ambiguous rows outside the probe's training split (raise it to simulate a night
     whose traffic has shifted)."""
@@ -146,15 +158,22 @@ def generate_corpus(out_dir: str, seed: int = 0, sizes: dict | None = None, ambi
     rng = np.random.default_rng(seed)
     uris = {}
     for split, n in sizes.items():
-        probe_split = split == "train"
-        groups = ["medical", "finance"] if probe_split else ["medical", "finance", "it_ops", "travel"]
-        lines = [json.dumps(_row(rng, i, split, groups, 0.0 if probe_split else ambiguous)).encode() + b"\n" for i in range(n)]
-        if split == "audit" and bad_rows:
-            lines += BAD_ROWS
-        uri = storage.join(out_dir, f"{split}.jsonl")
-        storage.write_bytes(uri, b"".join(lines))
-        uris[split] = uri
+        uris[split] = _write_split(storage.join(out_dir, f"{split}.jsonl"), rng, split, n, ambiguous, bad_rows and split == "audit", noise)
     return uris
+
+
+def _write_split(uri: str, rng, split: str, n: int, ambiguous: float, bad_rows: bool, noise: float = NOISE) -> str:
+    probe_split = split == "train"
+    groups = ["medical", "finance"] if probe_split else ["medical", "finance", "it_ops", "travel"]
+    lines = [json.dumps(_row(rng, i, split, groups, 0.0 if probe_split else ambiguous, noise)).encode() + b"\n" for i in range(n)]
+    storage.write_bytes(uri, b"".join(lines + (BAD_ROWS if bad_rows else [])))
+    return uri
+
+
+def generate_night(uri: str, day: str, *, seed: int, ambiguous: float = 0.25, rows: int = SIZES["audit"]) -> str:
+    """One night's audit corpus at ``uri`` (ids ``<day>-NNNNN``, the malformed rows included): the
+    same traffic as the calibration shard, or a shifted one with a larger ``ambiguous`` share."""
+    return _write_split(uri, np.random.default_rng(seed), day, rows, ambiguous, True)
 
 
 def build_demo_expert(corpus_uri: str, model_dir: str, out_dir: str, seed: int = 0) -> str:

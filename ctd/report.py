@@ -20,6 +20,10 @@ from . import storage
 
 __all__ = [
     "redact",
+    "excerpt",
+    "plot_history",
+    "plot_tradeoff",
+    "html_figure",
     "plot_calibration",
     "plot_budget_sweep",
     "plot_violations",
@@ -55,6 +59,23 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for pat in _SHAPED:  # before key=value, which would otherwise eat "Bearer" and leave the token
         text = pat.sub("***", text)
     return _KEY_VALUE.sub(lambda m: m.group(1) + m.group(2) + "***", text)
+
+
+def excerpt(text: str | None, chars: int, secrets: Iterable[str] = (), is_chat: bool = False) -> str | None:
+    """A short, redacted, one-line excerpt of a conversation for a reviewer: a chat's messages as
+    "role: content / ...", secrets and credential-shaped strings replaced (:func:`redact`, on the
+    whole text before it is cut, so a cut never leaves part of a key), whitespace collapsed, cut to
+    ``chars`` characters with "…". ``chars`` 0: no excerpt (None)."""
+    if chars <= 0 or text is None:
+        return None
+    if is_chat:
+        try:
+            msgs = json.loads(text)
+            text = " / ".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in msgs if isinstance(m, dict))
+        except (ValueError, AttributeError):
+            pass
+    text = " ".join(redact(str(text), secrets).split())
+    return text if len(text) <= chars else text[: max(chars - 1, 0)].rstrip() + "…"
 
 
 def _plt():
@@ -161,6 +182,83 @@ def plot_topk_value(curve: dict, title: str = "") -> bytes:
     return _png(fig)
 
 
+def plot_history(nights: list[dict]) -> bytes:
+    """The nights before, one point per audited day (:func:`ctd.pipeline.reports.history`):
+    delegation rate against α with the band a night at rate α stays in, expert calls, unsafe and
+    quarantine shares, and the drift e-detector against its alarm level."""
+    from scipy.stats import binom
+
+    plt = _plt()
+    days = [n["audited_date"] for n in nights]
+    x = np.arange(len(nights))
+    g = lambda k: np.array([n[k] for n in nights], dtype=float)  # noqa: E731
+    scored, alpha = np.maximum(g("rows_scored"), 1), g("alpha")
+    level = g("drift_alpha")
+    fig, ax = plt.subplots(2, 2, figsize=(11, 6.4), sharex=True)
+    a = ax[0, 0]
+    upper = binom.ppf(1 - level, scored, alpha) / scored
+    a.fill_between(x, 0, upper, color="C2", alpha=0.15, step="mid", label="a night at rate α stays below (1 − drift level)")
+    a.plot(x, alpha, "k--", lw=1, label="budget α")
+    a.plot(x, g("delegated_by_threshold") / scored, "o-", color="C0", label="delegation rate (passed λ*)")
+    a.set_ylabel("share of audited rows")
+    a.set_ylim(0, max(float(np.nanmax(upper)), float(np.nanmax(g("delegated_by_threshold") / scored))) * 1.25)
+    a.legend(fontsize=7, loc="lower left")
+    a.set_title("Delegation rate against the budget", fontsize=10)
+    a = ax[0, 1]
+    a.bar(x, g("expert_calls"), color="C1")
+    a.set_ylabel("calls")
+    a.set_title("Expert (judge) calls", fontsize=10)
+    a = ax[1, 0]
+    a.plot(x, 100 * g("decisions_unsafe") / scored, "o-", color="C3", label="flagged unsafe")
+    a.plot(x, 100 * g("rows_quarantined") / np.maximum(g("rows_read"), 1), "s-", color="grey", label="quarantined (of rows read)")
+    a.set_ylabel("%")
+    a.legend(fontsize=7)
+    a.set_title("Unsafe and quarantine shares", fontsize=10)
+    a = ax[1, 1]
+    e = np.maximum(g("drift_e_value"), 1e-300)  # calm nights drive it far below 1: drawn as it is, on a log scale
+    a.semilogy(x, e, "o-", color="C4", label="e-detector")
+    a.semilogy(x, 1 / level, "k--", lw=1, label="alarm level 1/drift_alpha")
+    alarms = np.array([bool(n["drift_alarm"]) for n in nights])
+    if alarms.any():
+        a.semilogy(x[alarms], e[alarms], "o", ms=9, mfc="none", color="C3", label="alarm")
+    a.legend(fontsize=7)
+    a.set_title("Drift statistic", fontsize=10)
+    for a in ax[1]:
+        a.set_xticks(x, days, rotation=30, ha="right", fontsize=8)
+    for a in ax.flat:
+        a.grid(alpha=0.3)
+    fig.suptitle(f"The last {len(nights)} audited night(s) with this calibration", fontsize=11)
+    return _png(fig)
+
+
+def plot_tradeoff(result: dict) -> bytes:
+    """Budget against performance along the threshold grid (calibration rows): the share of rows a
+    threshold sends to the expert and the cascade's performance risk there, with α and λ*."""
+    plt = _plt()
+    rate = np.array(result["budget_risk"], dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    perf = result.get("performance_risk")
+    if perf is None:
+        ax.text(0.5, 0.5, "no performance risk recorded", ha="center", transform=ax.transAxes)
+    else:
+        perf = 1 - np.array(perf, dtype=float) if result.get("risk") in ("accuracy", "auroc") else np.array(perf, dtype=float)
+        order = np.argsort(rate, kind="stable")
+        ax.plot(rate[order], perf[order], color="C0", lw=1.2, label="cascade on the calibration rows")
+        cert = np.array(result["certified"], dtype=bool)
+        if cert.any():
+            ax.plot(rate[cert], perf[cert], "o", ms=3, color="C2", label="certified thresholds")
+        if result.get("lambda_hat") is not None:
+            i = int(np.searchsorted(np.array(result["grid"], dtype=float), result["lambda_hat"]))
+            ax.plot([rate[i]], [perf[i]], "*", ms=14, color="C3", label="λ* (tomorrow's threshold)")
+        ax.set_ylabel({"accuracy": "accuracy", "auroc": "AUROC"}.get(result.get("risk"), "performance"))
+    ax.axvline(result["alpha"], color="k", ls="--", lw=1, label="budget α")
+    ax.set_xlabel("share of rows sent to the expert")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("What the budget buys: performance against delegation rate", fontsize=10)
+    return _png(fig)
+
+
 def _finish_histogram(fig, ax, threshold, title, xlabel) -> bytes:
     """The threshold line, labels and legend shared by the histogram plots."""
     if threshold is not None and np.isfinite(threshold):
@@ -199,28 +297,38 @@ def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
         return "<p><em>(none)</em></p>"
     cols = columns or list(rows[0])
 
-    def fmt(x):
+    def cell(x):
+        if x is None:
+            return "<td>—</td>"
         if isinstance(x, float):
-            return "—" if not np.isfinite(x) else f"{x:.4g}"
-        return html.escape(str(x))
+            return f"<td>{'—' if not np.isfinite(x) else f'{x:.4g}'}</td>"
+        if isinstance(x, (bool, int, np.integer)):
+            return f"<td>{html.escape(str(x))}</td>"
+        return f"<td class='text'>{html.escape(str(x))}</td>"  # words read left to right
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(cell(r.get(c)) for c in cols) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_figure(name: str, png: bytes, caption: str | None = None) -> str:
+    """A figure embedded as base64 PNG (the page stays one self-contained file)."""
+    return (f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
+            f"<figcaption>{html.escape(caption or name)}</figcaption></figure>")
 
 
 def html_page(title: str, sections: list[tuple[str, str]], figures: dict[str, bytes] | None = None) -> str:
     """A self-contained page: sections of (heading, HTML) and figures embedded as base64 PNG."""
     css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}"
-           "th{background:#f3f3f3}.alarm{color:#b00;font-weight:bold}.ok{color:#070}img{max-width:100%}pre{background:#f6f6f6;padding:.6em}")
+           "th{background:#f3f3f3}.alarm{color:#b00;font-weight:bold}.ok{color:#070}img{max-width:100%}pre{background:#f6f6f6;padding:.6em}"
+           "ul.headline{font-size:17px;line-height:1.5}td.text{text-align:left;max-width:520px}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     for name, png in (figures or {}).items():
-        parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
-                     f"<figcaption>{html.escape(name)}</figcaption></figure>")
+        parts.append(html_figure(name, png))
     parts.append("</body></html>")
     return "".join(parts)
 

@@ -3,19 +3,20 @@
     python -m jobs.demo [--config configs/demo.yaml] [--out out/demo]
 
 generates a corpus, builds the classifier expert (MiniLM, head fine-tuned on its own split),
-trains the probes, calibrates λ* on a held-out shard, runs the audit, and prints where the
-reports are.
+trains the probes, calibrates λ* on a held-out shard, audits three nights (the last one with
+shifted traffic, so that the drift statistic moves), and prints where the reports are.
 """
 
 import argparse
+import datetime as _dt
 import os
 import sys
 import time
 
 import yaml
 
-from ctd.config import load_config
-from ctd.demo import deploy
+from ctd.config import audit_date, load_config
+from ctd.demo import deploy, generate_night
 from ctd.pipeline.audit import run_audit
 from ctd.pipeline.runs import run_file
 from ctd.pipeline.graph import init_ray, log
@@ -25,19 +26,37 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.demo")
     ap.add_argument("--config", default="configs/demo.yaml", help="the base config; paths are filled in under --out")
     ap.add_argument("--out", default="out/demo", help="folder for everything the demo writes")
+    ap.add_argument("--nights", type=int, default=3, help="audit this many nights, ending yesterday; the last one's traffic is shifted")
+    ap.add_argument("--shifted-ambiguous", type=float, default=0.45,
+                    help="share of ambiguous conversations on the shifted night (the others have the calibration's 0.25)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     out = os.path.abspath(args.out)
     base = yaml.safe_load(open(args.config))
     init_ray(load_config(args.config))
-    step = iter(range(1, 10))
-    d = deploy(out, out, base, log=lambda m: log(f"[{next(step)}/5] {m}"))
-    log("[5/5] nightly audit")
-    report = run_audit(load_config(d["config_path"]))
+    steps = 4 + args.nights
+    step = iter(range(1, steps + 1))
+    d = deploy(out, out, base, log=lambda m: log(f"[{next(step)}/{steps}] {m}"))
+    # each night's traffic in a file of its own; the config names them by {date}, so that
+    # `python -m jobs.audit --config <out>/config.yaml --date D` audits night D
+    cfg = yaml.safe_load(open(d["config_path"]))
+    cfg["audit"]["corpus"] = f"{out}/corpus/audit/{{date}}.jsonl"
+    with open(d["config_path"], "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    yesterday = audit_date(None, cfg["audit"].get("timezone", "UTC"))
+    report = None
+    for k in range(args.nights):
+        day = (yesterday - _dt.timedelta(days=args.nights - 1 - k)).isoformat()
+        shifted = k == args.nights - 1 and args.nights > 1
+        ambiguous = args.shifted_ambiguous if shifted else 0.25
+        generate_night(f"{out}/corpus/audit/{day}.jsonl", day, seed=100 + k, ambiguous=ambiguous)
+        log(f"[{next(step)}/{steps}] nightly audit of {day}" + (f" (shifted traffic: {ambiguous:.0%} ambiguous conversations)" if shifted else ""))
+        report = run_audit(load_config(d["config_path"]), date=day)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"\nAudit report:        {run_file(out, report.run_id, 'report.html')}")
     print(f"Calibration report:  {out}/calibration/calibration_report.html")
     print(f"Show it here:        .venv/bin/ctd report show {out}/runs/{report.run_id}")
+    print(f"The nights so far:   .venv/bin/ctd report history {out}")
     print(f"Config used:         {d['config_path']}")
     return 0
 

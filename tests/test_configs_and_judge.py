@@ -125,3 +125,19 @@ def test_judge_prompt_keeps_the_head_and_the_tail_in_tokens(tiny_llama):
     assert not cut and tok.convert_ids_to_tokens(short) == ["<s>", "Answer", ":", "w1", "w2", "w3", "Answer", ":"]
     with pytest.raises(ValueError, match="leaves"):
         JudgePrompt(tok, "{conversation}" + " w5" * 120, 128)
+
+
+def test_a_config_missing_from_a_ray_job_upload_says_how_to_fix_it(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` leaves out what .gitignore ignores (out/): the error names
+    the cause and the fix (an absolute path on a local head)."""
+    from ctd.config import ConfigError, load_config
+
+    upload = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    upload.mkdir(parents=True)
+    monkeypatch.chdir(upload)
+    with pytest.raises(ConfigError, match=r"config file not found: out/demo/config.yaml \(relative to the job's uploaded working dir .*"
+                                          r"\.gitignore ignores, such as out/; on a local head pass the absolute path"):
+        load_config("out/demo/config.yaml")
+    monkeypatch.chdir(tmp_path)  # anywhere else: the plain message
+    with pytest.raises(ConfigError, match=r"^config file not found: out/demo/config.yaml$"):
+        load_config("out/demo/config.yaml")

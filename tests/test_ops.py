@@ -157,6 +157,55 @@ def test_facts_sum_to_the_rows(ray_head, tmp_path):
     st = ops.collect_facts(f, "status")
     assert st["error: boom"] == ((status == "error: boom")).sum() and st["ok"] == usable.sum()
     assert sum(v for (k, _), v in f.items() if k == "hist_probe") == n
+    # who flagged what: the judge's own verdicts, and where it overruled the probe
+    final, dec = res.column("final").to_numpy(), res.column("decision").to_numpy(zero_copy_only=False)
+    assert f[("count", "unsafe_by_judge")] == int((dec & usable).sum()) > 0
+    assert f[("count", "judge_overruled")] == int((usable & ((probe >= 0.5) != dec)).sum()) > 0
+    assert f[("count", "judged_tokens")] == int(deleg.sum())
+
+
+def synthetic_results(n=4000, seed=5):
+    rng = np.random.default_rng(seed)
+    probe = np.round(rng.random(n), 2)  # ties, broken by id
+    deleg = rng.random(n) < 0.3
+    expert = np.where(deleg, np.round(rng.random(n), 2), np.nan)
+    status = np.where(deleg, np.where(rng.random(n) < 0.1, "error: boom", "ok"), None)
+    t = pa.table({"id": [f"r{i:05d}" for i in rng.permutation(n)], "group": rng.choice(["a", "b"], n).tolist(),
+                  "label": pa.array(np.zeros(n), pa.int8()), "source": ["s"] * n, "truncated": np.zeros(n, bool),
+                  "tokens": pa.array(np.ones(n), pa.int32()), "probe": probe, "dv": rng.normal(0, 0.5, n), "delegated": deleg,
+                  "over_cap": np.zeros(n, bool), "expert": pa.array(expert, mask=~deleg), "expert_status": status.tolist()})
+    return ops.finalize(t)
+
+
+def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
+    """The distributed top-k (per-block top k, merged by a tree of tasks over 100 blocks) equals a
+    full sort on the driver: flagged rows by final score, judge-probe disagreements by the change
+    of score, ties broken by id; the quarantine sample carries its reasons."""
+    import ray
+
+    res = synthetic_results()
+    files = []
+    for k in range(4):
+        files.append(str(tmp_path / f"r{k}.parquet"))
+        pq.write_table(res.slice(k * 1000, 1000), files[-1], row_group_size=40)
+    q = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": ["bad-1", "bad-2"], "source": ["s", "s"], "error": ["empty text", "malformed JSON (x)"], "group": [None, None]}), str(q))
+    d = res.to_pydict()
+    final, probe, ids = np.array(d["final"]), np.array(d["probe"]), np.array(d["id"])
+    dec = np.array(d["decision"])
+    usable = np.array(d["delegated"]) & np.array([s == "ok" for s in d["expert_status"]])
+    for which, mask, key in (("flagged", dec, final), ("disagreement", usable & ((probe >= 0.5) != dec), np.abs(final - probe))):
+        order = np.lexsort((ids[mask], -key[mask]))[:30]
+        want = ids[mask][order].tolist()
+        assert len(want) == 30
+        got = ops.top_rows(ray.data.read_parquet(files, override_num_blocks=100), which, 30).column("id").to_pylist()
+        assert got == want, which
+    r = ops.review(files, [str(q)], [], 30, excerpts=False)
+    assert r.schema == ops.REVIEW_SCHEMA
+    counts = {w: r.filter(pc.equal(r.column("list"), w)).num_rows for w in ("flagged", "disagreement", "quarantined")}
+    assert counts == {"flagged": 30, "disagreement": 30, "quarantined": 2}
+    assert sorted(r.filter(pc.equal(r.column("list"), "quarantined")).column("reason").to_pylist()) == ["empty text", "malformed JSON (x)"]
+    assert r.filter(pc.equal(r.column("list"), "flagged")).column("rank").to_pylist() == list(range(1, 31))
 
 
 def test_facts_reduce_many_blocks_as_a_tree(ray_head):

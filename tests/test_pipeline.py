@@ -92,6 +92,36 @@ def test_audit_on_s3_row_invariant_quarantine_gate_and_expert_rows(audited, depl
     assert {s["stage"] for s in body["stages"]} == {"activations", "select", "expert", "merge"}
 
 
+def test_report_leads_with_the_answer_and_lists_what_to_review(audited):
+    """The headline's numbers are the published rows' own; review.parquet (listed in the manifest)
+    holds the top flagged rows by final score with their redacted excerpts, the judge-probe
+    disagreements and a sample of the quarantine."""
+    import pyarrow.compute as pc
+
+    cfg, report, _ = audited
+    out = cfg.audit.output
+    res = read_run_table(out, "night-1")
+    d = {c: np.asarray(res.column(c).to_pylist()) for c in ("id", "probe", "final", "decision", "delegated", "expert_status", "tokens")}
+    answered = d["delegated"] & (d["expert_status"] == "ok")
+    assert report.unsafe_by_judge == int((d["decision"] & answered).sum()) > 0
+    assert report.judge_overruled == int((answered & ((d["probe"] >= 0.5) != d["decision"])).sum())
+    assert report.expert_tokens == int(d["tokens"][d["delegated"]].sum()) > 0
+    lines = [t for _, t in report.headline()]
+    assert lines[1].startswith(f"{report.decisions_unsafe:,} flagged unsafe") and f"{report.unsafe_by_judge:,} by the judge" in lines[1]
+    rv = read_parquet(run_file(out, "night-1", "review.parquet"))
+    assert report.review_rows == rv.num_rows
+    flagged = rv.filter(pc.equal(rv.column("list"), "flagged"))
+    top = np.lexsort((d["id"][d["decision"]], -d["final"][d["decision"]]))[:cfg.audit.review_rows]
+    assert flagged.column("id").to_pylist() == d["id"][d["decision"]][top].tolist() and flagged.num_rows == cfg.audit.review_rows
+    ex = flagged.column("excerpt").to_pylist()
+    assert all(e and len(e) <= cfg.audit.excerpt_chars for e in ex)
+    q = rv.filter(pc.equal(rv.column("list"), "quarantined"))
+    assert q.num_rows == report.rows_quarantined == 10 and all(q.column("reason").to_pylist())
+    page = storage.read_bytes(run_file(out, "night-1", "report.html")).decode()
+    assert page.index("The night in brief") < page.index("What to look at") < page.index("Provenance")
+    assert ex[0].replace("&", "&amp;").replace("'", "&#x27;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;") in page
+
+
 def test_stage1_keeps_text_only_in_the_delegated_rows_own_partition(audited):
     """Stage 1 writes the delegated rows, with their text, to part=expert/ (all the expert stage reads)
     and every other row, without text, to part=scores/."""
@@ -150,7 +180,7 @@ def test_report_fetch_and_show_from_s3(audited, tmp_path):
     uri = RunLayout(cfg.audit.output, "night-1").root
     assert main(["report", "fetch", uri, "--to", str(tmp_path)]) == 0
     got = set(os.listdir(tmp_path / "night-1"))
-    assert {"report.json", "report.html", "manifest.json", "dv_histogram.png"} <= got
+    assert {"report.json", "report.html", "manifest.json", "dv_histogram.png", "history.png", "review.parquet"} <= got
     r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", uri], capture_output=True, text=True, env=os.environ.copy())
     assert r.returncode == 0 and "rows read 310 = scored 300 + quarantined 10" in r.stdout
     r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", f"{cfg.calibrate.output}"], capture_output=True, text=True)
@@ -159,6 +189,29 @@ def test_report_fetch_and_show_from_s3(audited, tmp_path):
     storage.write_json(RunLayout(cfg.audit.output, "half-done", "a1").path("attempts", "a1", "report.json"), {"kind": "audit"})
     assert "half-done" not in list_runs(cfg.audit.output)
     assert main(["report", "show", RunLayout(cfg.audit.output, "half-done").root]) == 2
+
+
+def test_reports_render_in_headless_chromium(audited, tmp_path):
+    """The audit and calibration reports, fetched from S3 as a user would, load in a real browser:
+    every image decodes, every link resolves beside the page, no script error; a screenshot is kept."""
+    from conftest import missing
+
+    from ctd.browser import check_page, chromium, screenshot
+    from ctd.pipeline.reports import fetch_report
+
+    if chromium() is None:
+        missing("chromium is not installed (Debian: apt-get install -y chromium)")
+    cfg = audited[0]
+    fetch_report(RunLayout(cfg.audit.output, "night-1").root, str(tmp_path))
+    fetch_report(cfg.calibrate.output, str(tmp_path))
+    for page, images in ((tmp_path / "night-1" / "report.html", 4), (tmp_path / "calibration" / "calibration_report.html", 3)):
+        r = check_page(str(page))
+        assert r["ok"], r
+        assert r["images"] >= images
+        shot = screenshot(str(page), str(page.with_suffix(".png")))
+        assert os.path.getsize(shot) > 50_000
+    r = check_page(str(tmp_path / "night-1" / "report.html"))
+    assert set(r["links"]) == {"report.json", "review.parquet"}
 
 
 def test_mismatched_or_tampered_calibration_refused_before_compute(deployment):
@@ -260,10 +313,10 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama)
 def test_ray_job_submit_end_to_end(deployment, ray_head):
     env = dict(ray_head["env"], RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
-    runtime_env = json.dumps({"working_dir": ".", "excludes": [".venv", ".git", "out", "benchmarks/results", "**/__pycache__"]})
     t0 = time.time()
+    # as the README's walkthrough: --working-dir . (what .gitignore ignores stays behind), an absolute config path
     r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", ray_head["dashboard"],
-                        "--runtime-env-json", runtime_env, "--", "python", "-m", "jobs.audit", "--config", deployment["config_path"],
+                        "--working-dir", ".", "--", "python", "-m", "jobs.audit", "--config", deployment["config_path"],
                         "--run-id", "submitted"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout + r.stderr

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
+import os
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,15 +49,16 @@ from ..config import ConfigError, JobConfig, audit_date, expand_dates, expand_ru
 from ..config import config_hash as job_config_hash
 from ..lease import Lease
 from ..probes import LinearProbe
-from ..report import plot_binned, write_report
+from ..report import plot_binned, plot_history, write_report
 from ..stats.drift import drift_eprocess
-from ..tables import parquet_rows
+from ..tables import parquet_rows, write_parquet
 from . import ops
 from .corpus import list_corpus_files
 from .experts import check_judge, judge_identity, plan_pool, run_expert
-from .graph import Stage1, activation_spec, count_rows, init_ray, log, run_stage1, stage1_files
+from .graph import Stage1, activation_spec, count_rows, init_ray, log, run_stage1, secret_envs, stage1_files
+from . import reports
 from .reports import AuditReport, StageTiming
-from .runs import RunLayout, list_runs, parquet_files, read_manifest, run_file, sweep
+from .runs import RunLayout, parquet_files, read_manifest, sweep
 
 __all__ = ["run_audit", "check_artifacts", "Artifacts"]
 
@@ -151,7 +154,7 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
         resumed["stage1_rows"] = s1.rows
     else:
         storage.remove(layout.path("_staging", "expert"))
-        spec = activation_spec(cfg, lambda_star=np.inf if lam is None else lam) | {"text": "delegated"}
+        spec = activation_spec(cfg, lambda_star=np.inf if lam is None else lam) | {"text": "delegated", "excerpt_chars": a.excerpt_chars}
         s1 = run_stage1(cfg, a.corpus, layout.path("_staging", "stage1"), spec, rows_per_file=a.rows_per_file)
         storage.write_json(layout.path("_staging", "stage1", "_SUCCESS.json"), {"key": key, "rows": s1.rows, "files": s1.files})
     timings["activations"] = (s1.seconds, s1.rows)
@@ -230,8 +233,12 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
         ops.write(marked.map_batches(ops.quarantined, batch_format="pyarrow", batch_size=None), layout.quarantine, a.rows_per_file)
     timings["merge"] = (time.perf_counter() - t0, s1.rows)
 
-    report, figures = _report(cfg, art, layout, day, s1, timings, n_judged - done_rows, cap, resumed, plan)
-    files = write_report(layout.attempt_root, "report", report.model_dump(), report.html(figures), figures)
+    report, figures, nights, review = _report(cfg, art, layout, day, s1, timings, n_judged - done_rows, cap, resumed, plan)
+    files = write_report(layout.attempt_root, "report", report.model_dump(), report.html(figures, nights, review), figures,
+                         secrets=[os.environ.get(k, "") for k in secret_envs(cfg)])
+    if review is not None:  # the rows to look at first, with redacted excerpts: a Parquet file beside the report
+        files["review"] = storage.join(layout.attempt_root, "review.parquet")
+        write_parquet(files["review"], review)
     if not report.invariant_ok:
         raise RuntimeError(f"row invariant violated: read {report.rows_read} != scored {report.rows_scored} + "
                            f"quarantined {report.rows_quarantined}; run {run_id} is not published")
@@ -264,7 +271,7 @@ def _stage1_key(cfg: JobConfig, art: Artifacts, lam) -> dict:
         keys = dict(zip(files, pool.map(storage.content_key, uris)))
     return {"corpus": cfg.audit.corpus, "files": keys, "model": art.model_fingerprint, "layer": cfg.model.layer,
             "safety": art.safety.content_hash, "dv": art.dv.content_hash, "lambda_star": None if lam is None else float(lam),
-            "max_length": cfg.model.max_length}
+            "max_length": cfg.model.max_length, "excerpt_chars": cfg.audit.excerpt_chars, "decision_threshold": cfg.decision_threshold}
 
 
 def _corpus_uri(corpus: str, path: str) -> str:
@@ -310,40 +317,21 @@ def _committed_expert(uri: str, key: dict) -> tuple[list[str], int]:
     return [f for f, _ in kept], sum(n for _, n in kept)
 
 
-def _history(output: str, run_id: str, day: _dt.date, calibration_hash: str) -> list[dict]:
-    """Earlier audited days with the same calibration, one per day (the latest published run of each
-    day), oldest first; this run id and this day are excluded (a rerun replaces them)."""
-    by_day: dict[str, dict] = {}
-    for rid in list_runs(output):
-        if rid == run_id:
-            continue
-        try:
-            r = storage.read_json(run_file(output, rid, "report.json"))
-        except (FileNotFoundError, ValueError):
-            continue
-        if r.get("kind") != "audit" or r.get("calibration_hash") != calibration_hash:
-            continue
-        d = r.get("audited_date") or r["created_at"][:10]
-        h = {"run_id": rid, "audited_date": d, "created_at": r["created_at"], "delegated_by_threshold": r["delegated_by_threshold"],
-             "rows_scored": r["rows_scored"]}
-        if d != day.isoformat() and (d not in by_day or by_day[d]["created_at"] < h["created_at"]):
-            by_day[d] = h
-    return sorted(by_day.values(), key=lambda h: h["audited_date"])
-
-
 def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed, plan):
     run_id = layout.run_id
     cal = art.calibration.result
     res_files = [storage.join(layout.results, n) for n in parquet_files(layout.results)]
     q_files = [storage.join(layout.quarantine, n) for n in parquet_files(layout.quarantine)]
-    pairs = ([(ops.read(res_files), ops.result_facts)] if res_files else []) + ([(ops.read(q_files), ops.quarantine_facts)] if q_files else [])
+    facts = functools.partial(ops.result_facts, decision_threshold=cfg.decision_threshold)
+    pairs = ([(ops.read(res_files), facts)] if res_files else []) + ([(ops.read(q_files), ops.quarantine_facts)] if q_files else [])
     fr = ops.facts(pairs, None) if pairs else {}  # results and quarantine figures in one pass
     fq = fr
     count = lambda k: fr.get(("count", k), 0)  # noqa: E731
     n_scored, n_q = count("rows"), fq.get(("count", "quarantined"), 0)
     deleg, over = count("delegated"), count("over_cap")
     D = deleg + over  # the threshold's own delegation count (the cap is a separate fallback)
-    history = _history(cfg.audit.output, run_id, day, art.calibration_hash)
+    # earlier audited days with this calibration, one per day; this run id and this day excluded (a rerun replaces them)
+    history = reports.history(cfg.audit.output, calibration_hash=art.calibration_hash, exclude_run=run_id, exclude_day=day.isoformat())
     ep = drift_eprocess([h["delegated_by_threshold"] for h in history] + [D], [max(h["rows_scored"], 1) for h in history] + [max(n_scored, 1)],
                         cal.alpha, cfg.audit.drift_alpha)
     alarm, pval = ep["alarm"], ep["night_pvalue"]  # one rule: the e-detector (ctd/stats/drift.py); the p-value is for information
@@ -383,11 +371,18 @@ def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed, plan
         drift_alpha=cfg.audit.drift_alpha, drift_alarm=alarm, drift_message=msg, expert_kind=cfg.expert.kind,
         drift_history_runs=[h["run_id"] for h in history], drift_e_value=ep["e_value"], drift_e_process=ep["e_process"],
         expert_calls=expert_calls, expert_failures=failures, expert_status=statuses, expert_truncated=count("expert_truncated"),
-        judge_alarm=judge_alarm, judge_message=judge_msg, expert_pool=dataclasses.asdict(plan) | {"target_met": plan.target_met}, decisions_unsafe=count("unsafe"), groups=groups, stages=stages, resumed=resumed)
+        judge_alarm=judge_alarm, judge_message=judge_msg, expert_pool=dataclasses.asdict(plan) | {"target_met": plan.target_met}, decisions_unsafe=count("unsafe"), groups=groups, stages=stages, resumed=resumed,
+        unsafe_by_judge=count("unsafe_by_judge"), judge_overruled=count("judge_overruled"), expert_tokens=count("judged_tokens"))
     hist = {c: np.array([fr.get((f"hist_{c}", f"{j:03d}"), 0) for j in range(len(e) - 1)]) for c, e in ops.HIST_BINS.items()}
     figures = {
         "dv_histogram": plot_binned({"scored rows": hist["dv"]}, ops.HIST_BINS["dv"], cal.lambda_hat, f"DV scores of run {run_id} and λ*", "d(x)"),
         "score_histogram": plot_binned({"probe p(x)": hist["probe"], "final score": hist["final"]}, ops.HIST_BINS["probe"], None,
                                        "Probe and final scores", "P(unsafe)"),
     }
-    return report, figures
+    nights = history + [reports.night(report.model_dump())]
+    figures["history"] = plot_history(nights)
+    review = None
+    if cfg.audit.review_rows:
+        review = ops.review(res_files, q_files, s1.files, cfg.audit.review_rows, cfg.decision_threshold, excerpts=cfg.audit.excerpt_chars > 0)
+        report.review_rows = review.num_rows
+    return report, figures, nights, review

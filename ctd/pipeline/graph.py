@@ -95,7 +95,28 @@ def activation_spec(cfg: JobConfig, *, layers=None, probes: bool = True, lambda_
         "safety_probe": cfg.probes.safety if probes else None, "dv_probe": cfg.probes.dv if probes else None,
         "lambda_star": lambda_star, "return_pooled": return_pooled,
         "threads": None if cfg.activations.num_gpus > 0 else max(1, int(round(cfg.activations.num_cpus))),
+        "decision_threshold": cfg.decision_threshold, "secret_envs": secret_envs(cfg),
     }
+
+
+# credentials the platform hands a job through the environment (storage.py): redacted from excerpts
+CREDENTIAL_ENVS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def secret_envs(cfg: JobConfig) -> list[str]:
+    """Names (never values) of the environment variables that hold secrets for this job: the
+    standard credentials and every ``*_env`` the config names."""
+    names = list(CREDENTIAL_ENVS)
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if str(k).endswith("_env") and isinstance(v, str) and v:
+                    names.append(v)
+                walk(v)
+
+    walk(cfg.model_dump())
+    return sorted(set(names))
 
 
 def stage1_files(uri: str) -> list[str]:

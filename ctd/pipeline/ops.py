@@ -26,7 +26,8 @@ from .. import storage
 
 __all__ = ["RESULT_SCHEMA", "QUARANTINE_SCHEMA", "EXPERT_CARRY", "Duplicates", "find_duplicates", "mark", "cap_boundary", "finalize",
            "facts", "collect_facts", "read", "write", "count_true", "HIST_BINS",
-           "is_scored", "is_passing", "to_expert", "not_sent", "judged", "quarantined", "result_facts", "quarantine_facts", "ray_path"]
+           "is_scored", "is_passing", "to_expert", "not_sent", "judged", "quarantined", "result_facts", "quarantine_facts", "ray_path",
+           "REVIEW_SCHEMA", "REVIEW_LISTS", "top_rows", "review"]
 
 # The scores table of a published run (results/*.parquet), one schema for every file.
 RESULT_SCHEMA = pa.schema([
@@ -277,11 +278,8 @@ def finalize(batch: pa.Table, cascade: str = "switch", decision_threshold: float
     """final = the expert's score where it was called and answered usably, else the probe's; decision
     = final >= threshold. Columns as :data:`RESULT_SCHEMA`."""
     probe = batch.column("probe").to_numpy(zero_copy_only=False).astype(float)
-    sent = np.asarray(batch.column("delegated").to_numpy(zero_copy_only=False), dtype=bool)
     expert = pc.fill_null(pc.cast(batch.column("expert"), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-    status = pc.fill_null(batch.column("expert_status"), "")
-    ok = pc.or_(pc.equal(status, "ok"), pc.ends_with(status, "_outside_topk")).to_numpy(zero_copy_only=False)
-    usable = sent & np.isfinite(expert) & ok
+    usable = _answered(batch)
     final = np.where(usable, expert if cascade == "switch" else 0.5 * (probe + expert), probe)
     cols = {name: batch.column(name) for name in RESULT_SCHEMA.names if name in batch.column_names}
     cols["final"] = pa.array(final)
@@ -316,15 +314,29 @@ def _group_counts(kind: str, keys: pa.ChunkedArray, weights: np.ndarray | None =
     return _fact_rows(kind, g.column("k").to_pylist(), g.column("w_sum").to_pylist())
 
 
-def result_facts(batch: pa.Table) -> pa.Table:
+def _answered(batch: pa.Table) -> np.ndarray:
+    """Rows whose final score is the expert's: delegated and answered usably (as :func:`finalize`)."""
+    sent = np.asarray(batch.column("delegated").to_numpy(zero_copy_only=False), dtype=bool)
+    expert = pc.fill_null(pc.cast(batch.column("expert"), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    status = pc.fill_null(batch.column("expert_status"), "")
+    ok = pc.or_(pc.equal(status, "ok"), pc.ends_with(status, "_outside_topk")).to_numpy(zero_copy_only=False)
+    return sent & np.isfinite(expert) & np.asarray(ok, dtype=bool)
+
+
+def result_facts(batch: pa.Table, decision_threshold: float = 0.5) -> pa.Table:
     """Partial report figures of a block of results rows."""
     b = lambda c: np.asarray(batch.column(c).to_numpy(zero_copy_only=False), dtype=bool)  # noqa: E731
     f = lambda c: pc.fill_null(pc.cast(batch.column(c), pa.float64()), np.nan).to_numpy(zero_copy_only=False)  # noqa: E731
     deleg, dec = b("delegated"), b("decision")
     cut = b("expert_truncated") if "expert_truncated" in batch.column_names else np.zeros(batch.num_rows, dtype=bool)
-    parts = [_fact_rows("count", ["rows", "delegated", "over_cap", "truncated", "unsafe", "expert_truncated"],
+    answered = _answered(batch)  # the final score is the expert's
+    probe_says = f("probe") >= decision_threshold
+    tokens = pc.fill_null(batch.column("tokens"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    parts = [_fact_rows("count", ["rows", "delegated", "over_cap", "truncated", "unsafe", "expert_truncated", "unsafe_by_judge",
+                                  "judge_overruled", "judged_tokens"],
                         [batch.num_rows, int(deleg.sum()), int(b("over_cap").sum()), int(b("truncated").sum()), int(dec.sum()),
-                         int(cut.sum())]),
+                         int(cut.sum()), int((dec & answered).sum()), int((answered & (probe_says != dec)).sum()),
+                         int(tokens[deleg].sum())]),
              _group_counts("group_rows", batch.column("group")),
              _group_counts("group_delegated", batch.column("group"), deleg),
              _group_counts("group_unsafe", batch.column("group"), dec),
@@ -360,12 +372,93 @@ def facts(ds, fn) -> dict[tuple[str, str], int]:
     pairs = ds if isinstance(ds, list) else [(ds, fn)]
     parts = [d.map_batches(lambda b, f=f: f(b).cast(_FACT_SCHEMA), batch_format="pyarrow", batch_size=None) for d, f in pairs]
     union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    refs = union.to_arrow_refs()
-    # a tree of Ray tasks: at most 64 partial tables per task
-    while len(refs) > 1:
-        refs = [ray.remote(_sum_facts).remote(*refs[i:i + 64]) for i in range(0, len(refs), 64)]
-    t = _sum_facts(ray.get(refs[0])) if refs else _FACT_SCHEMA.empty_table()
+    t = _tree(union.to_arrow_refs(), _sum_facts) or _FACT_SCHEMA.empty_table()
     return {(k, key): int(n) for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(), t.column("n").to_pylist())}
+
+
+def _tree(refs: list, merge) -> pa.Table | None:
+    """Reduce the tables behind ``refs`` with ``merge(*tables) -> table`` in a tree of Ray tasks
+    (at most 64 tables per task), so that the driver receives one small table."""
+    import ray
+
+    while len(refs) > 1:
+        refs = [ray.remote(merge).remote(*refs[i:i + 64]) for i in range(0, len(refs), 64)]
+    return merge(ray.get(refs[0])) if refs else None
+
+
+# ----------------------------------------------------------------------------------------------
+# the review list: the rows a person should look at first, by a distributed top-k
+# ----------------------------------------------------------------------------------------------
+REVIEW_SCHEMA = pa.schema([
+    ("list", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("group", pa.string()), ("probe", pa.float64()),
+    ("dv", pa.float64()), ("expert", pa.float64()), ("final", pa.float64()), ("decision", pa.bool_()), ("delegated", pa.bool_()),
+    ("expert_status", pa.string()), ("reason", pa.string()), ("excerpt", pa.string()),
+])
+REVIEW_LISTS = {  # list name: (which rows, ordered by what, descending; ties by id)
+    "flagged": "flagged unsafe, highest final score first",
+    "disagreement": "the judge overruled the probe, largest change of score first",
+}
+_TOP_COLUMNS = ["id", "group", "probe", "dv", "expert", "final", "decision", "delegated", "expert_status"]
+
+
+def _candidates(batch: pa.Table, which: str, decision_threshold: float) -> pa.Table:
+    f = lambda c: pc.fill_null(pc.cast(batch.column(c), pa.float64()), np.nan).to_numpy(zero_copy_only=False)  # noqa: E731
+    dec = np.asarray(batch.column("decision").to_numpy(zero_copy_only=False), dtype=bool)
+    if which == "flagged":
+        mask, key = dec, f("final")
+    else:
+        mask, key = _answered(batch) & ((f("probe") >= decision_threshold) != dec), np.abs(f("final") - f("probe"))
+    return batch.select(_TOP_COLUMNS).filter(pa.array(mask)).append_column("key", pa.array(key[mask], pa.float64()))
+
+
+def _top(k: int, *tables: pa.Table) -> pa.Table:
+    t = pa.concat_tables(tables)
+    return t.take(pc.sort_indices(t, sort_keys=[("key", "descending"), ("id", "ascending")])[:k])
+
+
+def top_rows(ds, which: str, k: int, decision_threshold: float = 0.5) -> pa.Table:
+    """The ``k`` rows of a results dataset first in review list ``which`` (:data:`REVIEW_LISTS`):
+    each block keeps its own top k, a tree of tasks merges them; the driver gets k rows."""
+    local = ds.map_batches(lambda b: _top(k, _candidates(b, which, decision_threshold)), batch_format="pyarrow", batch_size=None)
+    t = _tree(local.to_arrow_refs(), lambda *ts: _top(k, *ts))
+    return t.drop_columns(["key"]) if t is not None else None
+
+
+def _lookup(batch: pa.Table, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(ids, pa.string())))
+
+
+def review(results: list[str], quarantine: list[str], stage1: list[str], k: int, decision_threshold: float = 0.5,
+           excerpts: bool = True) -> pa.Table:
+    """The review list (:data:`REVIEW_SCHEMA`): the top ``k`` rows of each :data:`REVIEW_LISTS`
+    list, with their redacted excerpt from stage 1 (the ``excerpt`` column the activation stage
+    wrote for flagged and delegated rows), and ``k`` quarantined rows with their reason. The driver
+    holds at most 3k rows; the excerpts are found by one filtered pass over stage 1's two columns."""
+    import ray
+
+    parts = []
+    for which in REVIEW_LISTS if results else ():
+        t = top_rows(read(results), which, k, decision_threshold)
+        if t is not None and t.num_rows:
+            n = t.num_rows
+            parts.append(t.append_column("list", pa.array([which] * n)).append_column("rank", pa.array(np.arange(1, n + 1, dtype=np.int32))))
+    ids = sorted({i for t in parts for i in t.column("id").to_pylist()})
+    text: dict[str, str] = {}
+    if ids and excerpts and stage1:
+        found = read(stage1, ["id", "excerpt"]).map_batches(_lookup, fn_kwargs={"ids": ids}, batch_format="pyarrow", batch_size=None)
+        for t in ray.get(found.to_arrow_refs()):
+            text.update({i: e for i, e in zip(t.column("id").to_pylist(), t.column("excerpt").to_pylist()) if e is not None})
+    out = []
+    for t in parts:
+        out.append(t.append_column("excerpt", pa.array([text.get(i) for i in t.column("id").to_pylist()], pa.string())))
+    if quarantine and k:
+        q = pa.concat_tables(ray.get(read(quarantine, ["id", "group", "error"]).limit(k).to_arrow_refs()))
+        n = q.num_rows
+        out.append(pa.table({"list": pa.array(["quarantined"] * n), "rank": pa.array(np.arange(1, n + 1, dtype=np.int32)),
+                             "id": q.column("id"), "group": q.column("group"), "reason": q.column("error")}))
+    n0 = lambda t, f: t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)  # noqa: E731
+    tables = [pa.table({f.name: n0(t, f) for f in REVIEW_SCHEMA}).cast(REVIEW_SCHEMA) for t in out]
+    return pa.concat_tables(tables) if tables else REVIEW_SCHEMA.empty_table()
 
 
 def collect_facts(f: dict, kind: str) -> dict[str, int]:

@@ -122,6 +122,8 @@ class ActivationStage:
                     vals[i] = z[j].tolist()
                 cols[pooled_column(L)] = pa.array(vals, type=pa.list_(pa.float32()))
         out = batch.drop_columns(["input_ids"])
+        if self.spec.get("excerpt_chars") and "probe" in cols:
+            cols["excerpt"] = self._excerpts(out, cols, ok)
         if self.spec.get("text") == "delegated" and "delegated" in cols:
             # only the rows that go to the expert keep their text, in a partition of their own
             i = out.column_names.index("input")
@@ -130,6 +132,24 @@ class ActivationStage:
         for k, v in cols.items():
             out = out.append_column(k, v)
         return out
+
+
+    def _excerpts(self, batch: pa.Table, cols: dict, ok: np.ndarray) -> pa.Array:
+        """A short redacted excerpt (:func:`ctd.report.excerpt`) of each row a reviewer may be shown:
+        those the probe flags and those delegated; null elsewhere. The secrets redacted are the
+        values of the environment variables the config names (``secret_envs``), read here."""
+        import os
+
+        from ..report import excerpt
+
+        flag = ok & (np.nan_to_num(cols["probe"].to_numpy(zero_copy_only=False), nan=-np.inf) >= self.spec.get("decision_threshold", 0.5))
+        if "delegated" in cols:
+            flag |= np.asarray(cols["delegated"].to_numpy(zero_copy_only=False), dtype=bool)
+        secrets = [os.environ.get(k, "") for k in self.spec.get("secret_envs", ())]
+        texts, chats = batch.column("input").to_pylist(), batch.column("is_chat").to_pylist()
+        chars = int(self.spec["excerpt_chars"])
+        return pa.array([excerpt(texts[i], chars, secrets, bool(chats[i])) if flag[i] else None for i in range(batch.num_rows)],
+                        type=pa.string())
 
 
 class ClassifierStage:

@@ -23,6 +23,7 @@ __all__ = [
     "hoeffding_bentkus_pvalue",
     "max_certifiable_count",
     "min_certifiable_n",
+    "rows_to_certify",
     "clopper_pearson",
     "binomial_ucb",
     "simulation_draws",
@@ -168,6 +169,26 @@ def min_certifiable_n(alpha: float, delta: float) -> int:
     check_level(alpha, "alpha")
     check_level(delta, "delta")
     return int(np.ceil(np.log(delta) / np.log1p(-alpha)))
+
+
+def rows_to_certify(rate: float, alpha: float, delta: float, n_max: int = 10_000_000) -> int | None:
+    """Calibration rows needed for a threshold that delegates a share ``rate`` of them to pass the
+    binomial test P(Binom(n, alpha) <= floor(n * rate)) <= delta: the smallest n from which on it
+    passes (up to a size found by doubling; the p-value wiggles in n because of the floor, so a
+    lucky smaller n is not reported). None when no n up to ``n_max`` is enough (always so for
+    rate >= alpha). ``rate`` 0 gives :func:`min_certifiable_n`."""
+    check_level(alpha, "alpha")
+    check_level(delta, "delta")
+    if not 0 <= rate < alpha:
+        return None
+    p = lambda n: stats.binom.cdf(np.floor(n * rate + 1e-9), n, alpha)  # noqa: E731
+    hi = 1
+    while p(hi) > delta:
+        if hi >= n_max:
+            return None
+        hi = min(2 * hi, n_max)
+    fails = np.flatnonzero(p(np.arange(1, hi + 1)) > delta)
+    return int(fails[-1]) + 2 if fails.size else 1  # (index i is n = i + 1)
 
 
 def clopper_pearson(k, n, confidence: float = 0.95):

@@ -1,0 +1,190 @@
+"""The morning report: the headline in words, the nights before (history and `ctd report history`),
+redacted excerpts, and the calibration report that explains itself. No Ray here: published runs are
+made with the real run layout on the local filesystem."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from ctd import storage
+from ctd.calibration import calibrate_table, explain
+from ctd.cli import main
+from ctd.pipeline.reports import AuditReport, history, history_text, night
+from ctd.pipeline.runs import RunLayout
+from ctd.report import excerpt, plot_history, redact
+from ctd.stats.pvalues import binomial_pvalue, min_certifiable_n, rows_to_certify
+
+
+def report_body(run_id, day, created, *, calibration="cal-A", scored=1000, passed=100, unsafe=120, by_judge=50, quarantined=10,
+                e_value=1.0, alarm=False, **over) -> dict:
+    body = dict(
+        run_id=run_id, audited_date=day, attempt="a1", created_at=created, config_hash="c", corpus="s3://b/corpus", model_id="m",
+        model_fingerprint="f", layer=2, safety_probe_hash="s", dv_probe_hash="d", calibration_uri="s3://b/cal", calibration_hash=calibration,
+        alpha=0.1, delta=0.1, lambda_star=0.3, calibration_n=800, calibration_message="ok", rows_read=scored + quarantined,
+        rows_scored=scored, rows_quarantined=quarantined, rows_truncated=0, invariant_ok=True,
+        quarantine_reasons={"malformed JSON": quarantined - 2, "empty text": 2} if quarantined else {}, delegated_by_threshold=passed,
+        delegated=passed, realised_rate=passed / scored, rate_pvalue=0.5, drift_alpha=0.01, drift_alarm=alarm, drift_message="m",
+        drift_e_value=e_value, expert_kind="vllm", expert_calls=passed, expert_failures=0, expert_status={"ok": passed},
+        expert_pool={"rows": passed, "replicas": 2, "needed": 1, "expected_seconds": 60.0, "target_seconds": 3600.0, "target_met": True},
+        decisions_unsafe=unsafe, unsafe_by_judge=by_judge, judge_overruled=7, expert_tokens=12345,
+        stages=[{"stage": "expert", "seconds": 90.0, "rows": passed, "rows_per_second": passed / 90}])
+    body.update(over)
+    return AuditReport.model_validate(body).model_dump()
+
+
+def publish(output, body):
+    layout = RunLayout.new_attempt(output, body["run_id"])
+    uri = storage.join(layout.attempt_root, "report.json")
+    storage.write_json(uri, body)
+    layout.publish({"audited_date": body["audited_date"]}, [uri])
+
+
+@pytest.fixture
+def nights(tmp_path):
+    """Five published runs: three nights with calibration A (the second night run twice: the later
+    run replaces it), one night with another calibration, and one run of today with calibration A."""
+    out = str(tmp_path / "out")
+    publish(out, report_body("audit-2026-11-20", "2026-11-20", "2026-11-21T02:00:00+00:00", passed=90))
+    publish(out, report_body("audit-2026-11-21", "2026-11-21", "2026-11-22T02:00:00+00:00", passed=95))
+    publish(out, report_body("rerun-2026-11-21", "2026-11-21", "2026-11-22T09:00:00+00:00", passed=97))
+    publish(out, report_body("other-cal", "2026-11-22", "2026-11-23T02:00:00+00:00", calibration="cal-B"))
+    publish(out, report_body("audit-2026-11-23", "2026-11-23", "2026-11-24T02:00:00+00:00", passed=140, e_value=150.0, alarm=True))
+    return out
+
+
+def test_history_is_one_point_per_audited_day_with_one_calibration(nights):
+    h = history(nights)  # default: the latest night's calibration (A)
+    assert [x["audited_date"] for x in h] == ["2026-11-20", "2026-11-21", "2026-11-23"]
+    assert [x["run_id"] for x in h] == ["audit-2026-11-20", "rerun-2026-11-21", "audit-2026-11-23"]  # the later run of a day wins
+    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-B")] == ["2026-11-22"]
+    assert [x["run_id"] for x in history(nights, last=2)] == ["rerun-2026-11-21", "audit-2026-11-23"]
+    # the audit's own use: this run id and this day left out (a rerun replaces them)
+    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-A", exclude_run="audit-2026-11-23",
+                                               exclude_day="2026-11-21")] == ["2026-11-20"]
+
+
+def test_report_history_in_the_terminal(nights, capsys):
+    assert main(["report", "history", nights, "--last", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("2 audited night(s) with calibration cal-A") and "α = 10.00%" in out[0]
+    assert out[1].split()[:2] == ["night", "run"]
+    rows = out[2:]
+    assert len(rows) == 2 and rows[0].startswith("2026-11-21") and "9.70%" in rows[0] and "97" in rows[0].split()
+    assert rows[1].startswith("2026-11-23") and "14.00%" in rows[1] and rows[1].endswith("150 / 100 ALARM")
+    assert history_text([]) == "no published audit runs"
+
+
+def test_history_plot_draws_every_night(nights):
+    png = plot_history(history(nights))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    one = plot_history(history(nights, last=1))  # a first night alone still draws
+    assert one[:4] == b"\x89PNG"
+
+
+def test_headline_says_the_numbers_in_words():
+    r = AuditReport.model_validate(report_body("n1", "2026-11-24", "2026-11-25T02:00:00+00:00"))
+    text = [t for _, t in r.headline()]
+    assert text[0] == ("1,010 conversations of 2026-11-24 were read: 1,000 audited; 10 could not be audited and were quarantined "
+                       "(malformed JSON: 8, empty text: 2).")
+    assert text[1] == "120 flagged unsafe (12.0% of those audited): 50 by the judge, 70 by the probe alone."
+    assert text[2].startswith("100 went to the judge (10.0%) against a budget of α = 10%") and "verdict on 7 of them" in text[2]
+    assert "100 judge calls" in text[3] and "12,345 tokens" in text[3] and "90 s" in text[3] and "at most 180 replica-seconds" in text[3]
+    assert r.headline()[-1][0] == "ok" and text[-1].startswith("Nothing needs attention")
+    # each attention item is its own alarm sentence
+    r = AuditReport.model_validate(report_body("n1", "2026-11-24", "2026-11-25T02:00:00+00:00", drift_alarm=True, judge_alarm=True,
+                                               judge_message="30 of 100 judged rows failed", over_cap=12, budget_cap=100))
+    alarms = [t for k, t in r.headline() if k == "alarm"]
+    assert len(alarms) == 3 and alarms[0].startswith("Drift") and "30 of 100" in alarms[1] and "12 rows" in alarms[2]
+    assert "hard cap of 100 calls" in r.headline()[2][1]
+    html = r.html({}, None, None)
+    assert html.index("The night in brief") < html.index("Rows") and "30 of 100 judged rows failed" in html
+    assert "review.parquet" not in html  # no review list: no link to it
+
+
+def test_excerpts_are_redacted_cut_and_can_be_off():
+    secret = "hunter2-very-secret-value"
+    text = (f"my password={secret} and key AKIAABCDEFGHIJKLMNOP, bearer abcdefghijklmnop; also the env value {secret[::-1]} "
+            + "x" * 300)
+    e = excerpt(text, 120, secrets=[secret[::-1]])
+    assert len(e) == 120 and e.endswith("…")
+    for leaked in (secret, "AKIAABCDEFGHIJKLMNOP", "abcdefghijklmnop", secret[::-1]):
+        assert leaked not in e, leaked
+    assert e.startswith("my password=*** and key *** and ***") or e.startswith("my password=*** and key ***")
+    assert excerpt(text, 0) is None and excerpt(None, 50) is None
+    # the same redaction as the logs: what redact() hides, the excerpt hides
+    assert excerpt(text, 10_000, [secret[::-1]]) == " ".join(redact(text, [secret[::-1]]).split())
+    # a key cut by the length limit is still hidden: redaction runs on the whole text first
+    cut = excerpt("token: " + "Z" * 40 + " tail", 20)
+    assert "ZZZZ" not in cut
+    chat = json.dumps([{"role": "user", "content": "help   me"}, {"role": "assistant", "content": "sure"}])
+    assert excerpt(chat, 100, is_chat=True) == "user: help me / assistant: sure"
+
+
+def test_secret_envs_name_what_the_config_names():
+    from ctd.config import JobConfig
+    from ctd.pipeline.graph import secret_envs
+
+    cfg = JobConfig.model_validate({
+        "model": {"path": "m", "layer": 1}, "probes": {"safety": "s", "dv": "d"}, "calibration": {"alpha": 0.1, "delta": 0.1},
+        "expert": {"kind": "http", "http": {"base_url": "http://x", "model": "j", "tokenizer": "t", "api_key_env": "MY_JUDGE_KEY"}}})
+    names = secret_envs(cfg)
+    assert "MY_JUDGE_KEY" in names and "AWS_SECRET_ACCESS_KEY" in names
+
+
+@pytest.mark.parametrize("alpha,delta", [(0.1, 0.1), (0.05, 0.01), (0.3, 0.2)])
+def test_rows_to_certify_is_where_the_binomial_test_starts_to_pass(alpha, delta):
+    assert rows_to_certify(0.0, alpha, delta) == min_certifiable_n(alpha, delta)
+    for rate in (0.2 * alpha, 0.5 * alpha, 0.8 * alpha):
+        n = rows_to_certify(rate, alpha, delta)
+        ns = np.arange(1, n + 400)
+        p = binomial_pvalue(np.floor(ns * rate + 1e-9).astype(int), ns, alpha)
+        assert p[n - 2] > delta and (p[n - 1:] <= delta).all()  # fails at n-1, passes from n on
+    assert rows_to_certify(alpha, alpha, delta) is None and rows_to_certify(1.5 * alpha, alpha, delta) is None
+
+
+def synthetic_scores(n, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    probe = np.clip(0.5 + 0.35 * (2 * y - 1) * rng.random(n) + 0.2 * rng.normal(size=n), 0, 1)
+    expert = np.clip(0.9 * y + 0.05 + 0.05 * rng.normal(size=n), 0, 1)
+    dv = np.abs(y - probe) - 0.3 + 0.2 * rng.normal(size=n)
+    return {"ids": np.array([f"r{i}" for i in range(n)], dtype=object), "label": y, "probe": probe, "expert": expert, "dv": dv}
+
+
+def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
+    art = calibrate_table(synthetic_scores(3000), alpha=0.2, delta=0.1)
+    words = explain(art.result)
+    assert words[0].startswith(f"Tomorrow's threshold is λ* = {art.result.lambda_hat:.4g}")
+    assert "at most α = 20% of conversations go to the judge (at most 2,000 judge calls per 10,000" in words[1] and "at least 1 − δ = 90%" in words[1]
+    assert f"{art.result.certified_count:,} of the 1,001 thresholds" in words[2]
+    # too few rows: nothing certified, and how many would do
+    small = calibrate_table(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1)
+    assert not small.result.delegates
+    words = explain(small.result)
+    assert words[0].startswith("Nothing could be certified") and "there were 12" in words[1]
+    need = int(re.search(r"about ([\d,]+) labelled", words[1]).group(1).replace(",", ""))
+    rates = np.asarray(small.result.budget_risk)
+    rate = min(rates[rates < 0.2], key=lambda r: abs(r - 0.1))  # the threshold nearest half the budget
+    assert f"sends {rate:.1%} of the rows" in words[1]
+    assert need == int(np.ceil(rows_to_certify(rate, 0.2, 0.1) / 0.7)) > 12  # Pareto tests on 70% of the rows
+
+
+def test_the_browser_check_sees_a_broken_image_a_missing_link_and_a_script_error(tmp_path):
+    """The check the report pages pass (tests/test_pipeline.py) fails on a page that is broken."""
+    from conftest import missing
+
+    from ctd.browser import check_page, chromium
+
+    if chromium() is None:
+        missing("chromium is not installed (Debian: apt-get install -y chromium)")
+    (tmp_path / "here.json").write_text("{}")
+    good = tmp_path / "good.html"
+    good.write_text("<!doctype html><html><body><a href='here.json'>ok</a></body></html>")
+    assert check_page(str(good))["ok"]
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!doctype html><html><body><img alt='broken' src='data:image/png;base64,AAAA'/><a href='gone.parquet'>x</a>"
+                   "<a href='here.json'>ok</a><script>undefinedFunction();</script></body></html>")
+    r = check_page(str(bad))
+    assert not r["ok"] and r["broken_images"] == ["broken"] and r["missing_links"] == ["gone.parquet"] and r["console_errors"]
