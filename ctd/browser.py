@@ -19,8 +19,11 @@ __all__ = ["chromium", "check_page", "screenshot"]
 
 _FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars", "--no-first-run"]
 # appended to a copy of the page: after load, record every image that did not decode
+# (console.error calls are recorded too; uncaught exceptions show in the browser's log)
+_CAPTURE = ("<script>var ctdErrors=[];var ctdError=console.error;console.error=function(){ctdErrors.push(Array.prototype.join.call(arguments,' '));"
+            "ctdError.apply(console,arguments);};window.addEventListener('error',function(e){ctdErrors.push(String(e.message));});</script>")
 _PROBE = ("<script>window.addEventListener('load',function(){var imgs=Array.prototype.slice.call(document.images);"
-          "document.body.setAttribute('data-ctd-check',JSON.stringify({images:imgs.length,"
+          "document.body.setAttribute('data-ctd-check',JSON.stringify({images:imgs.length,errors:ctdErrors,"
           "broken:imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);}).map(function(i){return i.alt||i.src.slice(0,60);})}));"
           "});</script>")
 
@@ -52,13 +55,15 @@ def check_page(path: str, timeout: float = 60) -> dict:
     """Load ``path`` (a local HTML file) in headless Chromium. Returns {images, broken_images,
     links, missing_links, console_errors, ok}: images counted and checked by the browser after
     load; relative links checked against the files beside the page (a browser may not read
-    file:// URLs from a script); console messages at error level."""
+    file:// URLs from a script); script errors and console.error calls."""
     path = os.path.abspath(path)
     with open(path, encoding="utf-8") as f:
         page = f.read()
     probe = os.path.join(os.path.dirname(path), f".ctd-check-{os.getpid()}.html")  # beside the page: relative URLs resolve the same
     with open(probe, "w", encoding="utf-8") as f:
-        f.write(page.replace("</body>", _PROBE + "</body>") if "</body>" in page else page + _PROBE)
+        head = page.find("<head>")  # the error capture first, before any script of the page runs
+        early = page[: head + 6] + _CAPTURE + page[head + 6:] if head >= 0 else _CAPTURE + page
+        f.write(early.replace("</body>", _PROBE + "</body>") if "</body>" in early else early + _PROBE)
     try:
         r = _run(["--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom", "file://" + probe], timeout)
     finally:
@@ -67,7 +72,7 @@ def check_page(path: str, timeout: float = 60) -> dict:
     if m is None:
         raise RuntimeError(f"chromium did not render {path} (exit {r.returncode}): {r.stderr[-2000:]}")
     seen = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    console = [line for line in r.stderr.splitlines() if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line)]
+    console = seen["errors"] + [line for line in r.stderr.splitlines() if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line)]
     parser = _Links()
     parser.feed(page)
     local = [u for u in parser.links if not re.match(r"^[a-z][a-z0-9+.-]*:|^#", u)]

@@ -106,6 +106,10 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, scores: dict[str, 
     return out
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
 def explain(r: CalibrationResult) -> list[str]:
     """The calibration in words: what α, δ and λ* mean for tomorrow's bill, what was certified, and
     when nothing was, what to do (how many labelled rows would be enough)."""
@@ -115,30 +119,38 @@ def explain(r: CalibrationResult) -> list[str]:
         cert = r.grid[np.asarray(r.certified, dtype=bool)]
         return [
             f"Tomorrow's threshold is λ* = {r.lambda_hat:.4g} on the DV score: a conversation goes to the judge when its DV score is above it.",
-            f"On traffic like these {r.n:,} calibration rows, at most α = {r.alpha:.0%} of conversations go to the judge "
+            f"On traffic like these {r.n:,} calibration rows, at most α = {_pct(r.alpha)} of conversations go to the judge "
             f"(at most {r.alpha * per:,.0f} judge calls per {per:,} conversations), and this holds with probability at least "
-            f"1 − δ = {1 - r.delta:.0%} over the draw of the calibration rows; on the calibration rows λ* sent {r.budget_risk[i]:.1%}.",
+            f"1 − δ = {_pct(1 - r.delta)} over the draw of the calibration rows; on the calibration rows λ* sent {r.budget_risk[i]:.1%}.",
             f"{r.certified_count:,} of the {len(r.grid):,} thresholds on the grid were certified (from {cert.min():.4g} to {cert.max():.4g}); "
             + ("λ* is the certified one that does best on the performance risk (" + str(r.risk) + ")." if r.pareto else
-             "λ* is the lowest certified one: it delegates the most within the budget."),
+               "λ* is the lowest certified one: it delegates the most within the budget."),
             "If tomorrow's traffic shifts, the audit's drift alarm says so; recalibrate on fresh labelled rows then.",
         ]
-    out = [f"Nothing could be certified at α = {r.alpha:.0%} and δ = {r.delta}: tomorrow no conversation goes to the judge; every decision "
-           "is the probe's alone."]
+    out = [f"Nothing could be certified at α = {_pct(r.alpha)} and δ = {r.delta:g}: tomorrow no conversation goes to the judge; every "
+           "decision is the probe's alone."]
+    if r.performance_target is not None:  # joint control: the budget may not be what failed
+        return out + [f"Why: {r.message} Check the performance target before adding rows."]
     rate = np.asarray(r.budget_risk, dtype=float)
     below = np.flatnonzero(rate < r.alpha)
     if not below.size:
         return out + ["Every threshold on the grid sends at least α of the calibration rows to the judge: more rows will not help. "
                       "Raise α or retrain the DV probe so that its scores separate (its grid comes from its own training split)."]
     test_share = 1 - (r.opt_fraction or 0) if r.pareto else 1.0
+    # the level the first test runs at: δ for fixed-sequence testing, δ/m for Bonferroni and Holm
+    level = r.delta if r.method == "fixed_sequence" else r.delta / len(r.grid)
     j = below[np.argmin(np.abs(rate[below] - r.alpha / 2))]  # a useful threshold: about half the budget
-    need = rows_to_certify(float(rate[j]), r.alpha, r.delta)
+    need = rows_to_certify(float(rate[j]), r.alpha, level)
     if need is None:
         return out + [f"The threshold nearest half the budget sends {rate[j]:.1%} of the rows, too close to α for any feasible calibration set."]
     total = int(np.ceil(need / test_share))
+    if total <= r.n:  # enough rows for the budget test: something else stopped it
+        return out + [f"Why: {r.message}"]
+    zero = int(np.ceil(min_certifiable_n(r.alpha, level) / test_share))
     return out + [f"To certify a threshold that sends {rate[j]:.1%} of the rows (the one nearest half the budget), about {total:,} labelled "
-                  f"calibration rows are needed{' (' + format(need, ',') + ' in the testing split of Pareto testing)' if r.pareto else ''}; "
-                  f"there were {r.n:,}. A threshold that sends none needs {int(np.ceil(min_certifiable_n(r.alpha, r.delta) / test_share)):,}."]
+                  f"calibration rows are needed{' (' + format(need, ',') + ' in the testing split of Pareto testing)' if r.pareto else ''}"
+                  f"{'' if level == r.delta else ' (' + r.method + ' tests at δ/' + format(len(r.grid), ',') + ')'}; "
+                  f"there were {r.n:,}. A threshold that sends none needs {zero:,}."]
 
 
 def _pre(d: dict) -> str:

@@ -19,6 +19,19 @@ import sys
 __all__ = ["main", "UsageError"]
 
 
+def _positive(name):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = 0
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number >= 1, got {s!r}")
+        return v
+
+    return parse
+
+
 class UsageError(Exception):
     """Bad input: reported in one line, exit code 2."""
 
@@ -88,7 +101,12 @@ def _cmd_report(args) -> int:
     if args.report_cmd == "history":
         from .pipeline.reports import history, history_text
 
-        print(history_text(history(args.output.rstrip("/"), calibration_hash=args.calibration, last=args.last)))
+        from .pipeline.runs import list_runs
+
+        out = args.output.rstrip("/")
+        if not list_runs(out):
+            raise FileNotFoundError(f"no published runs under {out}/runs: is {out} the audit output (audit.output)?")
+        print(history_text(history(out, calibration_hash=args.calibration, last=args.last)))
         return 0
     print(show_report(args.uri))
     return 0
@@ -143,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--corpus", default=None, help="the corpus the run audited: every id in it must be accounted for exactly once")
     h = rs.add_parser("history", help="the nights before: one line per audited day with the same calibration")
     h.add_argument("output", help="the audit output (audit.output): <output>/runs/ holds the runs")
-    h.add_argument("--last", type=int, default=None, help="only the last N nights")
-    h.add_argument("--calibration", default=None, help="calibration hash (default: the latest night's)")
+    h.add_argument("--last", type=_positive("--last"), default=None, help="only the last N nights")
+    h.add_argument("--calibration", default=None, help="calibration hash or a prefix of it (default: the latest night's)")
     r.set_defaults(fn=_cmd_report)
 
     m = sub.add_parser("monitor", help="online monitoring of step-wise verifier scores")

@@ -46,9 +46,19 @@ METHOD_STYLE = {
     "expert_only": ("expert only", "black", "-."),
 }
 
-# Anything that looks like a credential: AWS keys, bearer tokens, key=value secrets, long hex/base64.
-_SHAPED = [re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"), re.compile(r"(?i)bearer\s+[A-Za-z0-9._\-]{8,}")]
-_KEY_VALUE = re.compile(r"(?i)(aws_secret_access_key|secret|password|passwd|token|api[_-]?key)(\s*[=:]\s*\"?|\"\s*:\s*\")([^\s\"',;]+)")
+# Anything shaped like a credential: AWS key ids, bearer and basic auth, provider API keys (OpenAI-,
+# GitHub-, Slack-style), JWTs, PEM private keys, and key=value secrets. (Not any long hex run: the
+# reports carry content hashes.)
+_SHAPED = [
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
+    re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"),
+    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}"),
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{20,}"),
+    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"),
+    re.compile(r"\bxox[abprs]-[A-Za-z0-9\-]{10,}"),
+    re.compile(r"\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"),
+]
+_KEY_VALUE = re.compile(r"(?i)(aws_secret_access_key|secret|password|passwd|token|api[_-]?key)(\s*[=:]\s*\"?|\"\s*:\s*\"|\s+is\s+)([^\s\"',;]+)")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -66,7 +76,7 @@ def excerpt(text: str | None, chars: int, secrets: Iterable[str] = (), is_chat: 
     "role: content / ...", secrets and credential-shaped strings replaced (:func:`redact`, on the
     whole text before it is cut, so a cut never leaves part of a key), whitespace collapsed, cut to
     ``chars`` characters with "…". ``chars`` 0: no excerpt (None)."""
-    if chars <= 0 or text is None:
+    if chars <= 0 or text is None or not str(text).strip():
         return None
     if is_chat:
         try:

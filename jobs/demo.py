@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shifted-ambiguous", type=float, default=0.45,
                     help="share of ambiguous conversations on the shifted night (the others have the calibration's 0.25)")
     args = ap.parse_args(argv)
+    if args.nights < 1:
+        ap.error("--nights must be at least 1")
     t0 = time.perf_counter()
     out = os.path.abspath(args.out)
     base = yaml.safe_load(open(args.config))

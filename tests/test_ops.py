@@ -200,12 +200,35 @@ def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
         assert len(want) == 30
         got = ops.top_rows(ray.data.read_parquet(files, override_num_blocks=100), which, 30).column("id").to_pylist()
         assert got == want, which
-    r = ops.review(files, [str(q)], [], 30, excerpts=False)
+    r = ops.review(files, [str(q)], [], 30, excerpt_chars=0)
     assert r.schema == ops.REVIEW_SCHEMA
     counts = {w: r.filter(pc.equal(r.column("list"), w)).num_rows for w in ("flagged", "disagreement", "quarantined")}
     assert counts == {"flagged": 30, "disagreement": 30, "quarantined": 2}
     assert sorted(r.filter(pc.equal(r.column("list"), "quarantined")).column("reason").to_pylist()) == ["empty text", "malformed JSON (x)"]
     assert r.filter(pc.equal(r.column("list"), "flagged")).column("rank").to_pylist() == list(range(1, 31))
+    # excerpts come from stage 1's excerpt column (by id), cut to the configured length; a stage 1
+    # without the column (older, or excerpts off) gives none
+    s1 = tmp_path / "s1.parquet"
+    pq.write_table(pa.table({"id": d["id"], "excerpt": [f"text of {i} " + "y" * 50 for i in d["id"]]}), str(s1), row_group_size=500)
+    r = ops.review(files, [str(q)], [str(s1)], 30, excerpt_chars=20)
+    fl = r.filter(pc.equal(r.column("list"), "flagged"))
+    assert all(e.startswith(f"text of {i}") and len(e) == 20 and e.endswith("…") for i, e in zip(fl.column("id").to_pylist(),
+                                                                                                 fl.column("excerpt").to_pylist()))
+    pq.write_table(pa.table({"id": d["id"]}), str(s1))
+    assert ops.review(files, [], [str(s1)], 5, excerpt_chars=20).column("excerpt").null_count == 10
+
+
+def test_quarantine_sample_spreads_over_the_reasons(ray_head, tmp_path):
+    import ray
+
+    q = pa.table({"id": [f"q{i}" for i in range(40)], "source": ["f.jsonl:%d" % i for i in range(40)],
+                  "error": ["empty text"] * 30 + ["malformed JSON (at 3)"] * 8 + ["missing id"] * 2, "group": [None] * 40})
+    pq.write_table(q, str(tmp_path / "q.parquet"), row_group_size=7)
+    got = ops._tree(ray.data.read_parquet(str(tmp_path / "q.parquet"), override_num_blocks=6).map_batches(
+        lambda b: ops._spread(6, b), batch_format="pyarrow", batch_size=None).to_arrow_refs(), lambda *ts: ops._spread(6, *ts))
+    reasons = [e.split(" (")[0] for e in got.column("error").to_pylist()]
+    assert got.num_rows == 6 and sorted(set(reasons)) == ["empty text", "malformed JSON", "missing id"]
+    assert reasons.count("missing id") == 2 and reasons.count("malformed JSON") == 2 and reasons.count("empty text") == 2
 
 
 def test_facts_reduce_many_blocks_as_a_tree(ray_head):

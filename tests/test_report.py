@@ -62,7 +62,29 @@ def test_history_is_one_point_per_audited_day_with_one_calibration(nights):
     assert [x["run_id"] for x in history(nights, last=2)] == ["rerun-2026-11-21", "audit-2026-11-23"]
     # the audit's own use: this run id and this day left out (a rerun replaces them)
     assert [x["audited_date"] for x in history(nights, calibration_hash="cal-A", exclude_run="audit-2026-11-23",
-                                               exclude_day="2026-11-21")] == ["2026-11-20"]
+                                               before_day="2026-11-21")] == ["2026-11-20"]
+    # a backfill of 2026-11-22 sees only the nights before it, never later ones
+    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-A", before_day="2026-11-22")] == ["2026-11-20", "2026-11-21"]
+    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-B")] == ["2026-11-22"]  # a prefix is enough:
+    assert len(history(nights, calibration_hash="cal-A"[:5])) == 3
+    with pytest.raises(ValueError, match="matches 2 calibrations"):
+        history(nights, calibration_hash="cal")
+
+
+def test_reports_written_before_the_new_fields_still_show_and_trend(tmp_path):
+    """A report.json from before the headline counts (and before audited_date and the e-detector):
+    history and show work, and the headline says nothing it does not know."""
+    out = str(tmp_path / "out")
+    old = report_body("old", "2026-11-01", "2026-11-02T02:00:00+00:00")
+    for k in ("unsafe_by_judge", "judge_overruled", "expert_tokens", "review_rows", "audited_date", "drift_e_value", "drift_e_process"):
+        old.pop(k)
+    publish(out, old | {"audited_date": None})
+    (h,) = history(out)
+    assert h["audited_date"] == "2026-11-02" and h["drift_e_value"] == 1.0
+    r = AuditReport.model_validate(old)
+    lines = [t for _, t in r.headline()]
+    assert lines[1] == "120 flagged unsafe (12.0% of those audited)." and "verdict" not in lines[2] and "tokens" not in lines[3]
+    assert "<html" in r.html({}, [h], None).lower()
 
 
 def test_report_history_in_the_terminal(nights, capsys):
@@ -112,7 +134,7 @@ def test_excerpts_are_redacted_cut_and_can_be_off():
     for leaked in (secret, "AKIAABCDEFGHIJKLMNOP", "abcdefghijklmnop", secret[::-1]):
         assert leaked not in e, leaked
     assert e.startswith("my password=*** and key *** and ***") or e.startswith("my password=*** and key ***")
-    assert excerpt(text, 0) is None and excerpt(None, 50) is None
+    assert excerpt(text, 0) is None and excerpt(None, 50) is None and excerpt("  \n ", 50) is None
     # the same redaction as the logs: what redact() hides, the excerpt hides
     assert excerpt(text, 10_000, [secret[::-1]]) == " ".join(redact(text, [secret[::-1]]).split())
     # a key cut by the length limit is still hidden: redaction runs on the whole text first
@@ -120,6 +142,37 @@ def test_excerpts_are_redacted_cut_and_can_be_off():
     assert "ZZZZ" not in cut
     chat = json.dumps([{"role": "user", "content": "help   me"}, {"role": "assistant", "content": "sure"}])
     assert excerpt(chat, 100, is_chat=True) == "user: help me / assistant: sure"
+
+
+def test_credential_shapes_are_redacted():
+    shaped = ["sk-proj-abcdefghijklmnopqrstuvwxyz0123", "ghp_abcdefghijklmnopqrstuvwxyz0123456789", "xoxb-1234567890-abcdef",
+              "-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----", "Basic dXNlcjpwYXNzd29yZA==",
+              "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.abcdefghijk", "AKIAABCDEFGHIJKLMNOP", "Bearer abcdefghijkl"]
+    for key in shaped:
+        assert key not in redact(f"here: {key} ok") and redact(f"here: {key} ok").endswith(" ok"), key
+    assert redact("my password is hunter2, really") == "my password is ***, really"
+    digest = "a" * 64  # content hashes in reports stay readable
+    assert redact(f"sha256 {digest}") == f"sha256 {digest}"
+
+
+def test_the_activation_stage_redacts_its_excerpts_with_the_configured_secrets(monkeypatch):
+    """Stage 1 writes excerpts for flagged and delegated rows only, with the values of the
+    environment variables the config names (and credential shapes) replaced."""
+    import pyarrow as pa
+
+    from ctd.pipeline.stages import ActivationStage
+
+    monkeypatch.setenv("CTD_TEST_REVIEW_KEY", "judge-key-0123456789")
+    stage = object.__new__(ActivationStage)  # the excerpt step alone: no model needed
+    stage.spec = {"excerpt_chars": 60, "decision_threshold": 0.5, "secret_envs": ["CTD_TEST_REVIEW_KEY"]}
+    batch = pa.table({"input": ["my key is judge-key-0123456789 please help " + "x" * 100, "calm row", "delegated sk-abcdefghijklmnopqrstuvwxyz",
+                                json.dumps([{"role": "user", "content": "password=hunter2"}])],
+                      "is_chat": [False, False, False, True]})
+    cols = {"probe": pa.array([0.9, 0.1, 0.2, 0.7]), "delegated": pa.array([False, False, True, False])}
+    ex = stage._excerpts(batch, cols, np.ones(4, dtype=bool)).to_pylist()
+    assert ex[1] is None  # neither flagged nor delegated: no text kept
+    assert ex[0].startswith("my key is *** please help") and len(ex[0]) == 60 and "judge-key" not in ex[0]
+    assert ex[2] == "delegated ***" and ex[3] == "user: password=***"
 
 
 def test_secret_envs_name_what_the_config_names():
@@ -133,15 +186,22 @@ def test_secret_envs_name_what_the_config_names():
     assert "MY_JUDGE_KEY" in names and "AWS_SECRET_ACCESS_KEY" in names
 
 
-@pytest.mark.parametrize("alpha,delta", [(0.1, 0.1), (0.05, 0.01), (0.3, 0.2)])
-def test_rows_to_certify_is_where_the_binomial_test_starts_to_pass(alpha, delta):
-    assert rows_to_certify(0.0, alpha, delta) == min_certifiable_n(alpha, delta)
-    for rate in (0.2 * alpha, 0.5 * alpha, 0.8 * alpha):
+def test_rows_to_certify_is_where_the_binomial_test_starts_to_pass_for_good():
+    """Against the exact binomial p-value at every n up to the Hoeffding bound (past it the test
+    passes for certain): it fails at n - 1 and passes from n on. The p-value is a sawtooth in n:
+    at α = δ = 0.05 and rate 0.011 it first passes at 59 but fails again at 91; the answer is 93."""
+    assert rows_to_certify(0.011, 0.05, 0.05) == 93
+    rng = np.random.default_rng(7)
+    for alpha, delta, frac in zip(rng.uniform(0.02, 0.4, 60), rng.uniform(0.01, 0.3, 60), rng.uniform(0, 0.9, 60)):
+        rate = frac * alpha
         n = rows_to_certify(rate, alpha, delta)
-        ns = np.arange(1, n + 400)
+        bound = int(np.ceil(np.log(1 / delta) / (2 * (alpha - rate) ** 2)))
+        ns = np.arange(1, max(bound, n) + 1)
         p = binomial_pvalue(np.floor(ns * rate + 1e-9).astype(int), ns, alpha)
-        assert p[n - 2] > delta and (p[n - 1:] <= delta).all()  # fails at n-1, passes from n on
-    assert rows_to_certify(alpha, alpha, delta) is None and rows_to_certify(1.5 * alpha, alpha, delta) is None
+        assert (p[n - 1:] <= delta).all() and (n == 1 or p[n - 2] > delta), (alpha, delta, rate, n)
+    for alpha, delta in [(0.1, 0.1), (0.05, 0.01), (0.3, 0.2)]:
+        assert rows_to_certify(0.0, alpha, delta) == min_certifiable_n(alpha, delta)
+        assert rows_to_certify(alpha, alpha, delta) is None and rows_to_certify(1.5 * alpha, alpha, delta) is None
 
 
 def synthetic_scores(n, seed=0):
@@ -188,3 +248,7 @@ def test_the_browser_check_sees_a_broken_image_a_missing_link_and_a_script_error
                    "<a href='here.json'>ok</a><script>undefinedFunction();</script></body></html>")
     r = check_page(str(bad))
     assert not r["ok"] and r["broken_images"] == ["broken"] and r["missing_links"] == ["gone.parquet"] and r["console_errors"]
+    logged = tmp_path / "logged.html"
+    logged.write_text("<!doctype html><html><body><p>x</p><script>console.error('a plot failed');</script></body></html>")
+    r = check_page(str(logged))
+    assert not r["ok"] and "a plot failed" in r["console_errors"]

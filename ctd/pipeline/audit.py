@@ -1,14 +1,15 @@
 """The nightly audit: score every row, delegate those whose DV passes λ*, publish audited results.
 
 Read top to bottom, :func:`run_audit` is the data flow. Every per-row step is a Ray Data operation
-(:mod:`ctd.pipeline.ops`); the driver holds counts, one boundary row, file lists and, while it is
-small, the set of duplicated ids:
+(:mod:`ctd.pipeline.ops`); the driver holds counts, one boundary row, file lists, the review list
+(at most 3 x audit.review_rows rows) and, while it is small, the set of duplicated ids:
 
     date        the audited day: --date, or yesterday in audit.timezone; {date} in corpus and run id
     artifacts   probes and calibration checked against the model before any compute
     lease       one writer per run id (ctd.lease): a second driver exits 4, nothing written
     stage 1     read → validate → tokenize → activations + probes + gate        (graph.run_stage1)
-                → _staging/stage1/part=scores/  scores of every other row, no text
+                → _staging/stage1/part=scores/  scores of every other row, no text (a redacted
+                                                excerpt of the rows the probe flags: the review list)
                 → _staging/stage1/part=expert/  the delegated rows with their text
     dedup       groupby(id).count() over valid rows → duplicated ids           (ops.find_duplicates)
     cap         distributed sort of the passing rows by (d(x) desc, id), split at the cap → the first
@@ -19,7 +20,8 @@ small, the set of duplicated ids:
     rows        rows below λ* or over the cap, and judged rows → attempts/<attempt>/results/;
                 invalid and duplicate-id rows → attempts/<attempt>/quarantine/ (few large files)
     report      counts, groups, statuses, reasons, histograms as distributed aggregates (ops.facts);
-                rows read = rows scored + rows quarantined
+                rows read = rows scored + rows quarantined; the nights before (reports.history);
+                the review list by a distributed top-k (ops.review) → review.parquet
     publish     manifest.json (one write, last) names the attempt and every file with its rows and
                 SHA-256; the run's previous attempt stays readable until then; _staging/ removed
 
@@ -62,6 +64,7 @@ from .runs import RunLayout, parquet_files, read_manifest, sweep
 
 __all__ = ["run_audit", "check_artifacts", "Artifacts"]
 
+TREND_NIGHTS = 60  # nights drawn in the report's trend (the drift statistic uses every night)
 # stage-1 columns the audit reads back (never the pooled vectors); the text only for the expert
 S1_COLUMNS = ["id", "group", "label", "source", "error", "truncated", "probe", "dv", "delegated", "tokens"]
 S1_EXPERT_COLUMNS = S1_COLUMNS + ["input", "is_chat"]
@@ -146,7 +149,8 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
     resumed: dict = {}
     timings: dict[str, tuple[float, int]] = {}
 
-    # stage 1: every row scored (or carrying its error), text kept only where d(x) > λ*
+    # stage 1: every row scored (or carrying its error), text kept only where d(x) > λ* (and a
+    # redacted excerpt where the probe flags the row)
     key = _stage1_key(cfg, art, lam)
     s1 = _resumable_stage1(layout, key) if a.resume else None
     if s1 is not None:
@@ -271,7 +275,7 @@ def _stage1_key(cfg: JobConfig, art: Artifacts, lam) -> dict:
         keys = dict(zip(files, pool.map(storage.content_key, uris)))
     return {"corpus": cfg.audit.corpus, "files": keys, "model": art.model_fingerprint, "layer": cfg.model.layer,
             "safety": art.safety.content_hash, "dv": art.dv.content_hash, "lambda_star": None if lam is None else float(lam),
-            "max_length": cfg.model.max_length, "excerpt_chars": cfg.audit.excerpt_chars, "decision_threshold": cfg.decision_threshold}
+            "max_length": cfg.model.max_length}
 
 
 def _corpus_uri(corpus: str, path: str) -> str:
@@ -330,8 +334,8 @@ def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed, plan
     n_scored, n_q = count("rows"), fq.get(("count", "quarantined"), 0)
     deleg, over = count("delegated"), count("over_cap")
     D = deleg + over  # the threshold's own delegation count (the cap is a separate fallback)
-    # earlier audited days with this calibration, one per day; this run id and this day excluded (a rerun replaces them)
-    history = reports.history(cfg.audit.output, calibration_hash=art.calibration_hash, exclude_run=run_id, exclude_day=day.isoformat())
+    # the audited days before this one with this calibration, one per day (this run id left out: a rerun replaces it)
+    history = reports.history(cfg.audit.output, calibration_hash=art.calibration_hash, exclude_run=run_id, before_day=day.isoformat())
     ep = drift_eprocess([h["delegated_by_threshold"] for h in history] + [D], [max(h["rows_scored"], 1) for h in history] + [max(n_scored, 1)],
                         cal.alpha, cfg.audit.drift_alpha)
     alarm, pval = ep["alarm"], ep["night_pvalue"]  # one rule: the e-detector (ctd/stats/drift.py); the p-value is for information
@@ -379,10 +383,10 @@ def _report(cfg, art, layout, day, s1, timings, expert_calls, cap, resumed, plan
         "score_histogram": plot_binned({"probe p(x)": hist["probe"], "final score": hist["final"]}, ops.HIST_BINS["probe"], None,
                                        "Probe and final scores", "P(unsafe)"),
     }
-    nights = history + [reports.night(report.model_dump())]
+    nights = (history + [reports.night(report.model_dump())])[-TREND_NIGHTS:]
     figures["history"] = plot_history(nights)
     review = None
     if cfg.audit.review_rows:
-        review = ops.review(res_files, q_files, s1.files, cfg.audit.review_rows, cfg.decision_threshold, excerpts=cfg.audit.excerpt_chars > 0)
+        review = ops.review(res_files, q_files, s1.files, cfg.audit.review_rows, cfg.decision_threshold, excerpt_chars=cfg.audit.excerpt_chars)
         report.review_rows = review.num_rows
     return report, figures, nights, review

@@ -2,7 +2,8 @@
 
     stage 1   corpus → validate → tokenize (CPU actors) → activations + probes + gate (GPU actors)
               → <staging>/stage1/*.parquet    every row read, scored or carrying its error
-              (the audit: <staging>/stage1/part=scores/  rows below λ* or invalid, no text
+              (the audit: <staging>/stage1/part=scores/  rows below λ* or invalid, no text (but a
+                                                         redacted excerpt where the probe flags the row)
                           <staging>/stage1/part=expert/  the delegated rows, with their text:
                                                          the only files the expert stage reads)
 

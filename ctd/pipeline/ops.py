@@ -392,7 +392,7 @@ def _tree(refs: list, merge) -> pa.Table | None:
 REVIEW_SCHEMA = pa.schema([
     ("list", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("group", pa.string()), ("probe", pa.float64()),
     ("dv", pa.float64()), ("expert", pa.float64()), ("final", pa.float64()), ("decision", pa.bool_()), ("delegated", pa.bool_()),
-    ("expert_status", pa.string()), ("reason", pa.string()), ("excerpt", pa.string()),
+    ("expert_status", pa.string()), ("reason", pa.string()), ("source", pa.string()), ("excerpt", pa.string()),
 ])
 REVIEW_LISTS = {  # list name: (which rows, ordered by what, descending; ties by id)
     "flagged": "flagged unsafe, highest final score first",
@@ -424,17 +424,39 @@ def top_rows(ds, which: str, k: int, decision_threshold: float = 0.5) -> pa.Tabl
     return t.drop_columns(["key"]) if t is not None else None
 
 
+def _spread(k: int, *tables: pa.Table) -> pa.Table:
+    """Up to ``k`` quarantined rows spread over the reasons (the reason without its detail): the
+    first row of each reason, then the second of each, and so on, in reason order."""
+    t = pa.concat_tables(tables)
+    if t.num_rows <= k:
+        return t
+    short = pc.replace_substring_regex(pc.fill_null(t.column("error"), ""), pattern=r"(?s) \(.*", replacement="", max_replacements=1)
+    reasons = np.asarray(short.to_pylist(), dtype=object)
+    order = np.argsort(reasons, kind="stable")
+    sorted_r = reasons[order]
+    starts = np.r_[0, np.flatnonzero(sorted_r[1:] != sorted_r[:-1]) + 1]
+    within = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))  # rank of each row within its reason
+    pick = order[np.lexsort((sorted_r, within))][:k]
+    return t.take(pa.array(np.sort(pick)))
+
+
 def _lookup(batch: pa.Table, ids: list[str]) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(ids, pa.string())))
 
 
 def review(results: list[str], quarantine: list[str], stage1: list[str], k: int, decision_threshold: float = 0.5,
-           excerpts: bool = True) -> pa.Table:
+           excerpt_chars: int = 160) -> pa.Table:
     """The review list (:data:`REVIEW_SCHEMA`): the top ``k`` rows of each :data:`REVIEW_LISTS`
     list, with their redacted excerpt from stage 1 (the ``excerpt`` column the activation stage
-    wrote for flagged and delegated rows), and ``k`` quarantined rows with their reason. The driver
-    holds at most 3k rows; the excerpts are found by one filtered pass over stage 1's two columns."""
+    wrote for flagged and delegated rows; none when stage 1 has no such column, e.g. a stage 1
+    resumed from before excerpts, or ``excerpt_chars`` is 0), cut to ``excerpt_chars``; and up to
+    ``k`` quarantined rows with their reason and source, spread over the reasons. The driver holds
+    at most 3k rows; the excerpts are found by one filtered pass over stage 1's two columns."""
     import ray
+
+    from ..tables import parquet_schema
+
+    excerpts = excerpt_chars > 0 and bool(stage1) and "excerpt" in parquet_schema(stage1[0]).names
 
     parts = []
     for which in REVIEW_LISTS if results else ():
@@ -447,15 +469,17 @@ def review(results: list[str], quarantine: list[str], stage1: list[str], k: int,
     if ids and excerpts and stage1:
         found = read(stage1, ["id", "excerpt"]).map_batches(_lookup, fn_kwargs={"ids": ids}, batch_format="pyarrow", batch_size=None)
         for t in ray.get(found.to_arrow_refs()):
-            text.update({i: e for i, e in zip(t.column("id").to_pylist(), t.column("excerpt").to_pylist()) if e is not None})
+            text.update({i: e if len(e) <= excerpt_chars else e[: max(excerpt_chars - 1, 0)].rstrip() + "…"
+                         for i, e in zip(t.column("id").to_pylist(), t.column("excerpt").to_pylist()) if e is not None})
     out = []
     for t in parts:
         out.append(t.append_column("excerpt", pa.array([text.get(i) for i in t.column("id").to_pylist()], pa.string())))
     if quarantine and k:
-        q = pa.concat_tables(ray.get(read(quarantine, ["id", "group", "error"]).limit(k).to_arrow_refs()))
+        local = read(quarantine, ["id", "source", "group", "error"]).map_batches(lambda b: _spread(k, b), batch_format="pyarrow", batch_size=None)
+        q = _tree(local.to_arrow_refs(), lambda *ts: _spread(k, *ts))
         n = q.num_rows
         out.append(pa.table({"list": pa.array(["quarantined"] * n), "rank": pa.array(np.arange(1, n + 1, dtype=np.int32)),
-                             "id": q.column("id"), "group": q.column("group"), "reason": q.column("error")}))
+                             "id": q.column("id"), "source": q.column("source"), "group": q.column("group"), "reason": q.column("error")}))
     n0 = lambda t, f: t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)  # noqa: E731
     tables = [pa.table({f.name: n0(t, f) for f in REVIEW_SCHEMA}).cast(REVIEW_SCHEMA) for t in out]
     return pa.concat_tables(tables) if tables else REVIEW_SCHEMA.empty_table()

@@ -81,9 +81,11 @@ class AuditReport(BaseModel):
     judge_alarm: bool = Field(False, description="more than expert.max_failure_share of the judged rows failed")
     judge_message: str = ""
     decisions_unsafe: int
-    unsafe_by_judge: int = Field(0, description="unsafe decisions whose final score is the expert's (the rest are the probe's)")
-    judge_overruled: int = Field(0, description="judged rows whose verdict the expert changed from the probe's")
-    expert_tokens: int = Field(0, description="tokens of the delegated rows (monitored model's tokenizer): the judge's prompt volume")
+    # None in reports written before these were counted
+    unsafe_by_judge: Optional[int] = Field(None, description="unsafe decisions whose final score is the expert's (the rest are the probe's)")
+    judge_overruled: Optional[int] = Field(None, description="judged rows whose verdict the expert changed from the probe's")
+    expert_tokens: Optional[int] = Field(None, description="tokens of the delegated rows as the monitored model counts them, up to its "
+                                         "context: a lower bound of what the judge reads")
     review_rows: int = Field(0, description="rows in review.parquet (flagged, disagreements, quarantined)")
     groups: list[dict] = Field(default_factory=list)
     stages: list[StageTiming]
@@ -122,21 +124,23 @@ class AuditReport(BaseModel):
         q = (f"; {self.rows_quarantined:,} could not be audited and were quarantined ("
              + ", ".join(f"{k}: {v:,}" for k, v in reasons[:3]) + (", …" if len(reasons) > 3 else "") + ")") if self.rows_quarantined else \
             "; none was quarantined"
+        who = ("" if self.unsafe_by_judge is None else
+               f": {self.unsafe_by_judge:,} by the judge, {self.decisions_unsafe - self.unsafe_by_judge:,} by the probe alone")
         out = [("", f"{self.rows_read:,} conversations of {day} were read: {n:,} audited{q}."),
-               ("", f"{self.decisions_unsafe:,} flagged unsafe ({_share(self.decisions_unsafe, n)} of those audited): "
-                    f"{self.unsafe_by_judge:,} by the judge, {self.decisions_unsafe - self.unsafe_by_judge:,} by the probe alone.")]
-        sent = f"{self.delegated:,} went to the judge ({_share(self.delegated, n)}) against a budget of α = {self.alpha:.0%}"
+               ("", f"{self.decisions_unsafe:,} flagged unsafe ({_share(self.decisions_unsafe, n)} of those audited){who}.")]
+        sent = f"{self.delegated:,} went to the judge ({_share(self.delegated, n)}) against a budget of α = {_pct(self.alpha)}"
         if self.lambda_star is None:
             sent = "Nothing went to the judge: the calibration certified no threshold (see the calibration report)"
         elif self.budget_cap is not None:
             sent += f" and a hard cap of {self.budget_cap:,} calls"
-        if self.delegated:
+        if self.delegated and self.judge_overruled is not None:
             sent += f"; the judge changed the probe's verdict on {self.judge_overruled:,} of them"
         out.append(("", sent + "."))
         secs = next((s.seconds for s in self.stages if s.stage == "expert"), 0.0)
         reps = self.expert_pool.get("replicas") if self.expert_pool else None
         busy = secs * (reps or 0)
-        out.append(("", f"Cost: {self.expert_calls:,} judge calls in this run, {self.expert_tokens:,} tokens of conversation sent, "
+        tokens = "" if self.expert_tokens is None else f"{self.expert_tokens:,} tokens of conversation sent (as the monitored model counts them), "
+        out.append(("", f"Cost: {self.expert_calls:,} judge calls in this run, {tokens}"
                         f"{secs:,.0f} s of the expert stage" + (f" on up to {reps} replica(s) (at most "
                                                                 + (f"{busy / 3600:.2f} replica-hours)" if busy >= 360 else f"{busy:,.0f} replica-seconds)")
                                                                 if reps else "") + "."))
@@ -153,7 +157,7 @@ class AuditReport(BaseModel):
         if self.expert_pool and not self.expert_pool.get("target_met", True):
             attention.append("The expert pool cannot meet its time target:" + self.pool_line().split("—", 1)[-1] + ".")
         if self.lambda_star is None:
-            attention.append("The calibration certified nothing, so no row is delegated: add labelled calibration rows.")
+            attention.append("The calibration certified nothing, so no row is delegated: its report says what to do.")
         out += [("alarm", a) for a in attention] or [("ok", f"Nothing needs attention: the delegation rate is consistent with the calibration "
                                                            f"(drift e-detector {self.drift_e_value:.3g}, alarm at {1 / self.drift_alpha:g}) and "
                                                            f"{self.expert_failures:,} judge call(s) failed.")]
@@ -178,7 +182,7 @@ class AuditReport(BaseModel):
         rows = [("conversations read", self.rows_read), ("audited (scored)", self.rows_scored), ("quarantined", self.rows_quarantined),
                 ("every row accounted for", "yes" if self.invariant_ok else "NO"), ("cut to the monitored model's context", self.rows_truncated),
                 ("flagged unsafe", self.decisions_unsafe), ("… by the judge", self.unsafe_by_judge),
-                ("… by the probe alone", self.decisions_unsafe - self.unsafe_by_judge)]
+                ("… by the probe alone", None if self.unsafe_by_judge is None else self.decisions_unsafe - self.unsafe_by_judge)]
         deleg = [("budget α (share the judge may see)", f"{self.alpha:.2%}"), ("guarantee holds with probability", f"≥ {1 - self.delta:.0%}"),
                  ("threshold λ* on the DV score", "never delegate" if self.lambda_star is None else f"{self.lambda_star:.4g}"),
                  ("calibration rows", self.calibration_n), ("passed λ*", self.delegated_by_threshold),
@@ -186,7 +190,7 @@ class AuditReport(BaseModel):
                  ("over the hard cap (kept the probe's score)", self.over_cap), ("hard cap", self.budget_cap),
                  ("judge changed the verdict", self.judge_overruled)]
         expert = [("expert", self.expert_kind), ("calls this run", self.expert_calls), ("failed calls", self.expert_failures),
-                  ("tokens of conversation sent", self.expert_tokens), ("cut to the judge's context", self.expert_truncated)]
+                  ("tokens of conversation sent (monitored model's count)", self.expert_tokens), ("cut to the judge's context", self.expert_truncated)]
         drift = [("nights in the history (this calibration)", len(self.drift_history_runs) + 1),
                  ("e-detector (alarm at 1/level)", f"{self.drift_e_value:.3g} (alarm at {1 / self.drift_alpha:g})"),
                  ("this night alone: binomial p-value (information)", f"{self.rate_pvalue:.3g}"), ("alarm", "YES" if self.drift_alarm else "no")]
@@ -219,6 +223,10 @@ def _share(k: int, n: int) -> str:
     return f"{k / n:.1%}" if n else "—"
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
 def _review_html(review) -> str:
     """The review list as tables: flagged rows, disagreements, quarantined rows."""
     from .ops import REVIEW_LISTS
@@ -234,7 +242,7 @@ def _review_html(review) -> str:
         if not sel:
             continue
         if which == "quarantined":
-            body = html_table([{"id": r["id"], "group": r["group"], "reason": r["reason"]} for r in sel])
+            body = html_table([{"id": r["id"], "source": r["source"], "group": r["group"], "reason": r["reason"]} for r in sel])
         else:
             body = html_table([{"#": r["rank"], "id": r["id"], "group": r["group"], "probe": fmt(r["probe"]), "judge": fmt(r["expert"]),
                                 "final": fmt(r["final"]), "unsafe": "yes" if r["decision"] else "no", "excerpt (redacted)": r["excerpt"]}
@@ -259,29 +267,38 @@ def night(report: dict) -> dict:
     return r
 
 
-def history(output: str, *, calibration_hash: str | None = None, exclude_run: str | None = None, exclude_day: str | None = None,
+def history(output: str, *, calibration_hash: str | None = None, exclude_run: str | None = None, before_day: str | None = None,
             last: int | None = None) -> list[dict]:
     """Published audit runs under ``output`` made with one calibration (default: the latest audited
-    day's), one per audited day (the latest published run of each day: a rerun replaces a night, it
-    does not add one), oldest first; at most the ``last`` nights. Reads one report.json per run."""
+    day's; a prefix of the hash is enough), one per audited day (the latest published run of each
+    day: a rerun replaces a night, it does not add one), oldest first; only days before
+    ``before_day`` when given (an audit of day D, backfilled or rerun, sees the nights before D);
+    at most the ``last`` nights. Reads one report.json per run, concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .runs import list_runs, run_file
 
-    nights = []
-    for rid in list_runs(output):
-        if rid == exclude_run:
-            continue
+    def read(rid):
         try:
             r = storage.read_json(run_file(output, rid, "report.json"))
         except (FileNotFoundError, ValueError):
-            continue
-        if r.get("kind") == "audit":
-            nights.append(night(r))
+            return None
+        return night(r) if r.get("kind") == "audit" else None
+
+    with ThreadPoolExecutor(16) as pool:
+        nights = [h for h in pool.map(read, [r for r in list_runs(output) if r != exclude_run]) if h is not None]
     if calibration_hash is None and nights:
         calibration_hash = max(nights, key=lambda h: (h["audited_date"], h["created_at"]))["calibration_hash"]
+    elif calibration_hash is not None:  # a prefix names one calibration
+        full = sorted({h["calibration_hash"] for h in nights if str(h["calibration_hash"] or "").startswith(calibration_hash)})
+        if len(full) > 1:
+            raise ValueError(f"calibration {calibration_hash!r} matches {len(full)} calibrations ({', '.join(full)}): give more of the hash")
+        calibration_hash = full[0] if full else calibration_hash
     by_day: dict[str, dict] = {}
     for h in nights:
         d = h["audited_date"]
-        if h["calibration_hash"] == calibration_hash and d != exclude_day and (d not in by_day or by_day[d]["created_at"] < h["created_at"]):
+        if (h["calibration_hash"] == calibration_hash and (before_day is None or d < before_day)
+                and (d not in by_day or by_day[d]["created_at"] < h["created_at"])):
             by_day[d] = h
     out = sorted(by_day.values(), key=lambda h: h["audited_date"])
     return out[-last:] if last else out

@@ -146,10 +146,13 @@ class ActivationStage:
         if "delegated" in cols:
             flag |= np.asarray(cols["delegated"].to_numpy(zero_copy_only=False), dtype=bool)
         secrets = [os.environ.get(k, "") for k in self.spec.get("secret_envs", ())]
-        texts, chats = batch.column("input").to_pylist(), batch.column("is_chat").to_pylist()
+        idx = np.flatnonzero(flag)
+        texts, chats = batch.column("input").take(idx).to_pylist(), batch.column("is_chat").take(idx).to_pylist()
         chars = int(self.spec["excerpt_chars"])
-        return pa.array([excerpt(texts[i], chars, secrets, bool(chats[i])) if flag[i] else None for i in range(batch.num_rows)],
-                        type=pa.string())
+        out: list = [None] * batch.num_rows
+        for j, i in enumerate(idx):
+            out[i] = excerpt(texts[j], chars, secrets, bool(chats[j]))
+        return pa.array(out, type=pa.string())
 
 
 class ClassifierStage:

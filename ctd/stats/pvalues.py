@@ -174,20 +174,19 @@ def min_certifiable_n(alpha: float, delta: float) -> int:
 def rows_to_certify(rate: float, alpha: float, delta: float, n_max: int = 10_000_000) -> int | None:
     """Calibration rows needed for a threshold that delegates a share ``rate`` of them to pass the
     binomial test P(Binom(n, alpha) <= floor(n * rate)) <= delta: the smallest n from which on it
-    passes (up to a size found by doubling; the p-value wiggles in n because of the floor, so a
-    lucky smaller n is not reported). None when no n up to ``n_max`` is enough (always so for
-    rate >= alpha). ``rate`` 0 gives :func:`min_certifiable_n`."""
+    always passes. The p-value is a sawtooth in n (the floor), so every n is scanned up to the
+    Hoeffding bound ceil(log(1/delta) / (2 (alpha - rate)^2)), beyond which it passes for certain
+    (P(X <= n rate) <= exp(-2 n (alpha - rate)^2)). None when that bound exceeds ``n_max`` (and always
+    for rate >= alpha). ``rate`` 0 gives :func:`min_certifiable_n`."""
     check_level(alpha, "alpha")
     check_level(delta, "delta")
     if not 0 <= rate < alpha:
         return None
-    p = lambda n: stats.binom.cdf(np.floor(n * rate + 1e-9), n, alpha)  # noqa: E731
-    hi = 1
-    while p(hi) > delta:
-        if hi >= n_max:
-            return None
-        hi = min(2 * hi, n_max)
-    fails = np.flatnonzero(p(np.arange(1, hi + 1)) > delta)
+    bound = int(np.ceil(np.log(1 / delta) / (2 * (alpha - rate) ** 2)))
+    n = np.arange(1, min(bound, n_max) + 1)
+    fails = np.flatnonzero(stats.binom.cdf(np.floor(n * rate + 1e-9), n, alpha) > delta)
+    if fails.size and fails[-1] + 1 == n[-1] and bound > n_max:
+        return None  # still failing at n_max
     return int(fails[-1]) + 2 if fails.size else 1  # (index i is n = i + 1)
 
 
