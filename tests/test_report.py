@@ -229,6 +229,13 @@ def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
     rate = min(rates[rates < 0.2], key=lambda r: abs(r - 0.1))  # the threshold nearest half the budget
     assert f"sends {rate:.1%} of the rows" in words[1]
     assert need == int(np.ceil(rows_to_certify(rate, 0.2, 0.1) / 0.7)) > 12  # Pareto tests on 70% of the rows
+    # Holm's first test runs at δ/m: the count is for that level
+    holm = calibrate_table(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1, pareto=False, method="holm")
+    words = explain(holm.result)
+    rates = np.asarray(holm.result.budget_risk)
+    rate = min(rates[rates < 0.2], key=lambda r: abs(r - 0.1))
+    m = len(holm.result.grid)
+    assert f"about {rows_to_certify(rate, 0.2, 0.1 / m):,} labelled" in words[1] and f"holm tests at δ/{m:,}" in words[1]
 
 
 def test_the_browser_check_sees_a_broken_image_a_missing_link_and_a_script_error(tmp_path):
