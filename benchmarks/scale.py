@@ -171,6 +171,8 @@ def targets(result: dict) -> dict:
     """The issue's targets from the runs recorded (this checkout's implementation)."""
     sizes = sorted((n for n in result["runs"] if "after" in result["runs"][n]), key=int)
     after = {n: result["runs"][n]["after"] for n in sizes}
+    if not sizes:  # --before-only: nothing of this checkout to judge
+        return {"sizes": [], "missing_runs": [f"{n} after" for n in result["runs"]]}
     out = {"sizes": sizes,
            "driver_rss_largest_over_smallest": round(after[sizes[-1]]["driver_peak_rss_mib"] / after[sizes[0]]["driver_peak_rss_mib"], 3),
            "driver_rss_target": "<= 1.25"}
@@ -190,6 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--before", default="f7d039b", help="commit of the implementation before the scale rewrite ('' to skip it)")
     ap.add_argument("--work", default="out/scale")
     ap.add_argument("--after-only", action="store_true", help="run only this checkout's implementation")
+    ap.add_argument("--before-only", action="store_true", help="run only the --before commit's implementation")
     ap.add_argument("--out", default="benchmarks/results/scale.json")
     ap.add_argument("--summarise", action="store_true", help="only (re)compute the targets of the runs already in --out")
     args = ap.parse_args(argv)
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     build(work)
     config = os.path.join(work, "config.yaml")
-    impls = {"after": ROOT}
+    impls = {} if args.before_only else {"after": ROOT}
     if args.before and not args.after_only:
         old = os.path.join(work, "before-code")
         if not os.path.isdir(old):
