@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__, storage
 from .artifacts import ArtifactError, config_hash, data_hash, require_match
-from .report import html_figure, html_page, html_table, plot_calibration, plot_histogram, plot_tradeoff, write_report
+from .report import html_figure, html_page, html_table, pct, plot_calibration, plot_histogram, plot_tradeoff, write_report
 from .signals import delegation_value, effective_capacity
 from .stats.calibrate import CalibrationResult, calibrate, threshold_grid
 from .stats.pvalues import min_certifiable_n, rows_to_certify
@@ -106,10 +106,6 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, scores: dict[str, 
     return out
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.3g}%"
-
-
 def explain(r: CalibrationResult) -> list[str]:
     """The calibration in words: what α, δ and λ* mean for tomorrow's bill, what was certified, and
     when nothing was, what to do (how many labelled rows would be enough)."""
@@ -119,15 +115,15 @@ def explain(r: CalibrationResult) -> list[str]:
         cert = r.grid[np.asarray(r.certified, dtype=bool)]
         return [
             f"Tomorrow's threshold is λ* = {r.lambda_hat:.4g} on the DV score: a conversation goes to the judge when its DV score is above it.",
-            f"On traffic like these {r.n:,} calibration rows, at most α = {_pct(r.alpha)} of conversations go to the judge "
+            f"On traffic like these {r.n:,} calibration rows, at most α = {pct(r.alpha)} of conversations go to the judge "
             f"(at most {r.alpha * per:,.0f} judge calls per {per:,} conversations), and this holds with probability at least "
-            f"1 − δ = {_pct(1 - r.delta)} over the draw of the calibration rows; on the calibration rows λ* sent {r.budget_risk[i]:.1%}.",
+            f"1 − δ = {pct(1 - r.delta)} over the draw of the calibration rows; on the calibration rows λ* sent {r.budget_risk[i]:.1%}.",
             f"{r.certified_count:,} of the {len(r.grid):,} thresholds on the grid were certified (from {cert.min():.4g} to {cert.max():.4g}); "
             + ("λ* is the certified one that does best on the performance risk (" + str(r.risk) + ")." if r.pareto else
                "λ* is the lowest certified one: it delegates the most within the budget."),
             "If tomorrow's traffic shifts, the audit's drift alarm says so; recalibrate on fresh labelled rows then.",
         ]
-    out = [f"Nothing could be certified at α = {_pct(r.alpha)} and δ = {r.delta:g}: tomorrow no conversation goes to the judge; every "
+    out = [f"Nothing could be certified at α = {pct(r.alpha)} and δ = {r.delta:g}: tomorrow no conversation goes to the judge; every "
            "decision is the probe's alone."]
     if r.performance_target is not None:  # joint control: the budget may not be what failed
         return out + [f"Why: {r.message} Check the performance target before adding rows."]

@@ -21,6 +21,7 @@ from . import storage
 __all__ = [
     "redact",
     "excerpt",
+    "pct",
     "plot_history",
     "plot_tradeoff",
     "html_figure",
@@ -69,6 +70,11 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for pat in _SHAPED:  # before key=value, which would otherwise eat "Bearer" and leave the token
         text = pat.sub("***", text)
     return _KEY_VALUE.sub(lambda m: m.group(1) + m.group(2) + "***", text)
+
+
+def pct(x: float) -> str:
+    """A share as a percentage with three significant figures: 0.2 → "20%", 0.025 → "2.5%"."""
+    return f"{100 * x:.3g}%"
 
 
 def excerpt(text: str | None, chars: int, secrets: Iterable[str] = (), is_chat: bool = False) -> str | None:

@@ -17,7 +17,7 @@ from typing import Optional
 from pydantic import BaseModel, Field
 
 from .. import storage
-from ..report import html_figure, html_page, html_table
+from ..report import html_figure, html_page, html_table, pct
 from .runs import MANIFEST
 
 __all__ = ["StageTiming", "AuditReport", "fetch_report", "show_report", "REPORT_FILES", "history", "history_text", "history_rows", "night"]
@@ -128,7 +128,7 @@ class AuditReport(BaseModel):
                f": {self.unsafe_by_judge:,} by the judge, {self.decisions_unsafe - self.unsafe_by_judge:,} by the probe alone")
         out = [("", f"{self.rows_read:,} conversations of {day} were read: {n:,} audited{q}."),
                ("", f"{self.decisions_unsafe:,} flagged unsafe ({_share(self.decisions_unsafe, n)} of those audited){who}.")]
-        sent = f"{self.delegated:,} went to the judge ({_share(self.delegated, n)}) against a budget of α = {_pct(self.alpha)}"
+        sent = f"{self.delegated:,} went to the judge ({_share(self.delegated, n)}) against a budget of α = {pct(self.alpha)}"
         if self.lambda_star is None:
             sent = "Nothing went to the judge: the calibration certified no threshold (see the calibration report)"
         elif self.budget_cap is not None:
@@ -222,9 +222,6 @@ class AuditReport(BaseModel):
 def _share(k: int, n: int) -> str:
     return f"{k / n:.1%}" if n else "—"
 
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.3g}%"
 
 
 def _review_html(review) -> str:
