@@ -202,6 +202,9 @@ class AuditJob(Strict):
     budget_cap: Optional[float] = Field(None, gt=0, le=1, description="hard cap: at most ceil(cap x rows) expert calls")
     resume: bool = True
     commit_rows: int = Field(256, ge=1, description="expert scores are committed in files of about this many rows; a resumed run skips them")
+    stage1_chunk_bytes: int = Field(16 << 30, ge=1, description="stage 1 runs over the corpus files in chunks of about this many "
+                                    "bytes, each committed on its own: a resumed run redoes only unfinished chunks (each chunk "
+                                    "starts the activation actors afresh: larger chunks cost less start-up, smaller ones lose less)")
     drift_alpha: float = Field(0.01, gt=0, lt=1, description="drift alarm level: the e-detector alarms at 1/drift_alpha "
                              "(average run length to a false alarm >= 1/drift_alpha nights)")
     rows_per_file: int = Field(250_000, ge=1, description="stage outputs, results and quarantine are written in files of at least this many rows")
@@ -250,6 +253,7 @@ class MonitorJob(Strict):
     date: Optional[str] = Field(None, description="the monitored day YYYY-MM-DD (--date overrides); default yesterday in timezone")
     timezone: str = Field("UTC", description="IANA time zone in which 'yesterday' (the default day) is reckoned")
     columns: MonitorColumns = MonitorColumns()
+    rows_per_file: int = Field(250_000, ge=1, description="alarms and quarantine are written in files of at least this many rows")
 
 
 class MonitorConfig(Strict):

@@ -189,3 +189,37 @@ def judge_rows(n_short: int = 12, n_long: int = 3):
     rows.append({"id": "chat", "input": json.dumps([{"role": "user", "content": "w1 w2 w3"}, {"role": "assistant", "content": "w4"}]),
                  "is_chat": True})
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# the audit's row logic before the scale rewrite: the oracle of the distributed one
+# ----------------------------------------------------------------------------------------------
+def old_driver_logic(t, cap_fraction):
+    """The driver-side logic of the implementation before the scale rewrite (f7d039b's audit: a Counter
+    over every id, a full sort for the cap), kept as the oracle of the distributed operations: stage-1
+    rows (a pyarrow table) → duplicated ids, scored / sent / over-cap ids, quarantine (id, reason)."""
+    import collections
+    import math
+
+    import numpy as np
+
+    ids = t.column("id").to_pylist()
+    valid = np.array([e is None for e in t.column("error").to_pylist()])
+    counts = collections.Counter(i for i, v in zip(ids, valid) if v)
+    dups = {k: c for k, c in counts.items() if c > 1}
+    not_dup = np.array([i not in dups for i in ids])
+    scored = valid & not_dup
+    deleg = np.asarray(t.column("delegated").to_pylist(), dtype=bool) & scored
+    over = set()
+    if cap_fraction is not None:
+        cap = math.ceil(cap_fraction * scored.sum())
+        idx = np.flatnonzero(deleg)
+        ida = np.asarray(ids, dtype=object)
+        dv = t.column("dv").to_numpy(zero_copy_only=False)
+        if idx.size > cap:
+            order = idx[np.lexsort((ida[idx].astype(str), -dv[idx]))]
+            over = set(ida[order[cap:]].tolist())
+    sent = {i for i, d in zip(ids, deleg) if d and i not in over}
+    quarantine = sorted((i or "", e if e is not None else f"duplicate id ({dups[i]} rows share it)")
+                        for i, e, v in zip(ids, t.column("error").to_pylist(), valid) if not v or i in dups)
+    return {"dups": dups, "sent": sent, "over": over, "scored": {i for i, s in zip(ids, scored) if s}, "quarantine": quarantine}

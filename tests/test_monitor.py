@@ -171,6 +171,15 @@ def test_monitor_job_on_s3_with_bad_trajectories(ray_head, s3, data_dir, tmp_pat
     lam = storage.read_json(f"{root}/calibration/monitor.json")["lambda_hat"]
     assert all(1 - s > lam for s in alarms.column("score").to_pylist())
     assert read_manifest(root, "m1-2026-11-24")["rows"] == {"results": alarms.num_rows, "quarantine": 4}
+    # the quality figures (distributed aggregates) against the source labels, trajectory by trajectory
+    label = dict(zip(first.column("uq_problem_idx").to_pylist(), first.column("solved").to_pylist()))
+    label = {str(k): int(v) for k, v in label.items()}
+    fired = dict(zip(alarms.column("trajectory").to_pylist(), alarms.column("steps_seen").to_pylist()))
+    correct, wrong = [t for t, y in label.items() if y == 1], [t for t, y in label.items() if y == 0]
+    q = summary["quality_with_labels"]
+    assert q["false_alarm_rate"] == pytest.approx(sum(t in fired for t in correct) / len(correct))
+    assert q["power"] == pytest.approx(sum(t in fired for t in wrong) / len(wrong)) and q["power"] > 0
+    assert q["mean_steps_seen_at_alarm_incorrect"] == pytest.approx(np.mean([fired[t] for t in wrong if t in fired]))
     # a tampered calibration is refused by the job entrypoint: one line, exit 2
     body = storage.read_json(f"{root}/calibration/monitor.json")
     body["lambda_hat"] = 0.99

@@ -3,7 +3,6 @@ logic they replaced, kept here as the oracle: duplicate ids, the hard budget cap
 id, and the split of rows into expert / probe-only / quarantine. Both ways of applying the
 duplicates (broadcast of a small id set, and the join used when the set is large) are checked."""
 
-import collections
 import math
 import os
 
@@ -14,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctd.pipeline import ops
+from conftest import old_driver_logic
 
 pytestmark = pytest.mark.slow
 
@@ -55,30 +55,6 @@ def synthetic_stage1(folder, n=3000, seed=0, files=4):
     return t, paths
 
 
-def oracle(t: pa.Table, cap_fraction):
-    """The driver-side logic of the implementation before the scale rewrite."""
-    ids = t.column("id").to_pylist()
-    valid = np.array([e is None for e in t.column("error").to_pylist()])
-    counts = collections.Counter(i for i, v in zip(ids, valid) if v)
-    dups = {k: c for k, c in counts.items() if c > 1}
-    not_dup = np.array([i not in dups for i in ids])
-    scored = valid & not_dup
-    deleg = np.asarray(t.column("delegated").to_pylist(), dtype=bool) & scored
-    over = set()
-    if cap_fraction is not None:
-        cap = math.ceil(cap_fraction * scored.sum())
-        idx = np.flatnonzero(deleg)
-        ida = np.asarray(ids, dtype=object)
-        dv = t.column("dv").to_numpy(zero_copy_only=False)
-        if idx.size > cap:
-            order = idx[np.lexsort((ida[idx].astype(str), -dv[idx]))]
-            over = set(ida[order[cap:]].tolist())
-    sent = {i for i, d in zip(ids, deleg) if d and i not in over}
-    quarantine = sorted((i or "", e if e is not None else f"duplicate id ({dups[i]} rows share it)")
-                        for i, e, v in zip(ids, t.column("error").to_pylist(), valid) if not v or i in dups)
-    return {"dups": dups, "sent": sent, "over": over, "scored": {i for i, s in zip(ids, scored) if s}, "quarantine": quarantine}
-
-
 def distributed(paths, cap_fraction, broadcast_limit):
     rows = ops.read(paths)
     dups = ops.find_duplicates(rows, broadcast_limit=broadcast_limit, size=3000)
@@ -103,7 +79,7 @@ def distributed(paths, cap_fraction, broadcast_limit):
 @pytest.mark.parametrize("cap_fraction", [None, 0.05, 0.2])
 def test_dedup_cap_and_split_match_the_driver_side_oracle(ray_head, tmp_path, cap_fraction, broadcast_limit):
     t, paths = synthetic_stage1(str(tmp_path / "s1"), seed=int(100 * (cap_fraction or 0)))
-    want = oracle(t, cap_fraction)
+    want = old_driver_logic(t, cap_fraction)
     got = distributed(paths, cap_fraction, broadcast_limit)
     assert got["dups"].broadcast == (broadcast_limit > 0)
     assert got["dups"].ids == len(want["dups"]) == 20 and got["dups"].rows == sum(want["dups"].values())

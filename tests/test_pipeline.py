@@ -129,6 +129,8 @@ def test_stage1_keeps_text_only_in_the_delegated_rows_own_partition(audited):
 
     cfg, report, _ = audited
     stage1 = RunLayout(cfg.audit.output, "night-1").path("_staging", "stage1")
+    (chunk,) = storage.listdir(stage1)  # the one-file corpus is one stage-1 chunk
+    stage1 = storage.join(stage1, chunk)
     parts = {}
     for part in ("part=expert", "part=scores"):
         uri = storage.join(stage1, part)
@@ -161,6 +163,62 @@ def test_rerun_with_the_same_run_id_publishes_a_new_attempt_and_drops_staging(au
     assert sorted(storage.listdir(RunLayout(out, "night-1").path("attempts"))) == sorted([first.attempt, second.attempt])
     fs, staging = storage.filesystem(RunLayout(out, "night-1").staging)
     assert not [p for p in (fs.find(staging) if fs.exists(staging) else []) if p.rstrip("/") != staging]  # (an empty folder marker may stay)
+
+
+def test_the_capped_audit_publishes_what_the_old_driver_side_logic_gives(deployment):
+    """Issue #10 item 4 as a test: on the demo corpus (with its planted bad rows and duplicated id)
+    and a budget cap that binds, the published run has exactly the ids, delegated set, over-cap set,
+    decisions, quarantine (id, reason) and report counts that the implementation before the scale
+    rewrite computed on the driver (its logic: conftest.old_driver_logic, a Counter over every id and
+    a full sort for the cap; the old merge: a dict of expert scores; the old finalize). The same
+    comparison against the old commit itself: benchmarks/equivalence.py → equivalence.json."""
+    import collections
+    import math
+
+    from conftest import old_driver_logic
+    from ctd.pipeline.graph import stage1_files
+
+    cap = 0.05
+    cfg = load_config(deployment["config_path"], {"audit.keep_staging": True, "audit.budget_cap": cap})
+    rid = "night-capped"
+    report = run_audit(cfg, run_id=rid)
+    out, layout = cfg.audit.output, RunLayout(cfg.audit.output, rid)
+    cols = ["id", "group", "error", "probe", "dv", "delegated"]
+    s1 = pa.concat_tables([read_parquet(f, cols) for f in stage1_files(layout.path("_staging", "stage1"))])
+    want = old_driver_logic(s1, cap)
+    assert len(want["dups"]) >= 1 and len(want["over"]) > 0  # the corpus has a duplicated id, and the cap binds
+    # the old merge: expert scores by id, used where the row was sent and the expert answered
+    expert = pa.concat_tables([read_parquet(storage.join(layout.path("_staging", "expert"), n), ["id", "expert", "expert_status"])
+                               for n in storage.listdir(layout.path("_staging", "expert")) if n.endswith(".parquet")])
+    assert sorted(expert.column("id").to_pylist()) == sorted(want["sent"])  # the expert saw exactly the sent rows, once
+    answer = {i: x for i, x, st in zip(*(expert.column(c).to_pylist() for c in ("id", "expert", "expert_status")))
+              if (st == "ok" or st.endswith("_outside_topk")) and x is not None}  # as the old finalize (cascade: switch)
+    probe = dict(zip(s1.column("id").to_pylist(), s1.column("probe").to_pylist()))
+    group = dict(zip(s1.column("id").to_pylist(), s1.column("group").to_pylist()))
+    decision = {i: (answer[i] if i in want["sent"] and i in answer else probe[i]) >= cfg.decision_threshold for i in want["scored"]}
+
+    res = read_run_table(out, rid)
+    ids = res.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == want["scored"]
+    col = {c: dict(zip(ids, res.column(c).to_pylist())) for c in ("delegated", "over_cap", "decision")}
+    assert {i for i, d in col["delegated"].items() if d} == want["sent"]
+    assert {i for i, o in col["over_cap"].items() if o} == want["over"]
+    assert len(want["sent"]) == math.ceil(cap * len(want["scored"]))  # the cap, exact
+    assert col["decision"] == decision
+    q = read_run_table(out, rid, "quarantine")
+    assert sorted(zip([i or "" for i in q.column("id").to_pylist()], q.column("error").to_pylist())) == want["quarantine"]
+    # the report's counts are the old logic's
+    short = collections.Counter(e.split(" (")[0] for _, e in want["quarantine"])
+    assert (report.rows_read, report.rows_scored, report.rows_quarantined) == (s1.num_rows, len(want["scored"]), len(want["quarantine"]))
+    assert (report.delegated, report.over_cap, report.budget_cap) == (len(want["sent"]), len(want["over"]), math.ceil(cap * len(want["scored"])))
+    assert report.decisions_unsafe == sum(decision.values()) and report.quarantine_reasons == dict(short)
+    by_group = collections.defaultdict(lambda: [0, 0, 0])
+    for i in want["scored"]:
+        g = by_group[group[i] or "(none)"]
+        g[0] += 1
+        g[1] += i in want["sent"]
+        g[2] += decision[i]
+    assert {g["group"]: [g["rows"], g["delegated"], g["unsafe_decisions"]] for g in report.groups} == dict(by_group)
 
 
 def test_a_run_id_holds_one_audited_day(audited):

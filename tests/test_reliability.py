@@ -16,6 +16,7 @@ from ctd.config import load_config
 from ctd.demo import generate_corpus
 from ctd.pipeline.audit import run_audit
 from ctd.pipeline.chaos import ActorKiller, RunReader, kill_audit_driver
+from ctd.pipeline.graph import stage1_files
 from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table, run_file
 from ctd.pipeline.verify import verify_run
 from ctd.tables import read_parquet
@@ -73,6 +74,47 @@ def test_driver_killed_while_writing_leaves_no_run_and_resume_skips_finished_wor
     assert v["ok"] and v["rows_lost"] == 0 and v["duplicate_ids"] == 0, v["problems"]
     fs, staging = storage.filesystem(RunLayout(big["out"], "resumed").staging)
     assert not [p for p in (fs.find(staging) if fs.exists(staging) else []) if p.rstrip("/") != staging]  # the staging copy of the text is gone
+
+
+def test_stage1_resumes_per_chunk_keyed_by_content(deployment, big, ray_head):
+    """The corpus as four files, each its own stage-1 chunk: the driver is killed after two chunks
+    are committed, and the resumed run redoes only the others; then one file's content changes
+    (same size: the key is its ETag, not its size) and only that file's chunk is redone."""
+    env = dict(os.environ, RAY_ADDRESS=ray_head["address"])
+    lines = storage.read_bytes(big["corpus"]).splitlines(keepends=True)
+    lines = lines[:390] + lines[-10:]  # 400 rows: 390 good ones and the 10 planted bad ones (one a duplicated id)
+    folder, out = f"{big['out']}/chunked/corpus", f"{big['out']}/chunked"
+    for k in range(4):  # contiguous quarters: every line (the planted bad ones too) in exactly one file
+        storage.write_bytes(f"{folder}/part-{k}.jsonl", b"".join(lines[k * len(lines) // 4:(k + 1) * len(lines) // 4]))
+    over = {"audit.corpus": folder, "audit.output": out, "audit.stage1_chunk_bytes": 1, "audit.lease_seconds": 10,
+            "activations.batch_size": 32}
+    killed = kill_audit_driver(deployment["config_path"], out, "chunked", over, env=env, cwd=ROOT, after_files=2, watch="stage1")
+    assert killed["interrupted"] and 2 <= len(killed["committed_chunks"]) < 4, killed
+    stage1 = RunLayout(out, "chunked").path("_staging", "stage1")
+    before = {c: storage.read_json(f"{stage1}/{c}/_SUCCESS.json") for c in killed["committed_chunks"]}
+    cfg = load_config(deployment["config_path"], over | {"audit.keep_staging": True})
+    report = run_audit(cfg, run_id="chunked")  # resume on (the default); waits out the dead driver's lease
+    assert report.resumed["stage1_chunks"] == len(before) and report.resumed["stage1_rows"] == sum(m["rows"] for m in before.values())
+    assert report.rows_read == 400 and report.invariant_ok and report.rows_quarantined == 10
+    assert {c: storage.read_json(f"{stage1}/{c}/_SUCCESS.json") for c in before} == before  # reused as committed, not rewritten
+    v = verify_run(out, "chunked", corpus=folder)
+    assert v["ok"] and v["rows_lost"] == 0 and v["duplicate_ids"] == 0, v["problems"]
+    first = read_run_table(out, "chunked", columns=["id", "final"]).sort_by("id")
+
+    committed = lambda: {c for c in storage.listdir(stage1) if storage.exists(f"{stage1}/{c}/_SUCCESS.json")}  # noqa: E731
+    chunk_ids = committed()
+    data = storage.read_bytes(f"{folder}/part-3.jsonl")
+    changed = data.replace(b" the ", b" The ", 1)
+    assert changed != data and len(changed) == len(data)
+    storage.write_bytes(f"{folder}/part-3.jsonl", changed)
+    again = run_audit(cfg, run_id="chunked")
+    assert again.resumed["stage1_chunks"] == 3 and again.rows_read == 400
+    assert again.resumed["stage1_rows"] == 400 - sum(1 for x in changed.splitlines() if x.strip())
+    second = read_run_table(out, "chunked", columns=["id", "final"]).sort_by("id")
+    assert second.column("id").to_pylist() == first.column("id").to_pylist()
+    now = committed()  # four chunks: three reused, one new
+    assert len(now) == 4 and len(now & chunk_ids) == 3 and len(now - chunk_ids) == 1
+    assert {f.split("/stage1/")[1].split("/")[0] for f in stage1_files(stage1)} == now  # the old chunk's files are gone
 
 
 def test_a_rerun_killed_midway_leaves_the_previous_run_published_and_readable(deployment, big, ray_head):

@@ -232,3 +232,39 @@ def test_abandoned_staging_and_attempts_are_swept_after_their_retention(tmp_path
     assert read_run_table(out, "done").num_rows == 2
     for rid in ("recent", "running"):
         assert storage.exists(RunLayout(out, rid).staging) and storage.listdir(RunLayout(out, rid).path("attempts"))
+
+
+# ----------------------------------------------------------------------------------------------
+# stage-1 resume keys: content, not size; a local corpus is not read again while unchanged
+# ----------------------------------------------------------------------------------------------
+def test_local_corpus_keys_are_content_hashes_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+
+    from ctd.pipeline.audit import corpus_keys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for k in range(3):
+        (corpus / f"part-{k}.jsonl").write_bytes(f'{{"id": "r{k}", "text": "hello"}}\n'.encode())
+    files = sorted(str(p) for p in corpus.iterdir())
+    for f in files:  # written a minute ago: a file modified in the last 2 s is never cached
+        os.utime(f, ns=(time.time_ns() - 60 * 10**9,) * 2)
+    cache = str(tmp_path / "_corpus_keys.json")
+    sizes, keys = corpus_keys(str(corpus), files, cache)
+    assert keys == {f: "sha256:" + hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
+    assert sizes == {f: os.path.getsize(f) for f in files}
+    read = []
+    real = storage.content_key
+    monkeypatch.setattr(storage, "content_key", lambda uri: read.append(uri) or real(uri))
+    assert corpus_keys(str(corpus), files, cache)[1] == keys and read == []  # unchanged: nothing read again
+    st = os.stat(files[1])
+    with open(files[1], "r+b") as f:  # same size, new content: the mtime moves, so the file is hashed again
+        f.write(b'{"id": "X')
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    _, again = corpus_keys(str(corpus), files, cache)
+    assert read == [files[1]] and again[files[1]] != keys[files[1]] and os.path.getsize(files[1]) == st.st_size
+    assert {f: again[f] for f in (files[0], files[2])} == {f: keys[f] for f in (files[0], files[2])}
+    fresh = str(corpus / "part-3.jsonl")  # just written: hashed, but not cached (its mtime may not have ticked yet)
+    open(fresh, "wb").write(b'{"id": "r3", "text": "hi"}\n')
+    corpus_keys(str(corpus), files + [fresh], cache)
+    assert fresh not in storage.read_json(cache) and files[1] in storage.read_json(cache)

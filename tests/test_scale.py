@@ -15,7 +15,8 @@ import pytest
 
 from ctd import storage
 from ctd.config import load_config
-from ctd.pipeline.audit import _stage1_key, check_artifacts, run_audit
+from ctd.pipeline.audit import check_artifacts, plan_stage1, run_audit, stage1_spec
+from ctd.pipeline.graph import Stage1
 from ctd.pipeline.runs import RunLayout, read_run_table
 
 pytestmark = pytest.mark.slow
@@ -58,13 +59,14 @@ def audit_after_stage1(deployment, tmp_path, n: int) -> tuple[int, object, str]:
     lam = art.calibration.lambda_star
     layout = RunLayout(out, "scale")
     t = stage1_table(n, lam)
+    (chunk,) = plan_stage1(cfg, art, stage1_spec(cfg, lam), layout.path("_staging", "stage1"))  # the one-file corpus: one chunk
     files = []
     for k, start in enumerate(range(0, n, 100_000)):
-        f = layout.path("_staging", "stage1", f"part-{k:04d}.parquet")
+        f = storage.join(chunk.uri, f"part-{k:04d}.parquet")
         os.makedirs(os.path.dirname(f), exist_ok=True)
         pq.write_table(t.slice(start, 100_000), f)
         files.append(f)
-    storage.write_json(layout.path("_staging", "stage1", "_SUCCESS.json"), {"key": _stage1_key(cfg, art, lam), "rows": n, "files": files})
+    chunk.commit(Stage1(chunk.uri, n, 0.0, files))
     del t
     tracemalloc.start()
     try:

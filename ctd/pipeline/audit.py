@@ -8,9 +8,10 @@ Read top to bottom, :func:`run_audit` is the data flow. Every per-row step is a 
     artifacts   probes and calibration checked against the model before any compute
     lease       one writer per run id (ctd.lease): a second driver exits 4, nothing written
     stage 1     read → validate → tokenize → activations + probes + gate        (graph.run_stage1)
-                → _staging/stage1/part=scores/  scores of every other row, no text (a redacted
-                                                excerpt of the rows the probe flags: the review list)
-                → _staging/stage1/part=expert/  the delegated rows with their text
+                over chunks of corpus files, each committed alone               (plan_stage1)
+                → _staging/stage1/<chunk>/part=scores/  scores of every other row, no text (a
+                                        redacted excerpt of the rows the probe flags: the review list)
+                → _staging/stage1/<chunk>/part=expert/  the delegated rows with their text
     dedup       groupby(id).count() over valid rows → duplicated ids           (ops.find_duplicates)
     cap         distributed sort of the passing rows by (d(x) desc, id), split at the cap → the first
                 row over it, applied as a scalar filter                         (ops.cap_boundary)
@@ -26,9 +27,9 @@ Read top to bottom, :func:`run_audit` is the data flow. Every per-row step is a 
                 SHA-256; the run's previous attempt stays readable until then; _staging/ removed
 
 Resuming: stage outputs stay under ``_staging/`` until the run is published. A rerun of the same run
-id with ``resume: true`` (a new attempt) reuses a finished stage 1 made from the same corpus content
-(ETags or SHA-256), model, probes and λ*, and sends to the expert only the delegated rows that have
-no committed expert score yet (a left-anti join on id).
+id with ``resume: true`` (a new attempt) reuses every stage-1 chunk committed from the same corpus
+content (ETags or SHA-256), model, probes, λ* and activation settings, redoes the others, and sends to
+the expert only the delegated rows that have no committed expert score yet (a left-anti join on id).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import functools
+import hashlib
 import os
+import posixpath
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +65,7 @@ from . import reports
 from .reports import AuditReport, StageTiming
 from .runs import RunLayout, parquet_files, read_manifest, sweep
 
-__all__ = ["run_audit", "check_artifacts", "Artifacts"]
+__all__ = ["run_audit", "check_artifacts", "Artifacts", "Chunk", "plan_stage1", "stage1_spec", "corpus_keys"]
 
 TREND_NIGHTS = 60  # nights drawn in the report's trend (the drift statistic uses every night)
 # stage-1 columns the audit reads back (never the pooled vectors); the text only for the expert
@@ -150,18 +153,29 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
     timings: dict[str, tuple[float, int]] = {}
 
     # stage 1: every row scored (or carrying its error), text kept only where d(x) > λ* (and a
-    # redacted excerpt where the probe flags the row)
-    key = _stage1_key(cfg, art, lam)
-    s1 = _resumable_stage1(layout, key) if a.resume else None
-    if s1 is not None:
-        log(f"resume: stage 1 already done ({s1.rows} rows), reusing it")
-        resumed["stage1_rows"] = s1.rows
-    else:
-        storage.remove(layout.path("_staging", "expert"))
-        spec = activation_spec(cfg, lambda_star=np.inf if lam is None else lam) | {"text": "delegated", "excerpt_chars": a.excerpt_chars}
-        s1 = run_stage1(cfg, a.corpus, layout.path("_staging", "stage1"), spec, rows_per_file=a.rows_per_file)
-        storage.write_json(layout.path("_staging", "stage1", "_SUCCESS.json"), {"key": key, "rows": s1.rows, "files": s1.files})
-    timings["activations"] = (s1.seconds, s1.rows)
+    # redacted excerpt where the probe flags the row); in chunks of corpus files, each committed alone
+    spec = stage1_spec(cfg, lam)
+    chunks = plan_stage1(cfg, art, spec, layout.path("_staging", "stage1"))
+    done = {c.id: s for c in chunks if a.resume and (s := c.committed()) is not None}
+    if done:
+        log(f"resume: {len(done)} of {len(chunks)} stage-1 chunk(s) already done ({sum(s.rows for s in done.values())} rows), reusing them")
+        resumed["stage1_rows"] = sum(s.rows for s in done.values())
+        resumed["stage1_chunks"] = len(done)
+    if len(done) < len(chunks):
+        storage.remove(layout.path("_staging", "expert"))  # the expert's input changes with stage 1
+    parts, ran_rows = [], 0
+    for i, c in enumerate(chunks):
+        part = done.get(c.id)
+        if part is None:
+            log(f"stage 1: chunk {i + 1} of {len(chunks)} ({len(c.files)} file(s), {c.bytes / 2**20:.1f} MiB)")
+            part = run_stage1(cfg, a.corpus, c.uri, spec, rows_per_file=a.rows_per_file, files=c.files)
+            lease.check()  # a driver whose run was taken over neither commits the chunk nor goes on
+            c.commit(part)
+            ran_rows += part.rows
+        parts.append(part)
+    s1 = Stage1(layout.path("_staging", "stage1"), sum(p.rows for p in parts), sum(p.seconds for p in parts),
+                [f for p in parts for f in p.files])
+    timings["activations"] = (s1.seconds, ran_rows)
     lease.check()  # stop here if another driver took the run over while stage 1 ran
 
     # dedup and the hard budget cap: distributed; the driver gets counts and one boundary row
@@ -188,7 +202,7 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
     t0 = time.perf_counter()
     expert_uri = layout.path("_staging", "expert")
     # committed expert scores are reused only for the same stage 1, cap and expert (model, prompt, context)
-    expert_key = {"stage1": key, "budget_cap": a.budget_cap, "expert": config_hash(judge_identity(cfg.expert))}
+    expert_key = {"stage1": [c.id for c in chunks], "budget_cap": a.budget_cap, "expert": config_hash(judge_identity(cfg.expert))}
     done_files, done_rows = _committed_expert(expert_uri, expert_key) if a.resume else ([], 0)
     if not a.resume:
         storage.remove(expert_uri)
@@ -268,32 +282,129 @@ def _audit(cfg: JobConfig, art: Artifacts, layout: RunLayout, day: _dt.date, lea
     return report
 
 
-def _stage1_key(cfg: JobConfig, art: Artifacts, lam) -> dict:
-    _, files, _ = list_corpus_files(cfg.audit.corpus)
-    uris = [_corpus_uri(cfg.audit.corpus, f) for f in files]
-    with ThreadPoolExecutor(16) as pool:  # ETags (one HEAD each) or SHA-256 of the bytes: content, not size
-        keys = dict(zip(files, pool.map(storage.content_key, uris)))
-    return {"corpus": cfg.audit.corpus, "files": keys, "model": art.model_fingerprint, "layer": cfg.model.layer,
-            "safety": art.safety.content_hash, "dv": art.dv.content_hash, "lambda_star": None if lam is None else float(lam),
-            "max_length": cfg.model.max_length}
+@dataclasses.dataclass(eq=False)
+class Chunk:
+    """Corpus files whose stage-1 output is written and committed together, under
+    ``_staging/stage1/<id>/`` with a ``_SUCCESS.json`` marker; ``id`` hashes ``key`` (the files'
+    content keys, model, probes, λ*, ...), so a chunk of changed files or settings has a new id."""
+
+    files: list[str]
+    bytes: int
+    key: dict
+    id: str
+    uri: str
+
+    @property
+    def marker(self) -> str:
+        return storage.join(self.uri, "_SUCCESS.json")
+
+    def commit(self, s1: Stage1) -> None:
+        storage.write_json(self.marker, {"key": self.key, "rows": s1.rows, "seconds": s1.seconds, "files": s1.files})
+
+    def committed(self) -> Stage1 | None:
+        """This chunk's stage 1 as committed (by this run or an earlier attempt), else None (no
+        marker, another key, files missing or added, or anything unreadable: the chunk is redone)."""
+        try:
+            if not storage.exists(self.marker):
+                return None
+            m = storage.read_json(self.marker)
+            files = stage1_files(self.uri)
+            if m.get("key") != self.key or sorted(files) != sorted(m["files"]):
+                return None
+            return Stage1(self.uri, int(m["rows"]), 0.0, files)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log(f"resume: stage-1 chunk {self.id} not reusable ({e!r}); redoing it")
+            return None
+
+
+def stage1_spec(cfg: JobConfig, lam) -> dict:
+    """The audit's activation stage: probes, the gate at λ* (never, without one), text kept on the
+    delegated rows only, excerpts of the flagged ones."""
+    return activation_spec(cfg, lambda_star=np.inf if lam is None else lam) | {"text": "delegated", "excerpt_chars": cfg.audit.excerpt_chars}
+
+
+STAGE1_FORMAT = 2  # bump when stage 1's output changes for the same inputs: old chunks are then redone
+
+
+def plan_stage1(cfg: JobConfig, art: Artifacts, spec: dict, uri: str) -> list[Chunk]:
+    """The corpus files in chunks of about ``audit.stage1_chunk_bytes``, each keyed by content (S3
+    ETags, or SHA-256 of the bytes, cached by size and mtime in ``<uri>/_corpus_keys.json`` so that a
+    resumed run does not read a local corpus twice) and by everything else stage 1's output depends
+    on (model, probes, the whole activation spec). Chunk boundaries fall where a file's *name* hashes
+    to 0 mod K (K: files per chunk at the median file size), so a file that changes or arrives moves
+    no boundary but its own; a chunk is also cut at 4x the target. Folders under ``uri`` that belong
+    to no planned chunk are removed."""
+    a = cfg.audit
+    _, files, _ = list_corpus_files(a.corpus)
+    sizes, keys = corpus_keys(a.corpus, files, storage.join(uri, "_corpus_keys.json"))
+    # what stage 1's output depends on besides the files: the model's weights and the probes by
+    # content, every other setting as given (the thread count and paths excluded)
+    common = {k: v for k, v in spec.items() if k not in ("model_dir", "threads", "safety_probe", "dv_probe")}
+    common |= {"format": STAGE1_FORMAT, "corpus": a.corpus, "model": art.model_fingerprint, "safety": art.safety.content_hash,
+               "dv": art.dv.content_hash, "lambda_star": None if spec.get("lambda_star") in (None, np.inf) else float(spec["lambda_star"])}
+    per_chunk = max(1, round(a.stage1_chunk_bytes / max(1, float(np.median([sizes[f] for f in files])))))
+    groups: list[list[str]] = []
+    running = 0
+    for f in files:
+        boundary = int(hashlib.sha256(posixpath.basename(f).encode()).hexdigest(), 16) % per_chunk == 0
+        if not groups or boundary or running + sizes[f] > 4 * a.stage1_chunk_bytes:
+            groups.append([])
+            running = 0
+        groups[-1].append(f)
+        running += sizes[f]
+    chunks = []
+    for g in groups:
+        key = common | {"files": {f: keys[f] for f in g}}
+        cid = config_hash(key)[:16]
+        chunks.append(Chunk(g, sum(sizes[f] for f in g), key, cid, storage.join(uri, cid)))
+    if storage.exists(uri):  # earlier plans' chunks (changed files or settings), and the one-folder layout before chunks
+        for name in storage.listdir(uri):
+            if name not in {c.id for c in chunks} | {"_corpus_keys.json"}:
+                storage.remove(storage.join(uri, name))
+    return chunks
+
+
+def corpus_keys(corpus: str, files: list[str], cache_uri: str | None = None) -> tuple[dict[str, int], dict[str, str]]:
+    """({file: bytes}, {file: content key}) for the listed corpus files: the ETag on S3 (one HEAD
+    each, 16 at a time), the SHA-256 of the bytes elsewhere. A local file's SHA-256 is reused from
+    ``cache_uri`` while its size and mtime (ns) are unchanged, as git's index does: a file modified
+    in the last 2 s is not cached (a rewrite within one mtime tick would keep both), and a rewrite that
+    forges both is not seen."""
+    local = "://" not in corpus or corpus.startswith("file://")
+    s3 = storage.conditional_writes(corpus) == "s3"
+    cache = {}
+    if local and cache_uri and storage.exists(cache_uri):
+        try:
+            cache = storage.read_json(cache_uri)
+        except ValueError:  # a torn cache: hash again
+            cache = {}
+    fs, _ = storage.filesystem(corpus)
+    stats = {f: os.stat(f) for f in files} if local else {}
+
+    def key(f):
+        if local:
+            st, hit = stats[f], cache.get(f)
+            if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+                return st.st_size, hit["key"]
+            return st.st_size, storage.content_key(f)
+        if s3:  # size and ETag from one HEAD
+            info = fs.info(f)
+            return int(info["size"]), "etag:" + str(info.get("ETag", "")).strip('"')
+        return int(fs.size(f)), storage.content_key(_corpus_uri(corpus, f))
+
+    with ThreadPoolExecutor(16) as pool:
+        got = dict(zip(files, pool.map(key, files)))
+    sizes, keys = {f: n for f, (n, _) in got.items()}, {f: k for f, (_, k) in got.items()}
+    if local and cache_uri:
+        settled = time.time_ns() - 2_000_000_000
+        storage.write_json(cache_uri, {f: {"size": stats[f].st_size, "mtime_ns": stats[f].st_mtime_ns, "key": keys[f]}
+                                       for f in files if stats[f].st_mtime_ns < settled})
+    return sizes, keys
 
 
 def _corpus_uri(corpus: str, path: str) -> str:
     """A listed corpus file (a filesystem path) as a URI: the corpus' scheme put back."""
     return f"{corpus.split('://', 1)[0]}://{path}" if "://" in corpus and not corpus.startswith("file://") else path
-
-
-def _resumable_stage1(layout: RunLayout, key: dict) -> Stage1 | None:
-    marker = storage.join(layout.staging, "stage1", "_SUCCESS.json")
-    if not storage.exists(marker):
-        return None
-    m = storage.read_json(marker)
-    if m.get("key") != key:
-        return None
-    files = stage1_files(storage.join(layout.staging, "stage1"))
-    if sorted(files) != sorted(m["files"]):
-        return None
-    return Stage1(storage.join(layout.staging, "stage1"), m["rows"], 0.0, files)
 
 
 def _committed_expert(uri: str, key: dict) -> tuple[list[str], int]:

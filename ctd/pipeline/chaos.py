@@ -71,11 +71,13 @@ class ActorKiller(threading.Thread):
 
 
 def kill_audit_driver(config_path: str, output: str, run_id: str, overrides: dict[str, str], *, env: dict, cwd: str,
-                      after_files: int = 2, timeout: float = 600.0, stdout=subprocess.DEVNULL) -> dict:
+                      after_files: int = 2, watch: str = "expert", timeout: float = 600.0, stdout=subprocess.DEVNULL) -> dict:
     """Start ``python -m jobs.audit`` as its own process group, wait until it has committed
-    ``after_files`` expert-score files, then SIGKILL the whole group (the driver dies while writing).
-    Returns whether it was still running when killed and how many expert rows were committed."""
-    expert_dir = RunLayout(output, run_id).path("_staging", "expert")
+    ``after_files`` expert-score files (``watch="expert"``) or stage-1 chunks (``watch="stage1"``),
+    then SIGKILL the whole group (the driver dies mid-stage). Returns whether it was still running
+    when killed, how many expert rows were committed and which stage-1 chunks were."""
+    staging = RunLayout(output, run_id).path("_staging")
+    expert_dir, stage1_dir = storage.join(staging, "expert"), storage.join(staging, "stage1")
     cmd = [sys.executable, "-m", "jobs.audit", "--config", config_path, "--run-id", run_id]
     for k, v in overrides.items():
         cmd += ["--set", f"{k}={v}"]
@@ -84,15 +86,19 @@ def kill_audit_driver(config_path: str, output: str, run_id: str, overrides: dic
     def committed_files():
         return [n for n in storage.listdir(expert_dir) if n.endswith(".parquet")]
 
+    def committed_chunks():
+        return [n for n in storage.listdir(stage1_dir) if storage.exists(storage.join(stage1_dir, n, "_SUCCESS.json"))]
+
+    done = committed_files if watch == "expert" else committed_chunks
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and len(committed_files()) < after_files:
+    while time.time() < deadline and proc.poll() is None and len(done()) < after_files:
         time.sleep(0.3)
     interrupted = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # let the dead driver's Ray job and workers go
     rows = sum(read_parquet(storage.join(expert_dir, n)).num_rows for n in committed_files())
-    return {"interrupted": interrupted, "committed_rows": rows}
+    return {"interrupted": interrupted, "committed_rows": rows, "committed_chunks": sorted(committed_chunks())}
 
 
 class RunReader(threading.Thread):

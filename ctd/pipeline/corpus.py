@@ -219,11 +219,16 @@ def _rows_to_table(rows: list[dict]):
     return pa.Table.from_pylist(rows, schema=_schema())
 
 
-def read_corpus(uri: str, *, override_num_blocks: int | None = None):
-    """A Ray Dataset of validated rows (columns :data:`ROW_COLUMNS`)."""
+def read_corpus(uri: str, *, files: list[str] | None = None, override_num_blocks: int | None = None):
+    """A Ray Dataset of validated rows (columns :data:`ROW_COLUMNS`) of a corpus, or of ``files``
+    (some of the paths :func:`list_corpus_files` lists for it)."""
     import ray
 
-    fs, files, kind = list_corpus_files(uri)
+    if files is None:
+        fs, files, kind = list_corpus_files(uri)
+    else:  # a chunk of a corpus already listed: no second listing
+        fs, _ = storage.filesystem(uri)
+        kind = "parquet" if all(f.endswith(".parquet") for f in files) else "jsonl"
     if kind == "jsonl":
         ds = ray.data.read_datasource(JSONLinesDatasource(files, filesystem=fs), override_num_blocks=override_num_blocks)
         return ds.map_batches(_rows_to_table_batch, batch_format="pyarrow", batch_size=None)

@@ -15,6 +15,7 @@ happens to the rows afterwards is in :mod:`ctd.pipeline.audit` (built from :mod:
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 
 import pyarrow as pa
@@ -27,7 +28,6 @@ from ..config import JobConfig, resolve_model_path
 from ..tables import parquet_rows
 from .corpus import read_corpus
 from .ops import ray_path, write
-from .runs import parquet_files
 from .stages import ActivationStage, TokenizeStage
 
 __all__ = ["log", "init_ray", "configure_data", "ray_path", "Stage1", "activation_spec", "run_stage1", "stage1_files", "count_rows", "read_to_driver", "judge_labelled"]
@@ -121,13 +121,13 @@ def secret_envs(cfg: JobConfig) -> list[str]:
 
 
 def stage1_files(uri: str) -> list[str]:
-    """Parquet files of a stage-1 output, including those of its partitions."""
-    files = [storage.join(uri, n) for n in parquet_files(uri)]
-    for part in (EXPERT_PART, SCORES_PART):
-        sub = storage.join(uri, part)
-        if storage.exists(sub):
-            files += [storage.join(sub, n) for n in parquet_files(sub)]
-    return files
+    """Parquet files of a stage-1 output, including those of its partitions and chunks (every
+    ``*.parquet`` under ``uri``, at any depth)."""
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        return []
+    scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    return sorted(scheme + p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", ".")))
 
 
 def count_rows(files: list[str]) -> int:
@@ -138,15 +138,17 @@ def count_rows(files: list[str]) -> int:
         return sum(pool.map(parquet_rows, files))
 
 
-def run_stage1(cfg: JobConfig, corpus: str, out_uri: str, spec: dict, *, rows_per_file: int | None = None) -> Stage1:
-    """Stage 1 over a corpus, written to ``out_uri`` in files of at least ``rows_per_file`` rows."""
+def run_stage1(cfg: JobConfig, corpus: str, out_uri: str, spec: dict, *, rows_per_file: int | None = None,
+               files: list[str] | None = None) -> Stage1:
+    """Stage 1 over a corpus (or ``files``, some of its listed files), written to ``out_uri`` in
+    files of at least ``rows_per_file`` rows."""
     from ray.data import ActorPoolStrategy
 
     a = cfg.activations
     t0 = time.perf_counter()
     log(f"stage 1: {corpus} → validate → tokenize → activations (layer {spec['score_layer']}, "
         f"{a.min_actors}..{a.max_actors} actors, {a.num_gpus:g} GPU each) → {out_uri}")
-    ds = read_corpus(corpus)
+    ds = read_corpus(corpus, files=files)
     tok = ds.map_batches(TokenizeStage, fn_constructor_kwargs={"spec": {"model_dir": spec["model_dir"], "max_length": spec["max_length"]}},
                          batch_format="pyarrow", batch_size=a.batch_size, num_cpus=0.5,
                          compute=ActorPoolStrategy(min_size=1, max_size=max(1, a.max_actors)))

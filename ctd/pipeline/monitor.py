@@ -11,21 +11,22 @@ reports and manifests are the audit job's (:mod:`ctd.pipeline.runs`, :mod:`ctd.r
 
 from __future__ import annotations
 
-import collections
 import datetime as _dt
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import storage
 from ..config import MonitorConfig, audit_date, expand_dates, expand_run_id
 from ..config import config_hash as _cfg_hash
 from ..monitor import ThresholdMonitor, TrajectoryError, load_monitor, monitor_lambda, read_step_table, validate_steps
-from ..report import html_page, html_table, plot_histogram, write_report
-from ..tables import read_parquet
+from ..report import html_page, html_table, plot_binned, write_report
 from ..lease import Lease
-from .graph import init_ray, log, ray_path
+from . import ops
+from .graph import init_ray, log
+from ..tables import write_parquet
 from .runs import RunLayout, parquet_files
 
 __all__ = ["run_monitor", "OUT_SCHEMA"]
@@ -33,6 +34,7 @@ __all__ = ["run_monitor", "OUT_SCHEMA"]
 OUT_SCHEMA = pa.schema([("trajectory", pa.string()), ("alarm", pa.bool_()), ("step", pa.float64()), ("score", pa.float64()),
                         ("tokens_at_alarm", pa.float64()), ("steps_seen", pa.int64()), ("length", pa.int64()),
                         ("label", pa.int64()), ("error", pa.string())])
+ALARM_COLUMNS = ["trajectory", "step", "score", "tokens_at_alarm", "steps_seen", "length", "label"]
 
 
 def _step_files(uri: str) -> list[str]:
@@ -105,7 +107,36 @@ def run_monitor(cfg: MonitorConfig, *, run_id: str | None = None, date: str | No
         return _monitor(cfg, cal, lam, files, layout, lease, day)
 
 
+def _alarms(batch: pa.Table) -> pa.Table:
+    ok = pc.and_(pc.is_null(batch.column("error")), pc.fill_null(batch.column("alarm"), False))
+    return batch.filter(ok).select(ALARM_COLUMNS)
+
+
+def _quarantined(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch.column("error"))).select(["trajectory", "error"])
+
+
+def _facts(batch: pa.Table) -> pa.Table:
+    """Partial figures of a block of per-trajectory rows (summed by :func:`ops.facts`)."""
+    ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)
+    alarm = ok & pc.fill_null(batch.column("alarm"), False).to_numpy(zero_copy_only=False)
+    unlabelled = batch.column("label").is_null().to_numpy(zero_copy_only=False)
+    label = pc.fill_null(batch.column("label"), -1).to_numpy(zero_copy_only=False)
+    seen = pc.fill_null(batch.column("steps_seen"), 0).to_numpy(zero_copy_only=False)
+    correct, wrong = ok & (label == 1), ok & (label == 0)
+    names = ["trajectories", "steps", "alarms", "quarantined", "ok_unlabelled", "correct", "wrong", "alarms_correct", "alarms_wrong",
+             "steps_seen_alarms_wrong"]
+    values = [batch.num_rows, int(pc.sum(batch.column("length")).as_py() or 0), int(alarm.sum()), int((~ok).sum()),
+              int((ok & unlabelled).sum()), int(correct.sum()), int(wrong.sum()), int((alarm & correct).sum()),
+              int((alarm & wrong).sum()), int(seen[alarm & wrong].sum())]
+    return pa.concat_tables([ops._fact_rows("count", names, values),
+                             ops._group_counts("reason", batch.column("error").filter(pa.array(~ok))),
+                             ops._group_counts("alarm_steps", pa.chunked_array([pa.array(seen[alarm].astype(str))]))])
+
+
 def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], layout: RunLayout, lease: Lease, day: _dt.date) -> dict:
+    """Per-trajectory rows are a Ray Data operation end to end: the driver holds counts, reasons and
+    the histogram of alarm positions (one entry per distinct step count), never the trajectories."""
     import ray
 
     m, rid = cfg.monitor, layout.run_id
@@ -114,46 +145,43 @@ def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], layout: RunLa
     rows = ray.data.from_items([{"uri": f} for f in files]).flat_map(_read_file, fn_kwargs={"columns": m.columns.model_dump()})
     per_traj = rows.groupby("trajectory").map_groups(_apply, fn_kwargs={"lam": lam}, batch_format="pyarrow")
     staging = layout.path("_staging", "trajectories")
-    path, fs = ray_path(staging)
-    per_traj.write_parquet(path, filesystem=fs)
-    t = pa.concat_tables([read_parquet(storage.join(staging, n)).cast(OUT_SCHEMA) for n in parquet_files(staging)]) if parquet_files(staging) else OUT_SCHEMA.empty_table()
-    dt = time.perf_counter() - t0
-    err = t.column("error").is_null().to_numpy(zero_copy_only=False)
-    ok = t.filter(pa.array(err))
-    alarms = ok.filter(ok.column("alarm")).select(["trajectory", "step", "score", "tokens_at_alarm", "steps_seen", "length", "label"])
-    quarantine = t.filter(pa.array(~err)).select(["trajectory", "error"])
-    from ..tables import write_parquet
-
-    write_parquet(storage.join(layout.results, "alarms.parquet"), alarms)
-    write_parquet(storage.join(layout.quarantine, "quarantine.parquet"), quarantine)
+    ops.write(per_traj, staging, m.rows_per_file)  # one pass over the steps; the outputs below read this
+    staged = [storage.join(staging, n) for n in parquet_files(staging)]
+    if staged:
+        ops.write(ops.read(staged).map_batches(_alarms, batch_format="pyarrow", batch_size=None), layout.results, m.rows_per_file)
+        ops.write(ops.read(staged).map_batches(_quarantined, batch_format="pyarrow", batch_size=None), layout.quarantine, m.rows_per_file)
+    for uri, cols in ((layout.results, ALARM_COLUMNS), (layout.quarantine, ["trajectory", "error"])):
+        if not parquet_files(uri):  # no alarm (or nothing quarantined): an empty table with its columns, as readers expect
+            write_parquet(storage.join(uri, "empty.parquet"), pa.schema([OUT_SCHEMA.field(c) for c in cols]).empty_table())
+    fr = ops.facts(ops.read(staged), _facts) if staged else {}
     storage.remove(layout.staging)
-    n_steps = int(np.sum(t.column("length").to_numpy(zero_copy_only=False)))
-    lab = ok.column("label").to_numpy(zero_copy_only=False)
-    al = ok.column("alarm").to_numpy(zero_copy_only=False).astype(bool)
+    dt = time.perf_counter() - t0
+    count = lambda k: fr.get(("count", k), 0)  # noqa: E731
+    n_traj, n_steps, n_alarms, n_q = count("trajectories"), count("steps"), count("alarms"), count("quarantined")
     quality = {}
-    if ok.num_rows and not np.any(np.isnan(lab.astype(float))):
-        correct, wrong = lab == 1, lab == 0
-        quality = {"false_alarm_rate": float(al[correct].mean()) if correct.any() else None,
-                   "power": float(al[wrong].mean()) if wrong.any() else None,
-                   "mean_steps_seen_at_alarm_incorrect": float(np.mean(ok.column("steps_seen").to_numpy(zero_copy_only=False)[al & wrong]))
-                   if (al & wrong).any() else None}
+    if n_traj - n_q and not count("ok_unlabelled"):
+        correct, wrong, aw = count("correct"), count("wrong"), count("alarms_wrong")
+        quality = {"false_alarm_rate": count("alarms_correct") / correct if correct else None,
+                   "power": aw / wrong if wrong else None,
+                   "mean_steps_seen_at_alarm_incorrect": count("steps_seen_alarms_wrong") / aw if aw else None}
     summary = {
         "kind": "monitor", "run_id": rid, "monitored_date": day.isoformat(), "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config_hash": _cfg_hash(cfg), "input": m.input, "calibration": m.calibration, "calibration_hash": cal["artifact_hash"],
         "rule": cal["rule"], "risk": cal["risk"], "control": cal["control"], "epsilon": cal["epsilon"], "delta": cal["delta"],
-        "guarantee": cal["guarantee"], "trajectories": t.num_rows, "steps": n_steps, "alarms": alarms.num_rows,
-        "trajectories_quarantined": quarantine.num_rows,
-        "quarantine_reasons": dict(collections.Counter(quarantine.column("error").to_pylist())), "quality_with_labels": quality,
+        "guarantee": cal["guarantee"], "trajectories": n_traj, "steps": n_steps, "alarms": n_alarms,
+        "trajectories_quarantined": n_q, "quarantine_reasons": ops.collect_facts(fr, "reason"), "quality_with_labels": quality,
         "stages": [{"stage": "monitor", "seconds": round(dt, 2), "rows": n_steps, "rows_per_second": round(n_steps / max(dt, 1e-9), 1)}],
     }
-    fig = {"alarm_position": plot_histogram({"steps seen when the alarm fired": ok.column("steps_seen").to_numpy(zero_copy_only=False)[al].astype(float)},
-                                            None, "When alarms fire", "steps seen")}
+    at = ops.collect_facts(fr, "alarm_steps")  # {steps seen: alarms}: one entry per distinct step count
+    steps = np.array([int(k) for k in at], dtype=float)
+    counts, edges = np.histogram(steps, bins=50, weights=np.array(list(at.values()), dtype=float)) if at else (np.zeros(1), np.array([0.0, 1.0]))
+    fig = {"alarm_position": plot_binned({"steps seen when the alarm fired": counts}, edges, None, "When alarms fire", "steps seen")}
     page = html_page(f"CTD monitor {rid}", [("Summary", html_table([{"quantity": k, "value": str(v)} for k, v in summary.items()]))], fig)
     files_written = write_report(layout.attempt_root, "report", summary, page, fig)
-    layout.publish({"monitored_date": day.isoformat(), "trajectories": t.num_rows, "alarms": alarms.num_rows, "quarantined": quarantine.num_rows},
+    layout.publish({"monitored_date": day.isoformat(), "trajectories": n_traj, "alarms": n_alarms, "quarantined": n_q},
                    list(files_written.values()),
                    before_commit=lease.check)
-    log(f"monitor {rid}: {t.num_rows} trajectories, {n_steps} steps, {alarms.num_rows} alarms, {quarantine.num_rows} quarantined"
+    log(f"monitor {rid}: {n_traj} trajectories, {n_steps} steps, {n_alarms} alarms, {n_q} quarantined"
         + (f"; false alarms {quality['false_alarm_rate']:.3f}, power {quality['power']:.3f}" if quality.get("power") is not None else ""))
     log(f"report: {files_written['html']}")
     return summary
