@@ -1,8 +1,8 @@
-"""Our run manifest against a Delta Lake table (delta-rs, the ``deltalake`` package) as the way to
-publish a night's results atomically, on the real S3 server (SeaweedFS); writes
-benchmarks/results/table_format.json.
+"""Our run manifest against a Delta Lake table (delta-rs, the ``deltalake`` package) and an Apache
+Iceberg table (``pyiceberg``, SQL catalogue) as the way to publish a night's results atomically, on
+the real S3 server (SeaweedFS); writes benchmarks/results/table_format.json.
 
-    .venv/bin/pip install deltalake==1.6.6   # only for this benchmark: the jobs do not use it
+    .venv/bin/pip install deltalake==1.6.6 "pyiceberg[sql-sqlite,pyarrow]==0.12.0"   # only for this benchmark
     .venv/bin/python benchmarks/table_format.py [--rows 1000000] [--out benchmarks/results/table_format.json]
 
 Both publish the same results table (N rows shaped like ``results/*.parquet``; ours in files of
@@ -16,7 +16,8 @@ night would, and the benchmark records:
 - what a reader polling all along saw while three reruns replaced the run: every read is classified as
   the old version whole, the new one whole, or anything else (a mix, a part, nothing, an error);
 - two writers replacing the same run at the same moment: which of them won, and when each learnt it
-  (ours: the lease, taken before any compute; Delta: its commit, after the data files are written);
+  (ours: the lease, taken before any compute; Delta and Iceberg: their commit, after the data files
+  are written);
 - bytes left under the run after the five publishes (Delta: before and after VACUUM keeping the last
   two versions, what ours keeps), and what each lists per file (checksums or not).
 """
@@ -92,6 +93,30 @@ def read_delta(uri: str, opts: dict) -> pa.Table:
     from deltalake import DeltaTable
 
     return pa.table(DeltaTable(uri, storage_options=opts).to_pyarrow_table(columns=["id"]))
+
+
+def iceberg_catalog(server: SeaweedFS, db: str):
+    """A SQL catalogue (SQLite: the smallest Iceberg catalogue there is) over the S3 warehouse; a
+    production one is a REST, Glue or Hive service to run beside the store."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    return SqlCatalog("bench", uri=f"sqlite:///{db}", warehouse=f"s3://{server.bucket}/iceberg",
+                      **{"s3.endpoint": server.endpoint, "s3.access-key-id": server.key, "s3.secret-access-key": server.secret,
+                         "s3.region": "us-east-1"})
+
+
+def publish_iceberg(catalog, name: str, table: pa.Table) -> dict:
+    t0 = time.perf_counter()
+    try:
+        tbl = catalog.load_table(name)
+    except Exception:  # noqa: BLE001 (the first publish creates it)
+        tbl = catalog.create_table(name, schema=table.schema)
+    tbl.overwrite(table)
+    return {"publish_s": round(time.perf_counter() - t0, 3)}
+
+
+def read_iceberg(catalog, name: str) -> pa.Table:
+    return catalog.load_table(name).scan(selected_fields=("id",)).to_arrow()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +277,34 @@ def main(argv=None) -> int:
         delta["two_writers_versions"] = race.version() + 1
         delta["two_writers_published"] = read_delta(f"s3://{server.bucket}/delta/race", opts).column("id")[0].as_py().split("-")[0]
         print(f"two writers: ours {ours['two_writers']}, delta {delta['two_writers']} ({delta['two_writers_versions']} versions)", flush=True)
-        result.update(ours=ours, delta=delta)
+
+        # Apache Iceberg (pyiceberg), the same steps
+        import pyiceberg
+
+        db = os.path.join(tmp, "catalog.db")
+        cat = iceberg_catalog(server, db)
+        cat.create_namespace("ctd")
+        ice = {"version": pyiceberg.__version__, "catalog": "SqlCatalog on SQLite", "publish": []}
+        for tag in ("a", "b"):
+            ice["publish"].append(publish_iceberg(cat, "ctd.night", tables[tag]))
+        t0 = time.perf_counter()
+        assert read_iceberg(cat, "ctd.night").num_rows == n
+        ice["read_s"] = round(time.perf_counter() - t0, 3)
+        ice["replace_under_reader"] = [replace_under_a_reader(
+            lambda: read_iceberg(iceberg_catalog(server, db), "ctd.night"),
+            lambda t: ice["publish"].append(publish_iceberg(cat, "ctd.night", t)), n, tables[tag]) for tag in ("c", "b", "c")]
+        ice["reads_during_replaces"] = summarise_reads(ice["replace_under_reader"])
+        files = cat.load_table("ctd.night").inspect.files()
+        ice["per_file"] = sorted(c for c in files.column_names if not c.startswith("readable_metrics"))
+        ice["data_files_per_publish"] = files.num_rows
+        ice["snapshots"] = len(cat.load_table("ctd.night").snapshots())
+        ice["bytes_after_5_publishes"] = prefix_bytes(server, "iceberg")
+        publish_iceberg(cat, "ctd.race", tables["a"])  # the table exists before the race, as a rerun's would
+        ice["two_writers"] = two_writers(lambda i: publish_iceberg(iceberg_catalog(server, db), "ctd.race", tables["ab"[i]]))
+        ice["two_writers_published"] = read_iceberg(cat, "ctd.race").column("id")[0].as_py().split("-")[0]
+        print(f"iceberg: publish {ice['publish']}, read {ice['read_s']} s, reads {ice['reads_during_replaces']}, "
+              f"two writers {ice['two_writers']}", flush=True)
+        result.update(ours=ours, delta=delta, iceberg=ice)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
