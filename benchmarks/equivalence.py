@@ -2,7 +2,7 @@
 
     python benchmarks/equivalence.py [--before f7d039b] [--work out/equivalence] [--out benchmarks/results/equivalence.json]
 
-Deploys the demo once (corpus, expert, probes, calibration: `ctd.demo.deploy`), then audits the same
+Deploys the demo once (corpus, expert, probes, calibration: `ctd.testing.demo.deploy`), then audits the same
 corpus with the same artifacts twice per setting, once with the implementation at ``--before`` (a git
 worktree of that commit, run as ``python -m jobs.audit`` with it first on the path) and once with
 this checkout, without and with a hard budget cap. It compares, id by id, what each run published:
@@ -39,7 +39,7 @@ def audit(code_dir: str, config: str, run_id: str, cap: float | None) -> float:
 
 def published(output: str, run_id: str) -> dict:
     from ctd import storage
-    from ctd.pipeline.runs import read_run_table, run_file
+    from ctd.runs.layout import read_run_table, run_file
 
     res = read_run_table(output, run_id)
     q = read_run_table(output, run_id, "quarantine")
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     out = os.path.join(work, "demo")
     if not os.path.exists(os.path.join(out, "config.yaml")):
         # deploy in a child process, so that this one holds no Ray connection of its own
-        code = (f"import yaml; from ctd.demo import deploy; from ctd.config import load_config; from ctd.pipeline.graph import init_ray; "
+        code = (f"import yaml; from ctd.testing.demo import deploy; from ctd.config import load_config; from ctd.pipeline.raydata import init_ray; "
                 f"init_ray(load_config('configs/demo.yaml')); deploy({out!r}, {out!r}, yaml.safe_load(open('configs/demo.yaml')))")
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=ROOT))
     config = os.path.join(out, "config.yaml")

@@ -16,7 +16,7 @@ Methods, in one process and run:
   (d) the competent baseline, what a good engineer writes in an afternoon: the model truncated at
       the probe layer, length-sorted padded batches filled up to the same token budget as (c),
       SDPA attention with the padding mask, masked mean on the device, only [B, H] copied back
-  (c) ctd.activations.ActivationExtractor.pool: the code the Ray activation actor runs
+  (c) ctd.model.activations.ActivationExtractor.pool: the code the Ray activation actor runs
       (variants: token budget, torch.compile)
 Each method is timed ``--repeats`` times (default 3) after a warm-up; the median is reported, with
 every time. Reports tokens/s, model-FLOP utilisation against a bf16 (GPU) / fp32 (CPU) matmul peak
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from ctd.activations import ActivationExtractor  # noqa: E402
+from ctd.model.activations import ActivationExtractor  # noqa: E402
 
 SHAPES = {
     "gpu": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

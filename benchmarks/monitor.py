@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ctd.datasets import default_data_dir  # noqa: E402
-from ctd.monitor import DensityRatio, evaluate_eprocess, evaluate_threshold, read_trajectories  # noqa: E402
-from ctd.report import html_page, html_table, write_report  # noqa: E402
+from ctd.evaluation.datasets import default_data_dir  # noqa: E402
+from ctd.monitor.rules import DensityRatio, evaluate_eprocess, evaluate_threshold, read_trajectories  # noqa: E402
+from ctd.reporting.pages import html_page, html_table, write_report  # noqa: E402
 from ctd.stats.calibrate import threshold_grid  # noqa: E402
 from ctd.stats.pvalues import binomial_upper_pvalue, clopper_pearson, simulation_draws  # noqa: E402
 from ctd.stats.risk_control import alarm_counts, control_threshold  # noqa: E402
@@ -136,7 +136,7 @@ def plots(results):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ctd.report import _png
+    from ctd.reporting.plots import png as _png
 
     figs = {}
     fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7.5))

@@ -6,7 +6,7 @@ the same model, probes and corpus, measured side by side in one run.
 * loop: one process reads the corpus's JSON lines, tokenises batches with the same TextEncoder,
   pools layer L with the same ActivationExtractor (torch using every core) and applies both probes.
   The strongest simple baseline: no Ray, no Arrow, no serialisation.
-* pipeline: ``ctd.pipeline.graph.run_stage1`` on a local Ray instance (read → validate → tokenize →
+* pipeline: ``ctd.pipeline.scoring.run_stage1`` on a local Ray instance (read → validate → tokenize →
   activations + probes + gate → Parquet), with the demo's actor configuration.
 
 Steady-state throughput excludes start-up (model loads, actor start): each side runs on a small and a
@@ -35,14 +35,14 @@ def deploy_probes(work: str) -> str:
 
     cfg_path = os.path.join(work, "config.yaml")
     if not os.path.exists(cfg_path):
-        code = (f"import yaml; from ctd.demo import deploy; from ctd.config import load_config; from ctd.pipeline.graph import init_ray; "
+        code = (f"import yaml; from ctd.testing.demo import deploy; from ctd.config import load_config; from ctd.pipeline.raydata import init_ray; "
                 f"init_ray(load_config('configs/demo.yaml')); deploy({work!r}, {work!r}, yaml.safe_load(open('configs/demo.yaml')))")
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
     return cfg_path
 
 
 def corpus(work: str, rows: int) -> str:
-    from ctd.demo import generate_corpus
+    from ctd.testing.demo import generate_corpus
 
     out = os.path.join(work, f"corpus-{rows}")
     if not os.path.exists(os.path.join(out, "audit.jsonl")):
@@ -54,9 +54,9 @@ def plain_loop(cfg, path: str, batch_size: int) -> tuple[float, dict]:
     """Seconds for tokenise + pool + probes over every row (after the model and probes are loaded)."""
     import torch
 
-    from ctd.activations import ActivationExtractor, TextEncoder
+    from ctd.model.activations import ActivationExtractor, TextEncoder
     from ctd.config import resolve_model_path
-    from ctd.probes import LinearProbe
+    from ctd.model.probes import LinearProbe
 
     torch.set_num_threads(os.cpu_count() or 1)
     model_dir = resolve_model_path(cfg.model.path)
@@ -79,10 +79,13 @@ def plain_loop(cfg, path: str, batch_size: int) -> tuple[float, dict]:
 
 
 def pipeline(cfg, path: str, out: str) -> tuple[float, dict]:
-    from ctd.pipeline.graph import activation_spec, run_stage1
+    from ctd.model.deployment import Deployment
+    from ctd.pipeline.scoring import activation_spec, run_stage1
     from ctd.tables import read_parquet
 
-    s1 = run_stage1(cfg, path, out, activation_spec(cfg, lambda_star=np.inf) | {"text": "delegated"}, rows_per_file=250_000)
+    dep = Deployment.load(cfg.model, cfg.probes)
+    spec = activation_spec(cfg.model, cfg.activations, safety=dep.safety, dv=dep.dv, gate=np.inf, keep_text="delegated")
+    s1 = run_stage1(path, out, spec, cfg.activations, rows_per_file=250_000)
     t = [read_parquet(f, ["id", "probe", "dv"]) for f in s1.files]
     scores = {}
     for x in t:
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ["RAY_AUTH_MODE"] = "token"
     from ctd.config import load_config
-    from ctd.pipeline.graph import init_ray
+    from ctd.pipeline.raydata import init_ray
 
     work = os.path.abspath(args.work)
     over = {}

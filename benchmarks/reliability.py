@@ -37,8 +37,8 @@ import yaml  # noqa: E402
 
 from ctd import storage  # noqa: E402
 from ctd.config import ConfigError, load_config  # noqa: E402
-from ctd.demo import BAD_ROWS, deploy, generate_corpus  # noqa: E402
-from ctd.localstack import RayHead, SeaweedFS, find_secrets, ray_session_logs  # noqa: E402
+from ctd.testing.demo import BAD_ROWS, deploy, generate_corpus  # noqa: E402
+from ctd.testing.localstack import RayHead, SeaweedFS, find_secrets, ray_session_logs  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,9 +49,9 @@ def log(msg):
 
 
 def scenario_actor_kills(d, corpus, out):
-    from ctd.pipeline.audit import run_audit
-    from ctd.pipeline.chaos import ActorKiller
-    from ctd.pipeline.verify import verify_run
+    from ctd.audit.run import run_audit
+    from ctd.testing.chaos import ActorKiller
+    from ctd.runs.verify import verify_run
 
     cfg = load_config(d["config_path"], {"audit.corpus": corpus, "audit.output": out, "activations.batch_size": 32,
                                          "expert.classifier.pool.batch_size": 8})
@@ -70,10 +70,10 @@ def scenario_actor_kills(d, corpus, out):
 
 
 def scenario_driver_kill(d, corpus, out, head):
-    from ctd.pipeline.audit import run_audit
-    from ctd.pipeline.chaos import kill_audit_driver
-    from ctd.pipeline.runs import list_runs, read_manifest
-    from ctd.pipeline.verify import verify_run
+    from ctd.audit.run import run_audit
+    from ctd.testing.chaos import kill_audit_driver
+    from ctd.runs.layout import list_runs, read_manifest
+    from ctd.runs.verify import verify_run
 
     env = dict(os.environ, RAY_ADDRESS=head.address)
     overrides = {"audit.corpus": corpus, "audit.output": out, "expert.classifier.pool.batch_size": 8, "audit.commit_rows": 32,
@@ -95,9 +95,9 @@ def scenario_driver_kill(d, corpus, out, head):
 
 def scenario_rerun_kill(d, corpus, out, head, run_id="actor-kills"):
     """Kill a rerun of a published run mid-way while a reader polls it."""
-    from ctd.pipeline.chaos import RunReader, kill_audit_driver
-    from ctd.pipeline.runs import read_manifest
-    from ctd.pipeline.verify import verify_run
+    from ctd.testing.chaos import RunReader, kill_audit_driver
+    from ctd.runs.layout import read_manifest
+    from ctd.runs.verify import verify_run
 
     reader = RunReader(out, run_id)
     before = reader.before
@@ -116,7 +116,7 @@ def scenario_rerun_kill(d, corpus, out, head, run_id="actor-kills"):
 
 
 def scenario_budget_cap(d, shifted, out, head, cap_fraction=0.05):
-    from ctd.pipeline.runs import RunLayout, read_run_table, run_file
+    from ctd.runs.layout import RunLayout, read_run_table, run_file
     from ctd.tables import read_parquet
 
     env = dict(os.environ, RAY_ADDRESS=head.address)
@@ -138,8 +138,8 @@ def scenario_budget_cap(d, shifted, out, head, cap_fraction=0.05):
 
 
 def scenario_failed_job(d, corpus, out):
-    from ctd.pipeline.audit import run_audit
-    from ctd.pipeline.runs import RunLayout, list_runs
+    from ctd.audit.run import run_audit
+    from ctd.runs.layout import RunLayout, list_runs
 
     cfg = load_config(d["config_path"], {"audit.corpus": corpus, "audit.output": out, "expert.classifier.path": "/nonexistent/model"})
     try:
@@ -192,9 +192,9 @@ def fuzz_corpus(n=3000, seed=0) -> dict:
 
 
 def scenario_hostile(d, root, n=3000, seed=0):
-    from ctd.artifacts import ArtifactError
-    from ctd.calibration import CalibrationArtifact, load_calibration
-    from ctd.pipeline.audit import run_audit
+    from ctd.model.artifacts import ArtifactError
+    from ctd.calibration.artifact import CalibrationArtifact, load_calibration
+    from ctd.audit.run import run_audit
 
     fuzz = fuzz_corpus(n, seed)
     base = yaml.safe_load(open(d["config_path"]))
@@ -215,9 +215,11 @@ def scenario_hostile(d, root, n=3000, seed=0):
         try:
             cfg = load_config(p)
             if key == "audit.run_id":
-                from ctd.config import expand_run_id
+                import datetime as dt
 
-                expand_run_id(cfg.audit.run_id)
+                from ctd.runs.job import expand_run_id
+
+                expand_run_id(cfg.audit.run_id, dt.date(2026, 1, 1))
         except ConfigError:
             cfg_cases += 1
         except Exception:
@@ -225,8 +227,8 @@ def scenario_hostile(d, root, n=3000, seed=0):
     art = d["calibration"]
     refused = []
     other = CalibrationArtifact(art.result, {**art.provenance, "dv_probe_hash": "0" * 64})
-    storage.write_json(f"{root}/hostile/cal-other/calibration.json", other.to_dict())
-    body = other.to_dict()
+    storage.write_json(f"{root}/hostile/cal-other/calibration.json", other.body())
+    body = other.body()
     body["calibration"]["lambda_hat"] = -1.0
     storage.write_json(f"{root}/hostile/cal-tampered/calibration.json", body)
     probe_uri = load_config(d["config_path"]).probes.dv

@@ -34,15 +34,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ctd.activations import ActivationExtractor, TextEncoder, cached_pool, token_ids_hash  # noqa: E402
-from ctd.datasets import load_high_stakes  # noqa: E402
-from ctd.evaluate import DEFAULT_BUDGETS, Scores, budget_sweep, dv_quality, topk_value_curve, validate_guarantee  # noqa: E402
-from ctd.experts.classifier import build_classifier, cls_features, cross_fit_scores, head_scores, train_head, _pooler_init, SequenceClassifierExpert  # noqa: E402
-from ctd.experts.zero_shot import EmbeddingJudge  # noqa: E402
-from ctd.metrics import accuracy, auroc, spearman, spearman_permutation_pvalue  # noqa: E402
-from ctd.probes import cross_fit_predict, fit_dv_probe, select_layer  # noqa: E402
-from ctd.report import html_page, html_table, plot_budget_sweep, plot_topk_value, plot_violations, write_report  # noqa: E402
-from ctd.signals import delegation_value, uncertainty_signal  # noqa: E402
+from ctd.model.activations import ActivationExtractor, TextEncoder, cached_pool, token_ids_hash  # noqa: E402
+from ctd.evaluation.datasets import load_high_stakes  # noqa: E402
+from ctd.evaluation.experiments import DEFAULT_BUDGETS, Scores, budget_sweep, dv_quality, topk_value_curve, validate_guarantee  # noqa: E402
+from ctd.evaluation.classifier_head import build_classifier, cls_features, cross_fit_scores, head_scores, pooler_init, train_head  # noqa: E402
+from ctd.experts.classifier import SequenceClassifierExpert  # noqa: E402
+from ctd.evaluation.zero_shot import EmbeddingJudge  # noqa: E402
+from ctd.stats.metrics import accuracy, auroc, spearman, spearman_permutation_pvalue  # noqa: E402
+from ctd.model.probes import cross_fit_predict, fit_dv_probe, select_layer  # noqa: E402
+from ctd.reporting.pages import html_page, html_table, write_report  # noqa: E402
+from ctd.reporting.plots import plot_budget_sweep, plot_topk_value, plot_violations  # noqa: E402
+from ctd.stats.signals import delegation_value, uncertainty_signal  # noqa: E402
 from ctd.stats.calibrate import threshold_grid  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,7 +94,7 @@ def strong_expert(cache, model_dir, dev, test, seed):
     fdir = os.path.join(cache, "cls512")
     f_dev = cached_array(os.path.join(fdir, token_ids_hash(ids_dev)[:16] + ".npy"), lambda: cls_features(model_dir, ids_dev))
     f_test = cached_array(os.path.join(fdir, token_ids_hash(ids_test)[:16] + ".npy"), lambda: cls_features(model_dir, ids_test))
-    init = _pooler_init(model_dir)
+    init = pooler_init(model_dir)
     oof = cross_fit_scores(f_dev, dev.labels, seed=seed, init=init)
     head = train_head(f_dev, dev.labels, seed=seed, init=init)
     test_scores = head_scores(head, f_test)

@@ -59,11 +59,14 @@ def build(work: str, alpha: float = 0.1) -> dict:
     """Model, expert, probes and calibration for the benchmark (made once)."""
     import yaml
 
-    from ctd.activations import ActivationExtractor, TextEncoder
-    from ctd.artifacts import model_fingerprint
-    from ctd.calibration import calibrate_table, write_calibration
-    from ctd.probes import LinearProbe
-    from ctd.tinymodels import build_tiny_llama
+    from ctd.model.activations import ActivationExtractor, TextEncoder
+    from ctd.model.artifacts import model_fingerprint
+    from ctd.calibration.calibrator import CalibrationScores, Calibrator
+    from ctd.stats.calibrate import threshold_grid
+    from ctd.calibration.report import write_calibration
+    from ctd.config import CalibrationConfig
+    from ctd.model.probes import LinearProbe
+    from ctd.testing.tinymodels import build_tiny_llama
 
     cfg_path = os.path.join(work, "config.yaml")
     if os.path.exists(cfg_path):
@@ -86,11 +89,11 @@ def build(work: str, alpha: float = 0.1) -> dict:
     dv = probes["dv"].predict(z)
     p = probes["safety"].predict(z)
     labels = (rng.random(2000) < p).astype(int)
-    scores = {"ids": np.array([f"s{i}" for i in range(2000)], dtype=object), "label": labels, "probe": p,
-              "expert": np.clip(labels + rng.normal(0, 0.3, 2000), 0, 1), "dv": dv}
-    art = calibrate_table(scores, alpha=alpha, delta=0.1, pareto=False,
-                          provenance={**meta, "safety_probe_hash": probes["safety"].content_hash, "dv_probe_hash": probes["dv"].content_hash})
-    write_calibration(os.path.join(work, "calibration"), art, scores)
+    scores = CalibrationScores(np.array([f"s{i:04d}" for i in range(2000)], dtype=object), labels, p,
+                               np.clip(labels + rng.normal(0, 0.3, 2000), 0, 1), dv)
+    art = Calibrator(CalibrationConfig(alpha=alpha, delta=0.1, pareto=False)).fit(
+        scores, threshold_grid(), {**meta, "safety_probe_hash": probes["safety"].content_hash, "dv_probe_hash": probes["dv"].content_hash})
+    write_calibration(os.path.join(work, "calibration"), art, scores.dv)
     cfg = {"name": "scale", "model": {"path": model, "id": "tiny-llama-1l", "layer": 1, "max_length": 64, "dtype": "fp32"},
            "probes": {"safety": os.path.join(work, "probes", "safety"), "dv": os.path.join(work, "probes", "dv")},
            "activations": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "batch_size": 1024},
@@ -148,7 +151,7 @@ def run(code: str, config: str, corpus: str, output: str, extra: list[str], env:
     rss = int(next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KIB")))
     parts = json.loads(next(line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("DRIVER_PEAKS_KIB")))
     sys.path.insert(0, ROOT)
-    from ctd.pipeline.runs import run_file
+    from ctd.runs.layout import run_file
 
     root = os.path.join(output, "runs", "scale")
     rep = json.load(open(run_file(output, "scale", "report.json")))  # either layout (v1 before attempts, v2)
@@ -215,7 +218,7 @@ def main(argv=None) -> int:
         if not os.path.isdir(old):
             subprocess.run(["git", "worktree", "add", "--detach", old, args.before], cwd=ROOT, check=True, capture_output=True)
         impls["before"] = old
-    from ctd.localstack import RayHead
+    from ctd.testing.localstack import RayHead
 
     result = {"command": "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{os.cpu_count()} cores", "model": "tiny Llama, 1 layer, hidden 64 (built by the benchmark)",

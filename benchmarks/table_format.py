@@ -39,9 +39,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from ctd import storage  # noqa: E402
-from ctd.lease import Lease  # noqa: E402
-from ctd.localstack import SeaweedFS  # noqa: E402
-from ctd.pipeline.runs import RunLayout, read_manifest, read_run_table  # noqa: E402
+from ctd.runs.lease import Lease  # noqa: E402
+from ctd.testing.localstack import SeaweedFS  # noqa: E402
+from ctd.runs.layout import RunLayout, read_manifest, read_run_table  # noqa: E402
 from ctd.tables import write_parquet  # noqa: E402
 
 ROWS_PER_FILE = 250_000

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = """
 import resource, sys, numpy as np
 sys.path.insert(0, {root!r})
-from ctd.probes import select_layer, fit_dv_probe, cross_fit_predict
+from ctd.model.probes import select_layer, fit_dv_probe, cross_fit_predict
 rows, dim, layers = {rows}, {dim}, {layers}
 rng = np.random.default_rng(0)
 feats = {{L: rng.standard_normal((rows, dim), dtype=np.float32) for L in range(layers)}}

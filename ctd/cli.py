@@ -1,4 +1,4 @@
-"""The ``ctd`` command.
+"""The command line: the ``ctd`` command, and the shared entry point of the ``jobs/`` (``job_main``).
 
     ctd calibrate --scores FILE --alpha A --delta D [--pareto|--no-pareto] [--risk accuracy|auroc] --out DIR
     ctd report fetch URI [--to DIR]        download a run's or a calibration's report
@@ -9,14 +9,22 @@
 Bad input (unreadable or malformed files, missing columns, NaN, labels not 0/1, probabilities
 outside [0, 1], levels outside (0, 1), a config error) prints one line starting with "error:" and
 exits with code 2.
+
+The jobs (``ray job submit ... -- python -m jobs.<name> --config FILE [--set KEY=VALUE ...]``) share
+:func:`job_main`: bad input (a config error, a missing or tampered artifact, a corpus that cannot be
+found) prints one line starting with "error:" and exits 2 before anything is written; a run id whose
+lease another driver holds, or took over from this one, prints one line and exits 4.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
-__all__ = ["main", "UsageError"]
+import yaml
+
+__all__ = ["main", "UsageError", "job_main"]
 
 
 def _positive(name):
@@ -55,11 +63,22 @@ def _level(name):
 def _cmd_calibrate(args) -> int:
     import numpy as np
 
-    from .calibration import calibrate_table, write_calibration
-    from .stats.calibrate import threshold_grid
-    from .tables import read_table, scores_for_calibration
+    from pydantic import ValidationError
 
-    scores = scores_for_calibration(read_table(args.scores), args.scores)
+    from .calibration.calibrator import CalibrationScores, Calibrator
+    from .calibration.report import write_calibration
+    from .config import CalibrationConfig
+    from .stats.calibrate import threshold_grid
+    from .stats.cascade import Cascade
+    from .tables import read_table
+
+    try:
+        settings = CalibrationConfig(alpha=args.alpha, delta=args.delta, pareto=args.pareto, risk=args.risk,
+                                     performance_target=args.performance_target, method=args.method, seed=args.seed,
+                                     opt_fraction=args.opt_fraction)
+    except ValidationError as e:  # one line for every problem
+        raise UsageError("; ".join(f"{'.'.join(map(str, x['loc'])) or 'settings'}: {x['msg']}" for x in e.errors())) from None
+    scores = CalibrationScores.from_table(read_table(args.scores), args.scores)
     if args.grid_scores:
         ref = read_table(args.grid_scores)
         if "dv" not in ref.column_names:
@@ -67,11 +86,9 @@ def _cmd_calibrate(args) -> int:
         grid = threshold_grid(reference=np.asarray(ref.column("dv").to_numpy(zero_copy_only=False), dtype=float), size=args.grid_size)
     else:
         grid = threshold_grid(size=args.grid_size, low=args.grid_low, high=args.grid_high)
-    art = calibrate_table(scores, alpha=args.alpha, delta=args.delta, pareto=args.pareto, risk=args.risk, grid=grid,
-                          performance_target=args.performance_target, method=args.method, seed=args.seed,
-                          opt_fraction=args.opt_fraction, cascade=args.cascade,
-                          provenance={"scores_uri": args.scores, "grid": "reference quantiles" if args.grid_scores else "uniform"})
-    uris = write_calibration(args.out, art, scores)
+    art = Calibrator(settings, Cascade(args.cascade)).fit(
+        scores, grid, {"scores_uri": args.scores, "grid": "reference quantiles" if args.grid_scores else "uniform"})
+    uris = write_calibration(args.out, art, scores.dv)
     print(art.result.message)
     print(f"calibration artifact: {uris['artifact']}")
     print(f"report: {uris['html']}")
@@ -79,7 +96,8 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .pipeline.reports import fetch_report, show_report
+    from .audit.report import show_report
+    from .runs.fetch import fetch_report
 
     if args.report_cmd == "fetch":
         for path in fetch_report(args.uri, args.to):
@@ -89,7 +107,7 @@ def _cmd_report(args) -> int:
         import json
 
         from . import storage
-        from .pipeline.verify import verify_run
+        from .runs.verify import verify_run
 
         uri = args.uri.rstrip("/")
         run_id = uri.rsplit("/", 1)[-1]
@@ -99,9 +117,8 @@ def _cmd_report(args) -> int:
         print(json.dumps(res, indent=2))
         return 0 if res["ok"] else 1
     if args.report_cmd == "history":
-        from .pipeline.reports import history, history_text
-
-        from .pipeline.runs import list_runs
+        from .runs.history import history, history_text
+        from .runs.layout import list_runs
 
         out = args.output.rstrip("/")
         if not list_runs(out):
@@ -113,7 +130,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_monitor(args) -> int:
-    from .monitor import calibrate_monitor_cli
+    from .monitor.rules import calibrate_monitor_cli
 
     return calibrate_monitor_cli(args)
 
@@ -183,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .artifacts import ArtifactError
+    from .model.artifacts import ArtifactError
     from .tables import TableError
 
     ap = build_parser()
@@ -193,6 +210,40 @@ def main(argv=None) -> int:
     except (UsageError, TableError, ArtifactError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the jobs' entry point
+# ----------------------------------------------------------------------------------------------
+def _override(s: str) -> tuple[str, object]:
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"--set needs KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def job_main(name: str, run: Callable, argv=None, add_args: Callable | None = None, config_model=None) -> int:
+    from .config import ConfigError, load_config
+    from .model.artifacts import ArtifactError
+    from .runs.lease import EXIT_LEASE_HELD, LeaseHeld, LeaseLost
+    from .tables import TableError
+
+    ap = argparse.ArgumentParser(prog=f"python -m jobs.{name}")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", type=_override, default=[], metavar="KEY=VALUE")
+    if add_args:
+        add_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, dict(args.overrides), model=config_model)
+        code = run(cfg, args)
+    except (ConfigError, ArtifactError, TableError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (LeaseHeld, LeaseLost) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_LEASE_HELD
+    return int(code or 0)
 
 
 if __name__ == "__main__":

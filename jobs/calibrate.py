@@ -2,8 +2,8 @@
 
 import sys
 
-from ctd.pipeline.calibrate import run_calibration
-from ctd.pipeline.entry import job_main
+from ctd.calibration.job import run_calibration
+from ctd.cli import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("calibrate", lambda cfg, args: run_calibration(cfg) and 0))

@@ -15,11 +15,13 @@ import time
 
 import yaml
 
-from ctd.config import audit_date, load_config
-from ctd.demo import deploy, generate_night
-from ctd.pipeline.audit import run_audit
-from ctd.pipeline.runs import run_file
-from ctd.pipeline.graph import init_ray, log
+from ctd.audit.run import run_audit
+from ctd.config import load_config
+from ctd.log import log
+from ctd.pipeline.raydata import init_ray
+from ctd.runs.job import audited_day
+from ctd.runs.layout import run_file
+from ctd.testing.demo import deploy, generate_night
 
 
 def main(argv=None) -> int:
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out = os.path.abspath(args.out)
     base = yaml.safe_load(open(args.config))
-    init_ray(load_config(args.config))
+    init_ray(load_config(args.config).ray)
     steps = 4 + args.nights
     step = iter(range(1, steps + 1))
     d = deploy(out, out, base, log=lambda m: log(f"[{next(step)}/{steps}] {m}"))
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     cfg["audit"]["corpus"] = f"{out}/corpus/audit/{{date}}.jsonl"
     with open(d["config_path"], "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
-    yesterday = audit_date(None, cfg["audit"].get("timezone", "UTC"))
+    yesterday = audited_day(None, cfg["audit"].get("timezone", "UTC"))
     report = None
     for k in range(args.nights):
         day = (yesterday - _dt.timedelta(days=args.nights - 1 - k)).isoformat()

@@ -8,8 +8,8 @@ Calibrate first: ctd monitor calibrate --trajectories FILE --risk false-alarm --
 import sys
 
 from ctd.config import MonitorConfig
-from ctd.pipeline.entry import job_main
-from ctd.pipeline.monitor import run_monitor
+from ctd.cli import job_main
+from ctd.monitor.job import run_monitor
 
 
 

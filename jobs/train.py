@@ -2,8 +2,8 @@
 
 import sys
 
-from ctd.pipeline.entry import job_main
-from ctd.pipeline.train import run_training
+from ctd.cli import job_main
+from ctd.model.training import run_training
 
 if __name__ == "__main__":
     sys.exit(job_main("train", lambda cfg, args: run_training(cfg) and 0))

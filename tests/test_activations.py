@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctd.activations import ActivationExtractor, TextEncoder, cached_pool, plan_batches, plan_packs, render_chat
+from ctd.model.activations import ActivationExtractor, TextEncoder, cached_pool, plan_batches, plan_packs, render_chat
 
 
 def reference_pooled(model_dir, ids, layer, auto_cls):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctd.cli import main
-from ctd.evaluate import DEFAULT_BUDGETS, Scores, budget_sweep, topk_value_curve, validate_guarantee
+from ctd.evaluation.experiments import DEFAULT_BUDGETS, Scores, budget_sweep, topk_value_curve, validate_guarantee
 from ctd.stats.calibrate import threshold_grid
 
 
@@ -34,10 +34,10 @@ def test_calibrate_cli_writes_artifact_report_and_plots(tmp_path, capsys):
     assert c["alpha"] == 0.2 and c["pareto"] and c["delegates"] and len(c["grid"]) == len(c["pvalues"]) == 1001
     assert {"calibration_report.html", "calibration_report.json", "calibration.png"} <= set(os.listdir(out))
     assert "Certified" in capsys.readouterr().out
-    from ctd.calibration import load_calibration
+    from ctd.calibration.artifact import load_calibration
 
     art = load_calibration(str(out))
-    assert art.lambda_star == c["lambda_hat"]
+    assert art.threshold == c["lambda_hat"]
     # plain budget-only LTT from JSON lines gives the closed-form answer
     jl = tmp_path / "scores.jsonl"
     t = scores_table()
@@ -50,8 +50,8 @@ def test_calibrate_cli_writes_artifact_report_and_plots(tmp_path, capsys):
 
 
 def test_tampered_calibration_artifact_is_refused(tmp_path):
-    from ctd.artifacts import ArtifactError
-    from ctd.calibration import load_calibration
+    from ctd.model.artifacts import ArtifactError
+    from ctd.calibration.artifact import load_calibration
 
     src = tmp_path / "s.parquet"
     pq.write_table(pa.table(scores_table()), src)
@@ -128,7 +128,7 @@ def test_validation_bootstrap_within_delta_and_split_halves_reported():
 def test_budget_sweep_and_topk_curve_shapes():
     t = scores_table(400)
     y, p, e, d = (np.asarray(t[k]) for k in ("label", "probe", "expert", "dv"))
-    from ctd.signals import uncertainty_signal
+    from ctd.stats.signals import uncertainty_signal
 
     s = Scores(y, p, e, d, uncertainty_signal(p, p), np.asarray(t["group"]))
     sw = budget_sweep(s, budgets=[0.1, 0.2], dv_grid=threshold_grid(size=201), unc_grid=threshold_grid(size=101, low=-0.5, high=0),

@@ -6,9 +6,11 @@ import os
 
 import pytest
 
-from ctd.config import ConfigError, expand_dates, expand_run_id, load_config
-from ctd.experts.judge import conversation_text, label_token_ids, p_unsafe_from_logprobs, render_prompt
-from ctd.pipeline.experts import expert_pool_max, plan_pool
+from ctd.config import ConfigError, load_config
+from ctd.experts.prompt import conversation_text, label_token_ids, p_unsafe_from_logprobs, render_prompt
+from ctd.experts.base import replicas_needed
+from ctd.experts.registry import expert_for
+from ctd.runs.job import audited_day as audit_date, expand_dates, expand_run_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,13 +28,11 @@ def test_shipped_configs_validate(monkeypatch):
 
 
 def test_the_audited_day_is_a_parameter_and_a_retry_after_midnight_audits_the_same_day():
-    from ctd.config import audit_date
-
     night = dt.datetime(2026, 11, 23, 2, 30, tzinfo=dt.timezone.utc)  # the nightly run, 02:30 UTC on the 23rd
     day = audit_date(None, "UTC", night)
     assert day == dt.date(2026, 11, 22)  # default: yesterday
     assert expand_run_id("nightly-{date}", day, night) == "nightly-2026-11-22"
-    assert expand_dates("s3://b/logs/{date}/", day, night) == expand_dates("s3://b/logs/{yesterday}/", day, night) == "s3://b/logs/2026-11-22/"
+    assert expand_dates("s3://b/logs/{date}/", day, night) == "s3://b/logs/2026-11-22/"
     # the retry runs after the next midnight: with --date it audits the same day, under the same run id
     retry = dt.datetime(2026, 11, 24, 0, 10, tzinfo=dt.timezone.utc)
     assert audit_date(None, "UTC", retry) == dt.date(2026, 11, 23)  # (without --date it would not)
@@ -46,28 +46,30 @@ def test_the_audited_day_is_a_parameter_and_a_retry_after_midnight_audits_the_sa
         audit_date("22/11/2026")
     with pytest.raises(ConfigError, match="time zone"):
         audit_date(None, "Mars/Olympus")
-    with pytest.raises(ConfigError, match="run_id"):
+    with pytest.raises(ConfigError, match="run id"):
         expand_run_id("bad id/../x", day, night)
+    with pytest.raises(ConfigError, match="dots alone"):
+        expand_run_id("..", day, night)
 
 
 def test_pool_size_from_budget():
     # 10% of 2M rows at 25 rows/s per replica within 2 h: 200,000 / 25 / 7200 = 1.11 -> 2 replicas
-    assert expert_pool_max(200_000, 25, 7200) == 2  # the rows really left to judge after stage 1
-    assert expert_pool_max(1, 25, 7200) == 1
-    assert expert_pool_max(2_000_000, 10, 3600) == math.ceil(2_000_000 / 10 / 3600)
+    assert replicas_needed(200_000, 25, 7200) == 2  # the rows really left to judge after stage 1
+    assert replicas_needed(1, 25, 7200) == 1
+    assert replicas_needed(2_000_000, 10, 3600) == math.ceil(2_000_000 / 10 / 3600)
 
 
 def test_pool_plan_is_capped_by_the_quota_and_says_when_the_target_is_missed(monkeypatch):
     monkeypatch.setenv("CTD_BUCKET", "acme")
     prod = load_config(os.path.join(ROOT, "configs", "production.yaml")).expert  # 25 rows/s per replica, 2 h, quota 4
-    small = plan_pool(prod, 200_000)  # 200,000 / 25 / 7200 = 1.1 -> 2 replicas, 1.1 h
+    small = expert_for(prod).plan(200_000)  # 200,000 / 25 / 7200 = 1.1 -> 2 replicas, 1.1 h
     assert (small.replicas, small.needed, small.target_met) == (2, 2, True) and small.expected_seconds == pytest.approx(4000)
     # α = 0.1 of 10^8 rows: 10^7 rows need 56 replicas; the quota allows 4: ~27.8 h, and the plan says so
-    big = plan_pool(prod, 10_000_000)
+    big = expert_for(prod).plan(10_000_000)
     assert (big.replicas, big.needed, big.target_met) == (4, 56, False)
     assert big.expected_seconds == pytest.approx(10_000_000 / (4 * 25))
     assert "OVER the target of 2.00 h, which needs 56 replicas" in big.describe() and "27.78 h" in big.describe()
-    assert plan_pool(prod, 0).replicas == 1  # min_replicas
+    assert expert_for(prod).plan(0).replicas == 1  # min_replicas
 
 
 def test_judge_logprob_parsing_and_defined_results():
@@ -106,7 +108,7 @@ def test_judge_prompt_keeps_the_head_and_the_tail_in_tokens(tiny_llama):
     and the whole prompt one token short of the context (room for the answer)."""
     from transformers import AutoTokenizer
 
-    from ctd.experts.judge import JudgePrompt
+    from ctd.experts.prompt import JudgePrompt
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     jp = JudgePrompt(tok, "Answer : {conversation} Answer :", 128)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ctd.artifacts import ArtifactError, load_artifact, save_artifact
-from ctd.metrics import accuracy, auroc, group_table
-from ctd.policies import cascade_scores, decide, threshold_policy, top_k_count, top_k_policy
-from ctd.probes import LinearProbe, cross_fit_predict, fit_dv_probe, fit_safety_probe, select_layer
-from ctd.signals import ECDF, delegation_value, effective_capacity, uncertainty_signal
+from ctd.model.artifacts import ArtifactError, load_artifact, save_artifact
+from ctd.stats.metrics import accuracy, auroc, group_table
+from ctd.stats.cascade import Cascade, threshold_policy, top_k_count, top_k_policy
+from ctd.model.probes import LinearProbe, cross_fit_predict, fit_dv_probe, fit_safety_probe, select_layer
+from ctd.stats.signals import ECDF, delegation_value, effective_capacity, uncertainty_signal
 
 
 def test_delegation_value_definition_and_binary_variant():
@@ -45,11 +45,14 @@ def test_policies_and_cascade():
     picks = {tuple(top_k_policy(np.zeros(4), 1, seed=k)) for k in range(20)}
     assert len(picks) > 1
     p, e = np.array([0.2, 0.8]), np.array([0.9, np.nan])
-    assert cascade_scores(p, e, [True, False]).tolist() == [0.9, 0.8]
-    assert cascade_scores(p, e, [True, False], "mean").tolist() == [pytest.approx(0.55), 0.8]
+    assert Cascade().final(p, e, [True, False]).tolist() == [0.9, 0.8]
+    assert Cascade("mean").final(p, e, [True, False]).tolist() == [pytest.approx(0.55), 0.8]
     with pytest.raises(ValueError, match="no expert score"):
-        cascade_scores(p, e, [True, True])
-    assert decide([0.5, 0.49]).tolist() == [True, False]
+        Cascade().final(p, e, [True, True])
+    assert Cascade().decide([0.5, 0.49]).tolist() == [True, False]
+    assert Cascade(decision_threshold=0.3).decide([0.3, 0.29]).tolist() == [True, False]
+    with pytest.raises(ValueError, match="switch"):
+        Cascade("max")
 
 
 def test_metrics_against_references():

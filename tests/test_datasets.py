@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ctd.datasets import LABEL_DERIVED, load_high_stakes
+from ctd.evaluation.datasets import LABEL_DERIVED, load_high_stakes
 
 
 def test_high_stakes_splits_counts_and_no_label_leak(data_dir):

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from ctd.evaluate import Scores, budget_sweep, topk_value_curve, validate_guarantee
-from ctd.metrics import auroc, group_table, paired_difference, spearman_permutation_pvalue
-from ctd.policies import cascade_scores
+from ctd.evaluation.experiments import Scores, budget_sweep, topk_value_curve, validate_guarantee
+from ctd.stats.metrics import auroc, group_table, paired_difference, spearman_permutation_pvalue
+from ctd.stats.cascade import Cascade
 from ctd.stats.calibrate import calibrate, threshold_grid
 from test_stats import synthetic_population
 
@@ -60,13 +60,13 @@ def test_budget_sweep_against_a_hand_computation():
             for pareto in (False, True):
                 lam = calibrate(sig[cal], grid, 0.3, 0.2, labels=y[cal], probe=p[cal], expert=e[cal], pareto=pareto, seed=split).lambda_hat
                 m = sig[ev] > lam
-                by_split[f"{name}_{'pareto' if pareto else 'ltt'}"].append((auroc(y[ev], cascade_scores(p[ev], e[ev], m)), m.mean()))
+                by_split[f"{name}_{'pareto' if pareto else 'ltt'}"].append((auroc(y[ev], Cascade().final(p[ev], e[ev], m)), m.mean()))
         k = int(np.floor(0.3 * 30 + 1e-9))  # top-k delegates exactly floor(budget × n) rows
         for name, sig in (("topk_dv", d), ("topk_uncertainty", u), ("topk_oracle", s.v)):
             tie = np.random.default_rng(split).random(30)  # ties broken at random, seeded by the split
             m = np.zeros(30, bool)
             m[np.lexsort((tie, -sig[ev]))[:k]] = True
-            by_split[name].append((auroc(y[ev], cascade_scores(p[ev], e[ev], m)), m.mean()))
+            by_split[name].append((auroc(y[ev], Cascade().final(p[ev], e[ev], m)), m.mean()))
         by_split["probe_only"].append((auroc(y[ev], p[ev]), 0.0))
         by_split["expert_only"].append((auroc(y[ev], e[ev]), 1.0))
     for m, vals in by_split.items():
@@ -121,6 +121,7 @@ def test_claims_summary_by_hand():
     assert c["groups"]["spearman_exact_permutation_pvalue"] == pytest.approx(4 / 24)
 
 
+@pytest.mark.slow
 def test_reduced_replication_claims_point_the_way_the_readme_reports(minilm_dir, data_dir, tmp_path):
     """2 splits, 100 draws, 500 rows of each split, simulated expert (about 80 s, MiniLM activations on the
     CPU). Each claim the replication reports points the same way here as in the committed full run."""

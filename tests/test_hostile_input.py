@@ -97,13 +97,13 @@ def test_config_files_that_are_not_configs(tmp_path, text):
     ("password: hunter2hunter2", "hunter2hunter2"),
 ])
 def test_redact_removes_anything_shaped_like_a_credential(text, leaked):
-    from ctd.report import redact
+    from ctd.reporting.redact import redact
 
     out = redact(text)
     assert leaked not in out and "***" in out
 
 
 def test_redact_removes_known_secret_values_anywhere():
-    from ctd.report import redact
+    from ctd.reporting.redact import redact
 
     assert redact("the value xq9-secret-value-77 appears bare", ["xq9-secret-value-77"]) == "the value *** appears bare"

@@ -50,10 +50,15 @@ def http_config(base_url, tokenizer, **kw):
 
 
 def stage_spec(cfg):
-    from ctd.pipeline.experts import _prompt_spec
+    return cfg.http
 
-    h = cfg.http
-    return {**h.model_dump(), "label_tokens": h.label_tokens.model_dump(), "prompt": _prompt_spec(h)}
+
+def run_expert(ds, cfg, n_todo):
+    """The expert stage on ``ds`` (:func:`ctd.experts.base.judge_rows`)."""
+    from ctd.experts.base import judge_rows
+    from ctd.experts.registry import expert_for
+
+    return judge_rows(expert_for(cfg), ds, rows=n_todo)
 
 
 def rows(n):
@@ -66,9 +71,8 @@ def test_http_judge_is_the_same_judge_row_by_row(ray_head, vllm_server, tiny_lla
     import ray
 
     from ctd.config import JUDGE_TEMPLATE
-    from ctd.experts.judge import JudgePrompt
-    from ctd.pipeline.experts import run_expert
-    from ctd.pipeline.stages import row_input
+    from ctd.experts.prompt import JudgePrompt
+    from ctd.pipeline.corpus import row_input
     from transformers import AutoTokenizer
 
     data = judge_rows()
@@ -88,7 +92,6 @@ def test_http_judge_is_the_same_judge_row_by_row(ray_head, vllm_server, tiny_lla
 
 
 def test_unreachable_endpoint_is_retried_then_fails_the_row_not_the_batch(ray_head, tiny_llama):
-    from ctd.pipeline.experts import run_expert
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
     out = run_expert(rows(3), http_config(dead, tiny_llama, max_retries=2), n_todo=3).take_all()
@@ -99,7 +102,6 @@ def test_unreachable_endpoint_is_retried_then_fails_the_row_not_the_batch(ray_he
 def test_a_dead_endpoint_opens_the_circuit_breaker_in_bounded_time(ray_head, tiny_llama):
     """After K consecutive failed rows the actor declares the endpoint down: the remaining rows keep
     the probe's score at once instead of each paying the retries."""
-    from ctd.pipeline.experts import run_expert
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
     cfg = http_config(dead, tiny_llama, max_retries=3, circuit_breaker_failures=3, concurrency_per_actor=1)
@@ -130,7 +132,7 @@ def test_api_key_only_from_a_named_environment_variable(vllm_server, tiny_llama,
     each row fails with a bounded reason that holds neither key."""
     import pyarrow as pa
 
-    from ctd.pipeline.experts import HTTPJudgeStage
+    from ctd.experts.http import HTTPJudgeStage
 
     spec = stage_spec(http_config(vllm_server, tiny_llama))
     good = os.environ[JUDGE_KEY_ENV]
@@ -138,7 +140,7 @@ def test_api_key_only_from_a_named_environment_variable(vllm_server, tiny_llama,
     with pytest.raises(RuntimeError, match=JUDGE_KEY_ENV):
         HTTPJudgeStage(spec)
     monkeypatch.setenv(JUDGE_KEY_ENV, "sk-wrong-key-0123456789")
-    t = HTTPJudgeStage({**spec, "max_retries": 0})(pa.table({"id": ["a"], "input": ["w1 w2"], "is_chat": [False]}))
+    t = HTTPJudgeStage(spec.model_copy(update={"max_retries": 0}))(pa.table({"id": ["a"], "input": ["w1 w2"], "is_chat": [False]}))
     status = t.column("expert_status")[0].as_py()
     assert t.column("expert")[0].as_py() is None and status.startswith("error: judge answered HTTP 401"), status
     assert "sk-wrong-key" not in status and good not in status
@@ -157,9 +159,8 @@ def test_chat_prompts_are_the_tokens_vllm_renders(ray_head, vllm_server, tiny_ll
     import ray
 
     from ctd.config import JUDGE_TEMPLATE
-    from ctd.experts.judge import JudgePrompt, render_prompt
-    from ctd.pipeline.experts import run_expert
-    from ctd.pipeline.stages import row_input
+    from ctd.experts.prompt import JudgePrompt, render_prompt
+    from ctd.pipeline.corpus import row_input
     from transformers import AutoTokenizer
 
     data = judge_rows(n_short=6, n_long=1)
@@ -188,7 +189,7 @@ def test_a_night_with_the_http_judge_leaks_no_key(deployment, vllm_server, tiny_
     judge actor) and the S3 secret key (read by the storage layer) appear in no object written to the
     bucket and in no Ray session log (drivers, workers, raylet, dashboard)."""
     from ctd.config import load_config
-    from ctd.pipeline.audit import run_audit
+    from ctd.audit.run import run_audit
 
     http = http_config(vllm_server, tiny_llama).http.model_dump()
     cfg = load_config(deployment["config_path"], {"expert.kind": "http", "expert.http": http, "audit.output": f"{deployment['root']}/http-audit"})

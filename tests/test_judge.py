@@ -22,8 +22,8 @@ def prompts_of(model, rows, max_model_len=256, chat=False):
     from transformers import AutoTokenizer
 
     from ctd.config import JUDGE_TEMPLATE
-    from ctd.experts.judge import JudgePrompt
-    from ctd.pipeline.stages import row_input
+    from ctd.experts.prompt import JudgePrompt
+    from ctd.pipeline.corpus import row_input
 
     jp = JudgePrompt(AutoTokenizer.from_pretrained(model), JUDGE_TEMPLATE, max_model_len, chat=chat)
     return [jp(row_input(r["input"], r["is_chat"])) for r in rows]
@@ -32,10 +32,11 @@ def prompts_of(model, rows, max_model_len=256, chat=False):
 def test_vllm_judge_matches_a_direct_computation_row_by_row(ray_head, tiny_llama):
     import ray
 
-    from ctd.pipeline.experts import run_expert
+    from ctd.experts.base import judge_rows as run_expert
+    from ctd.experts.registry import expert_for
 
     rows = judge_rows()
-    out = {r["id"]: r for r in run_expert(ray.data.from_items(rows), vllm_expert(tiny_llama), n_todo=len(rows)).take_all()}
+    out = {r["id"]: r for r in run_expert(expert_for(vllm_expert(tiny_llama)), ray.data.from_items(rows), rows=len(rows)).take_all()}
     assert sorted(out) == sorted(r["id"] for r in rows)  # one output row per input row
     expected = prompts_of(tiny_llama, rows)
     direct = direct_p_unsafe(tiny_llama, [ids for ids, _ in expected])
@@ -57,11 +58,12 @@ def test_vllm_judge_failures_are_rows_with_reasons(ray_head, tiny_llama):
 
     import ray
 
-    from ctd.pipeline.experts import run_expert
+    from ctd.experts.base import judge_rows as run_expert
+    from ctd.experts.registry import expert_for
 
     rows = judge_rows(n_short=10, n_long=2) + [{"id": "bad-chat", "input": "{not json", "is_chat": True}]
     cfg = vllm_expert(tiny_llama, engine_kwargs={"enforce_eager": True, "max_num_seqs": 8, "dtype": "float32", "max_model_len": 96})
-    out = {r["id"]: r for r in run_expert(ray.data.from_items(rows), cfg, n_todo=len(rows)).take_all()}
+    out = {r["id"]: r for r in run_expert(expert_for(cfg), ray.data.from_items(rows), rows=len(rows)).take_all()}
     assert sorted(out) == sorted(r["id"] for r in rows)
     lengths = {r["id"]: len(ids) for r, (ids, _) in zip(rows[:-1], prompts_of(tiny_llama, rows[:-1]))}
     too_long = {i for i, n in lengths.items() if n > 95}
@@ -85,11 +87,12 @@ def test_classifier_expert_fails_a_row_not_the_batch(tmp_path):
     scored exactly as it would be alone."""
     import pyarrow as pa
 
-    from ctd.pipeline.stages import ClassifierStage
-    from ctd.tinymodels import build_tiny_llama
+    from ctd.config import ClassifierExpertConfig
+    from ctd.experts.classifier import ClassifierStage
+    from ctd.testing.tinymodels import build_tiny_llama
 
     path = build_tiny_llama(str(tmp_path / "clf"), classifier=True)
-    stage = ClassifierStage({"path": path, "max_length": 64, "device": "cpu"})
+    stage = ClassifierStage(ClassifierExpertConfig(path=path, max_length=64))
     batch = pa.table({"id": ["a", "bad", "c"], "input": ["w1 w2 w3", "{not json", " ".join(["w9"] * 100)], "is_chat": [False, True, False]})
     out = stage(batch).to_pylist()
     assert [r["id"] for r in out] == ["a", "bad", "c"]

@@ -4,7 +4,7 @@ monitors against the vectorised evaluation; bad step logs."""
 import numpy as np
 import pytest
 
-from ctd.monitor import (DensityRatio, EProcessMonitor, ThresholdMonitor, TrajectoryError, evaluate_eprocess, evaluate_threshold,
+from ctd.monitor.rules import (DensityRatio, EProcessMonitor, ThresholdMonitor, TrajectoryError, evaluate_eprocess, evaluate_threshold,
                          validate_steps)
 from ctd.stats.calibrate import threshold_grid
 from ctd.stats.pvalues import binomial_upper_pvalue, max_certifiable_count, simulation_draws
@@ -139,9 +139,9 @@ def test_monitor_job_on_s3_with_bad_trajectories(ray_head, s3, data_dir, tmp_pat
     from ctd.cli import main
     from ctd.config import load_config
     from ctd.config import MonitorConfig
-    from ctd.monitor import read_step_table
-    from ctd.pipeline.monitor import run_monitor
-    from ctd.pipeline.runs import read_manifest, read_run_table
+    from ctd.monitor.rules import read_step_table
+    from ctd.monitor.job import run_monitor
+    from ctd.runs.layout import read_manifest, read_run_table
 
     src = read_step_table(os.path.join(data_dir, "verifier-trajectories", "math.csv.gz"))
     first = src.slice(0, 2400)

@@ -1,7 +1,9 @@
-"""The audit's distributed row operations (ctd.pipeline.ops) against the straightforward driver-side
-logic they replaced, kept here as the oracle: duplicate ids, the hard budget cap with ties broken by
-id, and the split of rows into expert / probe-only / quarantine. Both ways of applying the
-duplicates (broadcast of a small id set, and the join used when the set is large) are checked."""
+"""The audit's distributed row operations against the straightforward driver-side logic they replaced,
+kept here as the oracle: duplicate ids, the hard budget cap with ties broken by id, and the split of
+rows into expert / probe-only / quarantine. Both ways of applying the duplicates (broadcast of a
+small id set, and the join used when the set is large) are checked; the review list's distributed
+top-k against a full sort; tallies reduced over many blocks. The per-batch rules themselves are
+unit-tested without Ray in tests/test_audit_rules.py."""
 
 import math
 import os
@@ -12,15 +14,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from ctd.pipeline import ops
 from conftest import old_driver_logic
+
+from ctd.audit import review as rv
+from ctd.audit.facts import Facts, collect, result_counts
+from ctd.audit.results import Rows, finalize, not_sent, quarantined, to_expert
+from ctd.audit.selection import cap_boundary, cap_rows, is_passing, mark
+from ctd.pipeline.dedup import count_where, find_duplicates, is_scored
+from ctd.pipeline.raydata import read, tally, tree_reduce
+from ctd.stats.cascade import Cascade
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
 def _data_context(ray_head):
-    from ctd.pipeline.graph import configure_data
+    from ctd.pipeline.raydata import configure_data
 
     configure_data()
 
@@ -56,15 +65,15 @@ def synthetic_stage1(folder, n=3000, seed=0, files=4):
 
 
 def distributed(paths, cap_fraction, broadcast_limit):
-    rows = ops.read(paths)
-    dups = ops.find_duplicates(rows, broadcast_limit=broadcast_limit, size=3000)
-    counts = ops.count_true(ops.mark(rows, dups), {"scored": ops.is_scored, "passing": ops.is_passing})
-    cap = math.ceil(cap_fraction * counts["scored"]) if cap_fraction is not None else None
-    boundary = ops.cap_boundary(ops.mark(rows, dups), cap) if cap is not None and counts["passing"] > cap else None
-    marked = ops.mark(rows, dups, boundary)
-    sent = marked.map_batches(ops.to_expert, batch_format="pyarrow", batch_size=None).to_arrow_refs()
-    rest = marked.map_batches(ops.not_sent, batch_format="pyarrow", batch_size=None).to_arrow_refs()
-    q = marked.map_batches(ops.quarantined, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+    rows = read(paths)
+    dups = find_duplicates(rows, broadcast_limit=broadcast_limit, size=3000)
+    counts = count_where(mark(rows, dups), {"scored": is_scored, "passing": is_passing})
+    cap = cap_rows(cap_fraction, counts["scored"])
+    boundary = cap_boundary(mark(rows, dups), cap) if cap is not None and counts["passing"] > cap else None
+    marked = mark(rows, dups, boundary)
+    sent = marked.map_batches(to_expert, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+    rest = marked.map_batches(not_sent, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+    q = marked.map_batches(quarantined, batch_format="pyarrow", batch_size=None).to_arrow_refs()
     import ray
 
     cat = lambda refs: pa.concat_tables([x for x in ray.get(refs) if x.num_rows]) if refs else None  # noqa: E731
@@ -101,43 +110,35 @@ def test_cap_boundary_breaks_ties_by_id(ray_head, tmp_path):
     t = pa.table({"id": ids, "error": pa.nulls(n, pa.string()), "dv": dv, "delegated": dv > 0.3})
     p = str(tmp_path / "t.parquet")
     pq.write_table(t, p)
-    rows = ops.read([p])
-    dups = ops.find_duplicates(rows, broadcast_limit=10, size=n)
-    boundary = ops.cap_boundary(ops.mark(rows, dups), 8)  # 5 at 0.9, then 3 of the 10 tied at 0.5
+    rows = read([p])
+    dups = find_duplicates(rows, broadcast_limit=10, size=n)
+    boundary = cap_boundary(mark(rows, dups), 8)  # 5 at 0.9, then 3 of the 10 tied at 0.5
     tied = sorted(i for i, d in zip(ids, dv) if d == 0.5)
     assert boundary == (0.5, tied[3])
-    assert ops.cap_boundary(ops.mark(rows, dups), 15) is None  # 15 pass, cap 15: nobody over
+    assert cap_boundary(mark(rows, dups), 15) is None  # 15 pass, cap 15: nobody over
 
 
-def test_facts_sum_to_the_rows(ray_head, tmp_path):
-    rng = np.random.default_rng(3)
-    n = 5000
-    probe = rng.random(n)
-    deleg = rng.random(n) < 0.2
-    expert = np.where(deleg, rng.random(n), np.nan)
-    status = np.where(deleg, np.where(rng.random(n) < 0.1, "error: boom", "ok"), None)
-    t = pa.table({"id": [str(i) for i in range(n)], "group": rng.choice(["a", "b", None], n).tolist(), "label": pa.array(np.zeros(n), pa.int8()),
-                  "source": ["s"] * n, "truncated": rng.random(n) < 0.3, "tokens": pa.array(np.ones(n), pa.int32()), "probe": probe,
-                  "dv": rng.normal(0, 0.5, n), "delegated": deleg, "over_cap": np.zeros(n, bool), "expert": pa.array(expert, mask=~deleg),
-                  "expert_status": status.tolist()})
-    res = ops.finalize(t)
-    usable = deleg & (status == "ok")
-    assert np.allclose(res.column("final").to_numpy(), np.where(usable, expert, probe))
+def test_facts_of_many_files_sum_to_the_rows(ray_head, tmp_path):
+    """The distributed facts of results spread over files and blocks equal the facts of the whole
+    table computed in one batch (tests/test_audit_rules.py checks those against the rows)."""
+    from ctd.pipeline.raydata import _sum
+
+    res = synthetic_results(5000, seed=3)
+    files = []
     for k in range(3):
-        pq.write_table(res.slice(k * 2000, 2000), str(tmp_path / f"r{k}.parquet"))
-    f = ops.facts(ops.read([str(tmp_path / f"r{k}.parquet") for k in range(3)]), ops.result_facts)
-    assert f[("count", "rows")] == n and f[("count", "delegated")] == deleg.sum() and f[("count", "truncated")] == t.column("truncated").to_numpy().sum()
-    assert f[("count", "unsafe")] == int((res.column("final").to_numpy() >= 0.5).sum())
-    g = ops.collect_facts(f, "group_rows")
-    assert sum(g.values()) == n and g["(none)"] == sum(x is None for x in t.column("group").to_pylist())
-    st = ops.collect_facts(f, "status")
-    assert st["error: boom"] == ((status == "error: boom")).sum() and st["ok"] == usable.sum()
-    assert sum(v for (k, _), v in f.items() if k == "hist_probe") == n
-    # who flagged what: the judge's own verdicts, and where it overruled the probe
-    final, dec = res.column("final").to_numpy(), res.column("decision").to_numpy(zero_copy_only=False)
-    assert f[("count", "unsafe_by_judge")] == int((dec & usable).sum()) > 0
-    assert f[("count", "judge_overruled")] == int((usable & ((probe >= 0.5) != dec)).sum()) > 0
-    assert f[("count", "judged_tokens")] == int(deleg.sum())
+        files.append(str(tmp_path / f"r{k}.parquet"))
+        pq.write_table(res.slice(k * 2000, 2000), files[-1], row_group_size=300)
+    q = str(tmp_path / "q.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "source": ["s", "s"], "error": ["empty text", "malformed JSON (x)"], "group": [None, "g"]}), q)
+    got = collect(Rows(files, [q], 0.0), Cascade())
+    from ctd.pipeline.raydata import Tally
+
+    t = _sum(result_counts(res))
+    want = Facts.from_tally(Tally({(k, key): n for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(),
+                                                                     t.column("n").to_pylist())}))
+    assert got.counts == want.counts | {"quarantined": 2} and got.groups == want.groups and got.statuses == want.statuses
+    assert got.reasons == {"empty text": 1, "malformed JSON": 1}
+    assert all(np.array_equal(got.histograms[c], want.histograms[c]) for c in want.histograms)
 
 
 def synthetic_results(n=4000, seed=5):
@@ -150,7 +151,7 @@ def synthetic_results(n=4000, seed=5):
                   "label": pa.array(np.zeros(n), pa.int8()), "source": ["s"] * n, "truncated": np.zeros(n, bool),
                   "tokens": pa.array(np.ones(n), pa.int32()), "probe": probe, "dv": rng.normal(0, 0.5, n), "delegated": deleg,
                   "over_cap": np.zeros(n, bool), "expert": pa.array(expert, mask=~deleg), "expert_status": status.tolist()})
-    return ops.finalize(t)
+    return finalize(t)
 
 
 def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
@@ -174,37 +175,24 @@ def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
         order = np.lexsort((ids[mask], -key[mask]))[:30]
         want = ids[mask][order].tolist()
         assert len(want) == 30
-        got = ops.top_rows(ray.data.read_parquet(files, override_num_blocks=100), which, 30).column("id").to_pylist()
+        local = ray.data.read_parquet(files, override_num_blocks=100).map_batches(
+            lambda b, w=which: rv.top(30, rv.candidates(b, w)), batch_format="pyarrow", batch_size=None)
+        got = tree_reduce(local.to_arrow_refs(), lambda *ts: rv.top(30, *ts)).column("id").to_pylist()
         assert got == want, which
-    r = ops.review(files, [str(q)], [], 30, excerpt_chars=0)
-    assert r.schema == ops.REVIEW_SCHEMA
+    r = rv.review(files, [str(q)], [], 30, Cascade(), excerpt_chars=0)
+    assert r.schema == rv.REVIEW_SCHEMA
     counts = {w: r.filter(pc.equal(r.column("list"), w)).num_rows for w in ("flagged", "disagreement", "quarantined")}
     assert counts == {"flagged": 30, "disagreement": 30, "quarantined": 2}
     assert sorted(r.filter(pc.equal(r.column("list"), "quarantined")).column("reason").to_pylist()) == ["empty text", "malformed JSON (x)"]
     assert r.filter(pc.equal(r.column("list"), "flagged")).column("rank").to_pylist() == list(range(1, 31))
-    # excerpts come from stage 1's excerpt column (by id), cut to the configured length; a stage 1
-    # without the column (older, or excerpts off) gives none
+    # excerpts come from stage 1's excerpt column (by id), cut to the configured length
     s1 = tmp_path / "s1.parquet"
     pq.write_table(pa.table({"id": d["id"], "excerpt": [f"text of {i} " + "y" * 50 for i in d["id"]]}), str(s1), row_group_size=500)
-    r = ops.review(files, [str(q)], [str(s1)], 30, excerpt_chars=20)
+    r = rv.review(files, [str(q)], [str(s1)], 30, Cascade(), excerpt_chars=20)
     fl = r.filter(pc.equal(r.column("list"), "flagged"))
     assert all(e.startswith(f"text of {i}") and len(e) == 20 and e.endswith("…") for i, e in zip(fl.column("id").to_pylist(),
                                                                                                  fl.column("excerpt").to_pylist()))
-    pq.write_table(pa.table({"id": d["id"]}), str(s1))
-    assert ops.review(files, [], [str(s1)], 5, excerpt_chars=20).column("excerpt").null_count == 10
-
-
-def test_quarantine_sample_spreads_over_the_reasons(ray_head, tmp_path):
-    import ray
-
-    q = pa.table({"id": [f"q{i}" for i in range(40)], "source": ["f.jsonl:%d" % i for i in range(40)],
-                  "error": ["empty text"] * 30 + ["malformed JSON (at 3)"] * 8 + ["missing id"] * 2, "group": [None] * 40})
-    pq.write_table(q, str(tmp_path / "q.parquet"), row_group_size=7)
-    got = ops._tree(ray.data.read_parquet(str(tmp_path / "q.parquet"), override_num_blocks=6).map_batches(
-        lambda b: ops._spread(6, b), batch_format="pyarrow", batch_size=None).to_arrow_refs(), lambda *ts: ops._spread(6, *ts))
-    reasons = [e.split(" (")[0] for e in got.column("error").to_pylist()]
-    assert got.num_rows == 6 and sorted(set(reasons)) == ["empty text", "malformed JSON", "missing id"]
-    assert reasons.count("missing id") == 2 and reasons.count("malformed JSON") == 2 and reasons.count("empty text") == 2
+    assert rv.review(files, [], [str(s1)], 5, Cascade(), excerpt_chars=0).column("excerpt").null_count == 10  # excerpts off
 
 
 def test_facts_reduce_many_blocks_as_a_tree(ray_head):
@@ -212,6 +200,6 @@ def test_facts_reduce_many_blocks_as_a_tree(ray_head):
     import ray
 
     ds = ray.data.range(300, override_num_blocks=150)
-    counted = ops.count_true(ds, {"all": lambda b: pa.array(np.ones(b.num_rows, bool)),
-                                  "even": lambda b: pc.equal(pc.bit_wise_and(b.column("id"), 1), 0)})
+    counted = count_where(ds, {"all": lambda b: pa.array(np.ones(b.num_rows, bool)),
+                               "even": lambda b: pc.equal(pc.bit_wise_and(b.column("id"), 1), 0)})
     assert counted == {"all": 300, "even": 150}

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pytest
 
 from ctd import storage
-from ctd.artifacts import ArtifactError
+from ctd.model.artifacts import ArtifactError
 from ctd.config import load_config
-from ctd.pipeline.audit import run_audit
-from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table, run_file
+from ctd.audit.run import run_audit
+from ctd.runs.layout import RunLayout, list_runs, read_manifest, read_run_table, run_file
 from ctd.tables import read_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def audited(deployment):
 
 
 def test_training_and_calibration_jobs_made_compatible_artifacts(deployment):
-    from ctd.probes import LinearProbe
+    from ctd.model.probes import LinearProbe
 
     tr, art = deployment["trained"], deployment["calibration"]
     cfg = load_config(deployment["config_path"])
@@ -176,7 +176,7 @@ def test_the_capped_audit_publishes_what_the_old_driver_side_logic_gives(deploym
     import math
 
     from conftest import old_driver_logic
-    from ctd.pipeline.graph import stage1_files
+    from ctd.pipeline.scoring import stage1_files
 
     cap = 0.05
     cfg = load_config(deployment["config_path"], {"audit.keep_staging": True, "audit.budget_cap": cap})
@@ -254,8 +254,8 @@ def test_reports_render_in_headless_chromium(audited, tmp_path):
     every image decodes, every link resolves beside the page, no script error; a screenshot is kept."""
     from conftest import missing
 
-    from ctd.browser import check_page, chromium, screenshot
-    from ctd.pipeline.reports import fetch_report
+    from ctd.testing.browser import check_page, chromium, screenshot
+    from ctd.runs.fetch import fetch_report
 
     if chromium() is None:
         missing("chromium is not installed (Debian: apt-get install -y chromium)")
@@ -273,16 +273,16 @@ def test_reports_render_in_headless_chromium(audited, tmp_path):
 
 
 def test_mismatched_or_tampered_calibration_refused_before_compute(deployment):
-    from ctd.calibration import CalibrationArtifact
+    from ctd.calibration.artifact import CalibrationArtifact
 
     root = deployment["root"]
     art = deployment["calibration"]
     other = CalibrationArtifact(art.result, {**art.provenance, "dv_probe_hash": "0" * 64})  # valid, but for other probes
-    storage.write_json(f"{root}/cal-other/calibration.json", other.to_dict())
+    storage.write_json(f"{root}/cal-other/calibration.json", other.body())
     cfg = load_config(deployment["config_path"], {"audit.calibration": f"{root}/cal-other", "audit.output": f"{root}/refused"})
     with pytest.raises(ArtifactError, match="dv_probe_hash"):
         run_audit(cfg, run_id="x")
-    body = other.to_dict()
+    body = other.body()
     body["calibration"]["lambda_hat"] = -1.0  # hand-edited threshold
     storage.write_json(f"{root}/cal-tampered/calibration.json", body)
     cfg = load_config(deployment["config_path"], {"audit.calibration": f"{root}/cal-tampered", "audit.output": f"{root}/refused"})
@@ -308,7 +308,7 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama)
     from transformers import AutoTokenizer
 
     from ctd.config import JUDGE_TEMPLATE
-    from ctd.experts.judge import JudgePrompt
+    from ctd.experts.prompt import JudgePrompt
 
     root = deployment["root"]
     cfg = load_config(deployment["config_path"])
@@ -413,7 +413,7 @@ def test_corpus_reader_keeps_every_row(ray_head, tmp_path):
     """JSONL (one bad byte or line per row affected) and Parquet with wrong types: rows in = rows out."""
     import pyarrow.parquet as pq
 
-    from ctd.demo import BAD_ROWS
+    from ctd.testing.demo import BAD_ROWS
     from ctd.pipeline.corpus import read_corpus
 
     good = [json.dumps({"id": f"g{i}", "text": f"hello {i}", "group": "a", "label": i % 2}).encode() + b"\n" for i in range(20)]

@@ -13,12 +13,12 @@ from conftest import assert_not_in_files, connected_session_logs, ray_session_lo
 
 from ctd import storage
 from ctd.config import load_config
-from ctd.demo import generate_corpus
-from ctd.pipeline.audit import run_audit
-from ctd.pipeline.chaos import ActorKiller, RunReader, kill_audit_driver
-from ctd.pipeline.graph import stage1_files
-from ctd.pipeline.runs import RunLayout, list_runs, read_manifest, read_run_table, run_file
-from ctd.pipeline.verify import verify_run
+from ctd.testing.demo import generate_corpus
+from ctd.audit.run import run_audit
+from ctd.testing.chaos import ActorKiller, RunReader, kill_audit_driver
+from ctd.pipeline.scoring import stage1_files
+from ctd.runs.layout import RunLayout, list_runs, read_manifest, read_run_table, run_file
+from ctd.runs.verify import verify_run
 from ctd.tables import read_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +219,7 @@ def test_no_secret_in_any_written_file_or_log(deployment, big, s3, ray_head):
                        capture_output=True, text=True)
     assert r.returncode == 0 and secret not in r.stdout + r.stderr
     # a report that would carry a credential is redacted when written
-    from ctd.report import write_report
+    from ctd.reporting.pages import write_report
 
     uri = f"{big['out']}/redaction-check"
     write_report(uri, "r", {"note": f"aws_secret_access_key={secret}", "token": "Bearer abcdefghijklmnop"}, "<p>x</p>", secrets=[secret])

@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 
 from ctd import storage
-from ctd.calibration import calibrate_table, explain
+from ctd.audit.report import AuditReport
+from ctd.calibration.calibrator import CalibrationScores, Calibrator
+from ctd.calibration.report import explain
 from ctd.cli import main
-from ctd.pipeline.reports import AuditReport, history, history_text, night
-from ctd.pipeline.runs import RunLayout
-from ctd.report import excerpt, plot_history, redact
+from ctd.config import CalibrationConfig
+from ctd.reporting.plots import plot_history
+from ctd.reporting.redact import excerpt, redact
+from ctd.runs.history import history, history_text
+from ctd.runs.layout import RunLayout
+from ctd.stats.calibrate import threshold_grid
 from ctd.stats.pvalues import binomial_pvalue, min_certifiable_n, rows_to_certify
 
 
@@ -69,22 +74,6 @@ def test_history_is_one_point_per_audited_day_with_one_calibration(nights):
     assert len(history(nights, calibration_hash="cal-A"[:5])) == 3
     with pytest.raises(ValueError, match="matches 2 calibrations"):
         history(nights, calibration_hash="cal")
-
-
-def test_reports_written_before_the_new_fields_still_show_and_trend(tmp_path):
-    """A report.json from before the headline counts (and before audited_date and the e-detector):
-    history and show work, and the headline says nothing it does not know."""
-    out = str(tmp_path / "out")
-    old = report_body("old", "2026-11-01", "2026-11-02T02:00:00+00:00")
-    for k in ("unsafe_by_judge", "judge_overruled", "expert_tokens", "review_rows", "audited_date", "drift_e_value", "drift_e_process"):
-        old.pop(k)
-    publish(out, old | {"audited_date": None})
-    (h,) = history(out)
-    assert h["audited_date"] == "2026-11-02" and h["drift_e_value"] == 1.0
-    r = AuditReport.model_validate(old)
-    lines = [t for _, t in r.headline()]
-    assert lines[1] == "120 flagged unsafe (12.0% of those audited)." and "verdict" not in lines[2] and "tokens" not in lines[3]
-    assert "<html" in r.html({}, [h], None).lower()
 
 
 def test_report_history_in_the_terminal(nights, capsys):
@@ -160,29 +149,28 @@ def test_the_activation_stage_redacts_its_excerpts_with_the_configured_secrets(m
     environment variables the config names (and credential shapes) replaced."""
     import pyarrow as pa
 
-    from ctd.pipeline.stages import ActivationStage
+    from ctd.pipeline.stages import ActivationSpec, ActivationStage
 
     monkeypatch.setenv("CTD_TEST_REVIEW_KEY", "judge-key-0123456789")
     stage = object.__new__(ActivationStage)  # the excerpt step alone: no model needed
-    stage.spec = {"excerpt_chars": 60, "decision_threshold": 0.5, "secret_envs": ["CTD_TEST_REVIEW_KEY"]}
+    stage.spec = ActivationSpec(model_dir="m", layers=(1,), score_layer=1, excerpts=True, secret_envs=("CTD_TEST_REVIEW_KEY",))
     batch = pa.table({"input": ["my key is judge-key-0123456789 please help " + "x" * 100, "calm row", "delegated sk-abcdefghijklmnopqrstuvwxyz",
                                 json.dumps([{"role": "user", "content": "password=hunter2"}])],
                       "is_chat": [False, False, False, True]})
     cols = {"probe": pa.array([0.9, 0.1, 0.2, 0.7]), "delegated": pa.array([False, False, True, False])}
     ex = stage._excerpts(batch, cols, np.ones(4, dtype=bool)).to_pylist()
     assert ex[1] is None  # neither flagged nor delegated: no text kept
-    assert ex[0].startswith("my key is *** please help") and len(ex[0]) == 60 and "judge-key" not in ex[0]
+    assert ex[0] == "my key is *** please help " + "x" * 100 and "judge-key" not in ex[0]  # cut by the report, not here
     assert ex[2] == "delegated ***" and ex[3] == "user: password=***"
 
 
 def test_secret_envs_name_what_the_config_names():
     from ctd.config import JobConfig
-    from ctd.pipeline.graph import secret_envs
 
     cfg = JobConfig.model_validate({
         "model": {"path": "m", "layer": 1}, "probes": {"safety": "s", "dv": "d"}, "calibration": {"alpha": 0.1, "delta": 0.1},
         "expert": {"kind": "http", "http": {"base_url": "http://x", "model": "j", "tokenizer": "t", "api_key_env": "MY_JUDGE_KEY"}}})
-    names = secret_envs(cfg)
+    names = cfg.secret_envs()
     assert "MY_JUDGE_KEY" in names and "AWS_SECRET_ACCESS_KEY" in names
 
 
@@ -210,17 +198,22 @@ def synthetic_scores(n, seed=0):
     probe = np.clip(0.5 + 0.35 * (2 * y - 1) * rng.random(n) + 0.2 * rng.normal(size=n), 0, 1)
     expert = np.clip(0.9 * y + 0.05 + 0.05 * rng.normal(size=n), 0, 1)
     dv = np.abs(y - probe) - 0.3 + 0.2 * rng.normal(size=n)
-    return {"ids": np.array([f"r{i}" for i in range(n)], dtype=object), "label": y, "probe": probe, "expert": expert, "dv": dv}
+    ids = np.array([f"r{i:05d}" for i in range(n)], dtype=object)
+    return CalibrationScores(ids, y, probe, expert, dv)
+
+
+def fit(scores, **settings):
+    return Calibrator(CalibrationConfig(**settings)).fit(scores, threshold_grid())
 
 
 def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
-    art = calibrate_table(synthetic_scores(3000), alpha=0.2, delta=0.1)
+    art = fit(synthetic_scores(3000), alpha=0.2, delta=0.1)
     words = explain(art.result)
     assert words[0].startswith(f"Tomorrow's threshold is λ* = {art.result.lambda_hat:.4g}")
     assert "at most α = 20% of conversations go to the judge (at most 2,000 judge calls per 10,000" in words[1] and "at least 1 − δ = 90%" in words[1]
     assert f"{art.result.certified_count:,} of the 1,001 thresholds" in words[2]
     # too few rows: nothing certified, and how many would do
-    small = calibrate_table(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1)
+    small = fit(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1)
     assert not small.result.delegates
     words = explain(small.result)
     assert words[0].startswith("Nothing could be certified") and "there were 12" in words[1]
@@ -230,7 +223,7 @@ def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
     assert f"sends {rate:.1%} of the rows" in words[1]
     assert need == int(np.ceil(rows_to_certify(rate, 0.2, 0.1) / 0.7)) > 12  # Pareto tests on 70% of the rows
     # Holm's first test runs at δ/m: the count is for that level
-    holm = calibrate_table(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1, pareto=False, method="holm")
+    holm = fit(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1, pareto=False, method="holm")
     words = explain(holm.result)
     rates = np.asarray(holm.result.budget_risk)
     rate = min(rates[rates < 0.2], key=lambda r: abs(r - 0.1))
@@ -242,7 +235,7 @@ def test_the_browser_check_sees_a_broken_image_a_missing_link_and_a_script_error
     """The check the report pages pass (tests/test_pipeline.py) fails on a page that is broken."""
     from conftest import missing
 
-    from ctd.browser import check_page, chromium
+    from ctd.testing.browser import check_page, chromium
 
     if chromium() is None:
         missing("chromium is not installed (Debian: apt-get install -y chromium)")

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pytest
 
 from ctd import storage
-from ctd.lease import Lease, LeaseHeld, LeaseLost
-from ctd.pipeline.runs import RunLayout, describe_files, list_runs, read_manifest, read_run_table, run_file
-from ctd.report import write_report
+from ctd.runs.lease import Lease, LeaseHeld, LeaseLost
+from ctd.runs.layout import RunLayout, describe_files, list_runs, read_manifest, read_run_table, run_file
+from ctd.reporting.pages import write_report
 from ctd.tables import read_parquet, write_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,7 @@ def _verify_cli(p: dict, corpus: bool = True):
 
 
 def test_verify_passes_an_untouched_run(published):
-    from ctd.pipeline.verify import verify_run
+    from ctd.runs.verify import verify_run
 
     v = verify_run(published["out"], "night", corpus=published["corpus"])
     assert v["ok"], v["problems"]
@@ -187,7 +187,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_verify_fails_on_a_tampered_run(published, case):
-    from ctd.pipeline.verify import verify_run
+    from ctd.runs.verify import verify_run
 
     rel, edit, consistent, reason = CASES[case]
     _tamper(published, rel(published), edit, consistent)
@@ -211,7 +211,7 @@ def test_verify_cli_exits_non_zero_with_the_reason(published):
 
 
 def test_abandoned_staging_and_attempts_are_swept_after_their_retention(tmp_path):
-    from ctd.pipeline.runs import sweep
+    from ctd.runs.layout import sweep
 
     out, day = str(tmp_path), 86400
     published = write_attempt(out, "done", ["a", "b"], [], "A")
@@ -225,7 +225,7 @@ def test_abandoned_staging_and_attempts_are_swept_after_their_retention(tmp_path
         storage.write_bytes(layout.path("_staging", "stage1", "part-0.parquet"), b"text copies")
         storage.write_bytes(storage.join(layout.results, "part-0.parquet"), b"unpublished")
         storage.write_json(layout.lease, {"owner": "x", **lease})
-    removed = sweep(out, retention_days=7, log=lambda *a: None)
+    removed = sweep(out, retention_days=7)
     gone = lambda rid: not storage.exists(RunLayout(out, rid).staging) and storage.listdir(RunLayout(out, rid).path("attempts")) in ([], [published.attempt])  # noqa: E731
     assert gone("done") and gone("crashed") and len(removed) == 4
     assert storage.listdir(RunLayout(out, "done").path("attempts")) == [published.attempt]  # the published attempt stays
@@ -240,7 +240,7 @@ def test_abandoned_staging_and_attempts_are_swept_after_their_retention(tmp_path
 def test_local_corpus_keys_are_content_hashes_cached_by_size_and_mtime(tmp_path, monkeypatch):
     import hashlib
 
-    from ctd.pipeline.audit import corpus_keys
+    from ctd.pipeline.scoring import corpus_keys
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

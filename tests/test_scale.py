@@ -15,9 +15,10 @@ import pytest
 
 from ctd import storage
 from ctd.config import load_config
-from ctd.pipeline.audit import check_artifacts, plan_stage1, run_audit, stage1_spec
-from ctd.pipeline.graph import Stage1
-from ctd.pipeline.runs import RunLayout, read_run_table
+from ctd.audit.run import run_audit
+from ctd.audit.specs import AuditSpec
+from ctd.pipeline.scoring import Stage1, plan_chunks
+from ctd.runs.layout import RunLayout, read_run_table
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +56,12 @@ def audit_after_stage1(deployment, tmp_path, n: int) -> tuple[int, object, str]:
         with open(corpus, "w") as f:
             f.write(json.dumps({"id": "x", "text": "y"}) + "\n")
     cfg = load_config(deployment["config_path"], {"audit.corpus": corpus, "audit.output": out, "audit.rows_per_file": 100_000})
-    art = check_artifacts(cfg, cfg.audit.calibration)
-    lam = art.calibration.lambda_star
+    spec = AuditSpec.from_config(cfg, run_id="scale")
+    lam = spec.deployment.calibration.threshold
     layout = RunLayout(out, "scale")
     t = stage1_table(n, lam)
-    (chunk,) = plan_stage1(cfg, art, stage1_spec(cfg, lam), layout.path("_staging", "stage1"))  # the one-file corpus: one chunk
+    s = spec.scoring  # the one-file corpus: one chunk
+    (chunk,) = plan_chunks(s.corpus, s.resume_key(), layout.path("_staging", "stage1"), s.chunk_bytes)
     files = []
     for k, start in enumerate(range(0, n, 100_000)):
         f = storage.join(chunk.uri, f"part-{k:04d}.parquet")

@@ -184,8 +184,8 @@ def test_exceedance_counts_strict_and_batched():
 
 
 def test_loss_sums_and_auroc_curve_match_brute_force():
-    from ctd.metrics import auroc
-    from ctd.policies import cascade_scores
+    from ctd.stats.metrics import auroc
+    from ctd.stats.cascade import Cascade
 
     rng = np.random.default_rng(4)
     for _ in range(20):
@@ -197,12 +197,12 @@ def test_loss_sums_and_auroc_curve_match_brute_force():
         p, e = rng.uniform(size=n), rng.uniform(size=n)
         grid = np.linspace(-1.5, 1.5, 10)
         for mode in ("switch", "mean"):
-            lk, ld = cal.cascade_losses(p, e, y, mode=mode)
+            lk, ld = cal.cascade_losses(p, e, y, Cascade(mode))
             sums = cal.delegation_loss_sums(d, lk, ld, grid)
-            aucs = cal.cascade_auroc_curve(d, p, e, y, grid, mode=mode)
+            aucs = cal.cascade_auroc_curve(d, p, e, y, grid, Cascade(mode))
             for gi, lam in enumerate(grid):
                 m = d > lam
-                f = cascade_scores(p, e, m, mode)
+                f = Cascade(mode).final(p, e, m)
                 assert sums[gi] == np.sum((f >= 0.5).astype(int) != y)
                 assert aucs[gi] == pytest.approx(auroc(y, f))
 

@@ -37,11 +37,13 @@ def corpus_rows(n: int, chat: bool) -> list[dict]:
 
 @pytest.mark.parametrize("which", ["decoder", "encoder"])
 def test_actor_scores_equal_offline_probes(which, request, ray_head, tmp_path):
-    from ctd.activations import ActivationExtractor, TextEncoder
+    from ctd.model.activations import ActivationExtractor, TextEncoder
     from ctd.config import load_config
-    from ctd.pipeline.graph import activation_spec, init_ray, run_stage1
-    from ctd.pipeline.stages import row_input
-    from ctd.probes import fit_dv_probe, fit_safety_probe
+    from ctd.model.deployment import Deployment
+    from ctd.pipeline.raydata import init_ray
+    from ctd.pipeline.scoring import activation_spec, run_stage1
+    from ctd.pipeline.corpus import row_input
+    from ctd.model.probes import fit_dv_probe, fit_safety_probe
     from ctd.tables import read_parquet
 
     model_dir = request.getfixturevalue("tiny_llama" if which == "decoder" else "minilm_dir")
@@ -74,8 +76,10 @@ def test_actor_scores_equal_offline_probes(which, request, ray_head, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg_dict))
     cfg = load_config(str(path))
-    init_ray(cfg)
-    s1 = run_stage1(cfg, str(corpus), str(tmp_path / "stage1"), activation_spec(cfg))
+    init_ray(cfg.ray)
+    dep = Deployment.load(cfg.model, cfg.probes)
+    s1 = run_stage1(str(corpus), str(tmp_path / "stage1"), activation_spec(cfg.model, cfg.activations, safety=dep.safety, dv=dep.dv),
+                    cfg.activations)
     assert s1.rows == len(rows)
     import pyarrow as pa
 

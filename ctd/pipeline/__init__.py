@@ -1,2 +1,2 @@
-"""The distributed batch job on Ray Data: corpus reading and validation, stages, the job graph
-shared by the train, calibrate and audit jobs, run publishing and reports."""
+"""Ray Data stages shared by the train, calibrate and audit jobs: reading and validating the corpus,
+stage 1 (tokenize, activations, probes, the gate), duplicate ids, and Ray set-up."""

@@ -27,7 +27,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from .. import storage
 
-__all__ = ["list_corpus_files", "validate_record", "read_corpus", "ROW_COLUMNS", "MAX_ROW_BYTES"]
+__all__ = ["list_corpus_files", "validate_record", "read_corpus", "is_valid", "row_input", "ROW_COLUMNS", "MAX_ROW_BYTES"]
 
 MAX_ROW_BYTES = 4 << 20
 MAX_ID_CHARS = 512
@@ -50,6 +50,18 @@ def list_corpus_files(uri: str) -> tuple[Any, list[str], str]:
     if len(kinds) != 1:
         raise ValueError(f"corpus {uri} mixes Parquet and JSON-lines files; use one format")
     return fs, files, kinds.pop()
+
+
+def row_input(text: str, is_chat: bool):
+    """A validated row's model input: the chat's list of messages, or the text."""
+    return json.loads(text) if is_chat else text
+
+
+def is_valid(batch):
+    """Rows that passed validation (no ``error``): an Arrow boolean array over a batch of rows."""
+    import pyarrow.compute as pc
+
+    return pc.is_null(batch.column("error"))
 
 
 def _is_label(x) -> bool:

@@ -1,53 +1,90 @@
-"""Ray Data stages: small callable classes over pyarrow batches, one job each.
+"""Stage 1's Ray Data stages: small callable classes over pyarrow batches, one job each.
 
-Each class is constructed once per actor (the model loads once) from a plain-dict spec, and its
+Each class is constructed once per actor (the model loads once) from a typed spec, and its
 ``__call__`` maps a batch to a batch. Rows that carry an ``error`` (quarantined by validation) pass
 through untouched, so every row read reaches the end of stage 1 exactly once.
 
-Stage 1 (``TokenizeStage`` → ``ActivationStage``) turns validated rows into scores: p(x), d(x),
-``delegated`` and, when asked, the pooled vectors. Stage 2 is an expert over delegated rows only
-(``ClassifierStage``, ``HTTPJudgeStage``, or the vLLM processor from :mod:`ctd.pipeline.experts`).
-Each expert stage returns its input rows without their text, with ``expert`` and ``expert_status``
-added: the delegated rows' own results.
+    TokenizeStage     validated rows (:data:`ctd.pipeline.corpus.ROW_COLUMNS`) + input_ids, truncated
+    ActivationStage   + probe, dv, delegated (with a gate), tokens, activation_seconds, excerpt,
+                        pooled_L<k> (when asked), part (when only delegated rows keep their text);
+                        - input_ids
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..activations import ActivationExtractor, TextEncoder
-from ..experts.judge import STATUS_OK
+from ..model.activations import ActivationExtractor, TextEncoder
+from ..model.probes import LinearProbe
+from ..reporting.redact import EXCERPT_SOURCE_CHARS, excerpt
+from .corpus import is_valid, row_input
 
-__all__ = ["row_input", "TokenizeStage", "ActivationStage", "ClassifierStage", "pooled_column"]
-
-
-def row_input(text: str, is_chat: bool):
-    """A validated row's model input: the chat list or the text."""
-    return json.loads(text) if is_chat else text
+__all__ = ["ActivationSpec", "TokenizeStage", "ActivationStage", "pooled_column"]
 
 
 def pooled_column(layer: int) -> str:
     return f"pooled_L{layer}"
 
 
-def _valid(batch: pa.Table) -> np.ndarray:
-    return np.asarray(batch.column("error").is_null().to_numpy(zero_copy_only=False), dtype=bool)
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec:
+    """What the activation actors compute, and how.
+
+    ``gate``: None, no ``delegated`` column; a float λ*, ``delegated = d(x) > λ*`` (``math.inf``:
+    never). ``keep_text``: "all" rows keep their text, or only the "delegated" ones, written to a
+    partition of their own (``part=expert``; the others to ``part=scores``). Rows the probe flags or
+    the gate delegates get a redacted ``excerpt`` of :data:`EXCERPT_SOURCE_CHARS` characters when
+    ``excerpts`` is set. ``secret_envs``: names of environment variables whose values are redacted.
+    """
+
+    model_dir: str
+    layers: tuple[int, ...]
+    score_layer: int
+    max_length: int | None = None
+    token_budget: int | None = None
+    compile: bool = False
+    dtype: str = "auto"
+    device: str = "cpu"
+    threads: int | None = None
+    safety: LinearProbe | None = None
+    dv: LinearProbe | None = None
+    gate: float | None = None
+    return_pooled: bool = False
+    keep_text: Literal["all", "delegated"] = "all"
+    excerpts: bool = False
+    decision_threshold: float = 0.5
+    secret_envs: tuple[str, ...] = ()
+
+    def resume_key(self, model_fingerprint: str) -> dict:
+        """Everything stage 1's output depends on besides its input files (an allow-list: where the
+        model and the probes are read from, the thread count and the secrets' names are not in it)."""
+        return {"model": model_fingerprint, "layers": list(self.layers), "score_layer": self.score_layer,
+                "max_length": self.max_length, "token_budget": self.token_budget, "compile": self.compile, "dtype": self.dtype,
+                "device": self.device, "safety": self.safety.content_hash if self.safety else None,
+                "dv": self.dv.content_hash if self.dv else None, "gate": self.gate if self.gate is None or np.isfinite(self.gate) else "never",
+                "return_pooled": self.return_pooled, "keep_text": self.keep_text, "excerpts": self.excerpts,
+                "decision_threshold": self.decision_threshold}
+
+    @property
+    def partitioned(self) -> bool:
+        return self.keep_text == "delegated" and self.gate is not None and self.dv is not None
 
 
 class TokenizeStage:
     """Tokenises valid rows (CPU), so the activation actors never wait on the tokenizer."""
 
-    def __init__(self, spec: dict):
-        self.encoder = TextEncoder(spec["model_dir"], max_length=spec.get("max_length"))
+    def __init__(self, spec: ActivationSpec):
+        self.encoder = TextEncoder(spec.model_dir, max_length=spec.max_length)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = _valid(batch)
+        ok = np.asarray(is_valid(batch), dtype=bool)
         ids: list = [None] * batch.num_rows
         truncated = np.zeros(batch.num_rows, dtype=bool)
         idx = np.flatnonzero(ok)
@@ -58,73 +95,57 @@ class TokenizeStage:
             for j, i in enumerate(idx):
                 ids[i] = enc[j].tolist()
                 truncated[i] = tr[j]
-        return batch.append_column("input_ids", pa.array(ids, type=pa.list_(pa.int32()))).append_column(
-            "truncated", pa.array(truncated))
+        return batch.append_column("input_ids", pa.array(ids, type=pa.list_(pa.int32()))).append_column("truncated", pa.array(truncated))
 
 
 class ActivationStage:
     """Loads the monitored model once; computes p(x), d(x) and the gate inside the actor, so only
-    scores (and, if asked, pooled vectors) leave it.
+    scores (and, if asked, pooled vectors) leave it. The probes travel in the spec; the actor checks
+    them against the model it loaded (its fingerprint, its hidden size)."""
 
-    spec: model_dir, layers (pooled), score_layer, token_budget, compile, dtype, device,
-    safety_probe / dv_probe (artifact URIs or None), lambda_star (None: no gate; -inf: all),
-    return_pooled (bool), text ("delegated": keep the text of delegated rows only; default all).
-    """
-
-    def __init__(self, spec: dict):
-        from ..probes import LinearProbe
-
+    def __init__(self, spec: ActivationSpec):
         self.spec = spec
-        if spec.get("threads"):
+        if spec.threads:
             # torch's intra-op threads = the CPUs this actor holds (Ray's default environment gives one)
             import torch
 
-            torch.set_num_threads(int(spec["threads"]))
-        layers = sorted(set(spec.get("layers") or [spec["score_layer"]]))
-        self.extractor = ActivationExtractor.from_pretrained(
-            spec["model_dir"], layers, device=spec.get("device", "auto"), dtype=spec.get("dtype", "auto"),
-            token_budget=spec.get("token_budget"), compile=spec.get("compile", False))
-        self.probes = {}
-        for role in ("safety", "dv"):
-            uri = spec.get(f"{role}_probe")
-            if uri:
-                probe = LinearProbe.load(uri)
-                probe.check_compatible(model_fingerprint=self.extractor.model_fingerprint, layer=spec["score_layer"],
-                                       pooling="mean", feature_dim=self.extractor.hidden_size)
-                self.probes[role] = probe
-        self.lambda_star = spec.get("lambda_star")
+            torch.set_num_threads(int(spec.threads))
+        layers = sorted(set(spec.layers))
+        self.extractor = ActivationExtractor.from_pretrained(spec.model_dir, layers, device=spec.device, dtype=spec.dtype,
+                                                             token_budget=spec.token_budget, compile=spec.compile)
+        self.probes = {name: p for name, p in (("probe", spec.safety), ("dv", spec.dv)) if p is not None}
+        for probe in self.probes.values():
+            probe.check_compatible(model_fingerprint=self.extractor.model_fingerprint, layer=spec.score_layer, pooling="mean",
+                                   feature_dim=self.extractor.hidden_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        ok = _valid(batch)
+        n, spec = batch.num_rows, self.spec
+        ok = np.asarray(is_valid(batch), dtype=bool)
         idx = np.flatnonzero(ok)
         ids_col = batch.column("input_ids").to_pylist()
         t0 = time.perf_counter()
         pooled = self.extractor.pool([np.asarray(ids_col[i], dtype=np.int32) for i in idx]) if idx.size else {}
-        layer = self.spec["score_layer"]
         cols: dict[str, Any] = {}
-        for role, name in (("safety", "probe"), ("dv", "dv")):
-            if role in self.probes:
-                full = np.full(n, np.nan)
-                if idx.size:
-                    full[idx] = self.probes[role].predict(pooled[layer])
-                cols[name] = pa.array(full, mask=~ok)
-        if self.lambda_star is not None and "dv" in cols:
+        for name, probe in self.probes.items():
+            full = np.full(n, np.nan)
+            if idx.size:
+                full[idx] = probe.predict(pooled[spec.score_layer])
+            cols[name] = pa.array(full, mask=~ok)
+        if spec.gate is not None and "dv" in cols:
             dv = cols["dv"].to_numpy(zero_copy_only=False)
-            cols["delegated"] = pa.array(ok & (np.nan_to_num(dv, nan=-np.inf) > self.lambda_star))
-        tokens = np.array([len(ids_col[i]) if ok[i] else 0 for i in range(n)], dtype=np.int32)
-        cols["tokens"] = pa.array(tokens)
+            cols["delegated"] = pa.array(ok & (np.nan_to_num(dv, nan=-np.inf) > spec.gate))
+        cols["tokens"] = pa.array(np.array([len(ids_col[i]) if ok[i] else 0 for i in range(n)], dtype=np.int32))
         cols["activation_seconds"] = pa.array(np.full(n, (time.perf_counter() - t0) / max(n, 1)))
-        if self.spec.get("return_pooled"):
-            for L, z in pooled.items():
+        if spec.return_pooled:
+            for layer, z in pooled.items():
                 vals: list = [None] * n
                 for j, i in enumerate(idx):
                     vals[i] = z[j].tolist()
-                cols[pooled_column(L)] = pa.array(vals, type=pa.list_(pa.float32()))
+                cols[pooled_column(layer)] = pa.array(vals, type=pa.list_(pa.float32()))
         out = batch.drop_columns(["input_ids"])
-        if self.spec.get("excerpt_chars") and "probe" in cols:
+        if spec.excerpts and "probe" in cols:
             cols["excerpt"] = self._excerpts(out, cols, ok)
-        if self.spec.get("text") == "delegated" and "delegated" in cols:
+        if spec.keep_text == "delegated" and "delegated" in cols:
             # only the rows that go to the expert keep their text, in a partition of their own
             i = out.column_names.index("input")
             out = out.set_column(i, "input", pc.if_else(cols["delegated"], out.column("input"), pa.scalar(None, pa.string())))
@@ -133,55 +154,18 @@ class ActivationStage:
             out = out.append_column(k, v)
         return out
 
-
     def _excerpts(self, batch: pa.Table, cols: dict, ok: np.ndarray) -> pa.Array:
-        """A short redacted excerpt (:func:`ctd.report.excerpt`) of each row a reviewer may be shown:
-        those the probe flags and those delegated; null elsewhere. The secrets redacted are the
-        values of the environment variables the config names (``secret_envs``), read here."""
-        import os
-
-        from ..report import excerpt
-
-        flag = ok & (np.nan_to_num(cols["probe"].to_numpy(zero_copy_only=False), nan=-np.inf) >= self.spec.get("decision_threshold", 0.5))
+        """A redacted excerpt (:func:`ctd.reporting.redact.excerpt`) of each row a reviewer may be
+        shown: those the probe flags and those delegated; null elsewhere. The secrets redacted are
+        the values of the environment variables the config names, read here."""
+        probe = np.nan_to_num(cols["probe"].to_numpy(zero_copy_only=False), nan=-np.inf)
+        flag = ok & (probe >= self.spec.decision_threshold)
         if "delegated" in cols:
             flag |= np.asarray(cols["delegated"].to_numpy(zero_copy_only=False), dtype=bool)
-        secrets = [os.environ.get(k, "") for k in self.spec.get("secret_envs", ())]
+        secrets = [os.environ.get(k, "") for k in self.spec.secret_envs]
         idx = np.flatnonzero(flag)
         texts, chats = batch.column("input").take(idx).to_pylist(), batch.column("is_chat").take(idx).to_pylist()
-        chars = int(self.spec["excerpt_chars"])
         out: list = [None] * batch.num_rows
         for j, i in enumerate(idx):
-            out[i] = excerpt(texts[j], chars, secrets, bool(chats[j]))
+            out[i] = excerpt(texts[j], EXCERPT_SOURCE_CHARS, secrets, bool(chats[j]))
         return pa.array(out, type=pa.string())
-
-
-class ClassifierStage:
-    """A transformers sequence classifier as the expert, on its own actor pool."""
-
-    def __init__(self, spec: dict):
-        from ..experts.classifier import SequenceClassifierExpert
-
-        self.expert = SequenceClassifierExpert(spec["path"], unsafe_label=spec.get("unsafe_label"),
-                                               max_length=spec.get("max_length"), device=spec.get("device", "auto"))
-
-    def _score(self, inputs) -> tuple[list, list, list]:
-        ids, cut = self.expert.encoder.encode(inputs)
-        return self.expert.score_ids(ids).tolist(), [STATUS_OK] * len(inputs), cut.tolist()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from ..experts.judge import error_status
-
-        texts, chats = batch.column("input").to_pylist(), batch.column("is_chat").to_pylist()
-        try:
-            scores, status, cut = self._score([row_input(t, c) for t, c in zip(texts, chats)]) if texts else ([], [], [])
-        except Exception:  # find the rows that fail; the others are scored
-            scores, status, cut = [], [], []
-            for t, c in zip(texts, chats):
-                try:
-                    (p,), (s,), (k,) = self._score([row_input(t, c)])
-                except Exception as e:
-                    p, s, k = None, error_status(f"{type(e).__name__}: {e}"), False
-                scores.append(p), status.append(s), cut.append(k)
-        return (batch.drop_columns(["input", "is_chat"]).append_column("expert", pa.array(scores, type=pa.float64()))
-                .append_column("expert_status", pa.array(status, type=pa.string()))
-                .append_column("expert_truncated", pa.array(cut, type=pa.bool_())))

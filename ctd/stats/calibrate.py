@@ -46,6 +46,7 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
+from .cascade import Cascade
 from .pvalues import binomial_pvalue, check_level, hoeffding_bentkus_pvalue, max_certifiable_count, min_certifiable_n
 from .testing import METHODS, multiple_test
 
@@ -70,7 +71,6 @@ __all__ = [
 ]
 
 Risk = Literal["accuracy", "auroc"]
-CascadeMode = Literal["switch", "mean"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,18 +144,13 @@ def exceedance_counts(scores, grid) -> np.ndarray:
     return s.shape[-1] - counts_at_or_below(s, grid)
 
 
-def cascade_losses(probe, expert, labels, *, mode: CascadeMode = "switch", decision_threshold: float = 0.5):
+def cascade_losses(probe, expert, labels, cascade: Cascade = Cascade()):
     """Per-row 0/1 misclassification of the cascade when a row is kept (probe decides) and when it
-    is delegated (expert, or the mean of probe and expert). The decision is ``score >= threshold``
-    → unsafe (label 1). Returns ``(loss_kept, loss_delegated)`` as int arrays."""
-    p = np.asarray(probe, dtype=float)
-    e = np.asarray(expert, dtype=float)
+    is delegated (:meth:`Cascade.expert_score`). Returns ``(loss_kept, loss_delegated)`` as int arrays."""
     y = np.asarray(labels)
-    if mode not in ("switch", "mean"):
-        raise ValueError(f"cascade mode must be 'switch' or 'mean', got {mode!r}")
-    delegated_score = e if mode == "switch" else 0.5 * (p + e)
-    loss_kept = ((p >= decision_threshold).astype(np.int64) != y).astype(np.int64)
-    loss_del = ((delegated_score >= decision_threshold).astype(np.int64) != y).astype(np.int64)
+    p = np.asarray(probe, dtype=float)
+    loss_kept = (cascade.decide(p).astype(np.int64) != y).astype(np.int64)
+    loss_del = (cascade.decide(cascade.expert_score(p, expert)).astype(np.int64) != y).astype(np.int64)
     return loss_kept, loss_del
 
 
@@ -191,7 +186,7 @@ def _auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (ranks[:, pos].sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-def cascade_auroc_curve(scores, probe, expert, labels, grid, *, mode: CascadeMode = "switch") -> np.ndarray:
+def cascade_auroc_curve(scores, probe, expert, labels, grid, cascade: Cascade = Cascade()) -> np.ndarray:
     """AUROC of the cascade's final scores for every grid threshold (one calibration set).
 
     Only the distinct delegated sets are evaluated (at most n + 1 of them), so the cost is
@@ -204,7 +199,7 @@ def cascade_auroc_curve(scores, probe, expert, labels, grid, *, mode: CascadeMod
     counts = exceedance_counts(d, g)
     uniq = np.unique(counts)
     order = np.argsort(-d, kind="stable")  # top-c rows by score are the delegated set of count c
-    delegated_score = e if mode == "switch" else 0.5 * (p + e)
+    delegated_score = cascade.expert_score(p, e)
     finals = np.repeat(p[None, :], uniq.size, axis=0)
     rank_of_row = np.empty(d.size, dtype=np.int64)
     rank_of_row[order] = np.arange(d.size)
@@ -482,14 +477,14 @@ def pareto_ltt_select(grid, alphas, delta, *, opt_counts, n_opt, opt_perf, test_
     return sel
 
 
-def _performance(d, probe, expert, labels, grid, risk, mode, decision_threshold):
+def _performance(d, probe, expert, labels, grid, risk, cascade: Cascade):
     """Empirical performance risk per grid value and (for accuracy) the integer error sums."""
     if risk == "accuracy":
-        lk, ld = cascade_losses(probe, expert, labels, mode=mode, decision_threshold=decision_threshold)
+        lk, ld = cascade_losses(probe, expert, labels, cascade)
         sums = delegation_loss_sums(d, lk, ld, grid)
         return sums / d.shape[-1], sums
     if risk == "auroc":
-        return 1.0 - cascade_auroc_curve(d, probe, expert, labels, grid, mode=mode), None
+        return 1.0 - cascade_auroc_curve(d, probe, expert, labels, grid, cascade), None
     raise ValueError(f"risk must be 'accuracy' or 'auroc', got {risk!r}")
 
 
@@ -560,8 +555,7 @@ def calibrate(
     method: str = "fixed_sequence",
     opt_fraction: float = 0.3,
     seed: int = 0,
-    cascade: CascadeMode = "switch",
-    decision_threshold: float = 0.5,
+    cascade: Cascade = Cascade(),
 ) -> CalibrationResult:
     """Calibrate the delegation threshold on one labelled calibration set.
 
@@ -587,10 +581,9 @@ def calibrate(
         Share of the calibration set used to find the Pareto front (seeded split).
     seed : int
         Seed of the optimisation/testing split.
-    cascade : {"switch", "mean"}
-        Output of a delegated row: the expert's score, or the mean of probe and expert.
-    decision_threshold : float
-        A final score >= this is a positive ("unsafe") decision.
+    cascade : Cascade
+        The cascade rule: a delegated row's output (the expert's score, or the mean of probe and
+        expert) and the decision threshold (a final score >= it is "unsafe").
     """
     alpha = check_level(alpha, "alpha", scalar=True)
     delta = check_level(delta, "delta", scalar=True)
@@ -622,7 +615,7 @@ def calibrate(
         for name, arr in (("labels", y), ("probe", pr), ("expert", ex)):
             if arr.shape != d.shape:
                 raise ValueError(f"{name} must have the same length as dv")
-        perf, perf_sums = _performance(d, pr, ex, y, g, risk, cascade, decision_threshold)
+        perf, perf_sums = _performance(d, pr, ex, y, g, risk, cascade)
 
     if not pareto:
         sel = ltt_select(g, alpha, delta, counts=counts, n=n, method=method, loss_sums=perf_sums,
@@ -633,10 +626,10 @@ def calibrate(
     else:
         opt, test = pareto_split(n, opt_fraction, seed)
         n_opt, n_test = opt.size, test.size
-        opt_perf, opt_sums = _performance(d[opt], pr[opt], ex[opt], y[opt], g, risk, cascade, decision_threshold)
+        opt_perf, opt_sums = _performance(d[opt], pr[opt], ex[opt], y[opt], g, risk, cascade)
         test_sums = None
         if joint:
-            _, test_sums = _performance(d[test], pr[test], ex[test], y[test], g, risk, cascade, decision_threshold)
+            _, test_sums = _performance(d[test], pr[test], ex[test], y[test], g, risk, cascade)
         sel = pareto_ltt_select(
             g, alpha, delta, opt_counts=exceedance_counts(d[opt], g), n_opt=n_opt, opt_perf=opt_perf,
             test_counts=exceedance_counts(d[test], g), n_test=n_test, cal_perf=perf,
@@ -687,5 +680,5 @@ def calibrate(
         n_test=n_test,
         seed=seed_used,
         opt_fraction=frac,
-        extra={"k_star": k_star, "cascade": cascade, "decision_threshold": decision_threshold},
+        extra={"k_star": k_star, "cascade": cascade.mode, "decision_threshold": cascade.decision_threshold},
     )

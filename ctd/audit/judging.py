@@ -1,0 +1,96 @@
+"""The audit's expert stage: the delegated rows within the cap go to the expert, in committed files.
+
+The rows to judge are read from stage 1's ``part=expert`` partition only (the one place their text
+is kept), in blocks of about ``audit.commit_rows`` rows: each block is one expert task and one file
+under ``_staging/expert/``, the unit a resumed run skips. Committed scores are reused only for the
+same stage 1 (its chunk ids), cap and expert identity (``_KEY.json``); the rows a killed attempt
+already judged are skipped by a left-anti join on id, never an id set on the driver.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .. import storage
+from ..experts.base import PoolPlan, judge_rows
+from ..hashing import digest
+from ..log import log
+from ..pipeline.raydata import footer_rows, partitions, read, write
+from ..runs.layout import parquet_files
+from ..tables import parquet_rows
+from .results import EXPERT_CARRY, to_expert
+from .selection import STAGE1_COLUMNS, Selection
+from .specs import JudgingSpec
+
+__all__ = ["Judged", "judge"]
+
+
+@dataclass
+class Judged:
+    """The expert stage's output: its files, rows, the calls this run made and the pool plan."""
+
+    files: list[str]
+    rows: int
+    calls: int  # rows judged by this run (the rest were committed by an earlier attempt)
+    resumed_rows: int
+    plan: PoolPlan
+    seconds: float
+
+
+def judge(selection: Selection, spec: JudgingSpec, uri: str, *, stage1_key: list[str], resume: bool, before_commit=None) -> Judged:
+    """Judge the night's sent rows into ``uri``; ``stage1_key`` identifies the stage 1 they came from."""
+    t0 = time.perf_counter()
+    key = {"stage1": stage1_key, "cap": selection.cap, "expert": digest(spec.expert.identity())}
+    done_files, done_rows = _committed(uri, key) if resume else _fresh(uri, key)
+    if done_rows:
+        log(f"resume: {done_rows} expert scores already committed")
+    todo_rows = selection.sent - done_rows
+    plan = spec.expert.plan(todo_rows)
+    if todo_rows > 0:
+        log(f"stage 2: {todo_rows} delegated rows → expert ({spec.kind})")
+        if not plan.target_met:
+            log(f"WARNING: the expert pool cannot meet its target: {plan.describe()}")
+        todo = selection.expert_rows(STAGE1_COLUMNS + ["input", "is_chat"]).map_batches(to_expert, batch_format="pyarrow", batch_size=None)
+        if done_files:  # skip what a killed attempt committed
+            todo = todo.join(read(done_files, ["id"]), join_type="left_anti", on=("id",), num_partitions=partitions(selection.sent))
+        todo = todo.repartition(target_num_rows_per_block=spec.commit_rows)
+        write(judge_rows(spec.expert, todo, rows=todo_rows, carry=EXPERT_CARRY, plan=plan, log=log), uri)
+    else:
+        log("stage 2: nothing to send to the expert")
+    files = [storage.join(uri, n) for n in parquet_files(uri)]
+    rows = footer_rows(files)
+    if before_commit is not None:
+        before_commit()
+    out = Judged(files, rows, rows - done_rows, done_rows, plan, time.perf_counter() - t0)
+    log(f"stage 2 done: {rows} expert scores ({out.calls} new) in {out.seconds:.1f} s")
+    return out
+
+
+def _fresh(uri: str, key: dict) -> tuple[list[str], int]:
+    storage.remove(uri)
+    storage.write_json(storage.join(uri, "_KEY.json"), key)
+    return [], 0
+
+
+def _committed(uri: str, key: dict) -> tuple[list[str], int]:
+    """Expert output files a previous attempt committed for the same key, and their rows. A file cut
+    short by a crash has no footer and is removed; a folder made for another key is cleared."""
+    marker = storage.join(uri, "_KEY.json")
+    if not storage.exists(marker) or storage.read_json(marker) != key:
+        return _fresh(uri, key)
+    files = [storage.join(uri, n) for n in parquet_files(uri)]
+
+    def rows(f):
+        try:
+            return parquet_rows(f)
+        except Exception:
+            log(f"resume: removing unreadable partial file {f}")
+            storage.remove(f)
+            return None
+
+    with ThreadPoolExecutor(16) as pool:
+        counted = list(pool.map(rows, files))
+    kept = [(f, n) for f, n in zip(files, counted) if n is not None]
+    return [f for f, _ in kept], sum(n for _, n in kept)

@@ -1,0 +1,120 @@
+"""The rows a published run holds: results (every audited row with its final decision) and quarantine.
+
+    results/     rows below λ* or over the cap (the probe's score), and the judged rows (the expert's
+                 score where it answered usably): :data:`RESULT_SCHEMA`, one schema for every file
+    quarantine/  invalid rows with their reason, and every row of a duplicated id
+
+Every function on a batch is vectorised pyarrow/numpy (unit-tested without Ray); :func:`write_rows`
+maps them over the night's rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import storage
+from ..experts.prompt import usable
+from ..pipeline.corpus import is_valid
+from ..pipeline.raydata import read, write
+from ..runs.layout import RunLayout, parquet_files
+from ..stats.cascade import Cascade
+from .selection import Selection
+from .specs import ResultsSpec
+
+__all__ = ["RESULT_SCHEMA", "QUARANTINE_SCHEMA", "EXPERT_CARRY", "answered", "to_expert", "not_sent", "judged", "quarantined",
+           "finalize", "Rows", "write_rows"]
+
+RESULT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("group", pa.string()), ("label", pa.int8()), ("source", pa.string()), ("truncated", pa.bool_()),
+    ("tokens", pa.int32()), ("probe", pa.float64()), ("dv", pa.float64()), ("delegated", pa.bool_()), ("over_cap", pa.bool_()),
+    ("expert", pa.float64()), ("expert_status", pa.string()), ("expert_truncated", pa.bool_()), ("final", pa.float64()),
+    ("decision", pa.bool_()),
+])
+QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string()), ("group", pa.string())])
+# Stage-1 columns that travel through the expert stage with each delegated row, so that the expert's
+# output is the delegated rows' own results (no join of expert scores back onto stage 1).
+EXPERT_CARRY = ("id", "group", "label", "source", "truncated", "tokens", "probe", "dv")
+
+
+def answered(batch: pa.Table) -> np.ndarray:
+    """Rows whose final score is the expert's: delegated, with a score, and a usable answer."""
+    sent = np.asarray(batch.column("delegated").to_numpy(zero_copy_only=False), dtype=bool)
+    expert = pc.fill_null(pc.cast(batch.column("expert"), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    ok = np.asarray(usable(batch.column("expert_status")).to_numpy(zero_copy_only=False), dtype=bool)
+    return sent & np.isfinite(expert) & ok
+
+
+def to_expert(batch: pa.Table) -> pa.Table:
+    """The rows to send to the expert, with their text and the columns they carry."""
+    return batch.filter(batch.column("sent")).select(list(EXPERT_CARRY) + ["input", "is_chat"])
+
+
+def not_sent(batch: pa.Table) -> pa.Table:
+    """Audited rows that keep the probe's score (below λ*, or over the cap)."""
+    b = batch.filter(pc.and_(pc.and_(is_valid(batch), pc.is_null(batch.column("dup_n"))), pc.invert(batch.column("sent"))))
+    n = b.num_rows
+    return (b.select(list(EXPERT_CARRY) + ["over_cap"])
+            .append_column("delegated", pa.array(np.zeros(n, dtype=bool)))
+            .append_column("expert", pa.nulls(n, pa.float64()))
+            .append_column("expert_status", pa.nulls(n, pa.string()))
+            .append_column("expert_truncated", pa.nulls(n, pa.bool_())))
+
+
+def judged(batch: pa.Table) -> pa.Table:
+    """Rows back from the expert stage, marked as sent within the cap."""
+    n = batch.num_rows
+    return batch.append_column("delegated", pa.array(np.ones(n, dtype=bool))).append_column("over_cap", pa.array(np.zeros(n, dtype=bool)))
+
+
+def quarantined(batch: pa.Table) -> pa.Table:
+    """Invalid rows with their reason, and every row of a duplicated id."""
+    b = batch.filter(pc.or_(pc.invert(is_valid(batch)), pc.is_valid(batch.column("dup_n"))))
+    reason = pc.binary_join_element_wise("duplicate id (", pc.cast(b.column("dup_n"), pa.string()), " rows share it)", "")
+    return pa.table({"id": b.column("id"), "source": b.column("source"), "error": pc.coalesce(b.column("error"), reason),
+                     "group": b.column("group")}, schema=QUARANTINE_SCHEMA)
+
+
+def finalize(batch: pa.Table, cascade: Cascade = Cascade()) -> pa.Table:
+    """final = the cascade's score (:class:`ctd.stats.cascade.Cascade`: the expert's where it answered
+    usably, else the probe's); decision = final >= the decision threshold. Columns :data:`RESULT_SCHEMA`."""
+    probe = batch.column("probe").to_numpy(zero_copy_only=False).astype(float)
+    expert = pc.fill_null(pc.cast(batch.column("expert"), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    final = cascade.final(probe, expert, answered(batch))
+    cols = {name: batch.column(name) for name in RESULT_SCHEMA.names if name in batch.column_names}
+    cols["final"] = pa.array(final)
+    cols["decision"] = pa.array(cascade.decide(final))
+    return pa.table({f.name: cols[f.name] for f in RESULT_SCHEMA}).cast(RESULT_SCHEMA)
+
+
+@dataclass
+class Rows:
+    """The run's published rows: results and quarantine files."""
+
+    results: list[str]
+    quarantine: list[str]
+    seconds: float
+
+
+def write_rows(selection: Selection, expert_files: list[str], spec: ResultsSpec, layout: RunLayout) -> Rows:
+    """Results (probe-only rows, judged rows) and quarantine, in few large files of the attempt."""
+    t0 = time.perf_counter()
+    for uri in (layout.results, layout.quarantine):
+        storage.remove(uri)
+    parts = []
+    if selection.scored - selection.sent:  # below λ*, or over the cap: the probe's score
+        parts.append(selection.rows.map_batches(not_sent, batch_format="pyarrow", batch_size=None))
+    if expert_files:  # judged: the expert stage's output rows
+        parts.append(read(expert_files).map_batches(judged, batch_format="pyarrow", batch_size=None))
+    if parts:
+        results = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        write(results.map_batches(finalize, fn_kwargs={"cascade": spec.cascade}, batch_format="pyarrow", batch_size=None), layout.results,
+              spec.rows_per_file)
+    if selection.stage1.rows - selection.scored:
+        write(selection.rows.map_batches(quarantined, batch_format="pyarrow", batch_size=None), layout.quarantine, spec.rows_per_file)
+    files = lambda uri: [storage.join(uri, n) for n in parquet_files(uri)]  # noqa: E731
+    return Rows(files(layout.results), files(layout.quarantine), time.perf_counter() - t0)

@@ -1,0 +1,107 @@
+"""The review list: the rows a person should look at first, found by a distributed top-k.
+
+    flagged         flagged unsafe, highest final score first
+    disagreement    the judge overruled the probe, largest change of score first
+    quarantined     a sample of the quarantined rows, spread over the reasons
+
+Each block keeps its own top k and a tree of tasks merges them, so the driver holds at most 3k rows.
+Excerpts come from stage 1 (redacted there, for the rows the probe flags or delegates), cut here to
+the report's length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..pipeline.raydata import read, tree_reduce
+from ..reporting.redact import cut
+from ..stats.cascade import Cascade
+from .facts import short_reason
+from .results import answered
+
+__all__ = ["REVIEW_SCHEMA", "REVIEW_LISTS", "candidates", "top", "spread", "review"]
+
+REVIEW_SCHEMA = pa.schema([
+    ("list", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("group", pa.string()), ("probe", pa.float64()),
+    ("dv", pa.float64()), ("expert", pa.float64()), ("final", pa.float64()), ("decision", pa.bool_()), ("delegated", pa.bool_()),
+    ("expert_status", pa.string()), ("reason", pa.string()), ("source", pa.string()), ("excerpt", pa.string()),
+])
+REVIEW_LISTS = {  # list name: what it holds, in what order (descending; ties by id)
+    "flagged": "flagged unsafe, highest final score first",
+    "disagreement": "the judge overruled the probe, largest change of score first",
+}
+_TOP_COLUMNS = ["id", "group", "probe", "dv", "expert", "final", "decision", "delegated", "expert_status"]
+
+
+def candidates(batch: pa.Table, which: str, cascade: Cascade = Cascade()) -> pa.Table:
+    """The rows of a batch of results that belong in list ``which``, with their sort ``key``."""
+    f = lambda c: pc.fill_null(pc.cast(batch.column(c), pa.float64()), np.nan).to_numpy(zero_copy_only=False)  # noqa: E731
+    dec = np.asarray(batch.column("decision").to_numpy(zero_copy_only=False), dtype=bool)
+    if which == "flagged":
+        mask, key = dec, f("final")
+    else:
+        mask, key = answered(batch) & (cascade.decide(f("probe")) != dec), np.abs(f("final") - f("probe"))
+    return batch.select(_TOP_COLUMNS).filter(pa.array(mask)).append_column("key", pa.array(key[mask], pa.float64()))
+
+
+def top(k: int, *tables: pa.Table) -> pa.Table:
+    """The first ``k`` rows by ``key`` descending, ties by id."""
+    t = pa.concat_tables(tables)
+    return t.take(pc.sort_indices(t, sort_keys=[("key", "descending"), ("id", "ascending")])[:k])
+
+
+def spread(k: int, *tables: pa.Table) -> pa.Table:
+    """Up to ``k`` quarantined rows spread over the reasons (the reason without its detail): the
+    first row of each reason, then the second of each, and so on, in reason order."""
+    t = pa.concat_tables(tables)
+    if t.num_rows <= k:
+        return t
+    reasons = np.asarray(short_reason(t.column("error")).to_pylist(), dtype=object)
+    order = np.argsort(reasons, kind="stable")
+    sorted_r = reasons[order]
+    starts = np.r_[0, np.flatnonzero(sorted_r[1:] != sorted_r[:-1]) + 1]
+    within = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))  # rank of each row within its reason
+    pick = order[np.lexsort((sorted_r, within))][:k]
+    return t.take(pa.array(np.sort(pick)))
+
+
+def _top_rows(results: list[str], which: str, k: int, cascade: Cascade) -> pa.Table | None:
+    local = read(results).map_batches(lambda b: top(k, candidates(b, which, cascade)), batch_format="pyarrow", batch_size=None)
+    t = tree_reduce(local.to_arrow_refs(), lambda *ts: top(k, *ts))
+    return t.drop_columns(["key"]) if t is not None else None
+
+
+def _lookup(batch: pa.Table, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(ids, pa.string())))
+
+
+def review(results: list[str], quarantine: list[str], stage1: list[str], k: int, cascade: Cascade, excerpt_chars: int) -> pa.Table:
+    """The review list (:data:`REVIEW_SCHEMA`): the top ``k`` rows of each :data:`REVIEW_LISTS` list
+    with their excerpt (stage 1's, cut to ``excerpt_chars``; none when it is 0), and up to ``k``
+    quarantined rows with their reason and source, spread over the reasons."""
+    import ray
+
+    parts = []
+    for which in REVIEW_LISTS if results else ():
+        t = _top_rows(results, which, k, cascade)
+        if t is not None and t.num_rows:
+            n = t.num_rows
+            parts.append(t.append_column("list", pa.array([which] * n)).append_column("rank", pa.array(np.arange(1, n + 1, dtype=np.int32))))
+    ids = sorted({i for t in parts for i in t.column("id").to_pylist()})
+    text: dict[str, str] = {}
+    if ids and excerpt_chars > 0 and stage1:
+        found = read(stage1, ["id", "excerpt"]).map_batches(_lookup, fn_kwargs={"ids": ids}, batch_format="pyarrow", batch_size=None)
+        for t in ray.get(found.to_arrow_refs()):
+            text.update({i: cut(e, excerpt_chars) for i, e in zip(t.column("id").to_pylist(), t.column("excerpt").to_pylist()) if e is not None})
+    out = [t.append_column("excerpt", pa.array([text.get(i) for i in t.column("id").to_pylist()], pa.string())) for t in parts]
+    if quarantine and k:
+        local = read(quarantine, ["id", "source", "group", "error"]).map_batches(lambda b: spread(k, b), batch_format="pyarrow", batch_size=None)
+        q = tree_reduce(local.to_arrow_refs(), lambda *ts: spread(k, *ts))
+        n = q.num_rows
+        out.append(pa.table({"list": pa.array(["quarantined"] * n), "rank": pa.array(np.arange(1, n + 1, dtype=np.int32)),
+                             "id": q.column("id"), "source": q.column("source"), "group": q.column("group"), "reason": q.column("error")}))
+    column = lambda t, f: t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)  # noqa: E731
+    tables = [pa.table({f.name: column(t, f) for f in REVIEW_SCHEMA}).cast(REVIEW_SCHEMA) for t in out]
+    return pa.concat_tables(tables) if tables else REVIEW_SCHEMA.empty_table()

@@ -1,0 +1,108 @@
+"""The nightly audit: score every row, delegate those whose d(x) passes λ*, publish audited results.
+
+:func:`run_audit` is the data flow, one line a step. Every per-row step is a Ray Data operation; the
+driver holds counts, one boundary row, file lists, the review list (at most 3 × ``audit.review_rows``
+rows) and, while it is small, the set of duplicated ids.
+
+    spec       the config read once: the night (day, run id), the deployment (model, probes and
+               calibration, checked), the judge and the corpus checked: bad input exits 2 here
+    lease      one writer per run id (:mod:`ctd.runs.lease`): a second driver exits 4, nothing written
+    stage 1    read → validate → tokenize → activations + probes + gate, over chunks of corpus files,
+               each committed alone (:func:`ctd.pipeline.scoring.run_chunked`)
+    select     dedup, then the hard budget cap (:mod:`ctd.audit.selection`)
+    judge      the sent rows (stage 1's part=expert only) → the expert, committed in blocks
+    rows       results and quarantine in few large files (:mod:`ctd.audit.results`)
+    report     facts as distributed aggregates, the nights before, the summary (pure), the review list
+    publish    manifest.json, one conditional write, last; then _staging/ is removed
+
+Resuming: stage outputs stay under ``_staging/`` until the run is published. A rerun of the same run
+id with ``resume: true`` (a new attempt) reuses every stage-1 chunk committed from the same corpus
+content, model, probes, λ* and activation settings, and sends to the expert only the delegated rows
+that have no committed expert score yet.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from .. import storage
+from ..config import ConfigError, JobConfig
+from ..log import log
+from ..pipeline.raydata import init_ray
+from ..pipeline.scoring import ChunkedStage1, run_chunked
+from ..runs.history import history
+from ..runs.layout import sweep
+from .facts import Facts, collect
+from .judging import Judged, judge
+from .publish import publish, write_audit_report
+from .report import AuditReport
+from .results import Rows, write_rows
+from .review import review
+from .selection import Selection, select
+from .specs import AuditSpec
+from .summary import NightContext, summarise
+
+__all__ = ["run_audit"]
+
+
+def run_audit(cfg: JobConfig, *, run_id: str | None = None, date: str | None = None, now: _dt.datetime | None = None) -> AuditReport:
+    """Audit one day's corpus (``date``: YYYY-MM-DD, default yesterday in ``audit.timezone``) into
+    ``<output>/runs/<run_id>/``, as the only writer of that run id (raises :class:`ctd.runs.lease.LeaseHeld`
+    when another driver holds it). The previous published run of the same id stays readable until
+    this one is published."""
+    spec = AuditSpec.from_config(cfg, run_id=run_id, date=date, now=now)
+    init_ray(cfg.ray)
+    with spec.night.lease() as lease:
+        try:
+            _prepare(spec)
+            scored = run_chunked(spec.scoring.corpus, storage.join(spec.staging, "stage1"), spec.scoring.activation, spec.scoring.pool,
+                                 key=spec.scoring.resume_key(), chunk_bytes=spec.scoring.chunk_bytes,
+                                 rows_per_file=spec.scoring.rows_per_file, resume=spec.resume, before_commit=lease.check)
+            chosen = select(scored.stage1, spec.selection)
+            judged = judge(chosen, spec.judging, storage.join(spec.staging, "expert"), stage1_key=scored.chunk_ids,
+                           resume=spec.resume and not scored.rows_run, before_commit=lease.check)
+            rows = write_rows(chosen, judged.files, spec.results, spec.night.layout)
+            facts = collect(rows, spec.results.cascade)
+            nights = history(spec.night.job.output, calibration_hash=spec.deployment.calibration.hash, exclude_run=spec.night.run_id,
+                             before_day=spec.night.day.isoformat())
+            report = summarise(_context(spec, scored, chosen, judged, rows), facts, nights)
+            listed = review(rows.results, rows.quarantine, scored.stage1.files, spec.report.review_rows, spec.results.cascade,
+                            spec.report.excerpt_chars) if spec.report.review_rows else None
+            report = report.model_copy(update={"review_rows": 0 if listed is None else listed.num_rows})
+            files = write_audit_report(spec.night.layout, report, facts, nights, listed, spec.report.secrets())
+            publish(spec.night.layout, report, files, before_commit=lease.check, keep_staging=spec.keep_staging)
+        except (FileNotFoundError, ConfigError) as e:
+            # input was checked before the lease: a file vanishing now is a failure to retry (exit 1), not bad input (exit 2)
+            raise RuntimeError(f"audit {spec.night.run_id} failed mid-run: {e}") from e
+    return report
+
+
+def _prepare(spec: AuditSpec) -> None:
+    """Say what runs; clear the staging of a run that is not resumed; sweep abandoned runs' staging."""
+    cal = spec.deployment.calibration
+    lam = "never delegate" if cal.threshold is None else f"{cal.threshold:.6g}"
+    log(f"audit {spec.night.run_id} of {spec.night.day}: α={cal.result.alpha} δ={cal.result.delta} λ*={lam} "
+        f"→ {spec.night.layout.root} (attempt {spec.night.layout.attempt})")
+    if not spec.resume:
+        storage.remove(spec.staging)
+    if spec.retention_days is not None:
+        try:  # abandoned runs' staging (text copies) and attempts do not outlive their retention
+            sweep(spec.night.job.output, spec.retention_days)
+        except Exception as e:
+            log(f"retention sweep failed ({e!r}); continuing")
+
+
+def _context(spec: AuditSpec, scored: ChunkedStage1, chosen: Selection, judged: Judged, rows: Rows) -> NightContext:
+    dep, cal = spec.deployment, spec.deployment.calibration
+    resumed = {k: v for k, v in (("stage1_rows", scored.resumed_rows), ("stage1_chunks", scored.resumed_chunks),
+                                 ("expert_rows", judged.resumed_rows)) if v}
+    return NightContext(
+        run_id=spec.night.run_id, audited_date=spec.night.day.isoformat(), attempt=spec.night.layout.attempt,
+        config_hash=spec.report.config_hash, corpus=spec.scoring.corpus, model_id=dep.model_id, model_fingerprint=dep.model_fingerprint,
+        layer=dep.layer, safety_probe_hash=dep.safety.content_hash, dv_probe_hash=dep.dv.content_hash,
+        calibration_uri=dep.calibration_uri, calibration_hash=cal.hash, calibration=cal.result, rows_read=scored.stage1.rows,
+        cap=chosen.cap, expert_kind=spec.judging.kind, expert_calls=judged.calls, expert_pool=judged.plan.to_dict(),
+        max_failure_share=spec.judging.max_failure_share, drift_alpha=spec.report.drift_alpha,
+        timings={"activations": (scored.stage1.seconds, scored.rows_run), "select": (chosen.seconds, scored.stage1.rows),
+                 "expert": (judged.seconds, judged.calls), "merge": (rows.seconds, scored.stage1.rows)},
+        resumed=resumed)

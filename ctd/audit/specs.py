@@ -1,0 +1,125 @@
+"""The audit's typed specs: the job config read once, each step given only the slice it uses.
+
+:meth:`AuditSpec.from_config` is where a config becomes a night's plan. It also refuses, before any
+lease is taken or anything is written, what cannot run: a calibration or probes made for another
+model, a judge whose prompt cannot be built, a corpus that is not there (each is bad input: exit 2).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+
+from ..config import JobConfig, PoolConfig
+from ..experts.base import Expert
+from ..experts.registry import expert_for
+from ..hashing import digest
+from ..model.deployment import Deployment
+from ..pipeline.corpus import list_corpus_files
+from ..pipeline.scoring import activation_spec
+from ..pipeline.stages import ActivationSpec
+from ..runs.job import Night
+from ..stats.cascade import Cascade
+
+__all__ = ["AuditSpec", "ScoringSpec", "SelectionSpec", "JudgingSpec", "ResultsSpec", "ReportSpec"]
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    """Stage 1: the activation stage, its pool, and how it is cut into committed chunks."""
+
+    corpus: str
+    activation: ActivationSpec
+    pool: PoolConfig
+    model_fingerprint: str
+    chunk_bytes: int
+    rows_per_file: int
+
+    def resume_key(self) -> dict:
+        """What a committed chunk's output depends on besides its files (an allow-list)."""
+        return self.activation.resume_key(self.model_fingerprint)
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """Dedup and the hard budget cap (a share of the audited rows; None: no cap)."""
+
+    budget_cap: float | None
+    broadcast_limit: int
+
+
+@dataclass(frozen=True)
+class JudgingSpec:
+    """The expert stage: which expert, and the commit unit a resumed run skips."""
+
+    expert: Expert
+    kind: str
+    commit_rows: int
+    max_failure_share: float
+
+
+@dataclass(frozen=True)
+class ResultsSpec:
+    """The published rows: the cascade rule and the file size."""
+
+    cascade: Cascade
+    rows_per_file: int
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """What the report shows and how it alarms."""
+
+    review_rows: int
+    excerpt_chars: int
+    drift_alpha: float
+    secret_envs: tuple[str, ...]
+    config_hash: str
+
+    def secrets(self) -> list[str]:
+        """The secrets' values, read from the environment now (never stored)."""
+        return [os.environ.get(k, "") for k in self.secret_envs]
+
+
+@dataclass(frozen=True)
+class AuditSpec:
+    night: Night
+    deployment: Deployment
+    scoring: ScoringSpec
+    selection: SelectionSpec
+    judging: JudgingSpec
+    results: ResultsSpec
+    report: ReportSpec
+    resume: bool
+    keep_staging: bool
+    retention_days: float | None
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, *, run_id: str | None = None, date: str | None = None,
+                    now: _dt.datetime | None = None) -> "AuditSpec":
+        if cfg.audit is None:
+            raise ValueError("config has no 'audit' section")
+        a = cfg.audit
+        night = Night.plan(a, run_id=run_id, date=date, now=now)
+        dep = Deployment.load(cfg.model, cfg.probes, a.calibration)  # mismatched or tampered artifacts: before any compute
+        expert = expert_for(cfg.expert)
+        expert.check()  # a judge whose prompt cannot be built
+        corpus = night.expand(a.corpus)
+        list_corpus_files(corpus)  # a missing corpus is bad input (exit 2), found before the lease
+        activation = activation_spec(cfg.model, cfg.activations, safety=dep.safety, dv=dep.dv, gate=dep.calibration.gate,
+                                     keep_text="delegated", excerpts=True,
+                                     decision_threshold=cfg.decision_threshold, secret_envs=cfg.secret_envs())
+        return cls(
+            night=night, deployment=dep,
+            scoring=ScoringSpec(corpus, activation, cfg.activations, dep.model_fingerprint, a.stage1_chunk_bytes, a.rows_per_file),
+            selection=SelectionSpec(a.budget_cap, a.broadcast_limit),
+            judging=JudgingSpec(expert, cfg.expert.kind, a.commit_rows, cfg.expert.max_failure_share),
+            results=ResultsSpec(Cascade(cfg.cascade, cfg.decision_threshold), a.rows_per_file),
+            report=ReportSpec(a.review_rows, a.excerpt_chars, a.drift_alpha, cfg.secret_envs(), digest(cfg.model_dump(mode="json"))),
+            resume=a.resume, keep_staging=a.keep_staging, retention_days=a.staging_retention_days,
+        )
+
+    @property
+    def staging(self) -> str:
+        return self.night.layout.staging

@@ -1,0 +1,1 @@
+"""What reports show: redaction and excerpts (no matplotlib), plots, and self-contained pages."""

@@ -1,0 +1,87 @@
+"""Self-contained HTML pages beside a JSON summary, and the number formats their sentences use.
+
+A page is one file: figures are embedded as base64 PNG, so one HTML file can be fetched from object
+storage and opened anywhere. Every value is escaped where it is put into markup; secrets are taken out
+of the values before a page is built (:func:`ctd.reporting.redact.redact_values`), never by a pattern
+over the finished page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from typing import Any
+
+import numpy as np
+
+from .. import storage
+
+__all__ = ["html_table", "html_figure", "html_page", "write_report", "pct", "share"]
+
+
+def pct(x: float) -> str:
+    """A share as a percentage with three significant figures: 0.2 → "20%", 0.025 → "2.5%"."""
+    return f"{100 * x:.3g}%"
+
+
+def share(k: int, n: int) -> str:
+    """k of n as a percentage with one decimal, "—" when n is 0."""
+    return f"{k / n:.1%}" if n else "—"
+
+
+def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "<p><em>(none)</em></p>"
+    cols = columns or list(rows[0])
+
+    def cell(x):
+        if x is None:
+            return "<td>—</td>"
+        if isinstance(x, float):
+            return f"<td>{'—' if not np.isfinite(x) else f'{x:.4g}'}</td>"
+        if isinstance(x, (bool, int, np.integer)):
+            return f"<td>{html.escape(str(x))}</td>"
+        return f"<td class='text'>{html.escape(str(x))}</td>"  # words read left to right
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(cell(r.get(c)) for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_figure(name: str, png: bytes, caption: str | None = None) -> str:
+    """A figure embedded as base64 PNG (the page stays one self-contained file)."""
+    return (f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
+            f"<figcaption>{html.escape(caption or name)}</figcaption></figure>")
+
+
+def html_page(title: str, sections: list[tuple[str, str]], figures: dict[str, bytes] | None = None) -> str:
+    """A self-contained page: sections of (heading, HTML) and figures embedded as base64 PNG."""
+    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+           "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}"
+           "th{background:#f3f3f3}.alarm{color:#b00;font-weight:bold}.ok{color:#070}img{max-width:100%}pre{background:#f6f6f6;padding:.6em}"
+           "ul.headline{font-size:17px;line-height:1.5}td.text{text-align:left;max-width:520px}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for heading, body in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
+    for name, png in (figures or {}).items():
+        parts.append(html_figure(name, png))
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_report(out_dir: str, name: str, summary: dict[str, Any], html_text: str, figures: dict[str, bytes] | None = None) -> dict[str, str]:
+    """Write ``<name>.json``, ``<name>.html`` and the figures (PNG) under ``out_dir`` (any fsspec URI).
+    Returns the URIs written. The caller redacts the values first."""
+    uris = {}
+    for fname, png in (figures or {}).items():
+        uri = storage.join(out_dir, f"{fname}.png")
+        storage.write_bytes(uri, png)
+        uris[fname] = uri
+    j = storage.join(out_dir, f"{name}.json")
+    storage.write_bytes(j, (json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode())
+    h = storage.join(out_dir, f"{name}.html")
+    storage.write_bytes(h, html_text.encode())
+    uris.update({"json": j, "html": h})
+    return uris

@@ -1,0 +1,214 @@
+"""The audit's rules, unit-tested on in-memory tables without Ray: the selection (dedup, λ*'s gate,
+the hard cap as a scalar filter) against the driver-side oracle, the published rows (finalize,
+quarantine), the night's facts, the alarms, the summary and its sentences, the review lists, the
+expert status, and stage 1's resume key (an allow-list)."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import old_driver_logic
+from test_ops import synthetic_stage1
+
+from ctd.audit import review as rv
+from ctd.audit.facts import Facts, result_counts
+from ctd.audit.report import AuditReport
+from ctd.audit.results import RESULT_SCHEMA, answered, finalize, not_sent, quarantined, to_expert
+from ctd.audit.selection import cap_rows, mark_batch, over_cap
+from ctd.audit.summary import NightContext, drift_check, group_rows, judge_check, summarise
+from ctd.experts.prompt import ExpertStatus, usable
+from ctd.pipeline.dedup import _attach
+from ctd.pipeline.raydata import Tally, _sum
+from ctd.pipeline.stages import ActivationSpec
+from ctd.stats.calibrate import calibrate
+from ctd.stats.cascade import Cascade
+
+
+def with_dups(t: pa.Table) -> pa.Table:
+    """dup_n as the distributed groupby gives it, computed here on the driver."""
+    valid = t.filter(pc.is_null(t.column("error")))
+    g = valid.group_by("id").aggregate([("id", "count")])
+    dups = g.filter(pc.greater(g.column("id_count"), 1))
+    return _attach(t, pa.table({"id": dups.column("id"), "dup_n": pc.cast(dups.column("id_count"), pa.int64())}))
+
+
+def first_over(t: pa.Table, cap: int):
+    """The first row over the cap in (d(x) desc, id asc), by a full sort (the distributed sort's oracle)."""
+    passing = t.filter(pc.and_(pc.and_(pc.is_null(t.column("error")), pc.is_null(t.column("dup_n"))), pc.fill_null(t.column("delegated"), False)))
+    order = passing.take(pc.sort_indices(passing, sort_keys=[("dv", "descending"), ("id", "ascending")]))
+    return None if order.num_rows <= cap else (order.column("dv")[cap].as_py(), order.column("id")[cap].as_py())
+
+
+@pytest.mark.parametrize("cap_fraction", [None, 0.05, 0.2])
+def test_selection_rules_match_the_driver_side_oracle(tmp_path, cap_fraction):
+    t, _ = synthetic_stage1(str(tmp_path), seed=int(100 * (cap_fraction or 0)))
+    want = old_driver_logic(t, cap_fraction)
+    d = with_dups(t)
+    scored = int(pc.sum(pc.and_(pc.is_null(d.column("error")), pc.is_null(d.column("dup_n")))).as_py())
+    cap = cap_rows(cap_fraction, scored)
+    boundary = first_over(d, cap) if cap is not None else None
+    m = mark_batch(d, boundary)
+    sent, rest, q = to_expert(m), not_sent(m), quarantined(m)
+    assert set(sent.column("id").to_pylist()) == want["sent"]
+    assert {i for i, o in zip(rest.column("id").to_pylist(), rest.column("over_cap").to_pylist()) if o} == want["over"]
+    assert set(sent.column("id").to_pylist()) | set(rest.column("id").to_pylist()) == want["scored"] == set(
+        d.filter(pc.and_(pc.is_null(d.column("dup_n")), pc.is_null(d.column("error")))).column("id").to_pylist())
+    assert sorted(zip([i or "" for i in q.column("id").to_pylist()], q.column("error").to_pylist())) == want["quarantine"]
+    assert sent.num_rows + rest.num_rows + q.num_rows == t.num_rows  # rows in = scored + quarantined, each once
+    if cap is not None:
+        assert sent.num_rows == min(cap, int(pc.sum(d.column("delegated")).as_py())) and cap == math.ceil(cap_fraction * scored)
+
+
+def test_the_cap_is_a_scalar_filter_on_the_order_d_desc_id_asc():
+    t = pa.table({"id": ["b", "a", "c", "d", None], "dv": [0.5, 0.5, 0.9, 0.1, None]})
+    assert over_cap(t, (0.5, "b")).to_pylist() == [True, False, False, True, True]  # a before b at a tie; lower d(x) after
+    assert over_cap(t, None).to_pylist() == [False] * 5
+    assert cap_rows(None, 100) is None and cap_rows(0.1, 1001) == 101 and cap_rows(1.0, 7) == 7
+
+
+def results(n=3000, seed=5):
+    rng = np.random.default_rng(seed)
+    probe = np.round(rng.random(n), 2)
+    deleg = rng.random(n) < 0.3
+    expert = np.where(deleg, np.round(rng.random(n), 2), np.nan)
+    status = np.where(deleg, rng.choice(["ok", "unsafe_outside_topk", "no_label_token", "error: boom", "error: HTTP 503"], n,
+                                        p=[0.7, 0.1, 0.05, 0.1, 0.05]), None)
+    t = pa.table({"id": [f"r{i:05d}" for i in rng.permutation(n)], "group": rng.choice(["a", "b", None, ""], n).tolist(),
+                  "label": pa.array(np.zeros(n), pa.int8()), "source": ["s"] * n, "truncated": rng.random(n) < 0.2,
+                  "tokens": pa.array(rng.integers(1, 50, n), pa.int32()), "probe": probe, "dv": rng.normal(0, 0.5, n), "delegated": deleg,
+                  "over_cap": np.zeros(n, bool), "expert": pa.array(expert, mask=~deleg), "expert_status": status.tolist(),
+                  "expert_truncated": pa.array(np.where(deleg, rng.random(n) < 0.1, False), mask=~deleg)})
+    return t, probe, expert, deleg, status
+
+
+@pytest.mark.parametrize("mode", ["switch", "mean"])
+def test_finalize_uses_the_expert_only_where_it_answered_usably(mode):
+    t, probe, expert, deleg, status = results()
+    cascade = Cascade(mode, 0.4)
+    res = finalize(t, cascade)
+    assert res.schema == RESULT_SCHEMA
+    ok = deleg & np.isin(status, ["ok", "unsafe_outside_topk"])
+    assert np.array_equal(answered(res), ok)
+    want = np.where(ok, expert if mode == "switch" else (probe + np.nan_to_num(expert)) / 2, probe)
+    assert np.allclose(res.column("final").to_numpy(), want)
+    assert np.array_equal(res.column("decision").to_numpy(zero_copy_only=False), want >= 0.4)
+
+
+def facts_of(table: pa.Table, cascade=Cascade()) -> Facts:
+    t = _sum(result_counts(table, cascade))
+    return Facts.from_tally(Tally({(k, key): n for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(),
+                                                                     t.column("n").to_pylist())}))
+
+
+def test_facts_count_what_the_rows_say():
+    t, probe, expert, deleg, status = results()
+    res = finalize(t)
+    f = facts_of(res)
+    dec = res.column("decision").to_numpy(zero_copy_only=False)
+    ok = deleg & np.isin(status, ["ok", "unsafe_outside_topk"])
+    assert f["rows"] == res.num_rows and f["delegated"] == deleg.sum() and f["truncated"] == t.column("truncated").to_numpy().sum()
+    assert f["unsafe"] == dec.sum() and f["unsafe_by_judge"] == (dec & ok).sum() > 0
+    assert f["judge_overruled"] == (ok & ((probe >= 0.5) != dec)).sum() > 0
+    assert f["judged_tokens"] == t.column("tokens").to_numpy()[deleg].sum()
+    groups = t.column("group").to_pylist()
+    assert f.groups[None].rows == sum(g in (None, "") for g in groups) and f.groups["a"].rows == groups.count("a")
+    assert f.groups["a"].delegated == int(deleg[np.array(groups) == "a"].sum())
+    assert f.statuses == {s: int((status == s).sum()) for s in set(status.tolist()) if s is not None}
+    assert sum(f.histograms["probe"]) == res.num_rows
+    rows = group_rows(f)
+    assert rows[0]["group"] == "(none)" and [r["group"] for r in rows] == ["(none)", "a", "b"]
+
+
+def test_quarantine_reasons_are_counted_without_their_detail():
+    from ctd.audit.facts import quarantine_counts
+
+    q = pa.table({"id": ["a", "b", "c"], "source": ["s"] * 3, "error": ["malformed JSON (at 3)", "malformed JSON (at 9)", "empty text"],
+                  "group": [None] * 3})
+    t = _sum(quarantine_counts(q))
+    f = Facts.from_tally(Tally({(k, key): n for k, key, n in zip(*(t.column(c).to_pylist() for c in ("kind", "key", "n")))}))
+    assert f["quarantined"] == 3 and f.reasons == {"malformed JSON": 2, "empty text": 1}
+
+
+def test_the_judge_alarm_counts_every_row_without_a_usable_answer():
+    ok = judge_check({"ok": 95, "safe_outside_topk": 1, "no_label_token": 2, "error: boom": 2}, 100, 0.05)
+    assert (ok.alarm, ok.failures, ok.unanswered) == (False, 2, 4) and "4 of 100 judged rows (4.00%)" in ok.message
+    bad = judge_check({"ok": 90, "no_label_token": 4, "error: boom": 4, "error: HTTP 503": 2}, 100, 0.05)
+    assert bad.alarm and "over the limit of 5.00%" in bad.message and "boom: 4; HTTP 503: 2" in bad.message
+    assert not judge_check({}, 0, 0.05).alarm  # nothing judged: no alarm
+
+
+def test_the_drift_alarm_is_the_e_detector_over_the_nights():
+    calm = [{"delegated_by_threshold": 90, "rows_scored": 1000}] * 5
+    d = drift_check(calm, 95, 1000, 0.1, 0.01)
+    assert not d.alarm and d.nights == 6 and "consistent with the calibration" in d.message and d.e_value < 1
+    hot = drift_check(calm, 160, 1000, 0.1, 0.01)
+    assert hot.alarm and hot.e_value >= 100 and "drifted above α" in hot.message
+    assert drift_check([], 0, 0, 0.1, 0.01).nights == 1  # a first night with nothing scored
+
+
+def context(**over) -> NightContext:
+    rng = np.random.default_rng(0)
+    cal = calibrate(rng.normal(size=800), np.linspace(-3, 3, 101), 0.2, 0.1)
+    base = dict(run_id="n1", audited_date="2026-11-24", attempt="a1", config_hash="c", corpus="s3://b/c", model_id="m",
+                model_fingerprint="f", layer=2, safety_probe_hash="s", dv_probe_hash="d", calibration_uri="s3://b/cal", calibration_hash="h",
+                calibration=cal, rows_read=3010, cap=None, expert_kind="vllm", expert_calls=0, expert_pool={}, max_failure_share=0.05,
+                drift_alpha=0.01, timings={"expert": (9.0, 10)}, resumed={})
+    return NightContext(**(base | over))
+
+
+def test_the_summary_is_the_facts_in_words():
+    t, probe, expert, deleg, status = results()
+    f = facts_of(finalize(t))
+    f = Facts(f.counts | {"quarantined": 10}, f.groups, f.statuses, {"empty text": 10}, f.histograms)
+    r = summarise(context(expert_calls=int(deleg.sum())), f, [])
+    assert isinstance(r, AuditReport) and r.invariant_ok and r.rows_scored == 3000 and r.rows_quarantined == 10
+    assert r.delegated == deleg.sum() and r.delegated_by_threshold == deleg.sum() and r.realised_rate == pytest.approx(deleg.mean())
+    assert r.expert_failures == int(np.isin(status, ["error: boom", "error: HTTP 503"]).sum())
+    text = [s for _, s in r.headline()]
+    assert text[0] == "3,010 conversations of 2026-11-24 were read: 3,000 audited; 10 could not be audited and were quarantined (empty text: 10)."
+    assert text[1].startswith(f"{r.decisions_unsafe:,} flagged unsafe") and f"{r.unsafe_by_judge:,} by the judge" in text[1]
+    assert r.drift_alarm and r.headline()[4][0] == "alarm"  # 30% of rows passed λ* against α = 20%
+    missing = summarise(context(rows_read=3011), f, [])
+    assert not missing.invariant_ok and "Rows are missing" in " ".join(s for _, s in missing.headline())
+
+
+def test_review_candidates_and_order():
+    t, probe, expert, deleg, status = results()
+    res = finalize(t)
+    final, ids = res.column("final").to_numpy(), np.array(res.column("id").to_pylist())
+    dec = res.column("decision").to_numpy(zero_copy_only=False)
+    ok = answered(res)
+    for which, mask, key in (("flagged", dec, final), ("disagreement", ok & ((probe >= 0.5) != dec), np.abs(final - probe))):
+        want = ids[mask][np.lexsort((ids[mask], -key[mask]))][:25].tolist()
+        halves = [rv.top(25, rv.candidates(res.slice(k, 1500), which)) for k in (0, 1500)]
+        assert rv.top(25, *halves).column("id").to_pylist() == want, which  # merged per-block tops = the full sort
+    q = pa.table({"id": [f"q{i}" for i in range(40)], "source": ["f"] * 40,
+                  "error": ["empty text"] * 30 + ["malformed JSON (at 3)"] * 8 + ["missing id"] * 2, "group": [None] * 40})
+    got = rv.spread(6, rv.spread(6, q.slice(0, 20)), rv.spread(6, q.slice(20)))
+    reasons = [e.split(" (")[0] for e in got.column("error").to_pylist()]
+    assert sorted(reasons) == ["empty text"] * 2 + ["malformed JSON"] * 2 + ["missing id"] * 2
+
+
+def test_expert_status_is_a_typed_value():
+    for text, kind, usable_ in (("ok", "ok", True), ("safe_outside_topk", "outside_topk", True), ("no_label_token", "no_label_token", False),
+                                ("error: HTTP 503", "error", False)):
+        s = ExpertStatus.parse(text)
+        assert (s.kind, s.usable, str(s)) == (kind, usable_, text)
+    assert ExpertStatus.parse("error: HTTP 503").detail == "HTTP 503"
+    assert usable(pa.array(["ok", "unsafe_outside_topk", "error: x", None, "no_label_token"])).to_pylist() == [True, True, False, False, False]
+
+
+def test_stage1_resume_key_is_an_allow_list():
+    """What stage 1's output depends on is in its key; where things are read from, threads and the
+    secrets' names are not (an excerpt's length is not even a stage-1 setting any more)."""
+    spec = ActivationSpec(model_dir="/models/a", layers=(2,), score_layer=2, gate=0.3, keep_text="delegated", excerpts=True, threads=2,
+                          secret_envs=("A_KEY",))
+    key = spec.resume_key("fp")
+    same = [dict(model_dir="/elsewhere/a"), dict(threads=8), dict(secret_envs=("B_KEY", "C_KEY"))]
+    for over in same:
+        assert ActivationSpec(**(spec.__dict__ | over)).resume_key("fp") == key, over
+    for over in (dict(gate=0.31), dict(gate=float("inf")), dict(max_length=64), dict(dtype="bf16"), dict(decision_threshold=0.6)):
+        assert ActivationSpec(**(spec.__dict__ | over)).resume_key("fp") != key, over
+    assert spec.resume_key("another model") != key

@@ -1,0 +1,75 @@
+"""The tree's rules, checked on the code itself: production code never imports the test and demo
+tools (``ctd/testing/``), the pure statistics import neither Ray, torch nor I/O, and the modules
+whose functions run inside Ray workers never load matplotlib (the plotting module is the driver's)."""
+
+import ast
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# modules whose functions and classes Ray ships to workers (stage classes, map_batches functions,
+# tree reductions): importing them must stay light
+WORKER_MODULES = ["ctd.pipeline.corpus", "ctd.pipeline.stages", "ctd.pipeline.dedup", "ctd.pipeline.raydata", "ctd.pipeline.scoring",
+                  "ctd.experts.base", "ctd.experts.prompt", "ctd.experts.vllm", "ctd.experts.http", "ctd.experts.classifier",
+                  "ctd.audit.selection", "ctd.audit.results", "ctd.audit.facts", "ctd.audit.review", "ctd.audit.judging",
+                  "ctd.runs.verify", "ctd.monitor.replay"]
+
+
+def imports_of(path: str, mod: str | None = None) -> set[str]:
+    """Absolute names of the modules a file imports (relative imports resolved), anywhere in it."""
+    mod = mod or os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    package = mod.rsplit(".", 1)[0] if not mod.endswith("__init__") else mod[: -len(".__init__")]
+    out = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}
+    return out
+
+
+def production_files():
+    for top in ("ctd", "jobs"):
+        for d, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                p = os.path.join(d, f)
+                rel = os.path.relpath(p, ROOT)
+                if f.endswith(".py") and not rel.startswith(os.path.join("ctd", "testing")) and rel != os.path.join("jobs", "demo.py"):
+                    yield p
+
+
+def test_production_code_never_imports_the_testing_tools():
+    bad = {os.path.relpath(p, ROOT): sorted(i for i in imports_of(p) if i.startswith("ctd.testing")) for p in production_files()}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_the_statistics_import_no_ray_torch_or_io():
+    heavy = {"ray", "torch", "transformers", "fsspec", "s3fs", "pyarrow", "matplotlib"}
+    stats = os.path.join(ROOT, "ctd", "stats")
+    for f in os.listdir(stats):
+        if f.endswith(".py"):
+            got = [i for i in imports_of(os.path.join(stats, f)) if i.split(".")[0] in heavy
+                   or (i.startswith("ctd.") and not i.startswith("ctd.stats"))]
+            assert not got, (f, got)
+
+
+def test_worker_modules_never_load_matplotlib_or_the_testing_tools():
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in WORKER_MODULES)
+            + "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m in ('ctd.reporting.plots',) "
+              "or m.startswith('ctd.testing'))\nprint(bad)\nsys.exit(1 if bad else 0)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_check_sees_a_bad_import(tmp_path):
+    """The import reader resolves relative imports, nested ones too: the checks above can fail."""
+    p = tmp_path / "probe.py"
+    p.write_text("from ..testing import demo\ndef f():\n    from ..reporting import plots\n    import torch\n")
+    assert {"ctd.testing", "ctd.testing.demo", "ctd.reporting.plots", "torch"} <= imports_of(str(p), "ctd.audit.probe")
