@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -66,9 +65,14 @@ def main(argv=None):
         runs.append(json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1]))
         print(json.dumps(runs[-1]), flush=True)
     per_id = runs[-1]["bytes_per_id_above_baseline"]
-    result = {"benchmark": "checkpoint_restore", "command": "python benchmarks/checkpoint_restore.py --sizes " + " ".join(map(str, args.sizes)), "ray": __import__("ray").__version__, "runs": runs,
-              "extrapolated_gib_at_1e8_ids": round(per_id * 1e8 / 2**30, 1),
-              "note": "one restoring task holds this; each of up to 10 checkpoint-filter actors receives the whole sorted array"}
+    result = {
+        "benchmark": "checkpoint_restore",
+        "command": "python benchmarks/checkpoint_restore.py --sizes " + " ".join(map(str, args.sizes)),
+        "ray": __import__("ray").__version__,
+        "runs": runs,
+        "extrapolated_gib_at_1e8_ids": round(per_id * 1e8 / 2**30, 1),
+        "note": "one restoring task holds this; each of up to 10 checkpoint-filter actors receives the whole sorted array",
+    }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -16,8 +16,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ctd import storage  # noqa: E402
-from ctd.stats.metrics import auroc  # noqa: E402
 from ctd.runs.layout import list_runs, read_run_table, run_file  # noqa: E402
+from ctd.stats.metrics import auroc  # noqa: E402
 from ctd.tables import read_parquet  # noqa: E402
 
 
@@ -35,19 +35,38 @@ def main(argv=None) -> int:
         t = read_run_table(args.out, rid).to_pydict()
         rep = storage.read_json(run_file(args.out, rid, "report.json"))
         y, p, f = np.array(t["label"], float), np.array(t["probe"]), np.array(t["final"])
-        nights.append({"run_id": rid, "audited_date": rep["audited_date"], "probe_auroc": round(auroc(y, p), 3),
-                       "final_auroc": round(auroc(y, f), 3), "probe_accuracy": round(accuracy(p, y), 3),
-                       "final_accuracy": round(accuracy(f, y), 3), "sent_to_judge": round(float(np.mean(t["delegated"])), 4),
-                       "probe_scores_in_0.1_0.9": round(float(((p > 0.1) & (p < 0.9)).mean()), 3),
-                       "drift_e_value": rep["drift_e_value"], "drift_alarm": rep["drift_alarm"]})
+        nights.append(
+            {
+                "run_id": rid,
+                "audited_date": rep["audited_date"],
+                "probe_auroc": round(auroc(y, p), 3),
+                "final_auroc": round(auroc(y, f), 3),
+                "probe_accuracy": round(accuracy(p, y), 3),
+                "final_accuracy": round(accuracy(f, y), 3),
+                "sent_to_judge": round(float(np.mean(t["delegated"])), 4),
+                "probe_scores_in_0.1_0.9": round(float(((p > 0.1) & (p < 0.9)).mean()), 3),
+                "drift_e_value": rep["drift_e_value"],
+                "drift_alarm": rep["drift_alarm"],
+            }
+        )
     c = read_parquet(os.path.join(args.out, "calibration", "calibration_scores.parquet")).to_pydict()
     y, p, e, d, g = (np.array(c[k]) for k in ("label", "probe", "expert", "dv", "group"))
-    groups = {str(k): {"rows": int((g == k).sum()), "probe_accuracy": round(accuracy(p[g == k], y[g == k]), 3),
-                       "expert_accuracy": round(accuracy(e[g == k], y[g == k]), 3), "mean_dv": round(float(d[g == k].mean()), 3)}
-              for k in sorted(set(g.tolist()))}
+    groups = {
+        str(k): {
+            "rows": int((g == k).sum()),
+            "probe_accuracy": round(accuracy(p[g == k], y[g == k]), 3),
+            "expert_accuracy": round(accuracy(e[g == k], y[g == k]), 3),
+            "mean_dv": round(float(d[g == k].mean()), 3),
+        }
+        for k in sorted(set(g.tolist()))
+    }
     cal = storage.read_json(os.path.join(args.out, "calibration", "calibration_report.json"))
-    result = {"command": "python benchmarks/demo_figures.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "nights": nights, "calibration_groups": groups, "calibration": cal["message"]}
+    result = {
+        "command": "python benchmarks/demo_figures.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "nights": nights,
+        "calibration_groups": groups,
+        "calibration": cal["message"],
+    }
     print(json.dumps(result, indent=1))
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=2)

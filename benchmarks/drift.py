@@ -67,29 +67,46 @@ def main(argv=None) -> int:
     first_det, first_or = calm_nights(args.alpha, args.rows, args.level, args.arl_nights, args.sims, rng)
     censored = float((first_det > args.arl_nights).mean())
     result = {
-        "benchmark": "drift", "command": "python benchmarks/drift.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "benchmark": "drift",
+        "command": "python benchmarks/drift.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rule": "e-detector (CUSUM of binomial likelihood-ratio e-values, rates 1.25/1.5/2/3 α), alarm when M_k >= 1/level",
-        "alpha": args.alpha, "rows_per_night": args.rows, "level": args.level, "sims": args.sims,
+        "alpha": args.alpha,
+        "rows_per_night": args.rows,
+        "level": args.level,
+        "sims": args.sims,
         "false_alarms": [share(first_det, t, args.sims) for t in (30, 100, 365)],
-        "average_run_length": {"lower_bound_nights": float(np.minimum(first_det, args.arl_nights).mean()),
-                               "censored_at": args.arl_nights, "share_censored": censored, "guaranteed_at_least": 1 / args.level},
+        "average_run_length": {
+            "lower_bound_nights": float(np.minimum(first_det, args.arl_nights).mean()),
+            "censored_at": args.arl_nights,
+            "share_censored": censored,
+            "guaranteed_at_least": 1 / args.level,
+        },
         "old_rule_or_nightly_pvalue": {"false_alarms": [share(first_or, t, args.sims) for t in (30, 100)]},
-        "shifts": [detection_delay(args.alpha, f * args.alpha, args.rows, level=args.level, sims=2000, seed=args.seed + 1 + i)
-                   for i, f in enumerate((1.1, 1.2, 1.5, 2.0))],
+        "shifts": [
+            detection_delay(args.alpha, f * args.alpha, args.rows, level=args.level, sims=2000, seed=args.seed + 1 + i)
+            for i, f in enumerate((1.1, 1.2, 1.5, 2.0))
+        ],
     }
     result["seconds"] = round(time.time() - t0, 1)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     for s in result["false_alarms"]:
-        print(f"e-detector: false alarm within {s['nights']} calm nights {s['share']:.4f} (95% CI {s['ci95'][0]:.4f}-{s['ci95'][1]:.4f})")
+        print(
+            f"e-detector: false alarm within {s['nights']} calm nights {s['share']:.4f} (95% CI {s['ci95'][0]:.4f}-{s['ci95'][1]:.4f})"
+        )
     a = result["average_run_length"]
-    print(f"average run length >= {a['lower_bound_nights']:.0f} nights (censored at {a['censored_at']}, {a['share_censored']:.1%} censored; bound {a['guaranteed_at_least']:g})")
+    print(
+        f"average run length >= {a['lower_bound_nights']:.0f} nights (censored at {a['censored_at']}, "
+        f"{a['share_censored']:.1%} censored; bound {a['guaranteed_at_least']:g})"
+    )
     for s in result["old_rule_or_nightly_pvalue"]["false_alarms"]:
         print(f"old OR rule: false alarm within {s['nights']} calm nights {s['share']:.3f}")
     for s in result["shifts"]:
-        print(f"shift to {s['shifted_rate'] / args.alpha:.1f} α: median delay {s['median_delay_nights']} nights, mean {s['mean_delay_nights']:.2f}, "
-              f"detected within {s['detected_within']}: {s['share_detected']:.3f}")
+        print(
+            f"shift to {s['shifted_rate'] / args.alpha:.1f} α: median delay {s['median_delay_nights']} nights, mean {s['mean_delay_nights']:.2f}, "
+            f"detected within {s['detected_within']}: {s['share_detected']:.3f}"
+        )
     print(f"wrote {args.out} in {result['seconds']} s")
     return 0
 

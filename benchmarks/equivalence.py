@@ -21,8 +21,24 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-COUNTS = ("rows_read", "rows_scored", "rows_quarantined", "rows_truncated", "delegated_by_threshold", "delegated", "over_cap", "budget_cap",
-          "decisions_unsafe", "expert_calls", "expert_failures", "quarantine_reasons", "expert_status", "groups", "realised_rate", "rate_pvalue")
+COUNTS = (
+    "rows_read",
+    "rows_scored",
+    "rows_quarantined",
+    "rows_truncated",
+    "delegated_by_threshold",
+    "delegated",
+    "over_cap",
+    "budget_cap",
+    "decisions_unsafe",
+    "expert_calls",
+    "expert_failures",
+    "quarantine_reasons",
+    "expert_status",
+    "groups",
+    "realised_rate",
+    "rate_pvalue",
+)
 
 
 def audit(code_dir: str, config: str, run_id: str, cap: float | None) -> float:
@@ -52,7 +68,9 @@ def published(output: str, run_id: str) -> dict:
         "delegated": sorted(i for i, d in zip(ids, col(res, "delegated")) if d),
         "over_cap": sorted(i for i, d in zip(ids, col(res, "over_cap")) if d),
         "quarantine": sorted((i or "", e) for i, e in zip(col(q, "id"), col(q, "error"))),
-        "probe": dict(zip(ids, col(res, "probe"))), "dv": dict(zip(ids, col(res, "dv"))), "final": dict(zip(ids, col(res, "final"))),
+        "probe": dict(zip(ids, col(res, "probe"))),
+        "dv": dict(zip(ids, col(res, "dv"))),
+        "final": dict(zip(ids, col(res, "final"))),
         "report": {k: report.get(k) for k in COUNTS},
     }
 
@@ -60,9 +78,18 @@ def published(output: str, run_id: str) -> dict:
 def compare(a: dict, b: dict) -> dict:
     out = {k: a[k] == b[k] for k in ("ids", "decision", "delegated", "over_cap", "quarantine")}
     out["report_counts"] = {k: a["report"][k] == b["report"][k] for k in COUNTS}
-    out["max_abs_diff"] = {k: max((abs(a[k][i] - b[k][i]) for i in a[k] if i in b[k]), default=0.0) for k in ("probe", "dv", "final")}
-    out["n"] = {"rows": len(a["ids"]), "delegated": len(a["delegated"]), "over_cap": len(a["over_cap"]), "quarantine": len(a["quarantine"])}
-    out["identical"] = all(out[k] for k in ("ids", "decision", "delegated", "over_cap", "quarantine")) and all(out["report_counts"].values())
+    out["max_abs_diff"] = {
+        k: max((abs(a[k][i] - b[k][i]) for i in a[k] if i in b[k]), default=0.0) for k in ("probe", "dv", "final")
+    }
+    out["n"] = {
+        "rows": len(a["ids"]),
+        "delegated": len(a["delegated"]),
+        "over_cap": len(a["over_cap"]),
+        "quarantine": len(a["quarantine"]),
+    }
+    out["identical"] = all(out[k] for k in ("ids", "decision", "delegated", "over_cap", "quarantine")) and all(
+        out["report_counts"].values()
+    )
     if not out["identical"]:
         out["report_before"] = {k: v for k, v in a["report"].items() if a["report"][k] != b["report"][k]}
         out["report_after"] = {k: v for k, v in b["report"].items() if a["report"][k] != b["report"][k]}
@@ -84,13 +111,20 @@ def main(argv=None) -> int:
     out = os.path.join(work, "demo")
     if not os.path.exists(os.path.join(out, "config.yaml")):
         # deploy in a child process, so that this one holds no Ray connection of its own
-        code = (f"import yaml; from ctd.testing.demo import deploy; from ctd.config import load_config; from ctd.pipeline.raydata import init_ray; "
-                f"init_ray(load_config('configs/demo.yaml')); deploy({out!r}, {out!r}, yaml.safe_load(open('configs/demo.yaml')))")
+        code = (
+            f"import yaml; from ctd.testing.demo import deploy; from ctd.config import load_config; from ctd.pipeline.raydata import init_ray; "
+            f"init_ray(load_config('configs/demo.yaml').ray); deploy({out!r}, {out!r}, yaml.safe_load(open('configs/demo.yaml')))"
+        )
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=ROOT))
     config = os.path.join(out, "config.yaml")
-    result = {"command": "python benchmarks/equivalence.py " + " ".join(argv or sys.argv[1:]), "before": args.before,
-              "after": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() + " (+ working tree)",
-              "corpus": os.path.join(out, "corpus", "audit.jsonl"), "settings": {}}
+    result = {
+        "command": "python benchmarks/equivalence.py " + " ".join(argv or sys.argv[1:]),
+        "before": args.before,
+        "after": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        + " (+ working tree)",
+        "corpus": os.path.join(out, "corpus", "audit.jsonl"),
+        "settings": {},
+    }
     for name, cap in (("no cap", None), (f"cap {args.cap}", args.cap)):
         tag = "cap" if cap else "plain"
         t_old = audit(old, config, f"before-{tag}", cap)

@@ -43,10 +43,34 @@ import torch  # noqa: E402
 from ctd.model.activations import ActivationExtractor  # noqa: E402
 
 SHAPES = {
-    "gpu": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, vocab_size=128256, layer=11, n=4096, median=300, lo=16, hi=2048),
-    "cpu": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=64, vocab_size=32000, layer=3, n=256, median=100, lo=16, hi=512),
+    "gpu": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        layer=11,
+        n=4096,
+        median=300,
+        lo=16,
+        hi=2048,
+    ),
+    "cpu": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=32000,
+        layer=3,
+        n=256,
+        median=100,
+        lo=16,
+        hi=512,
+    ),
 }
 
 
@@ -66,10 +90,18 @@ def workload(shape, n, seed=0):
 def build_model(shape, device, dtype, seed=0):
     from transformers import LlamaConfig, LlamaModel
 
-    cfg = LlamaConfig(hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
-                      num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
-                      num_key_value_heads=shape["num_key_value_heads"], head_dim=shape["head_dim"], vocab_size=shape["vocab_size"],
-                      max_position_embeddings=4096, rms_norm_eps=1e-5, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"],
+        head_dim=shape["head_dim"],
+        vocab_size=shape["vocab_size"],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+    )
     cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     with torch.device(device):
@@ -78,7 +110,13 @@ def build_model(shape, device, dtype, seed=0):
 
 
 def flops_per_token(shape, layers):
-    h, i, nh, kv, hd = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    h, i, nh, kv, hd = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["num_attention_heads"],
+        shape["num_key_value_heads"],
+        shape["head_dim"],
+    )
     per_layer = h * nh * hd + 2 * h * kv * hd + nh * hd * h + 3 * h * i
     return 2.0 * per_layer * layers
 
@@ -136,7 +174,9 @@ def method_b(model, ids, layer, device, batch=16):
     full = model.layers
     model.layers = torch.nn.ModuleList(list(full)[:layer])
     captured = {}
-    handle = model.layers[layer - 1].register_forward_hook(lambda m, i, o: captured.__setitem__("h", (o[0] if isinstance(o, tuple) else o).float().cpu()))
+    handle = model.layers[layer - 1].register_forward_hook(
+        lambda m, i, o: captured.__setitem__("h", (o[0] if isinstance(o, tuple) else o).float().cpu())
+    )
     n = len(ids)
     lens_all = np.array([len(x) for x in ids])
     order = np.argsort(-lens_all, kind="stable")
@@ -181,7 +221,9 @@ def method_d(model, ids, layer, device, token_budget):
                 for r, i in enumerate(idx):
                     buf[r, : lens[r]] = ids[i]
                 mask = torch.from_numpy((np.arange(t)[None] < lens[:, None]).astype(np.int64)).to(device, non_blocking=True)
-                h = model(input_ids=torch.from_numpy(buf).to(device, non_blocking=True), attention_mask=mask, use_cache=False).last_hidden_state
+                h = model(
+                    input_ids=torch.from_numpy(buf).to(device, non_blocking=True), attention_mask=mask, use_cache=False
+                ).last_hidden_state
                 m = mask[..., None].to(h.dtype)
                 pooled = (h * m).sum(1, dtype=torch.float32) / mask.sum(1, keepdim=True)
                 out[torch.from_numpy(idx)] = pooled.cpu()
@@ -206,8 +248,12 @@ def timed(fn, device, tokens, repeats: int = 1):
         if device == "cuda":
             peak = max(peak or 0.0, (torch.cuda.max_memory_allocated() - base) / 2**30)
     dt = float(np.median(times))
-    return res, {"seconds": round(dt, 3), "seconds_each": [round(x, 3) for x in times], "tokens_per_s": round(tokens / dt, 1),
-                 "peak_gpu_mem_gib_above_weights": None if peak is None else round(peak, 3)}
+    return res, {
+        "seconds": round(dt, 3),
+        "seconds_each": [round(x, 3) for x in times],
+        "tokens_per_s": round(tokens / dt, 1),
+        "peak_gpu_mem_gib_above_weights": None if peak is None else round(peak, 3),
+    }
 
 
 def agreement(x, ref):
@@ -222,7 +268,9 @@ def main(argv=None):
     ap.add_argument("--sequences", type=int, default=None)
     ap.add_argument("--budgets", default=None, help="comma-separated token budgets for (c)")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="off")
-    ap.add_argument("--strategies", default="auto", help="comma-separated (c) strategies: packed, padded (auto: what the actor uses)")
+    ap.add_argument(
+        "--strategies", default="auto", help="comma-separated (c) strategies: packed, padded (auto: what the actor uses)"
+    )
     ap.add_argument("--skip", default="", help="comma-separated methods to skip (a,b,d)")
     ap.add_argument("--tolerance", type=float, default=None, help="max relative L2 of (c) vs (a) (default: 5e-2 bf16, 1e-4 fp32)")
     ap.add_argument("--profile", default=None, help="write a torch.profiler kernel table of one (c) call to this file")
@@ -246,25 +294,43 @@ def main(argv=None):
     tokens = int(sum(len(x) for x in ids))
     fpt = flops_per_token(shape, layer)
     peak = matmul_peak(device, dtype)
-    log(f"{args.mode}: {n} sequences, {tokens} tokens; {fpt / 1e9:.3f} GFLOP/token; measured matmul peak {peak / 1e12:.1f} TFLOP/s")
-    env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-           "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+    log(
+        f"{args.mode}: {n} sequences, {tokens} tokens; {fpt / 1e9:.3f} GFLOP/token; measured matmul peak {peak / 1e12:.1f} TFLOP/s"
+    )
+    env = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
     import transformers
 
     env["transformers"] = transformers.__version__
     datasheet = DATASHEET_PEAK.get(env["device"]) if device == "cuda" else None
     model = build_model(shape, device, dtype)
-    res = {"benchmark": "extraction", "mode": args.mode, "command": "python benchmarks/extraction.py " + " ".join(argv or sys.argv[1:]),
-           "environment": env, "workload": {**shape, "sequences": n, "tokens": tokens, "sigma": 0.9},
-           "flops_per_token": fpt, "matmul_peak_flops": peak, "datasheet_peak_flops": datasheet, "repeats": args.repeats, "dtype": str(dtype).replace("torch.", ""), "methods": {}}
+    res = {
+        "benchmark": "extraction",
+        "mode": args.mode,
+        "command": "python benchmarks/extraction.py " + " ".join(argv or sys.argv[1:]),
+        "environment": env,
+        "workload": {**shape, "sequences": n, "tokens": tokens, "sigma": 0.9},
+        "flops_per_token": fpt,
+        "matmul_peak_flops": peak,
+        "datasheet_peak_flops": datasheet,
+        "repeats": args.repeats,
+        "dtype": str(dtype).replace("torch.", ""),
+        "methods": {},
+    }
 
     def record(name, stats):
         stats["mfu"] = round(stats["tokens_per_s"] * fpt / peak, 4)  # against the matmul peak measured here
         if datasheet:
             stats["mfu_datasheet"] = round(stats["tokens_per_s"] * fpt / datasheet, 4)
         res["methods"][name] = stats
-        log(f"  {name:32s} {stats['tokens_per_s']:>12,.0f} tok/s  MFU {stats['mfu']:.1%}  {stats['seconds']:.2f}s (median of {args.repeats})"
-            f"  peak mem {stats['peak_gpu_mem_gib_above_weights']}")
+        log(
+            f"  {name:32s} {stats['tokens_per_s']:>12,.0f} tok/s  MFU {stats['mfu']:.1%}  {stats['seconds']:.2f}s (median of {args.repeats})"
+            f"  peak mem {stats['peak_gpu_mem_gib_above_weights']}"
+        )
 
     ref = None
     if "a" not in skip:
@@ -278,7 +344,7 @@ def main(argv=None):
     if "d" not in skip:
         for budget in budgets:
             method_d(model, ids[:64], layer, device, budget)
-            out, st = timed(lambda: method_d(model, ids, layer, device, budget), device, tokens, args.repeats)
+            out, st = timed(lambda: method_d(model, ids, layer, device, budget), device, tokens, args.repeats)  # noqa: B023 (called at once)
             st["token_budget"] = budget
             if ref is not None:
                 st["agreement_with_a"] = agreement(out, ref)
@@ -303,7 +369,7 @@ def main(argv=None):
                     ex.pool(ids[: min(len(ids), 512)])  # warm-up (and compilation)
                     sync(device)
                     warm = time.perf_counter() - t0
-                    out, st = timed(lambda: ex.pool(ids)[layer], device, tokens, args.repeats)
+                    out, st = timed(lambda: ex.pool(ids)[layer], device, tokens, args.repeats)  # noqa: B023 (called at once)
                 except Exception as e:
                     res["methods"][name] = {"error": repr(e)[:500]}
                     log(f"  {name} failed: {e!r}")
@@ -328,14 +394,16 @@ def main(argv=None):
     if device == "cuda":
         # Peak memory is bounded by the token budget, not the corpus: the same budget on a quarter
         # of the corpus and on the whole of it.
-        best = max((k for k in res["methods"] if k.startswith("c_") and "error" not in res["methods"][k]),
-                   key=lambda k: res["methods"][k]["tokens_per_s"])
+        best = max(
+            (k for k in res["methods"] if k.startswith("c_") and "error" not in res["methods"][k]),
+            key=lambda k: res["methods"][k]["tokens_per_s"],
+        )
         b = res["methods"][best]["token_budget"]
         comp = res["methods"][best]["compile"]
         ex = ActivationExtractor(model, layer, token_budget=b, compile=comp, packing=res["methods"][best]["strategy"] == "packed")
         mem = {}
         for size in (n // 4, n):
-            _, st = timed(lambda: ex.pool(ids[:size]), device, sum(len(x) for x in ids[:size]))
+            _, st = timed(lambda: ex.pool(ids[:size]), device, sum(len(x) for x in ids[:size]))  # noqa: B023 (called at once)
             mem[str(size)] = st["peak_gpu_mem_gib_above_weights"]
         res["peak_memory_by_corpus_size"] = {"method": best, "token_budget": b, "peak_gib_above_weights": mem}
         log(f"  peak memory by corpus size ({best}): {mem}")
@@ -352,17 +420,27 @@ def main(argv=None):
         res["best_d"] = best_d
         res["ratio_c_over_d"] = round(res["methods"][best]["tokens_per_s"] / res["methods"][best_d]["tokens_per_s"], 3)
     if "b_reference_hook_cpu" in res["methods"]:
-        res["ratio_c_over_b"] = round(res["methods"][best]["tokens_per_s"] / res["methods"]["b_reference_hook_cpu"]["tokens_per_s"], 3)
+        res["ratio_c_over_b"] = round(
+            res["methods"][best]["tokens_per_s"] / res["methods"]["b_reference_hook_cpu"]["tokens_per_s"], 3
+        )
     if "a_full_output_hidden_states" in res["methods"]:
-        res["ratio_c_over_a"] = round(res["methods"][best]["tokens_per_s"] / res["methods"]["a_full_output_hidden_states"]["tokens_per_s"], 3)
-    bad = {k: v["agreement_with_a"] for k, v in res["methods"].items() if "agreement_with_a" in v and v["agreement_with_a"]["max_rel_l2"] > tol}
+        res["ratio_c_over_a"] = round(
+            res["methods"][best]["tokens_per_s"] / res["methods"]["a_full_output_hidden_states"]["tokens_per_s"], 3
+        )
+    bad = {
+        k: v["agreement_with_a"]
+        for k, v in res["methods"].items()
+        if "agreement_with_a" in v and v["agreement_with_a"]["max_rel_l2"] > tol
+    }
     res["agreement_tolerance_rel_l2"] = tol
     res["agreement_ok"] = not bad
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
-    log(f"best (c): {best}; (c)/(d) = {res.get('ratio_c_over_d')} (headline); (c)/(b) = {res.get('ratio_c_over_b')}; "
-        f"(c)/(a) = {res.get('ratio_c_over_a')}; wrote {args.out}")
+    log(
+        f"best (c): {best}; (c)/(d) = {res.get('ratio_c_over_d')} (headline); (c)/(b) = {res.get('ratio_c_over_b')}; "
+        f"(c)/(a) = {res.get('ratio_c_over_a')}; wrote {args.out}"
+    )
     if bad:
         log(f"FAIL: pooled vectors of (c) disagree with (a) beyond {tol}: {bad}")
         return 1

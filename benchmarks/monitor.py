@@ -53,10 +53,20 @@ def run_dataset(name: str, args) -> dict:
     ratio = DensityRatio(dens.scores[dens.label[seg] == 0], dens.scores[dens.label[seg] == 1])
     grid = threshold_grid(size=1001, low=0.0, high=1.0)
     maxima = pop.maxima()
-    log(f"{name}: {len(t)} trajectories ({int(t.label.mean() * 100)}% correct), {t.steps.size} steps; "
-        f"population {len(pop)}, density split {len(dens)}")
-    out = {"dataset": name, "trajectories": len(t), "steps": int(t.steps.size), "share_correct": float(t.label.mean()),
-           "population": len(pop), "density_split": len(dens), "has_tokens": t.tokens is not None, "results": []}
+    log(
+        f"{name}: {len(t)} trajectories ({int(t.label.mean() * 100)}% correct), {t.steps.size} steps; "
+        f"population {len(pop)}, density split {len(dens)}"
+    )
+    out = {
+        "dataset": name,
+        "trajectories": len(t),
+        "steps": int(t.steps.size),
+        "share_correct": float(t.label.mean()),
+        "population": len(pop),
+        "density_split": len(dens),
+        "has_tokens": t.tokens is not None,
+        "results": [],
+    }
     lams = np.unique(np.quantile(maxima, np.linspace(0, 1, 400)))  # the threshold monitor's whole trade-off curve
     curve = [evaluate_threshold(pop, lam) for lam in lams]
     cache = {}
@@ -82,19 +92,37 @@ def run_dataset(name: str, args) -> dict:
                 lo, hi = clopper_pearson(np.array([viol]), args.draws, 0.95)
                 ms = [metrics_at(x) for x in lam]
                 agg = {k: float(np.nanmean([m[k] for m in ms])) for k in ms[0]}
-                out["results"].append({
-                    "epsilon": eps, "risk": risk, "control": control, "n_cal": n_cal, "draws": args.draws,
-                    "mean_realised_risk": float(realised.mean()), "realised_risk_se": float(realised.std(ddof=1) / np.sqrt(args.draws)),
-                    "violation_frequency": viol / args.draws,
-                    "violation_test_pvalue": float(binomial_upper_pvalue(viol, args.draws, args.delta)),
-                    "violation_ci": [float(lo[0]), float(hi[0])], "lambda_median": float(np.median(lam)), **agg})
+                out["results"].append(
+                    {
+                        "epsilon": eps,
+                        "risk": risk,
+                        "control": control,
+                        "n_cal": n_cal,
+                        "draws": args.draws,
+                        "mean_realised_risk": float(realised.mean()),
+                        "realised_risk_se": float(realised.std(ddof=1) / np.sqrt(args.draws)),
+                        "violation_frequency": viol / args.draws,
+                        "violation_test_pvalue": float(binomial_upper_pvalue(viol, args.draws, args.delta)),
+                        "violation_ci": [float(lo[0]), float(hi[0])],
+                        "lambda_median": float(np.median(lam)),
+                        **agg,
+                    }
+                )
         ev = evaluate_eprocess(pop, ratio, eps)
         # the threshold monitor at the same realised false-alarm rate as the e-process (its ROC point)
         fa = np.array([curve[k]["false_alarm_rate"] for k in range(len(lams))])
         k = int(np.argmin(np.abs(fa - ev["false_alarm_rate"])))
-        out["results"].append({"epsilon": eps, "risk": "false-alarm", "control": "eprocess", **ev,
-                               "mean_realised_risk": ev["false_alarm_rate"], "violation_frequency": None,
-                               "threshold_at_matched_false_alarms": {"lambda": float(lams[k]), **curve[k]}})
+        out["results"].append(
+            {
+                "epsilon": eps,
+                "risk": "false-alarm",
+                "control": "eprocess",
+                **ev,
+                "mean_realised_risk": ev["false_alarm_rate"],
+                "violation_frequency": None,
+                "threshold_at_matched_false_alarms": {"lambda": float(lams[k]), **curve[k]},
+            }
+        )
     out["seconds"] = round(time.perf_counter() - t0, 1)
     log(f"{name}: done in {out['seconds']} s")
     return out
@@ -112,22 +140,45 @@ def claims(results: list[dict], delta: float) -> dict:
                 ok_crc &= c["mean_realised_risk"] <= eps + 2.33 * c["realised_risk_se"]  # one-sided z-test at 1%
                 ok_ucb &= u["violation_test_pvalue"] > 0.01  # exact binomial test at 1%
             e, c, u = by[(eps, "false-alarm", "eprocess")], by[(eps, "false-alarm", "crc")], by[(eps, "false-alarm", "ucb")]
-            rows.append({"dataset": ds["dataset"], "epsilon": eps,
-                         "power_crc": c["power"], "power_ucb": u["power"], "power_eprocess": e["power"],
-                         "false_alarms_crc": c["false_alarm_rate"], "false_alarms_ucb": u["false_alarm_rate"], "false_alarms_eprocess": e["false_alarm_rate"],
-                         "delay_steps_crc": c["delay_steps"], "delay_steps_eprocess": e["delay_steps"],
-                         "delay_fraction_crc": c["delay_fraction"], "delay_fraction_eprocess": e["delay_fraction"],
-                         "matched_power_threshold": e["threshold_at_matched_false_alarms"]["power"],
-                         "matched_delay_fraction_threshold": e["threshold_at_matched_false_alarms"]["delay_fraction"]})
-    return {"crc_mean_risk_within_epsilon_everywhere": bool(ok_crc), "ucb_violations_not_above_delta_everywhere": bool(ok_ucb),
-            "false_alarm_control_vs_eprocess": rows,
-            "crc_power_ge_eprocess": sum(r["power_crc"] >= r["power_eprocess"] for r in rows), "comparisons": len(rows),
-            "eprocess_false_alarms_above_epsilon": sum(r["false_alarms_eprocess"] > r["epsilon"] for r in rows),
-            "threshold_power_ge_eprocess_at_matched_false_alarms": sum(r["matched_power_threshold"] >= r["power_eprocess"] - 1e-12 for r in rows),
-            "threshold_earlier_or_equal_at_matched_false_alarms": sum(r["matched_delay_fraction_threshold"] <= r["delay_fraction_eprocess"] for r in rows
-                                                                      if np.isfinite(r["matched_delay_fraction_threshold"]) and np.isfinite(r["delay_fraction_eprocess"])),
-            "crc_detects_earlier_or_equal": sum((r["delay_fraction_crc"] <= r["delay_fraction_eprocess"]) for r in rows
-                                                if np.isfinite(r["delay_fraction_crc"]) and np.isfinite(r["delay_fraction_eprocess"]))}
+            rows.append(
+                {
+                    "dataset": ds["dataset"],
+                    "epsilon": eps,
+                    "power_crc": c["power"],
+                    "power_ucb": u["power"],
+                    "power_eprocess": e["power"],
+                    "false_alarms_crc": c["false_alarm_rate"],
+                    "false_alarms_ucb": u["false_alarm_rate"],
+                    "false_alarms_eprocess": e["false_alarm_rate"],
+                    "delay_steps_crc": c["delay_steps"],
+                    "delay_steps_eprocess": e["delay_steps"],
+                    "delay_fraction_crc": c["delay_fraction"],
+                    "delay_fraction_eprocess": e["delay_fraction"],
+                    "matched_power_threshold": e["threshold_at_matched_false_alarms"]["power"],
+                    "matched_delay_fraction_threshold": e["threshold_at_matched_false_alarms"]["delay_fraction"],
+                }
+            )
+    return {
+        "crc_mean_risk_within_epsilon_everywhere": bool(ok_crc),
+        "ucb_violations_not_above_delta_everywhere": bool(ok_ucb),
+        "false_alarm_control_vs_eprocess": rows,
+        "crc_power_ge_eprocess": sum(r["power_crc"] >= r["power_eprocess"] for r in rows),
+        "comparisons": len(rows),
+        "eprocess_false_alarms_above_epsilon": sum(r["false_alarms_eprocess"] > r["epsilon"] for r in rows),
+        "threshold_power_ge_eprocess_at_matched_false_alarms": sum(
+            r["matched_power_threshold"] >= r["power_eprocess"] - 1e-12 for r in rows
+        ),
+        "threshold_earlier_or_equal_at_matched_false_alarms": sum(
+            r["matched_delay_fraction_threshold"] <= r["delay_fraction_eprocess"]
+            for r in rows
+            if np.isfinite(r["matched_delay_fraction_threshold"]) and np.isfinite(r["delay_fraction_eprocess"])
+        ),
+        "crc_detects_earlier_or_equal": sum(
+            (r["delay_fraction_crc"] <= r["delay_fraction_eprocess"])
+            for r in rows
+            if np.isfinite(r["delay_fraction_crc"]) and np.isfinite(r["delay_fraction_eprocess"])
+        ),
+    }
 
 
 def plots(results):
@@ -156,11 +207,20 @@ def plots(results):
     figs["monitor_power_delay"] = _png(fig)
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8))
     for j, ds in enumerate(results):
-        for risk, control, style in (("false-alarm", "crc", "o-"), ("false-alarm", "ucb", "s-"), ("missed-detection", "crc", "o--"),
-                                     ("missed-detection", "ucb", "s--")):
+        for risk, control, style in (
+            ("false-alarm", "crc", "o-"),
+            ("false-alarm", "ucb", "s-"),
+            ("missed-detection", "crc", "o--"),
+            ("missed-detection", "ucb", "s--"),
+        ):
             r = [x for x in ds["results"] if x["risk"] == risk and x["control"] == control]
             y = [x["mean_realised_risk"] if control == "crc" else x["violation_frequency"] for x in r]
-            axes[j].plot([x["epsilon"] for x in r], y, style, label=f"{control} {risk}: {'mean risk' if control == 'crc' else 'violation freq.'}")
+            axes[j].plot(
+                [x["epsilon"] for x in r],
+                y,
+                style,
+                label=f"{control} {risk}: {'mean risk' if control == 'crc' else 'violation freq.'}",
+            )
         axes[j].plot(EPSILONS, EPSILONS, "k:", lw=0.8, label="ε")
         axes[j].axhline(0.1, color="grey", lw=0.8, ls="--", label="δ")
         axes[j].set_title(ds["dataset"])
@@ -183,27 +243,62 @@ def main(argv=None):
     if args.draws is None:
         args.draws = simulation_draws(args.delta)
     results = [run_dataset(d, args) for d in args.datasets.split(",")]
-    summary = {"benchmark": "monitor", "command": "python benchmarks/monitor.py " + " ".join(argv or sys.argv[1:]),
-               "epsilons": EPSILONS, "delta": args.delta, "draws": args.draws,
-               "check": {"ucb": "exact one-sided binomial test of the violation count at 1%", "crc": "one-sided z-test of the mean realised risk at 1%",
-                         "power": "a true violation rate of 1.25 δ fails the UCB check with probability >= 0.9 when draws >= simulation_draws(δ)",
-                         "power_ok": args.draws >= simulation_draws(args.delta)}, "datasets": results, "claims": claims(results, args.delta)}
+    summary = {
+        "benchmark": "monitor",
+        "command": "python benchmarks/monitor.py " + " ".join(argv or sys.argv[1:]),
+        "epsilons": EPSILONS,
+        "delta": args.delta,
+        "draws": args.draws,
+        "check": {
+            "ucb": "exact one-sided binomial test of the violation count at 1%",
+            "crc": "one-sided z-test of the mean realised risk at 1%",
+            "power": "a true violation rate of 1.25 δ fails the UCB check with probability >= 0.9 when draws >= simulation_draws(δ)",
+            "power_ok": args.draws >= simulation_draws(args.delta),
+        },
+        "datasets": results,
+        "claims": claims(results, args.delta),
+    }
     figs = plots(results)
     table = html_table(summary["claims"]["false_alarm_control_vs_eprocess"])
-    write_report(args.out, "monitor", summary, html_page("Online monitoring: calibrated thresholds vs a sequential test",
-                                                           [("False-alarm control at the same ε", table),
-                                                            ("Claims", f"<pre>{json.dumps({k: v for k, v in summary['claims'].items() if k != 'false_alarm_control_vs_eprocess'}, indent=2)}</pre>")],
-                                                           figs), figs)
+    write_report(
+        args.out,
+        "monitor",
+        summary,
+        html_page(
+            "Online monitoring: calibrated thresholds vs a sequential test",
+            [
+                ("False-alarm control at the same ε", table),
+                (
+                    "Claims",
+                    f"<pre>{json.dumps({k: v for k, v in summary['claims'].items() if k != 'false_alarm_control_vs_eprocess'}, indent=2)}</pre>",
+                ),
+            ],
+            figs,
+        ),
+        figs,
+    )
     c = summary["claims"]
-    log(f"CRC mean risk <= ε everywhere: {c['crc_mean_risk_within_epsilon_everywhere']}; UCB violations <= δ: {c['ucb_violations_not_above_delta_everywhere']}")
-    log(f"CRC power >= e-process in {c['crc_power_ge_eprocess']}/{c['comparisons']}; CRC alarms no later in {c['crc_detects_earlier_or_equal']}/{c['comparisons']}; "
-        f"e-process false alarms above its ε in {c['eprocess_false_alarms_above_epsilon']}/{c['comparisons']}")
-    log(f"at the e-process's realised false-alarm rate, the threshold monitor has >= power in {c['threshold_power_ge_eprocess_at_matched_false_alarms']}/"
-        f"{c['comparisons']} and alarms no later in {c['threshold_earlier_or_equal_at_matched_false_alarms']}/{c['comparisons']}")
+    log(
+        f"CRC mean risk <= ε everywhere: {c['crc_mean_risk_within_epsilon_everywhere']}; "
+        f"UCB violations <= δ: {c['ucb_violations_not_above_delta_everywhere']}"
+    )
+    log(
+        f"CRC power >= e-process in {c['crc_power_ge_eprocess']}/{c['comparisons']}; "
+        f"CRC alarms no later in {c['crc_detects_earlier_or_equal']}/{c['comparisons']}; "
+        f"e-process false alarms above its ε in {c['eprocess_false_alarms_above_epsilon']}/{c['comparisons']}"
+    )
+    log(
+        "at the e-process's realised false-alarm rate, the threshold monitor has >= power in "
+        f"{c['threshold_power_ge_eprocess_at_matched_false_alarms']}/"
+        f"{c['comparisons']} and alarms no later in {c['threshold_earlier_or_equal_at_matched_false_alarms']}/{c['comparisons']}"
+    )
     for r in c["false_alarm_control_vs_eprocess"]:
-        log(f"  {r['dataset']:8s} ε={r['epsilon']:.2f}  power crc {r['power_crc']:.3f} ucb {r['power_ucb']:.3f} e-process {r['power_eprocess']:.3f} | "
-            f"false alarms crc {r['false_alarms_crc']:.3f} e-process {r['false_alarms_eprocess']:.3f} | alarm at {r['delay_fraction_crc']:.2f} vs {r['delay_fraction_eprocess']:.2f} | "
-            f"matched: power {r['matched_power_threshold']:.3f} alarm at {r['matched_delay_fraction_threshold']:.2f}")
+        log(
+            f"  {r['dataset']:8s} ε={r['epsilon']:.2f}  power crc {r['power_crc']:.3f} ucb {r['power_ucb']:.3f} "
+            f"e-process {r['power_eprocess']:.3f} | false alarms crc {r['false_alarms_crc']:.3f} "
+            f"e-process {r['false_alarms_eprocess']:.3f} | alarm at {r['delay_fraction_crc']:.2f} vs {r['delay_fraction_eprocess']:.2f} | "
+            f"matched: power {r['matched_power_threshold']:.3f} alarm at {r['matched_delay_fraction_threshold']:.2f}"
+        )
     return 0
 
 

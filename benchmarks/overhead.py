@@ -35,8 +35,10 @@ def deploy_probes(work: str) -> str:
 
     cfg_path = os.path.join(work, "config.yaml")
     if not os.path.exists(cfg_path):
-        code = (f"import yaml; from ctd.testing.demo import deploy; from ctd.config import load_config; from ctd.pipeline.raydata import init_ray; "
-                f"init_ray(load_config('configs/demo.yaml')); deploy({work!r}, {work!r}, yaml.safe_load(open('configs/demo.yaml')))")
+        code = (
+            f"import yaml; from ctd.testing.demo import deploy; from ctd.config import load_config; from ctd.pipeline.raydata import init_ray; "
+            f"init_ray(load_config('configs/demo.yaml').ray); deploy({work!r}, {work!r}, yaml.safe_load(open('configs/demo.yaml')))"
+        )
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
     return cfg_path
 
@@ -46,7 +48,9 @@ def corpus(work: str, rows: int) -> str:
 
     out = os.path.join(work, f"corpus-{rows}")
     if not os.path.exists(os.path.join(out, "audit.jsonl")):
-        generate_corpus(out, seed=11, sizes={"train": 1, "expert_train": 1, "dev": 1, "calibration": 1, "audit": rows}, bad_rows=False)
+        generate_corpus(
+            out, seed=11, sizes={"train": 1, "expert_train": 1, "dev": 1, "calibration": 1, "audit": rows}, bad_rows=False
+        )
     return os.path.join(out, "audit.jsonl")
 
 
@@ -54,21 +58,22 @@ def plain_loop(cfg, path: str, batch_size: int) -> tuple[float, dict]:
     """Seconds for tokenise + pool + probes over every row (after the model and probes are loaded)."""
     import torch
 
-    from ctd.model.activations import ActivationExtractor, TextEncoder
     from ctd.config import resolve_model_path
+    from ctd.model.activations import ActivationExtractor, TextEncoder
     from ctd.model.probes import LinearProbe
 
     torch.set_num_threads(os.cpu_count() or 1)
     model_dir = resolve_model_path(cfg.model.path)
     enc = TextEncoder(model_dir, max_length=cfg.model.max_length)
-    ext = ActivationExtractor.from_pretrained(model_dir, [cfg.model.layer], device="cpu", dtype=cfg.model.dtype,
-                                              token_budget=cfg.model.token_budget)
+    ext = ActivationExtractor.from_pretrained(
+        model_dir, [cfg.model.layer], device="cpu", dtype=cfg.model.dtype, token_budget=cfg.model.token_budget
+    )
     safety, dv = LinearProbe.load(cfg.probes.safety), LinearProbe.load(cfg.probes.dv)
     t0 = time.perf_counter()
     rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     scores = {}
     for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
+        chunk = rows[s : s + batch_size]
         inputs = [r["messages"] if r.get("messages") is not None else r["text"] for r in chunk]
         ids, _ = enc.encode(inputs)
         z = ext.pool(ids)[cfg.model.layer]
@@ -115,29 +120,41 @@ def main(argv=None) -> int:
     cfg = load_config(deploy_probes(work), over)
     sizes = (args.rows // 6, args.rows)
     paths = {n: corpus(work, n) for n in sizes}
-    res: dict = {"command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "model": cfg.model.path,
-                 "layer": cfg.model.layer, "max_length": cfg.model.max_length, "batch_size": cfg.activations.batch_size,
-                 "activation_actor_cpus": cfg.activations.num_cpus, "ray_logical_cpus": cfg.ray.num_cpus, "runs": {}}
+    res: dict = {
+        "command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "model": cfg.model.path,
+        "layer": cfg.model.layer,
+        "max_length": cfg.model.max_length,
+        "batch_size": cfg.activations.batch_size,
+        "activation_actor_cpus": cfg.activations.num_cpus,
+        "ray_logical_cpus": cfg.ray.num_cpus,
+        "runs": {},
+    }
     loop_scores = pipe_scores = None
     for n in sizes:
         t, loop_scores = plain_loop(cfg, paths[n], cfg.activations.batch_size)
         res["runs"][f"loop_{n}"] = {"rows": n, "seconds": round(t, 2), "rows_per_second": round(n / t, 1)}
         print(f"loop      {n:>7} rows  {t:7.1f} s  {n / t:7.1f} rows/s", flush=True)
-    init_ray(cfg)
+    init_ray(cfg.ray)
     for n in sizes:
         t, pipe_scores = pipeline(cfg, paths[n], os.path.join(work, f"stage1-{n}"))
         res["runs"][f"pipeline_{n}"] = {"rows": n, "seconds": round(t, 2), "rows_per_second": round(n / t, 1)}
         print(f"pipeline  {n:>7} rows  {t:7.1f} s  {n / t:7.1f} rows/s", flush=True)
     small, large = sizes
-    steady = {k: (large - small) / (res["runs"][f"{k}_{large}"]["seconds"] - res["runs"][f"{k}_{small}"]["seconds"]) for k in ("loop", "pipeline")}
+    steady = {
+        k: (large - small) / (res["runs"][f"{k}_{large}"]["seconds"] - res["runs"][f"{k}_{small}"]["seconds"])
+        for k in ("loop", "pipeline")
+    }
     diff = max(max(abs(loop_scores[i][0] - pipe_scores[i][0]), abs(loop_scores[i][1] - pipe_scores[i][1])) for i in loop_scores)
     res["steady_rows_per_second"] = {k: round(v, 1) for k, v in steady.items()}
     res["pipeline_over_loop"] = round(steady["pipeline"] / steady["loop"], 3)
     res["target"] = "pipeline_over_loop >= 1/1.3 = 0.769"
     res["max_abs_score_difference"] = diff
-    print(f"steady state: loop {steady['loop']:.1f} rows/s, pipeline {steady['pipeline']:.1f} rows/s, ratio {res['pipeline_over_loop']:.3f}"
-          f" (target ≥ 0.769); max |Δ score| {diff:.2e}")
+    print(
+        f"steady state: loop {steady['loop']:.1f} rows/s, pipeline {steady['pipeline']:.1f} rows/s, ratio {res['pipeline_over_loop']:.3f}"
+        f" (target ≥ 0.769); max |Δ score| {diff:.2e}"
+    )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

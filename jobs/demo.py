@@ -24,13 +24,19 @@ from ctd.runs.layout import run_file
 from ctd.testing.demo import deploy, generate_night
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.demo")
     ap.add_argument("--config", default="configs/demo.yaml", help="the base config; paths are filled in under --out")
     ap.add_argument("--out", default="out/demo", help="folder for everything the demo writes")
-    ap.add_argument("--nights", type=int, default=3, help="audit this many nights, ending yesterday; the last one's traffic is shifted")
-    ap.add_argument("--shifted-ambiguous", type=float, default=0.45,
-                    help="share of ambiguous conversations on the shifted night (the others have the calibration's 0.25)")
+    ap.add_argument(
+        "--nights", type=int, default=3, help="audit this many nights, ending yesterday; the last one's traffic is shifted"
+    )
+    ap.add_argument(
+        "--shifted-ambiguous",
+        type=float,
+        default=0.45,
+        help="share of ambiguous conversations on the shifted night (the others have the calibration's 0.25)",
+    )
     args = ap.parse_args(argv)
     if args.nights < 1:
         ap.error("--nights must be at least 1")
@@ -54,7 +60,10 @@ def main(argv=None) -> int:
         shifted = k == args.nights - 1 and args.nights > 1
         ambiguous = args.shifted_ambiguous if shifted else 0.25
         generate_night(f"{out}/corpus/audit/{day}.jsonl", day, seed=100 + k, ambiguous=ambiguous)
-        log(f"[{next(step)}/{steps}] nightly audit of {day}" + (f" (shifted traffic: {ambiguous:.0%} ambiguous conversations)" if shifted else ""))
+        log(
+            f"[{next(step)}/{steps}] nightly audit of {day}"
+            + (f" (shifted traffic: {ambiguous:.0%} ambiguous conversations)" if shifted else "")
+        )
         report = run_audit(load_config(d["config_path"]), date=day)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"\nAudit report:        {run_file(out, report.run_id, 'report.html')}")

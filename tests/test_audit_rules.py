@@ -20,7 +20,8 @@ from ctd.audit.selection import cap_rows, mark_batch, over_cap
 from ctd.audit.summary import NightContext, drift_check, group_rows, judge_check, summarise
 from ctd.experts.prompt import ExpertStatus, usable
 from ctd.pipeline.dedup import _attach
-from ctd.pipeline.raydata import Tally, _sum
+from ctd.pipeline.raydata import Tally
+from ctd.pipeline.raydata import tally_sum as _sum
 from ctd.pipeline.stages import ActivationSpec
 from ctd.stats.calibrate import calibrate
 from ctd.stats.cascade import Cascade
@@ -36,7 +37,9 @@ def with_dups(t: pa.Table) -> pa.Table:
 
 def first_over(t: pa.Table, cap: int):
     """The first row over the cap in (d(x) desc, id asc), by a full sort (the distributed sort's oracle)."""
-    passing = t.filter(pc.and_(pc.and_(pc.is_null(t.column("error")), pc.is_null(t.column("dup_n"))), pc.fill_null(t.column("delegated"), False)))
+    passing = t.filter(
+        pc.and_(pc.and_(pc.is_null(t.column("error")), pc.is_null(t.column("dup_n"))), pc.fill_null(t.column("delegated"), False))
+    )
     order = passing.take(pc.sort_indices(passing, sort_keys=[("dv", "descending"), ("id", "ascending")]))
     return None if order.num_rows <= cap else (order.column("dv")[cap].as_py(), order.column("id")[cap].as_py())
 
@@ -53,8 +56,11 @@ def test_selection_rules_match_the_driver_side_oracle(tmp_path, cap_fraction):
     sent, rest, q = to_expert(m), not_sent(m), quarantined(m)
     assert set(sent.column("id").to_pylist()) == want["sent"]
     assert {i for i, o in zip(rest.column("id").to_pylist(), rest.column("over_cap").to_pylist()) if o} == want["over"]
-    assert set(sent.column("id").to_pylist()) | set(rest.column("id").to_pylist()) == want["scored"] == set(
-        d.filter(pc.and_(pc.is_null(d.column("dup_n")), pc.is_null(d.column("error")))).column("id").to_pylist())
+    assert (
+        set(sent.column("id").to_pylist()) | set(rest.column("id").to_pylist())
+        == want["scored"]
+        == set(d.filter(pc.and_(pc.is_null(d.column("dup_n")), pc.is_null(d.column("error")))).column("id").to_pylist())
+    )
     assert sorted(zip([i or "" for i in q.column("id").to_pylist()], q.column("error").to_pylist())) == want["quarantine"]
     assert sent.num_rows + rest.num_rows + q.num_rows == t.num_rows  # rows in = scored + quarantined, each once
     if cap is not None:
@@ -73,13 +79,30 @@ def results(n=3000, seed=5):
     probe = np.round(rng.random(n), 2)
     deleg = rng.random(n) < 0.3
     expert = np.where(deleg, np.round(rng.random(n), 2), np.nan)
-    status = np.where(deleg, rng.choice(["ok", "unsafe_outside_topk", "no_label_token", "error: boom", "error: HTTP 503"], n,
-                                        p=[0.7, 0.1, 0.05, 0.1, 0.05]), None)
-    t = pa.table({"id": [f"r{i:05d}" for i in rng.permutation(n)], "group": rng.choice(["a", "b", None, ""], n).tolist(),
-                  "label": pa.array(np.zeros(n), pa.int8()), "source": ["s"] * n, "truncated": rng.random(n) < 0.2,
-                  "tokens": pa.array(rng.integers(1, 50, n), pa.int32()), "probe": probe, "dv": rng.normal(0, 0.5, n), "delegated": deleg,
-                  "over_cap": np.zeros(n, bool), "expert": pa.array(expert, mask=~deleg), "expert_status": status.tolist(),
-                  "expert_truncated": pa.array(np.where(deleg, rng.random(n) < 0.1, False), mask=~deleg)})
+    status = np.where(
+        deleg,
+        rng.choice(
+            ["ok", "unsafe_outside_topk", "no_label_token", "error: boom", "error: HTTP 503"], n, p=[0.7, 0.1, 0.05, 0.1, 0.05]
+        ),
+        None,
+    )
+    t = pa.table(
+        {
+            "id": [f"r{i:05d}" for i in rng.permutation(n)],
+            "group": rng.choice(["a", "b", None, ""], n).tolist(),
+            "label": pa.array(np.zeros(n), pa.int8()),
+            "source": ["s"] * n,
+            "truncated": rng.random(n) < 0.2,
+            "tokens": pa.array(rng.integers(1, 50, n), pa.int32()),
+            "probe": probe,
+            "dv": rng.normal(0, 0.5, n),
+            "delegated": deleg,
+            "over_cap": np.zeros(n, bool),
+            "expert": pa.array(expert, mask=~deleg),
+            "expert_status": status.tolist(),
+            "expert_truncated": pa.array(np.where(deleg, rng.random(n) < 0.1, False), mask=~deleg),
+        }
+    )
     return t, probe, expert, deleg, status
 
 
@@ -98,8 +121,14 @@ def test_finalize_uses_the_expert_only_where_it_answered_usably(mode):
 
 def facts_of(table: pa.Table, cascade=Cascade()) -> Facts:
     t = _sum(result_counts(table, cascade))
-    return Facts.from_tally(Tally({(k, key): n for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(),
-                                                                     t.column("n").to_pylist())}))
+    return Facts.from_tally(
+        Tally(
+            {
+                (k, key): n
+                for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(), t.column("n").to_pylist())
+            }
+        )
+    )
 
 
 def test_facts_count_what_the_rows_say():
@@ -108,7 +137,9 @@ def test_facts_count_what_the_rows_say():
     f = facts_of(res)
     dec = res.column("decision").to_numpy(zero_copy_only=False)
     ok = deleg & np.isin(status, ["ok", "unsafe_outside_topk"])
-    assert f["rows"] == res.num_rows and f["delegated"] == deleg.sum() and f["truncated"] == t.column("truncated").to_numpy().sum()
+    assert (
+        f["rows"] == res.num_rows and f["delegated"] == deleg.sum() and f["truncated"] == t.column("truncated").to_numpy().sum()
+    )
     assert f["unsafe"] == dec.sum() and f["unsafe_by_judge"] == (dec & ok).sum() > 0
     assert f["judge_overruled"] == (ok & ((probe >= 0.5) != dec)).sum() > 0
     assert f["judged_tokens"] == t.column("tokens").to_numpy()[deleg].sum()
@@ -124,8 +155,14 @@ def test_facts_count_what_the_rows_say():
 def test_quarantine_reasons_are_counted_without_their_detail():
     from ctd.audit.facts import quarantine_counts
 
-    q = pa.table({"id": ["a", "b", "c"], "source": ["s"] * 3, "error": ["malformed JSON (at 3)", "malformed JSON (at 9)", "empty text"],
-                  "group": [None] * 3})
+    q = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "source": ["s"] * 3,
+            "error": ["malformed JSON (at 3)", "malformed JSON (at 9)", "empty text"],
+            "group": [None] * 3,
+        }
+    )
     t = _sum(quarantine_counts(q))
     f = Facts.from_tally(Tally({(k, key): n for k, key, n in zip(*(t.column(c).to_pylist() for c in ("kind", "key", "n")))}))
     assert f["quarantined"] == 3 and f.reasons == {"malformed JSON": 2, "empty text": 1}
@@ -151,10 +188,30 @@ def test_the_drift_alarm_is_the_e_detector_over_the_nights():
 def context(**over) -> NightContext:
     rng = np.random.default_rng(0)
     cal = calibrate(rng.normal(size=800), np.linspace(-3, 3, 101), 0.2, 0.1)
-    base = dict(run_id="n1", audited_date="2026-11-24", attempt="a1", config_hash="c", corpus="s3://b/c", model_id="m",
-                model_fingerprint="f", layer=2, safety_probe_hash="s", dv_probe_hash="d", calibration_uri="s3://b/cal", calibration_hash="h",
-                calibration=cal, rows_read=3010, cap=None, expert_kind="vllm", expert_calls=0, expert_pool={}, max_failure_share=0.05,
-                drift_alpha=0.01, timings={"expert": (9.0, 10)}, resumed={})
+    base = dict(
+        run_id="n1",
+        audited_date="2026-11-24",
+        attempt="a1",
+        config_hash="c",
+        corpus="s3://b/c",
+        model_id="m",
+        model_fingerprint="f",
+        layer=2,
+        safety_probe_hash="s",
+        dv_probe_hash="d",
+        calibration_uri="s3://b/cal",
+        calibration_hash="h",
+        calibration=cal,
+        rows_read=3010,
+        cap=None,
+        expert_kind="vllm",
+        expert_calls=0,
+        expert_pool={},
+        max_failure_share=0.05,
+        drift_alpha=0.01,
+        timings={"expert": (9.0, 10)},
+        resumed={},
+    )
     return NightContext(**(base | over))
 
 
@@ -164,10 +221,15 @@ def test_the_summary_is_the_facts_in_words():
     f = Facts(f.counts | {"quarantined": 10}, f.groups, f.statuses, {"empty text": 10}, f.histograms)
     r = summarise(context(expert_calls=int(deleg.sum())), f, [])
     assert isinstance(r, AuditReport) and r.invariant_ok and r.rows_scored == 3000 and r.rows_quarantined == 10
-    assert r.delegated == deleg.sum() and r.delegated_by_threshold == deleg.sum() and r.realised_rate == pytest.approx(deleg.mean())
+    assert (
+        r.delegated == deleg.sum() and r.delegated_by_threshold == deleg.sum() and r.realised_rate == pytest.approx(deleg.mean())
+    )
     assert r.expert_failures == int(np.isin(status, ["error: boom", "error: HTTP 503"]).sum())
     text = [s for _, s in r.headline()]
-    assert text[0] == "3,010 conversations of 2026-11-24 were read: 3,000 audited; 10 could not be audited and were quarantined (empty text: 10)."
+    assert (
+        text[0]
+        == "3,010 conversations of 2026-11-24 were read: 3,000 audited; 10 could not be audited and were quarantined (empty text: 10)."
+    )
     assert text[1].startswith(f"{r.decisions_unsafe:,} flagged unsafe") and f"{r.unsafe_by_judge:,} by the judge" in text[1]
     assert r.drift_alarm and r.headline()[4][0] == "alarm"  # 30% of rows passed λ* against α = 20%
     missing = summarise(context(rows_read=3011), f, [])
@@ -184,27 +246,51 @@ def test_review_candidates_and_order():
         want = ids[mask][np.lexsort((ids[mask], -key[mask]))][:25].tolist()
         halves = [rv.top(25, rv.candidates(res.slice(k, 1500), which)) for k in (0, 1500)]
         assert rv.top(25, *halves).column("id").to_pylist() == want, which  # merged per-block tops = the full sort
-    q = pa.table({"id": [f"q{i}" for i in range(40)], "source": ["f"] * 40,
-                  "error": ["empty text"] * 30 + ["malformed JSON (at 3)"] * 8 + ["missing id"] * 2, "group": [None] * 40})
+    q = pa.table(
+        {
+            "id": [f"q{i}" for i in range(40)],
+            "source": ["f"] * 40,
+            "error": ["empty text"] * 30 + ["malformed JSON (at 3)"] * 8 + ["missing id"] * 2,
+            "group": [None] * 40,
+        }
+    )
     got = rv.spread(6, rv.spread(6, q.slice(0, 20)), rv.spread(6, q.slice(20)))
     reasons = [e.split(" (")[0] for e in got.column("error").to_pylist()]
     assert sorted(reasons) == ["empty text"] * 2 + ["malformed JSON"] * 2 + ["missing id"] * 2
 
 
 def test_expert_status_is_a_typed_value():
-    for text, kind, usable_ in (("ok", "ok", True), ("safe_outside_topk", "outside_topk", True), ("no_label_token", "no_label_token", False),
-                                ("error: HTTP 503", "error", False)):
+    for text, kind, usable_ in (
+        ("ok", "ok", True),
+        ("safe_outside_topk", "outside_topk", True),
+        ("no_label_token", "no_label_token", False),
+        ("error: HTTP 503", "error", False),
+    ):
         s = ExpertStatus.parse(text)
         assert (s.kind, s.usable, str(s)) == (kind, usable_, text)
     assert ExpertStatus.parse("error: HTTP 503").detail == "HTTP 503"
-    assert usable(pa.array(["ok", "unsafe_outside_topk", "error: x", None, "no_label_token"])).to_pylist() == [True, True, False, False, False]
+    assert usable(pa.array(["ok", "unsafe_outside_topk", "error: x", None, "no_label_token"])).to_pylist() == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_stage1_resume_key_is_an_allow_list():
     """What stage 1's output depends on is in its key; where things are read from, threads and the
     secrets' names are not (an excerpt's length is not even a stage-1 setting any more)."""
-    spec = ActivationSpec(model_dir="/models/a", layers=(2,), score_layer=2, gate=0.3, keep_text="delegated", excerpts=True, threads=2,
-                          secret_envs=("A_KEY",))
+    spec = ActivationSpec(
+        model_dir="/models/a",
+        layers=(2,),
+        score_layer=2,
+        gate=0.3,
+        keep_text="delegated",
+        excerpts=True,
+        threads=2,
+        secret_envs=("A_KEY",),
+    )
     key = spec.resume_key("fp")
     same = [dict(model_dir="/elsewhere/a"), dict(threads=8), dict(secret_envs=("B_KEY", "C_KEY"))]
     for over in same:

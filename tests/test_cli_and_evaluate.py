@@ -44,14 +44,17 @@ def test_calibrate_cli_writes_artifact_report_and_plots(tmp_path, capsys):
     with open(jl, "w") as f:
         for i in range(len(t["id"])):
             f.write(json.dumps({k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in t.items()}) + "\n")
-    assert main(["calibrate", "--scores", str(jl), "--alpha", "0.2", "--delta", "0.1", "--no-pareto", "--out", str(tmp_path / "o2")]) == 0
+    assert (
+        main(["calibrate", "--scores", str(jl), "--alpha", "0.2", "--delta", "0.1", "--no-pareto", "--out", str(tmp_path / "o2")])
+        == 0
+    )
     c2 = json.load(open(tmp_path / "o2" / "calibration.json"))["calibration"]
     assert not c2["pareto"] and c2["method"] == "fixed_sequence"
 
 
 def test_tampered_calibration_artifact_is_refused(tmp_path):
-    from ctd.model.artifacts import ArtifactError
     from ctd.calibration.artifact import load_calibration
+    from ctd.model.artifacts import ArtifactError
 
     src = tmp_path / "s.parquet"
     pq.write_table(pa.table(scores_table()), src)
@@ -86,32 +89,74 @@ def test_bad_scores_files_give_one_error_line_and_exit_2(tmp_path, change, messa
         t[col][i] = val
     src = tmp_path / "bad.parquet"
     pq.write_table(pa.table(t), src)
-    r = subprocess.run([sys.executable, "-m", "ctd.cli", "calibrate", "--scores", str(src), "--alpha", "0.2", "--delta", "0.1",
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctd.cli",
+            "calibrate",
+            "--scores",
+            str(src),
+            "--alpha",
+            "0.2",
+            "--delta",
+            "0.1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     lines = [x for x in r.stderr.strip().splitlines() if x]
     assert len(lines) == 1 and lines[0].startswith("error:") and re.search(message, lines[0]), r.stderr
     assert not (tmp_path / "o").exists()  # nothing written
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--alpha", "1.5", "--delta", "0.1"], "alpha must lie"),
-    (["--alpha", "0.2", "--delta", "0"], "delta must lie"),
-    (["--alpha", "x", "--delta", "0.1"], "alpha must be a number"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--alpha", "1.5", "--delta", "0.1"], "alpha must lie"),
+        (["--alpha", "0.2", "--delta", "0"], "delta must lie"),
+        (["--alpha", "x", "--delta", "0.1"], "alpha must be a number"),
+    ],
+)
 def test_bad_levels_exit_2(tmp_path, args, message):
     src = tmp_path / "s.parquet"
     pq.write_table(pa.table(scores_table(20)), src)
-    r = subprocess.run([sys.executable, "-m", "ctd.cli", "calibrate", "--scores", str(src), *args, "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ctd.cli", "calibrate", "--scores", str(src), *args, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_malformed_files_exit_2(tmp_path):
     for name, data in (("a.jsonl", b'{"id": 1,\n'), ("b.parquet", b"PAR1garbage"), ("c.jsonl", b"\xff\xfe")):
         (tmp_path / name).write_bytes(data)
-        assert main(["calibrate", "--scores", str(tmp_path / name), "--alpha", "0.2", "--delta", "0.1", "--out", str(tmp_path / "o")]) == 2
-    assert main(["calibrate", "--scores", str(tmp_path / "nope.parquet"), "--alpha", "0.2", "--delta", "0.1", "--out", str(tmp_path / "o")]) == 2
+        assert (
+            main(
+                ["calibrate", "--scores", str(tmp_path / name), "--alpha", "0.2", "--delta", "0.1", "--out", str(tmp_path / "o")]
+            )
+            == 2
+        )
+    assert (
+        main(
+            [
+                "calibrate",
+                "--scores",
+                str(tmp_path / "nope.parquet"),
+                "--alpha",
+                "0.2",
+                "--delta",
+                "0.1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_validation_bootstrap_within_delta_and_split_halves_reported():
@@ -131,10 +176,25 @@ def test_budget_sweep_and_topk_curve_shapes():
     from ctd.stats.signals import uncertainty_signal
 
     s = Scores(y, p, e, d, uncertainty_signal(p, p), np.asarray(t["group"]))
-    sw = budget_sweep(s, budgets=[0.1, 0.2], dv_grid=threshold_grid(size=201), unc_grid=threshold_grid(size=101, low=-0.5, high=0),
-                      splits=2, group_budget=0.2)
-    assert set(sw["methods"]) == {"ctd_pareto", "ctd_ltt", "uncertainty_pareto", "uncertainty_ltt", "topk_uncertainty", "topk_dv",
-                                  "topk_oracle", "probe_only", "expert_only"}
+    sw = budget_sweep(
+        s,
+        budgets=[0.1, 0.2],
+        dv_grid=threshold_grid(size=201),
+        unc_grid=threshold_grid(size=101, low=-0.5, high=0),
+        splits=2,
+        group_budget=0.2,
+    )
+    assert set(sw["methods"]) == {
+        "ctd_pareto",
+        "ctd_ltt",
+        "uncertainty_pareto",
+        "uncertainty_ltt",
+        "topk_uncertainty",
+        "topk_dv",
+        "topk_oracle",
+        "probe_only",
+        "expert_only",
+    }
     assert sw["methods"]["expert_only"]["rate"]["mean"] == [1.0, 1.0]
     assert [r["group"] for r in sw["group_table"]["rows"]] == ["all", "a", "b"]
     curve = topk_value_curve(s.v, {"oracle": s.v, "dv": d}, fractions=[0.1, 0.5, 1.0])

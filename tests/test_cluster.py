@@ -16,7 +16,6 @@ import re
 import jsonschema
 import pytest
 import yaml
-
 from conftest import DATA, missing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,10 +52,17 @@ def test_duplicate_keys_are_rejected():
 
 # The top-level metadata is a generic ObjectMeta (the CRD says only `type: object`): the subset these
 # manifests use, with unknown keys rejected.
-OBJECT_META = {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-    "name": {"type": "string", "minLength": 1}, "namespace": {"type": "string"},
-    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-    "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}
+OBJECT_META = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
 
 
 def strict(s: dict) -> dict:
@@ -109,6 +115,7 @@ def _rename(path, old, new):
     def f(doc):
         node = functools.reduce(operator.getitem, path, doc)
         node[new] = node.pop(old)
+
     return f
 
 
@@ -119,15 +126,22 @@ def _set(path, key, value):
 WORKER0_CONTAINER = ["spec", "rayClusterSpec", "workerGroupSpecs", 0, "template", "spec", "containers", 0]
 
 
-@pytest.mark.parametrize("name, defect, expected", [
-    ("raycluster.yaml", _rename(["spec", "headGroupSpec"], "rayStartParams", "rayStartParam"), "'rayStartParam' was unexpected"),
-    ("raycronjob-nightly.yaml", _rename(["spec"], "schedule", "schedul"), "'schedul' was unexpected"),
-    ("raycronjob-nightly.yaml", _set(["spec"], "concurrencyPolicy", "Forbid"), "'concurrencyPolicy' was unexpected"),
-    ("rayjob-audit.yaml", _rename(WORKER0_CONTAINER, "volumeMounts", "volumeMount"), "'volumeMount' was unexpected"),
-    ("rayjob-audit.yaml", _set(["spec", "rayClusterSpec", "authOptions"], "mode", "Token"), "'Token' is not one of"),
-    ("raycluster.yaml", _rename(["metadata"], "name", "nmae"), "'nmae' was unexpected"),
-    ("raycluster.yaml", _set([], "apiVersion", "ray.io/v1alpha2"), "'ray.io/v1' was expected"),
-])
+@pytest.mark.parametrize(
+    "name, defect, expected",
+    [
+        (
+            "raycluster.yaml",
+            _rename(["spec", "headGroupSpec"], "rayStartParams", "rayStartParam"),
+            "'rayStartParam' was unexpected",
+        ),
+        ("raycronjob-nightly.yaml", _rename(["spec"], "schedule", "schedul"), "'schedul' was unexpected"),
+        ("raycronjob-nightly.yaml", _set(["spec"], "concurrencyPolicy", "Forbid"), "'concurrencyPolicy' was unexpected"),
+        ("rayjob-audit.yaml", _rename(WORKER0_CONTAINER, "volumeMounts", "volumeMount"), "'volumeMount' was unexpected"),
+        ("rayjob-audit.yaml", _set(["spec", "rayClusterSpec", "authOptions"], "mode", "Token"), "'Token' is not one of"),
+        ("raycluster.yaml", _rename(["metadata"], "name", "nmae"), "'nmae' was unexpected"),
+        ("raycluster.yaml", _set([], "apiVersion", "ray.io/v1alpha2"), "'ray.io/v1' was expected"),
+    ],
+)
 def test_the_validator_rejects_a_misspelt_or_unknown_field(name, defect, expected):
     doc = load(name)
     defect(doc)
@@ -148,6 +162,7 @@ def test_cluster_launcher_validates_against_rays_schema():
 # ----------------------------------------------------------------------------------------------
 # rendered, secret-free, autoscaled
 # ----------------------------------------------------------------------------------------------
+
 
 def test_cluster_manifests_are_rendered_secure_and_autoscaled():
     spec = importlib.util.spec_from_file_location("render", os.path.join(CLUSTER, "render.py"))
@@ -180,6 +195,7 @@ def test_cluster_manifests_are_rendered_secure_and_autoscaled():
 # the production config's paths, variables and resources exist where they are read
 # ----------------------------------------------------------------------------------------------
 
+
 def production():
     text = open(PRODUCTION).read()
     cfg = yaml.safe_load(text)
@@ -206,8 +222,11 @@ def test_production_names_the_paths_and_variables_checked_below():
 
 def cluster_spec(name):
     doc = load(name)
-    return {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
-            "RayCronJob": lambda s: s["jobTemplate"]["rayClusterSpec"]}[doc["kind"]](doc["spec"])
+    return {
+        "RayCluster": lambda s: s,
+        "RayJob": lambda s: s["rayClusterSpec"],
+        "RayCronJob": lambda s: s["jobTemplate"]["rayClusterSpec"],
+    }[doc["kind"]](doc["spec"])
 
 
 def pods(spec):
@@ -252,8 +271,10 @@ def test_each_stage_lands_on_its_group_and_gpu_groups_have_dev_shm(name):
     act, vllm = cfg["activations"], cfg["expert"]["vllm"]
     tp = vllm["tensor_parallel_size"]
     # (custom resources, GPUs, CPUs) that one activation actor / one judge replica (tp bundles) needs
-    needs = {"activations": (act["resources"], act["num_gpus"], act["num_cpus"]),
-             "expert": ({k: v * tp for k, v in vllm["resources"].items()}, vllm["num_gpus_per_replica"] * tp, 0)}
+    needs = {
+        "activations": (act["resources"], act["num_gpus"], act["num_cpus"]),
+        "expert": ({k: v * tp for k, v in vllm["resources"].items()}, vllm["num_gpus_per_replica"] * tp, 0),
+    }
     groups = {n: g for n, g in pods(cluster_spec(name)) if n != "head"}
     for stage, (res, gpus, cpus) in needs.items():
         hosts = [n for n, g in groups.items() if set(res) & set(rayres(g))]
@@ -262,7 +283,9 @@ def test_each_stage_lands_on_its_group_and_gpu_groups_have_dev_shm(name):
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert all(rayres(g)[k] >= v for k, v in res.items()), (stage, rayres(g), res)
         assert int(limits.get("nvidia.com/gpu", 0)) >= gpus and int(limits["cpu"]) >= cpus, (stage, limits)
-    cpu_groups = [n for n, g in groups.items() if "nvidia.com/gpu" not in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    cpu_groups = [
+        n for n, g in groups.items() if "nvidia.com/gpu" not in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert cpu_groups and not any(rayres(groups[n]) for n in cpu_groups), "a CPU group without custom resources for CPU stages"
     for n in set(groups) - set(cpu_groups):
         pod = groups[n]["template"]["spec"]
@@ -300,6 +323,7 @@ def test_cluster_launcher_gives_every_node_the_token_the_models_and_the_variable
 # one image, one set of versions
 # ----------------------------------------------------------------------------------------------
 
+
 def test_image_versions_and_entrypoint_agree():
     dockerfile = open(os.path.join(CLUSTER, "Dockerfile")).read()
     ray_version = re.search(r"^FROM rayproject/ray:([\d.]+)-py311-cu128$", dockerfile, re.M).group(1)
@@ -319,7 +343,9 @@ def test_image_versions_and_entrypoint_agree():
     # the RayJob's config path is inside the image and is configs/production.yaml
     workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
     config = re.search(r"--config (\S+)", load("rayjob-audit.yaml")["spec"]["entrypoint"]).group(1)
-    assert config == f"{workdir}/configs/production.yaml" and re.search(r"^COPY (--chown=\S+ )?configs \./configs$", dockerfile, re.M)
+    assert config == f"{workdir}/configs/production.yaml" and re.search(
+        r"^COPY (--chown=\S+ )?configs \./configs$", dockerfile, re.M
+    )
     assert os.path.exists(PRODUCTION)
 
 

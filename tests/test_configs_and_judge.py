@@ -7,10 +7,11 @@ import os
 import pytest
 
 from ctd.config import ConfigError, load_config
-from ctd.experts.prompt import conversation_text, label_token_ids, p_unsafe_from_logprobs, render_prompt
 from ctd.experts.base import replicas_needed
+from ctd.experts.prompt import conversation_text, label_token_ids, p_unsafe_from_logprobs, render_prompt
 from ctd.experts.registry import expert_for
-from ctd.runs.job import audited_day as audit_date, expand_dates, expand_run_id
+from ctd.runs.job import audited_day as audit_date
+from ctd.runs.job import expand_dates, expand_run_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,9 +121,11 @@ def test_judge_prompt_keeps_the_head_and_the_tail_in_tokens(tiny_llama):
     assert toks[:2] == toks[-2:] == ["Answer", ":"]
     head = next(i for i, t in enumerate(conv) if t != words[i])
     tail = next(i for i, t in enumerate(reversed(conv)) if t != words[-1 - i])
-    assert conv[:head] == words[:head] and conv[len(conv) - tail:] == words[300 - tail:]
+    assert conv[:head] == words[:head] and conv[len(conv) - tail :] == words[300 - tail :]
     assert head == int((head + tail) * 0.25) and head + tail > 100  # 25% head, 75% tail of what is kept
-    assert conv[head:len(conv) - tail] and set(conv[head:len(conv) - tail]) <= {"<unk>"}  # the marker between them (outside this vocabulary)
+    assert conv[head : len(conv) - tail] and set(conv[head : len(conv) - tail]) <= {
+        "<unk>"
+    }  # the marker between them (outside this vocabulary)
     short, cut = jp("w1 w2 w3")
     assert not cut and tok.convert_ids_to_tokens(short) == ["<s>", "Answer", ":", "w1", "w2", "w3", "Answer", ":"]
     with pytest.raises(ValueError, match="leaves"):
@@ -137,8 +140,11 @@ def test_a_config_missing_from_a_ray_job_upload_says_how_to_fix_it(tmp_path, mon
     upload = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
     upload.mkdir(parents=True)
     monkeypatch.chdir(upload)
-    with pytest.raises(ConfigError, match=r"config file not found: out/demo/config.yaml \(relative to the job's uploaded working dir .*"
-                                          r"\.gitignore ignores, such as out/; on a local head pass the absolute path"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config file not found: out/demo/config.yaml \(relative to the job's uploaded working dir .*"
+        r"\.gitignore ignores, such as out/; on a local head pass the absolute path",
+    ):
         load_config("out/demo/config.yaml")
     monkeypatch.chdir(tmp_path)  # anywhere else: the plain message
     with pytest.raises(ConfigError, match=r"^config file not found: out/demo/config.yaml$"):

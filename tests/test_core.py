@@ -7,9 +7,9 @@ import pytest
 from scipy import stats
 
 from ctd.model.artifacts import ArtifactError, load_artifact, save_artifact
-from ctd.stats.metrics import accuracy, auroc, group_table
-from ctd.stats.cascade import Cascade, threshold_policy, top_k_count, top_k_policy
 from ctd.model.probes import LinearProbe, cross_fit_predict, fit_dv_probe, fit_safety_probe, select_layer
+from ctd.stats.cascade import Cascade, threshold_policy, top_k_count, top_k_policy
+from ctd.stats.metrics import accuracy, auroc, group_table
 from ctd.stats.signals import ECDF, delegation_value, effective_capacity, uncertainty_signal
 
 
@@ -65,8 +65,14 @@ def test_metrics_against_references():
     assert np.isnan(auroc(np.ones(5), s[:5]))
     assert accuracy([1, 0], [0.7, 0.2]) == 1.0
     rows = group_table(["a", "a", "b"], [0.5, -0.1, 0.2], [True, False, False])
-    assert rows[0]["group"] == "all" and rows[1] == {"group": "a", "n": 2, "delegation_rate": 0.5, "mean_v": 0.2,
-                                                      "mean_v_delegated": 0.5, "capacity": 0.5}
+    assert rows[0]["group"] == "all" and rows[1] == {
+        "group": "a",
+        "n": 2,
+        "delegation_rate": 0.5,
+        "mean_v": 0.2,
+        "mean_v_delegated": 0.5,
+        "capacity": 0.5,
+    }
 
 
 def _blobs(n=400, d=16, seed=0):

@@ -6,8 +6,11 @@ from ctd.evaluation.datasets import LABEL_DERIVED, load_high_stakes
 
 
 def test_high_stakes_splits_counts_and_no_label_leak(data_dir):
-    expected = {"train": {"synthetic_prompts": 1319}, "dev": {"anthropic": 1004, "mt": 192, "mts": 364, "toolace": 236},
-                "test": {"anthropic": 312, "mt": 722, "mts": 132, "toolace": 654}}
+    expected = {
+        "train": {"synthetic_prompts": 1319},
+        "dev": {"anthropic": 1004, "mt": 192, "mts": 364, "toolace": 236},
+        "test": {"anthropic": 312, "mt": 722, "mts": 132, "toolace": 654},
+    }
     for split, groups in expected.items():
         sp = load_high_stakes(split, data_dir)
         assert dict(zip(*np.unique(sp.groups, return_counts=True))) == groups

@@ -17,8 +17,17 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
-records = st.fixed_dictionaries({}, optional={"id": json_values, "text": json_values, "messages": json_values,
-                                               "group": json_values, "label": json_values, "extra": json_values})
+records = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": json_values,
+        "text": json_values,
+        "messages": json_values,
+        "group": json_values,
+        "label": json_values,
+        "extra": json_values,
+    },
+)
 
 
 def check_row(row):
@@ -50,20 +59,28 @@ def test_any_bytes_file_gives_one_row_per_non_empty_line(lines):
         check_row(r)
         if r["error"] is None:
             obj = json.loads(data.split(b"\n")[int(r["source"].rsplit(":", 1)[1]) - 1])
-            assert r["id"] == obj["id"] and (r["input"] == obj["text"] if not r["is_chat"] else json.loads(r["input"]) == obj["messages"])
+            assert r["id"] == obj["id"] and (
+                r["input"] == obj["text"] if not r["is_chat"] else json.loads(r["input"]) == obj["messages"]
+            )
 
 
 def test_huge_rows_nested_junk_and_invalid_utf8_are_quarantined():
     huge = json.dumps({"id": "h", "text": "x" * (MAX_ROW_BYTES + 10)}).encode()
     nested = b'{"id": "n", "text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     rows = _split_lines({"path": "f.jsonl", "bytes": huge + b"\n" + nested + b"\n" + b'{"id": "u", "text": "\xc3\x28"}'})
-    assert [r["error"].split(" (")[0] for r in rows] == [f"row larger than {MAX_ROW_BYTES} bytes", "malformed JSON", "undecodable bytes"]
+    assert [r["error"].split(" (")[0] for r in rows] == [
+        f"row larger than {MAX_ROW_BYTES} bytes",
+        "malformed JSON",
+        "undecodable bytes",
+    ]
     rows = _split_lines({"path": "f.jsonl.gz", "bytes": b"not gzip"})
     assert len(rows) == 1 and rows[0]["error"].startswith("unreadable gzip")
 
 
 GOOD = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")))
-keys = st.sampled_from(["model", "probes", "activations", "expert", "calibration", "audit", "ray", "train", "calibrate", "cascade", "bogus"])
+keys = st.sampled_from(
+    ["model", "probes", "activations", "expert", "calibration", "audit", "ray", "train", "calibrate", "cascade", "bogus"]
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -88,14 +105,17 @@ def test_config_files_that_are_not_configs(tmp_path, text):
         load_config(str(tmp_path / "missing.yaml"))
 
 
-@pytest.mark.parametrize("text, leaked", [
-    ('{"token": "Bearer abcdefghijklmnop"}', "abcdefghijklmnop"),
-    ("Authorization: bearer abc.def-ghi_jkl", "abc.def-ghi_jkl"),
-    ("aws_secret_access_key=wJalrXUtnFEMIK7MDENG", "wJalrXUtnFEMIK7MDENG"),
-    ('{"api_key": "sk-live-1234567890"}', "sk-live-1234567890"),
-    ("key id AKIAIOSFODNN7EXAMPLE in a log line", "AKIAIOSFODNN7EXAMPLE"),
-    ("password: hunter2hunter2", "hunter2hunter2"),
-])
+@pytest.mark.parametrize(
+    "text, leaked",
+    [
+        ('{"token": "Bearer abcdefghijklmnop"}', "abcdefghijklmnop"),
+        ("Authorization: bearer abc.def-ghi_jkl", "abc.def-ghi_jkl"),
+        ("aws_secret_access_key=wJalrXUtnFEMIK7MDENG", "wJalrXUtnFEMIK7MDENG"),
+        ('{"api_key": "sk-live-1234567890"}', "sk-live-1234567890"),
+        ("key id AKIAIOSFODNN7EXAMPLE in a log line", "AKIAIOSFODNN7EXAMPLE"),
+        ("password: hunter2hunter2", "hunter2hunter2"),
+    ],
+)
 def test_redact_removes_anything_shaped_like_a_credential(text, leaked):
     from ctd.reporting.redact import redact
 

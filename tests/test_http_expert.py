@@ -10,8 +10,16 @@ import urllib.request
 
 import numpy as np
 import pytest
-
-from conftest import JUDGE_KEY_ENV, _stop, assert_not_in_files, connected_session_logs, direct_p_unsafe, free_port, judge_rows, ray_session_logs
+from conftest import (
+    JUDGE_KEY_ENV,
+    _stop,
+    assert_not_in_files,
+    connected_session_logs,
+    direct_p_unsafe,
+    free_port,
+    judge_rows,
+    ray_session_logs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +28,34 @@ pytestmark = pytest.mark.slow
 def vllm_server(tiny_llama, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("vllm") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_llama, "--host", "127.0.0.1",
-                             "--port", str(port), "--max-model-len", "256", "--max-logprobs", "20", "--enforce-eager", "--dtype", "float32",
-                             "--served-model-name", "tiny-judge", "--api-key", os.environ[JUDGE_KEY_ENV]],
-                            env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            tiny_llama,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "256",
+            "--max-logprobs",
+            "20",
+            "--enforce-eager",
+            "--dtype",
+            "float32",
+            "--served-model-name",
+            "tiny-judge",
+            "--api-key",
+            os.environ[JUDGE_KEY_ENV],
+        ],
+        env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 300
     while True:
@@ -43,9 +74,21 @@ def vllm_server(tiny_llama, tmp_path_factory):
 def http_config(base_url, tokenizer, **kw):
     from ctd.config import ExpertConfig
 
-    http = {"base_url": base_url, "model": "tiny-judge", "tokenizer": tokenizer, "max_model_len": 256, "top_logprobs": 20,
-            "label_tokens": {"unsafe": ["Yes"], "safe": ["No"]}, "actors": 1, "concurrency_per_actor": 4, "requests_per_second": 50.0,
-            "max_retries": 2, "timeout_seconds": 20, "api_key_env": JUDGE_KEY_ENV, **kw}
+    http = {
+        "base_url": base_url,
+        "model": "tiny-judge",
+        "tokenizer": tokenizer,
+        "max_model_len": 256,
+        "top_logprobs": 20,
+        "label_tokens": {"unsafe": ["Yes"], "safe": ["No"]},
+        "actors": 1,
+        "concurrency_per_actor": 4,
+        "requests_per_second": 50.0,
+        "max_retries": 2,
+        "timeout_seconds": 20,
+        "api_key_env": JUDGE_KEY_ENV,
+        **kw,
+    }
     return ExpertConfig.model_validate({"kind": "http", "http": http})
 
 
@@ -69,16 +112,20 @@ def rows(n):
 
 def test_http_judge_is_the_same_judge_row_by_row(ray_head, vllm_server, tiny_llama):
     import ray
+    from transformers import AutoTokenizer
 
     from ctd.config import JUDGE_TEMPLATE
     from ctd.experts.prompt import JudgePrompt
     from ctd.pipeline.corpus import row_input
-    from transformers import AutoTokenizer
 
     data = judge_rows()
     t0 = time.time()
-    out = {r["id"]: r for r in run_expert(ray.data.from_items(data), http_config(vllm_server, tiny_llama, requests_per_second=5.0),
-                                          n_todo=len(data)).take_all()}
+    out = {
+        r["id"]: r
+        for r in run_expert(
+            ray.data.from_items(data), http_config(vllm_server, tiny_llama, requests_per_second=5.0), n_todo=len(data)
+        ).take_all()
+    }
     took = time.time() - t0
     assert sorted(out) == sorted(r["id"] for r in data)
     jp = JudgePrompt(AutoTokenizer.from_pretrained(tiny_llama), JUDGE_TEMPLATE, 256)
@@ -92,11 +139,12 @@ def test_http_judge_is_the_same_judge_row_by_row(ray_head, vllm_server, tiny_lla
 
 
 def test_unreachable_endpoint_is_retried_then_fails_the_row_not_the_batch(ray_head, tiny_llama):
-
     dead = f"http://127.0.0.1:{free_port()}/v1"
     out = run_expert(rows(3), http_config(dead, tiny_llama, max_retries=2), n_todo=3).take_all()
     assert len(out) == 3 and all(r["expert"] is None for r in out)
-    assert all(r["expert_status"] == "error: judge endpoint unreachable after N attempts: [Errno N] Connection refused" for r in out)
+    assert all(
+        r["expert_status"] == "error: judge endpoint unreachable after N attempts: [Errno N] Connection refused" for r in out
+    )
 
 
 def test_a_dead_endpoint_opens_the_circuit_breaker_in_bounded_time(ray_head, tiny_llama):
@@ -117,8 +165,9 @@ def test_a_dead_endpoint_opens_the_circuit_breaker_in_bounded_time(ray_head, tin
     # with 4 rows in flight per actor the breaker still bounds the damage: at most K + 3 rows try the
     # endpoint (the ones already in flight when it opens), every other row gets the breaker's status
     t0 = time.time()
-    out = run_expert(rows(40), http_config(dead, tiny_llama, max_retries=3, circuit_breaker_failures=3, concurrency_per_actor=4),
-                     n_todo=40).take_all()
+    out = run_expert(
+        rows(40), http_config(dead, tiny_llama, max_retries=3, circuit_breaker_failures=3, concurrency_per_actor=4), n_todo=40
+    ).take_all()
     status = [r["expert_status"] for r in out]
     assert len(out) == 40 and all(r["expert"] is None for r in out)
     tried = sum(s.startswith("error: judge endpoint unreachable") for s in status)
@@ -140,7 +189,9 @@ def test_api_key_only_from_a_named_environment_variable(vllm_server, tiny_llama,
     with pytest.raises(RuntimeError, match=JUDGE_KEY_ENV):
         HTTPJudgeStage(spec)
     monkeypatch.setenv(JUDGE_KEY_ENV, "sk-wrong-key-0123456789")
-    t = HTTPJudgeStage(spec.model_copy(update={"max_retries": 0}))(pa.table({"id": ["a"], "input": ["w1 w2"], "is_chat": [False]}))
+    t = HTTPJudgeStage(spec.model_copy(update={"max_retries": 0}))(
+        pa.table({"id": ["a"], "input": ["w1 w2"], "is_chat": [False]})
+    )
     status = t.column("expert_status")[0].as_py()
     assert t.column("expert")[0].as_py() is None and status.startswith("error: judge answered HTTP 401"), status
     assert "sk-wrong-key" not in status and good not in status
@@ -157,11 +208,11 @@ def test_chat_prompts_are_the_tokens_vllm_renders(ray_head, vllm_server, tiny_ll
     import json as _json
 
     import ray
+    from transformers import AutoTokenizer
 
     from ctd.config import JUDGE_TEMPLATE
     from ctd.experts.prompt import JudgePrompt, render_prompt
     from ctd.pipeline.corpus import row_input
-    from transformers import AutoTokenizer
 
     data = judge_rows(n_short=6, n_long=1)
     jp = JudgePrompt(AutoTokenizer.from_pretrained(tiny_llama), JUDGE_TEMPLATE, 256, chat=True)
@@ -169,15 +220,28 @@ def test_chat_prompts_are_the_tokens_vllm_renders(ray_head, vllm_server, tiny_ll
     for r, (ids, cut) in zip(data, expected):
         if cut:
             continue
-        body = {"model": "tiny-judge", "messages": [{"role": "user", "content": render_prompt(JUDGE_TEMPLATE, row_input(r["input"], r["is_chat"]))}],
-                "max_tokens": 1, "temperature": 0, "return_token_ids": True}
-        req = urllib.request.Request(vllm_server + "/chat/completions", data=_json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {os.environ[JUDGE_KEY_ENV]}"})
+        body = {
+            "model": "tiny-judge",
+            "messages": [{"role": "user", "content": render_prompt(JUDGE_TEMPLATE, row_input(r["input"], r["is_chat"]))}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+        req = urllib.request.Request(
+            vllm_server + "/chat/completions",
+            data=_json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {os.environ[JUDGE_KEY_ENV]}"},
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert _json.loads(resp.read())["prompt_token_ids"] == ids, r["id"]
         assert ids.count(1) == 1  # one BOS
-    out = {x["id"]: x for x in run_expert(ray.data.from_items(data), http_config(vllm_server, tiny_llama, apply_chat_template=True),
-                                          n_todo=len(data)).take_all()}
+    out = {
+        x["id"]: x
+        for x in run_expert(
+            ray.data.from_items(data), http_config(vllm_server, tiny_llama, apply_chat_template=True), n_todo=len(data)
+        ).take_all()
+    }
     direct = direct_p_unsafe(tiny_llama, [ids for ids, _ in expected])
     assert [out[r["id"]]["expert_status"] for r in data] == ["ok"] * len(data)
     np.testing.assert_allclose([out[r["id"]]["expert"] for r in data], direct, atol=2e-3)
@@ -188,11 +252,14 @@ def test_a_night_with_the_http_judge_leaks_no_key(deployment, vllm_server, tiny_
     """A whole audit with the HTTP judge on S3: the planted judge key (read through api_key_env by every
     judge actor) and the S3 secret key (read by the storage layer) appear in no object written to the
     bucket and in no Ray session log (drivers, workers, raylet, dashboard)."""
-    from ctd.config import load_config
     from ctd.audit.run import run_audit
+    from ctd.config import load_config
 
     http = http_config(vllm_server, tiny_llama).http.model_dump()
-    cfg = load_config(deployment["config_path"], {"expert.kind": "http", "expert.http": http, "audit.output": f"{deployment['root']}/http-audit"})
+    cfg = load_config(
+        deployment["config_path"],
+        {"expert.kind": "http", "expert.http": http, "audit.output": f"{deployment['root']}/http-audit"},
+    )
     report = run_audit(cfg, run_id="http-night")
     assert report.expert_kind == "http" and report.expert_calls > 10 and report.expert_failures == 0
     planted = [os.environ[JUDGE_KEY_ENV], s3["secret"]]

@@ -4,7 +4,6 @@ rows as rows with a reason (never a crash, never a lost row)."""
 
 import numpy as np
 import pytest
-
 from conftest import direct_p_unsafe, judge_rows
 
 pytestmark = pytest.mark.slow
@@ -13,8 +12,15 @@ pytestmark = pytest.mark.slow
 def vllm_expert(model, **kw):
     from ctd.config import ExpertConfig
 
-    v = {"model": model, "top_logprobs": 20, "max_model_len": 256, "batch_size": 8, "label_tokens": {"unsafe": ["Yes"], "safe": ["No"]},
-         "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8, "dtype": "float32"}, **kw}
+    v = {
+        "model": model,
+        "top_logprobs": 20,
+        "max_model_len": 256,
+        "batch_size": 8,
+        "label_tokens": {"unsafe": ["Yes"], "safe": ["No"]},
+        "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8, "dtype": "float32"},
+        **kw,
+    }
     return ExpertConfig.model_validate({"kind": "vllm", "vllm": v})
 
 
@@ -36,7 +42,9 @@ def test_vllm_judge_matches_a_direct_computation_row_by_row(ray_head, tiny_llama
     from ctd.experts.registry import expert_for
 
     rows = judge_rows()
-    out = {r["id"]: r for r in run_expert(expert_for(vllm_expert(tiny_llama)), ray.data.from_items(rows), rows=len(rows)).take_all()}
+    out = {
+        r["id"]: r for r in run_expert(expert_for(vllm_expert(tiny_llama)), ray.data.from_items(rows), rows=len(rows)).take_all()
+    }
     assert sorted(out) == sorted(r["id"] for r in rows)  # one output row per input row
     expected = prompts_of(tiny_llama, rows)
     direct = direct_p_unsafe(tiny_llama, [ids for ids, _ in expected])
@@ -62,7 +70,9 @@ def test_vllm_judge_failures_are_rows_with_reasons(ray_head, tiny_llama):
     from ctd.experts.registry import expert_for
 
     rows = judge_rows(n_short=10, n_long=2) + [{"id": "bad-chat", "input": "{not json", "is_chat": True}]
-    cfg = vllm_expert(tiny_llama, engine_kwargs={"enforce_eager": True, "max_num_seqs": 8, "dtype": "float32", "max_model_len": 96})
+    cfg = vllm_expert(
+        tiny_llama, engine_kwargs={"enforce_eager": True, "max_num_seqs": 8, "dtype": "float32", "max_model_len": 96}
+    )
     out = {r["id"]: r for r in run_expert(expert_for(cfg), ray.data.from_items(rows), rows=len(rows)).take_all()}
     assert sorted(out) == sorted(r["id"] for r in rows)
     lengths = {r["id"]: len(ids) for r, (ids, _) in zip(rows[:-1], prompts_of(tiny_llama, rows[:-1]))}
@@ -93,10 +103,15 @@ def test_classifier_expert_fails_a_row_not_the_batch(tmp_path):
 
     path = build_tiny_llama(str(tmp_path / "clf"), classifier=True)
     stage = ClassifierStage(ClassifierExpertConfig(path=path, max_length=64))
-    batch = pa.table({"id": ["a", "bad", "c"], "input": ["w1 w2 w3", "{not json", " ".join(["w9"] * 100)], "is_chat": [False, True, False]})
+    batch = pa.table(
+        {"id": ["a", "bad", "c"], "input": ["w1 w2 w3", "{not json", " ".join(["w9"] * 100)], "is_chat": [False, True, False]}
+    )
     out = stage(batch).to_pylist()
     assert [r["id"] for r in out] == ["a", "bad", "c"]
     assert out[1]["expert"] is None and out[1]["expert_status"].startswith("error: JSONDecodeError")
-    assert [out[0]["expert_status"], out[2]["expert_status"]] == ["ok", "ok"] and [out[0]["expert_truncated"], out[2]["expert_truncated"]] == [False, True]
+    assert [out[0]["expert_status"], out[2]["expert_status"]] == ["ok", "ok"] and [
+        out[0]["expert_truncated"],
+        out[2]["expert_truncated"],
+    ] == [False, True]
     alone = [stage(batch.slice(i, 1)).column("expert")[0].as_py() for i in (0, 2)]  # each row scored on its own
     assert [out[0]["expert"], out[2]["expert"]] == pytest.approx(alone, abs=1e-6)

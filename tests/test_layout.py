@@ -11,10 +11,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # modules whose functions and classes Ray ships to workers (stage classes, map_batches functions,
 # tree reductions): importing them must stay light
-WORKER_MODULES = ["ctd.pipeline.corpus", "ctd.pipeline.stages", "ctd.pipeline.dedup", "ctd.pipeline.raydata", "ctd.pipeline.scoring",
-                  "ctd.experts.base", "ctd.experts.prompt", "ctd.experts.vllm", "ctd.experts.http", "ctd.experts.classifier",
-                  "ctd.audit.selection", "ctd.audit.results", "ctd.audit.facts", "ctd.audit.review", "ctd.audit.judging",
-                  "ctd.runs.verify", "ctd.monitor.replay"]
+WORKER_MODULES = [
+    "ctd.pipeline.corpus",
+    "ctd.pipeline.stages",
+    "ctd.pipeline.dedup",
+    "ctd.pipeline.raydata",
+    "ctd.pipeline.scoring",
+    "ctd.experts.base",
+    "ctd.experts.prompt",
+    "ctd.experts.vllm",
+    "ctd.experts.http",
+    "ctd.experts.classifier",
+    "ctd.audit.selection",
+    "ctd.audit.results",
+    "ctd.audit.facts",
+    "ctd.audit.review",
+    "ctd.audit.judging",
+    "ctd.runs.verify",
+    "ctd.monitor.replay",
+]
 
 
 def imports_of(path: str, mod: str | None = None) -> set[str]:
@@ -41,7 +56,11 @@ def production_files():
             for f in files:
                 p = os.path.join(d, f)
                 rel = os.path.relpath(p, ROOT)
-                if f.endswith(".py") and not rel.startswith(os.path.join("ctd", "testing")) and rel != os.path.join("jobs", "demo.py"):
+                if (
+                    f.endswith(".py")
+                    and not rel.startswith(os.path.join("ctd", "testing"))
+                    and rel != os.path.join("jobs", "demo.py")
+                ):
                     yield p
 
 
@@ -55,15 +74,21 @@ def test_the_statistics_import_no_ray_torch_or_io():
     stats = os.path.join(ROOT, "ctd", "stats")
     for f in os.listdir(stats):
         if f.endswith(".py"):
-            got = [i for i in imports_of(os.path.join(stats, f)) if i.split(".")[0] in heavy
-                   or (i.startswith("ctd.") and not i.startswith("ctd.stats"))]
+            got = [
+                i
+                for i in imports_of(os.path.join(stats, f))
+                if i.split(".")[0] in heavy or (i.startswith("ctd.") and not i.startswith("ctd.stats"))
+            ]
             assert not got, (f, got)
 
 
 def test_worker_modules_never_load_matplotlib_or_the_testing_tools():
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in WORKER_MODULES)
-            + "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m in ('ctd.reporting.plots',) "
-              "or m.startswith('ctd.testing'))\nprint(bad)\nsys.exit(1 if bad else 0)\n")
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in WORKER_MODULES)
+        + "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m in ('ctd.reporting.plots',) "
+        "or m.startswith('ctd.testing'))\nprint(bad)\nsys.exit(1 if bad else 0)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -73,3 +98,28 @@ def test_the_check_sees_a_bad_import(tmp_path):
     p = tmp_path / "probe.py"
     p.write_text("from ..testing import demo\ndef f():\n    from ..reporting import plots\n    import torch\n")
     assert {"ctd.testing", "ctd.testing.demo", "ctd.reporting.plots", "torch"} <= imports_of(str(p), "ctd.audit.probe")
+
+
+def untyped_public_functions(path: str) -> list[str]:
+    """Public functions and methods of a file with an argument or a return type not annotated."""
+    tree, out = ast.parse(open(path, encoding="utf-8").read()), []
+
+    def visit(node, cls=None):
+        for ch in ast.iter_child_nodes(node):
+            if isinstance(ch, ast.ClassDef):
+                visit(ch, ch.name)
+            elif isinstance(ch, (ast.FunctionDef, ast.AsyncFunctionDef)) and (node is tree or isinstance(node, ast.ClassDef)):
+                public = (not ch.name.startswith("_") or ch.name in ("__init__", "__call__")) and not (cls or "").startswith("_")
+                args = [a for a in ch.args.args + ch.args.kwonlyargs if a.arg not in ("self", "cls")]
+                if public and (any(a.annotation is None for a in args) or (ch.returns is None and ch.name != "__init__")):
+                    out.append(f"{os.path.relpath(path, ROOT)}:{ch.lineno} {ch.name}")
+
+    visit(tree)
+    return out
+
+
+def test_public_functions_have_type_hints(tmp_path):
+    assert [u for p in production_files() for u in untyped_public_functions(p)] == []
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(x) -> int:\n    return 1\ndef _g(x):\n    pass\nclass A:\n    def m(self, y: int):\n        pass\n")
+    assert [u.split(" ")[1] for u in untyped_public_functions(str(probe))] == ["f", "m"]  # the check can fail

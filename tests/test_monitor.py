@@ -4,8 +4,15 @@ monitors against the vectorised evaluation; bad step logs."""
 import numpy as np
 import pytest
 
-from ctd.monitor.rules import (DensityRatio, EProcessMonitor, ThresholdMonitor, TrajectoryError, evaluate_eprocess, evaluate_threshold,
-                         validate_steps)
+from ctd.monitor.rules import (
+    DensityRatio,
+    EProcessMonitor,
+    ThresholdMonitor,
+    TrajectoryError,
+    evaluate_eprocess,
+    evaluate_threshold,
+    validate_steps,
+)
 from ctd.stats.calibrate import threshold_grid
 from ctd.stats.pvalues import binomial_upper_pvalue, max_certifiable_count, simulation_draws
 from ctd.stats.risk_control import alarm_counts, control_threshold
@@ -67,8 +74,15 @@ def test_streaming_monitors_agree_with_vectorised_evaluation():
     t = traj_fixture()
     for lam in (0.3, 0.5, 0.75):
         mon = ThresholdMonitor(lam)
-        alarms = {tr: s for tr, s, sc in ((t.ids[i], int(t.steps[j]), float(t.scores[j])) for i in range(len(t))
-                                           for j in range(t.offsets[i], t.offsets[i + 1])) if mon.observe(tr, s, sc)}
+        alarms = {
+            tr: s
+            for tr, s, sc in (
+                (t.ids[i], int(t.steps[j]), float(t.scores[j]))
+                for i in range(len(t))
+                for j in range(t.offsets[i], t.offsets[i + 1])
+            )
+            if mon.observe(tr, s, sc)
+        }
         alarmed, first = t.first_alarm(lam)
         assert {t.ids[i]: int(t.steps[t.offsets[i] + first[i]]) for i in range(len(t)) if alarmed[i]} == alarms
     m = evaluate_threshold(t, 0.5)
@@ -80,15 +94,22 @@ def test_streaming_monitors_agree_with_vectorised_evaluation():
     assert (got == ["c"]) == (ev["power"] == 1.0)
 
 
-@pytest.mark.parametrize("change,reason", [
-    ({"steps": [1, 3, 2, 1, 2, 1, 2, 3, 4]}, "steps out of order"),
-    ({"steps": [1, 2, 2, 1, 2, 1, 2, 3, 4]}, "duplicated step"),
-    ({"scores": [0.9, 1.4, 0.8, 0.95, 0.9, 0.7, 0.6, 0.2, 0.1]}, "outside"),
-    ({"labels": [1, 0, 1, 1, 1, 0, 0, 0, 0]}, "mixed final labels"),
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        ({"steps": [1, 3, 2, 1, 2, 1, 2, 3, 4]}, "steps out of order"),
+        ({"steps": [1, 2, 2, 1, 2, 1, 2, 3, 4]}, "duplicated step"),
+        ({"scores": [0.9, 1.4, 0.8, 0.95, 0.9, 0.7, 0.6, 0.2, 0.1]}, "outside"),
+        ({"labels": [1, 0, 1, 1, 1, 0, 0, 0, 0]}, "mixed final labels"),
+    ],
+)
 def test_bad_step_logs_error_or_quarantine(change, reason):
-    base = dict(ids=["a"] * 3 + ["b"] * 2 + ["c"] * 4, steps=[1, 2, 3, 1, 2, 1, 2, 3, 4],
-                scores=[0.9, 0.4, 0.8, 0.95, 0.9, 0.7, 0.6, 0.2, 0.1], labels=[1, 1, 1, 1, 1, 0, 0, 0, 0])
+    base = dict(
+        ids=["a"] * 3 + ["b"] * 2 + ["c"] * 4,
+        steps=[1, 2, 3, 1, 2, 1, 2, 3, 4],
+        scores=[0.9, 0.4, 0.8, 0.95, 0.9, 0.7, 0.6, 0.2, 0.1],
+        labels=[1, 1, 1, 1, 1, 0, 0, 0, 0],
+    )
     base.update(change)
     with pytest.raises(TrajectoryError, match=reason):
         validate_steps(base["ids"], base["steps"], base["scores"], base["labels"])
@@ -114,14 +135,48 @@ def test_monitor_calibrate_cli_on_real_trajectories(data_dir, tmp_path):
     src = os.path.join(data_dir, "verifier-trajectories", "math.csv.gz")
     for risk, control in (("false-alarm", "crc"), ("missed-detection", "ucb")):
         out = tmp_path / f"{risk}-{control}"
-        assert main(["monitor", "calibrate", "--trajectories", src, "--risk", risk, "--control", control, "--epsilon", "0.1",
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "monitor",
+                    "calibrate",
+                    "--trajectories",
+                    src,
+                    "--risk",
+                    risk,
+                    "--control",
+                    control,
+                    "--epsilon",
+                    "0.1",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         body = json.load(open(out / "monitor.json"))
         assert body["risk"] == risk and body["n_relevant"] > 1000 and body["empirical_risk_at_lambda"] <= 0.1
     bad = tmp_path / "bad.csv"
     bad.write_text("uq_problem_idx,num_steps,judge_probability,solved\na,1,0.5,1\na,1,0.6,1\n")
-    assert main(["monitor", "calibrate", "--trajectories", str(bad), "--risk", "false-alarm", "--control", "crc", "--epsilon", "0.1",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "monitor",
+                "calibrate",
+                "--trajectories",
+                str(bad),
+                "--risk",
+                "false-alarm",
+                "--control",
+                "crc",
+                "--epsilon",
+                "0.1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.slow
@@ -137,10 +192,9 @@ def test_monitor_job_on_s3_with_bad_trajectories(ray_head, s3, data_dir, tmp_pat
 
     from ctd import storage
     from ctd.cli import main
-    from ctd.config import load_config
-    from ctd.config import MonitorConfig
-    from ctd.monitor.rules import read_step_table
+    from ctd.config import MonitorConfig, load_config
     from ctd.monitor.job import run_monitor
+    from ctd.monitor.rules import read_step_table
     from ctd.runs.layout import read_manifest, read_run_table
 
     src = read_step_table(os.path.join(data_dir, "verifier-trajectories", "math.csv.gz"))
@@ -148,23 +202,49 @@ def test_monitor_job_on_s3_with_bad_trajectories(ray_head, s3, data_dir, tmp_pat
     keep = [c for c in ("uq_problem_idx", "num_steps", "judge_probability", "solved", "generated_tokens")]
     buf = io.BytesIO()
     pcsv.write_csv(first.select(keep), buf)
-    bad = ("zz_order,2,0.5,1,3\nzz_order,1,0.5,1,3\nzz_dup,1,0.5,0,3\nzz_dup,1,0.4,0,3\n"
-           "zz_mixed,1,0.5,1,3\nzz_mixed,2,0.5,0,3\nzz_score,1,1.7,0,3\n")
+    bad = (
+        "zz_order,2,0.5,1,3\nzz_order,1,0.5,1,3\nzz_dup,1,0.5,0,3\nzz_dup,1,0.4,0,3\n"
+        "zz_mixed,1,0.5,1,3\nzz_mixed,2,0.5,0,3\nzz_score,1,1.7,0,3\n"
+    )
     root = f"s3://{s3['bucket']}/monitor"
     storage.write_bytes(f"{root}/steps/2026-11-24/part-0.csv.gz", gzip.compress(buf.getvalue() + bad.encode()))
     storage.write_bytes(f"{root}/heldout.csv", open(os.path.join(data_dir, "verifier-trajectories", "math.csv.gz"), "rb").read())
-    assert main(["monitor", "calibrate", "--trajectories", f"{root}/heldout.csv", "--risk", "false-alarm", "--control", "ucb",
-                 "--epsilon", "0.1", "--out", f"{root}/calibration"]) == 0
+    assert (
+        main(
+            [
+                "monitor",
+                "calibrate",
+                "--trajectories",
+                f"{root}/heldout.csv",
+                "--risk",
+                "false-alarm",
+                "--control",
+                "ucb",
+                "--epsilon",
+                "0.1",
+                "--out",
+                f"{root}/calibration",
+            ]
+        )
+        == 0
+    )
     cfg_path = tmp_path / "monitor.yaml"
     # the monitored day is a parameter: {date} in the input and the run id, so a retry reads the same day
-    cfg_path.write_text(f"monitor:\n  input: {root}/steps/{{date}}/\n  calibration: {root}/calibration\n  output: {root}\n  run_id: m1-{{date}}\n")
+    cfg_path.write_text(
+        f"monitor:\n  input: {root}/steps/{{date}}/\n  calibration: {root}/calibration\n  output: {root}\n  run_id: m1-{{date}}\n"
+    )
     cfg = load_config(str(cfg_path), model=MonitorConfig)
     summary = run_monitor(cfg, date="2026-11-24")
     assert summary["run_id"] == "m1-2026-11-24" and summary["monitored_date"] == "2026-11-24"
     assert read_manifest(root, "m1-2026-11-24")["summary"]["monitored_date"] == "2026-11-24"
     n_traj = len(set(first.column("uq_problem_idx").to_pylist()))
     assert summary["trajectories"] == n_traj + 4 and summary["trajectories_quarantined"] == 4
-    assert set(summary["quarantine_reasons"]) == {"steps out of order", "duplicated step", "mixed final labels", "score outside [0, 1]"}
+    assert set(summary["quarantine_reasons"]) == {
+        "steps out of order",
+        "duplicated step",
+        "mixed final labels",
+        "score outside [0, 1]",
+    }
     alarms = read_run_table(root, "m1-2026-11-24")
     assert set(alarms.column_names) >= {"trajectory", "step", "score"} and alarms.num_rows == summary["alarms"] > 0
     # every alarm is the first step whose alarm score exceeds λ
@@ -184,6 +264,10 @@ def test_monitor_job_on_s3_with_bad_trajectories(ray_head, s3, data_dir, tmp_pat
     body = storage.read_json(f"{root}/calibration/monitor.json")
     body["lambda_hat"] = 0.99
     storage.write_json(f"{root}/tampered/monitor.json", body)
-    r = subprocess.run([sys.executable, "-m", "jobs.monitor", "--config", str(cfg_path), "--set", f"monitor.calibration={root}/tampered"],
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.monitor", "--config", str(cfg_path), "--set", f"monitor.calibration={root}/tampered"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert r.returncode == 2 and "integrity" in r.stderr

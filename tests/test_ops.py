@@ -13,15 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import old_driver_logic
 
 from ctd.audit import review as rv
 from ctd.audit.facts import Facts, collect, result_counts
 from ctd.audit.results import Rows, finalize, not_sent, quarantined, to_expert
-from ctd.audit.selection import cap_boundary, cap_rows, is_passing, mark
-from ctd.pipeline.dedup import count_where, find_duplicates, is_scored
-from ctd.pipeline.raydata import read, tally, tree_reduce
+from ctd.audit.selection import cap_boundary, cap_rows, delegated, is_passing, mark
+from ctd.pipeline.dedup import census, count_where, is_scored
+from ctd.pipeline.raydata import read, tree_reduce
 from ctd.stats.cascade import Cascade
 
 pytestmark = pytest.mark.slow
@@ -51,10 +50,22 @@ def synthetic_stage1(folder, n=3000, seed=0, files=4):
         ids[j], error[j] = None, "missing id"
     dv = np.round(rng.normal(0, 0.4, n), 2)
     valid = np.array([e is None for e in error])
-    t = pa.table({"id": ids, "input": [f"text {i}" for i in range(n)], "is_chat": [False] * n, "group": rng.choice(["a", "b", None], n).tolist(),
-                  "label": pa.array(rng.integers(-1, 2, n), pa.int8()), "source": [f"c.jsonl:{i + 1}" for i in range(n)], "error": error,
-                  "truncated": rng.random(n) < 0.1, "probe": rng.random(n), "dv": np.where(valid, dv, np.nan), "delegated": valid & (dv > 0.1),
-                  "tokens": pa.array(rng.integers(1, 50, n), pa.int32())})
+    t = pa.table(
+        {
+            "id": ids,
+            "input": [f"text {i}" for i in range(n)],
+            "is_chat": [False] * n,
+            "group": rng.choice(["a", "b", None], n).tolist(),
+            "label": pa.array(rng.integers(-1, 2, n), pa.int8()),
+            "source": [f"c.jsonl:{i + 1}" for i in range(n)],
+            "error": error,
+            "truncated": rng.random(n) < 0.1,
+            "probe": rng.random(n),
+            "dv": np.where(valid, dv, np.nan),
+            "delegated": valid & (dv > 0.1),
+            "tokens": pa.array(rng.integers(1, 50, n), pa.int32()),
+        }
+    )
     os.makedirs(folder, exist_ok=True)
     paths = []
     for k, part in enumerate(np.array_split(np.arange(n), files)):
@@ -66,8 +77,10 @@ def synthetic_stage1(folder, n=3000, seed=0, files=4):
 
 def distributed(paths, cap_fraction, broadcast_limit):
     rows = read(paths)
-    dups = find_duplicates(rows, broadcast_limit=broadcast_limit, size=3000)
-    counts = count_where(mark(rows, dups), {"scored": is_scored, "passing": is_passing})
+    c = census(rows, broadcast_limit=broadcast_limit, size=3000, flags={"passing": delegated})
+    dups = c.dups
+    counts = {"scored": c.scored, "passing": c.flagged["passing"]}
+    assert counts == count_where(mark(rows, dups), {"scored": is_scored, "passing": is_passing})  # the one pass = the marked rows
     cap = cap_rows(cap_fraction, counts["scored"])
     boundary = cap_boundary(mark(rows, dups), cap) if cap is not None and counts["passing"] > cap else None
     marked = mark(rows, dups, boundary)
@@ -79,9 +92,17 @@ def distributed(paths, cap_fraction, broadcast_limit):
     cat = lambda refs: pa.concat_tables([x for x in ray.get(refs) if x.num_rows]) if refs else None  # noqa: E731
     sent, rest, q = cat(sent), cat(rest), cat(q)
     over = {i for i, o in zip(rest.column("id").to_pylist(), rest.column("over_cap").to_pylist()) if o}
-    return {"dups": dups, "counts": counts, "boundary": boundary, "sent": set(sent.column("id").to_pylist()), "over": over,
-            "scored": set(sent.column("id").to_pylist()) | set(rest.column("id").to_pylist()), "n_sent_rows": sent.num_rows,
-            "n_rest_rows": rest.num_rows, "quarantine": sorted(zip([i or "" for i in q.column("id").to_pylist()], q.column("error").to_pylist()))}
+    return {
+        "dups": dups,
+        "counts": counts,
+        "boundary": boundary,
+        "sent": set(sent.column("id").to_pylist()),
+        "over": over,
+        "scored": set(sent.column("id").to_pylist()) | set(rest.column("id").to_pylist()),
+        "n_sent_rows": sent.num_rows,
+        "n_rest_rows": rest.num_rows,
+        "quarantine": sorted(zip([i or "" for i in q.column("id").to_pylist()], q.column("error").to_pylist())),
+    }
 
 
 @pytest.mark.parametrize("broadcast_limit", [1_000_000, 0], ids=["broadcast", "join"])
@@ -111,7 +132,7 @@ def test_cap_boundary_breaks_ties_by_id(ray_head, tmp_path):
     p = str(tmp_path / "t.parquet")
     pq.write_table(t, p)
     rows = read([p])
-    dups = find_duplicates(rows, broadcast_limit=10, size=n)
+    dups = census(rows, broadcast_limit=10, size=n).dups
     boundary = cap_boundary(mark(rows, dups), 8)  # 5 at 0.9, then 3 of the 10 tied at 0.5
     tied = sorted(i for i, d in zip(ids, dv) if d == 0.5)
     assert boundary == (0.5, tied[3])
@@ -121,7 +142,7 @@ def test_cap_boundary_breaks_ties_by_id(ray_head, tmp_path):
 def test_facts_of_many_files_sum_to_the_rows(ray_head, tmp_path):
     """The distributed facts of results spread over files and blocks equal the facts of the whole
     table computed in one batch (tests/test_audit_rules.py checks those against the rows)."""
-    from ctd.pipeline.raydata import _sum
+    from ctd.pipeline.raydata import tally_sum as _sum
 
     res = synthetic_results(5000, seed=3)
     files = []
@@ -129,13 +150,21 @@ def test_facts_of_many_files_sum_to_the_rows(ray_head, tmp_path):
         files.append(str(tmp_path / f"r{k}.parquet"))
         pq.write_table(res.slice(k * 2000, 2000), files[-1], row_group_size=300)
     q = str(tmp_path / "q.parquet")
-    pq.write_table(pa.table({"id": ["a", "b"], "source": ["s", "s"], "error": ["empty text", "malformed JSON (x)"], "group": [None, "g"]}), q)
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "source": ["s", "s"], "error": ["empty text", "malformed JSON (x)"], "group": [None, "g"]}), q
+    )
     got = collect(Rows(files, [q], 0.0), Cascade())
     from ctd.pipeline.raydata import Tally
 
     t = _sum(result_counts(res))
-    want = Facts.from_tally(Tally({(k, key): n for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(),
-                                                                     t.column("n").to_pylist())}))
+    want = Facts.from_tally(
+        Tally(
+            {
+                (k, key): n
+                for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(), t.column("n").to_pylist())
+            }
+        )
+    )
     assert got.counts == want.counts | {"quarantined": 2} and got.groups == want.groups and got.statuses == want.statuses
     assert got.reasons == {"empty text": 1, "malformed JSON": 1}
     assert all(np.array_equal(got.histograms[c], want.histograms[c]) for c in want.histograms)
@@ -147,10 +176,23 @@ def synthetic_results(n=4000, seed=5):
     deleg = rng.random(n) < 0.3
     expert = np.where(deleg, np.round(rng.random(n), 2), np.nan)
     status = np.where(deleg, np.where(rng.random(n) < 0.1, "error: boom", "ok"), None)
-    t = pa.table({"id": [f"r{i:05d}" for i in rng.permutation(n)], "group": rng.choice(["a", "b"], n).tolist(),
-                  "label": pa.array(np.zeros(n), pa.int8()), "source": ["s"] * n, "truncated": np.zeros(n, bool),
-                  "tokens": pa.array(np.ones(n), pa.int32()), "probe": probe, "dv": rng.normal(0, 0.5, n), "delegated": deleg,
-                  "over_cap": np.zeros(n, bool), "expert": pa.array(expert, mask=~deleg), "expert_status": status.tolist()})
+    t = pa.table(
+        {
+            "id": [f"r{i:05d}" for i in rng.permutation(n)],
+            "group": rng.choice(["a", "b"], n).tolist(),
+            "label": pa.array(np.zeros(n), pa.int8()),
+            "source": ["s"] * n,
+            "truncated": np.zeros(n, bool),
+            "tokens": pa.array(np.ones(n), pa.int32()),
+            "probe": probe,
+            "dv": rng.normal(0, 0.5, n),
+            "delegated": deleg,
+            "over_cap": np.zeros(n, bool),
+            "expert": pa.array(expert, mask=~deleg),
+            "expert_status": status.tolist(),
+            "expert_truncated": pa.array(np.zeros(n, bool), mask=~deleg),
+        }
+    )
     return finalize(t)
 
 
@@ -166,7 +208,12 @@ def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
         files.append(str(tmp_path / f"r{k}.parquet"))
         pq.write_table(res.slice(k * 1000, 1000), files[-1], row_group_size=40)
     q = tmp_path / "q.parquet"
-    pq.write_table(pa.table({"id": ["bad-1", "bad-2"], "source": ["s", "s"], "error": ["empty text", "malformed JSON (x)"], "group": [None, None]}), str(q))
+    pq.write_table(
+        pa.table(
+            {"id": ["bad-1", "bad-2"], "source": ["s", "s"], "error": ["empty text", "malformed JSON (x)"], "group": [None, None]}
+        ),
+        str(q),
+    )
     d = res.to_pydict()
     final, probe, ids = np.array(d["final"]), np.array(d["probe"]), np.array(d["id"])
     dec = np.array(d["decision"])
@@ -176,22 +223,30 @@ def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
         want = ids[mask][order].tolist()
         assert len(want) == 30
         local = ray.data.read_parquet(files, override_num_blocks=100).map_batches(
-            lambda b, w=which: rv.top(30, rv.candidates(b, w)), batch_format="pyarrow", batch_size=None)
+            lambda b, w=which: rv.top(30, rv.candidates(b, w)), batch_format="pyarrow", batch_size=None
+        )
         got = tree_reduce(local.to_arrow_refs(), lambda *ts: rv.top(30, *ts)).column("id").to_pylist()
         assert got == want, which
     r = rv.review(files, [str(q)], [], 30, Cascade(), excerpt_chars=0)
     assert r.schema == rv.REVIEW_SCHEMA
     counts = {w: r.filter(pc.equal(r.column("list"), w)).num_rows for w in ("flagged", "disagreement", "quarantined")}
     assert counts == {"flagged": 30, "disagreement": 30, "quarantined": 2}
-    assert sorted(r.filter(pc.equal(r.column("list"), "quarantined")).column("reason").to_pylist()) == ["empty text", "malformed JSON (x)"]
+    assert sorted(r.filter(pc.equal(r.column("list"), "quarantined")).column("reason").to_pylist()) == [
+        "empty text",
+        "malformed JSON (x)",
+    ]
     assert r.filter(pc.equal(r.column("list"), "flagged")).column("rank").to_pylist() == list(range(1, 31))
     # excerpts come from stage 1's excerpt column (by id), cut to the configured length
     s1 = tmp_path / "s1.parquet"
-    pq.write_table(pa.table({"id": d["id"], "excerpt": [f"text of {i} " + "y" * 50 for i in d["id"]]}), str(s1), row_group_size=500)
+    pq.write_table(
+        pa.table({"id": d["id"], "excerpt": [f"text of {i} " + "y" * 50 for i in d["id"]]}), str(s1), row_group_size=500
+    )
     r = rv.review(files, [str(q)], [str(s1)], 30, Cascade(), excerpt_chars=20)
     fl = r.filter(pc.equal(r.column("list"), "flagged"))
-    assert all(e.startswith(f"text of {i}") and len(e) == 20 and e.endswith("…") for i, e in zip(fl.column("id").to_pylist(),
-                                                                                                 fl.column("excerpt").to_pylist()))
+    assert all(
+        e.startswith(f"text of {i}") and len(e) == 20 and e.endswith("…")
+        for i, e in zip(fl.column("id").to_pylist(), fl.column("excerpt").to_pylist())
+    )
     assert rv.review(files, [], [str(s1)], 5, Cascade(), excerpt_chars=0).column("excerpt").null_count == 10  # excerpts off
 
 
@@ -200,6 +255,8 @@ def test_facts_reduce_many_blocks_as_a_tree(ray_head):
     import ray
 
     ds = ray.data.range(300, override_num_blocks=150)
-    counted = count_where(ds, {"all": lambda b: pa.array(np.ones(b.num_rows, bool)),
-                               "even": lambda b: pc.equal(pc.bit_wise_and(b.column("id"), 1), 0)})
+    counted = count_where(
+        ds,
+        {"all": lambda b: pa.array(np.ones(b.num_rows, bool)), "even": lambda b: pc.equal(pc.bit_wise_and(b.column("id"), 1), 0)},
+    )
     assert counted == {"all": 300, "even": 150}

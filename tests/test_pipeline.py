@@ -13,17 +13,26 @@ import pyarrow as pa
 import pytest
 
 from ctd import storage
-from ctd.model.artifacts import ArtifactError
-from ctd.config import load_config
 from ctd.audit.run import run_audit
+from ctd.config import load_config
+from ctd.model.artifacts import ArtifactError
 from ctd.runs.layout import RunLayout, list_runs, read_manifest, read_run_table, run_file
 from ctd.tables import read_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
-BAD_REASONS = ["malformed JSON", "missing id", "empty text", "text must be a string", "undecodable bytes", "messages must be",
-               "label must be 0 or 1", "not a JSON object", "duplicate id"]
+BAD_REASONS = [
+    "malformed JSON",
+    "missing id",
+    "empty text",
+    "text must be a string",
+    "undecodable bytes",
+    "messages must be",
+    "label must be 0 or 1",
+    "not a JSON object",
+    "duplicate id",
+]
 
 
 def expert_staging_ids(output: str, run_id: str) -> list:
@@ -101,17 +110,23 @@ def test_report_leads_with_the_answer_and_lists_what_to_review(audited):
     cfg, report, _ = audited
     out = cfg.audit.output
     res = read_run_table(out, "night-1")
-    d = {c: np.asarray(res.column(c).to_pylist()) for c in ("id", "probe", "final", "decision", "delegated", "expert_status", "tokens")}
+    d = {
+        c: np.asarray(res.column(c).to_pylist())
+        for c in ("id", "probe", "final", "decision", "delegated", "expert_status", "tokens")
+    }
     answered = d["delegated"] & (d["expert_status"] == "ok")
     assert report.unsafe_by_judge == int((d["decision"] & answered).sum()) > 0
     assert report.judge_overruled == int((answered & ((d["probe"] >= 0.5) != d["decision"])).sum())
     assert report.expert_tokens == int(d["tokens"][d["delegated"]].sum()) > 0
     lines = [t for _, t in report.headline()]
-    assert lines[1].startswith(f"{report.decisions_unsafe:,} flagged unsafe") and f"{report.unsafe_by_judge:,} by the judge" in lines[1]
+    assert (
+        lines[1].startswith(f"{report.decisions_unsafe:,} flagged unsafe")
+        and f"{report.unsafe_by_judge:,} by the judge" in lines[1]
+    )
     rv = read_parquet(run_file(out, "night-1", "review.parquet"))
     assert report.review_rows == rv.num_rows
     flagged = rv.filter(pc.equal(rv.column("list"), "flagged"))
-    top = np.lexsort((d["id"][d["decision"]], -d["final"][d["decision"]]))[:cfg.audit.review_rows]
+    top = np.lexsort((d["id"][d["decision"]], -d["final"][d["decision"]]))[: cfg.audit.review_rows]
     assert flagged.column("id").to_pylist() == d["id"][d["decision"]][top].tolist() and flagged.num_rows == cfg.audit.review_rows
     ex = flagged.column("excerpt").to_pylist()
     assert all(e and len(e) <= cfg.audit.excerpt_chars for e in ex)
@@ -119,7 +134,10 @@ def test_report_leads_with_the_answer_and_lists_what_to_review(audited):
     assert q.num_rows == report.rows_quarantined == 10 and all(q.column("reason").to_pylist())
     page = storage.read_bytes(run_file(out, "night-1", "report.html")).decode()
     assert page.index("The night in brief") < page.index("What to look at") < page.index("Provenance")
-    assert ex[0].replace("&", "&amp;").replace("'", "&#x27;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;") in page
+    assert (
+        ex[0].replace("&", "&amp;").replace("'", "&#x27;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+        in page
+    )
 
 
 def test_stage1_keeps_text_only_in_the_delegated_rows_own_partition(audited):
@@ -156,13 +174,17 @@ def test_rerun_with_the_same_run_id_publishes_a_new_attempt_and_drops_staging(au
     m = read_manifest(out, "night-1")
     assert m["attempt"] == second.attempt != first.attempt and m["replaces_attempt"] == first.attempt
     listed = {f["file"] for f in m["files"]["results"]}
-    on_disk = {RunLayout(out, "night-1").relative(storage.join(RunLayout(out, "night-1", m["attempt"]).results, n))
-               for n in storage.listdir(RunLayout(out, "night-1", m["attempt"]).results)}
+    on_disk = {
+        RunLayout(out, "night-1").relative(storage.join(RunLayout(out, "night-1", m["attempt"]).results, n))
+        for n in storage.listdir(RunLayout(out, "night-1", m["attempt"]).results)
+    }
     assert listed == on_disk and all(f.startswith(f"attempts/{second.attempt}/") for f in listed)
     # the replaced attempt stays (a reader holding the old manifest keeps working); staging is gone
     assert sorted(storage.listdir(RunLayout(out, "night-1").path("attempts"))) == sorted([first.attempt, second.attempt])
     fs, staging = storage.filesystem(RunLayout(out, "night-1").staging)
-    assert not [p for p in (fs.find(staging) if fs.exists(staging) else []) if p.rstrip("/") != staging]  # (an empty folder marker may stay)
+    assert not [
+        p for p in (fs.find(staging) if fs.exists(staging) else []) if p.rstrip("/") != staging
+    ]  # (an empty folder marker may stay)
 
 
 def test_the_capped_audit_publishes_what_the_old_driver_side_logic_gives(deployment):
@@ -176,6 +198,7 @@ def test_the_capped_audit_publishes_what_the_old_driver_side_logic_gives(deploym
     import math
 
     from conftest import old_driver_logic
+
     from ctd.pipeline.scoring import stage1_files
 
     cap = 0.05
@@ -188,14 +211,24 @@ def test_the_capped_audit_publishes_what_the_old_driver_side_logic_gives(deploym
     want = old_driver_logic(s1, cap)
     assert len(want["dups"]) >= 1 and len(want["over"]) > 0  # the corpus has a duplicated id, and the cap binds
     # the old merge: expert scores by id, used where the row was sent and the expert answered
-    expert = pa.concat_tables([read_parquet(storage.join(layout.path("_staging", "expert"), n), ["id", "expert", "expert_status"])
-                               for n in storage.listdir(layout.path("_staging", "expert")) if n.endswith(".parquet")])
+    expert = pa.concat_tables(
+        [
+            read_parquet(storage.join(layout.path("_staging", "expert"), n), ["id", "expert", "expert_status"])
+            for n in storage.listdir(layout.path("_staging", "expert"))
+            if n.endswith(".parquet")
+        ]
+    )
     assert sorted(expert.column("id").to_pylist()) == sorted(want["sent"])  # the expert saw exactly the sent rows, once
-    answer = {i: x for i, x, st in zip(*(expert.column(c).to_pylist() for c in ("id", "expert", "expert_status")))
-              if (st == "ok" or st.endswith("_outside_topk")) and x is not None}  # as the old finalize (cascade: switch)
+    answer = {
+        i: x
+        for i, x, st in zip(*(expert.column(c).to_pylist() for c in ("id", "expert", "expert_status")))
+        if (st == "ok" or st.endswith("_outside_topk")) and x is not None
+    }  # as the old finalize (cascade: switch)
     probe = dict(zip(s1.column("id").to_pylist(), s1.column("probe").to_pylist()))
     group = dict(zip(s1.column("id").to_pylist(), s1.column("group").to_pylist()))
-    decision = {i: (answer[i] if i in want["sent"] and i in answer else probe[i]) >= cfg.decision_threshold for i in want["scored"]}
+    decision = {
+        i: (answer[i] if i in want["sent"] and i in answer else probe[i]) >= cfg.decision_threshold for i in want["scored"]
+    }
 
     res = read_run_table(out, rid)
     ids = res.column("id").to_pylist()
@@ -209,8 +242,16 @@ def test_the_capped_audit_publishes_what_the_old_driver_side_logic_gives(deploym
     assert sorted(zip([i or "" for i in q.column("id").to_pylist()], q.column("error").to_pylist())) == want["quarantine"]
     # the report's counts are the old logic's
     short = collections.Counter(e.split(" (")[0] for _, e in want["quarantine"])
-    assert (report.rows_read, report.rows_scored, report.rows_quarantined) == (s1.num_rows, len(want["scored"]), len(want["quarantine"]))
-    assert (report.delegated, report.over_cap, report.budget_cap) == (len(want["sent"]), len(want["over"]), math.ceil(cap * len(want["scored"])))
+    assert (report.rows_read, report.rows_scored, report.rows_quarantined) == (
+        s1.num_rows,
+        len(want["scored"]),
+        len(want["quarantine"]),
+    )
+    assert (report.delegated, report.over_cap, report.budget_cap) == (
+        len(want["sent"]),
+        len(want["over"]),
+        math.ceil(cap * len(want["scored"])),
+    )
     assert report.decisions_unsafe == sum(decision.values()) and report.quarantine_reasons == dict(short)
     by_group = collections.defaultdict(lambda: [0, 0, 0])
     for i in want["scored"]:
@@ -239,9 +280,13 @@ def test_report_fetch_and_show_from_s3(audited, tmp_path):
     assert main(["report", "fetch", uri, "--to", str(tmp_path)]) == 0
     got = set(os.listdir(tmp_path / "night-1"))
     assert {"report.json", "report.html", "manifest.json", "dv_histogram.png", "history.png", "review.parquet"} <= got
-    r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", uri], capture_output=True, text=True, env=os.environ.copy())
+    r = subprocess.run(
+        [sys.executable, "-m", "ctd.cli", "report", "show", uri], capture_output=True, text=True, env=os.environ.copy()
+    )
     assert r.returncode == 0 and "rows read 310 = scored 300 + quarantined 10" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "ctd.cli", "report", "show", f"{cfg.calibrate.output}"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ctd.cli", "report", "show", f"{cfg.calibrate.output}"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "λ*" in r.stdout
     # a run without a manifest is not there
     storage.write_json(RunLayout(cfg.audit.output, "half-done", "a1").path("attempts", "a1", "report.json"), {"kind": "audit"})
@@ -254,8 +299,8 @@ def test_reports_render_in_headless_chromium(audited, tmp_path):
     every image decodes, every link resolves beside the page, no script error; a screenshot is kept."""
     from conftest import missing
 
-    from ctd.testing.browser import check_page, chromium, screenshot
     from ctd.runs.fetch import fetch_report
+    from ctd.testing.browser import check_page, chromium, screenshot
 
     if chromium() is None:
         missing("chromium is not installed (Debian: apt-get install -y chromium)")
@@ -293,9 +338,22 @@ def test_mismatched_or_tampered_calibration_refused_before_compute(deployment):
         run_audit(cfg, run_id="x")
     assert not storage.exists(f"{root}/refused")  # nothing written, no compute started
     # through the job entrypoint: one error line, exit code 2
-    r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"],
-                        "--set", f"audit.calibration={root}/cal-other", "--set", f"audit.output={root}/refused"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.audit",
+            "--config",
+            deployment["config_path"],
+            "--set",
+            f"audit.calibration={root}/cal-other",
+            "--set",
+            f"audit.output={root}/refused",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "dv_probe_hash" in r.stderr
 
 
@@ -323,11 +381,20 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama)
         if isinstance(x, (str, list)) and x:
             lengths.append(len(jp(x)[0]))
     engine_len = int(np.median(lengths)) + 1  # about half the rows are longer than the engine's context
-    vllm = {"model": tiny_llama, "top_logprobs": 20, "max_model_len": 256, "batch_size": 16, "label_tokens": {"unsafe": ["Yes"], "safe": ["No"]},
-            "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16, "max_model_len": engine_len},
-            "rows_per_second_per_replica": 1000.0, "target_wall_seconds": 60.0}
-    cfg = load_config(deployment["config_path"], {"expert.kind": "vllm", "expert.vllm": vllm, "audit.output": f"{root}/vllm",
-                                                       "audit.keep_staging": True})
+    vllm = {
+        "model": tiny_llama,
+        "top_logprobs": 20,
+        "max_model_len": 256,
+        "batch_size": 16,
+        "label_tokens": {"unsafe": ["Yes"], "safe": ["No"]},
+        "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 16, "max_model_len": engine_len},
+        "rows_per_second_per_replica": 1000.0,
+        "target_wall_seconds": 60.0,
+    }
+    cfg = load_config(
+        deployment["config_path"],
+        {"expert.kind": "vllm", "expert.vllm": vllm, "audit.output": f"{root}/vllm", "audit.keep_staging": True},
+    )
     report = run_audit(cfg, run_id="vllm")
     res = read_run_table(cfg.audit.output, "vllm")
     deleg = res.column("delegated").to_numpy(zero_copy_only=False).astype(bool)
@@ -345,7 +412,10 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama)
     np.testing.assert_array_equal(final[failed], probe[failed])  # a failed row keeps the probe's score
     np.testing.assert_array_equal(final[ok], exp[ok])
     assert report.expert_kind == "vllm" and report.expert_calls == deleg.sum()
-    assert report.expert_failures == failed.sum() and sum(v for k, v in report.expert_status.items() if k.startswith("error")) == failed.sum()
+    assert (
+        report.expert_failures == failed.sum()
+        and sum(v for k, v in report.expert_status.items() if k.startswith("error")) == failed.sum()
+    )
     reasons = [k for k in report.expert_status if k.startswith("error")]
     # counted per kind, not per row: vLLM's refusals of too-long prompts, without the per-row numbers
     assert all(k.startswith("error: VLLMValidationError: ") and not any(c.isdigit() for c in k) for k in reasons), reasons
@@ -357,15 +427,42 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama)
     assert report.expert_truncated == cut.sum()
     # through the job entrypoint with --fail-on-judge-errors: stage 1 and the judged rows are committed
     # (keep_staging), so the rerun resumes without judging, publishes the same figures and exits 5
-    sets = ["--set", "expert.kind=vllm", "--set", "expert.vllm=" + json.dumps(vllm), "--set", f"audit.output={root}/vllm",
-            "--set", "audit.keep_staging=true"]
-    r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"], *sets, "--run-id", "vllm",
-                        "--fail-on-judge-errors"], capture_output=True, text=True, cwd=ROOT, timeout=900,
-                       env=dict(ray_head["env"], RAY_ADDRESS=ray_head["address"]))
+    sets = [
+        "--set",
+        "expert.kind=vllm",
+        "--set",
+        "expert.vllm=" + json.dumps(vllm),
+        "--set",
+        f"audit.output={root}/vllm",
+        "--set",
+        "audit.keep_staging=true",
+    ]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.audit",
+            "--config",
+            deployment["config_path"],
+            *sets,
+            "--run-id",
+            "vllm",
+            "--fail-on-judge-errors",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+        env=dict(ray_head["env"], RAY_ADDRESS=ray_head["address"]),
+    )
     assert r.returncode == 5, r.stdout[-2000:] + r.stderr[-3000:]
     assert "JUDGE ALARM" in r.stdout + r.stderr and "stage 2: nothing to send to the expert" in r.stdout + r.stderr
     again = storage.read_json(run_file(cfg.audit.output, "vllm", "report.json"))
-    assert again["expert_failures"] == report.expert_failures and again["judge_alarm"] and again["resumed"]["expert_rows"] == deleg.sum()
+    assert (
+        again["expert_failures"] == report.expert_failures
+        and again["judge_alarm"]
+        and again["resumed"]["expert_rows"] == deleg.sum()
+    )
 
 
 def test_ray_job_submit_end_to_end(deployment, ray_head):
@@ -373,9 +470,30 @@ def test_ray_job_submit_end_to_end(deployment, ray_head):
     env.pop("RAY_ADDRESS")
     t0 = time.time()
     # as the README's walkthrough: --working-dir . (what .gitignore ignores stays behind), an absolute config path
-    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", ray_head["dashboard"],
-                        "--working-dir", ".", "--", "python", "-m", "jobs.audit", "--config", deployment["config_path"],
-                        "--run-id", "submitted"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    r = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_head["dashboard"],
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "-m",
+            "jobs.audit",
+            "--config",
+            deployment["config_path"],
+            "--run-id",
+            "submitted",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout + r.stderr
     cfg = load_config(deployment["config_path"])
@@ -392,7 +510,10 @@ def test_config_errors_exit_2_before_anything_is_written(tmp_path):
     cases = [
         ({"model": {**good["model"], "laeyr": 3}}, "model.laeyr: unknown key"),
         ({"calibration": {"alpha": 1.5}}, "calibration.alpha"),
-        ({"expert": {"kind": "http", "http": {"base_url": "http://x/v1", "model": "m", "api_key": "sk-123"}}}, "must not hold secrets"),
+        (
+            {"expert": {"kind": "http", "http": {"base_url": "http://x/v1", "model": "m", "api_key": "sk-123"}}},
+            "must not hold secrets",
+        ),
         ({"expert": {"kind": "vllm"}}, "expert.vllm section is missing"),
         ({"audit": {**good["audit"], "corpus": "${NOT_SET_ANYWHERE_123}"}}, "NOT_SET_ANYWHERE_123 is not set"),
     ]
@@ -405,7 +526,9 @@ def test_config_errors_exit_2_before_anything_is_written(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (message, r.stderr)
     assert not out.exists()
-    r = subprocess.run([sys.executable, "-m", "jobs.audit", "--config", str(tmp_path / "missing.yaml")], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.audit", "--config", str(tmp_path / "missing.yaml")], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 2 and "not found" in r.stderr
 
 
@@ -413,8 +536,8 @@ def test_corpus_reader_keeps_every_row(ray_head, tmp_path):
     """JSONL (one bad byte or line per row affected) and Parquet with wrong types: rows in = rows out."""
     import pyarrow.parquet as pq
 
-    from ctd.testing.demo import BAD_ROWS
     from ctd.pipeline.corpus import read_corpus
+    from ctd.testing.demo import BAD_ROWS
 
     good = [json.dumps({"id": f"g{i}", "text": f"hello {i}", "group": "a", "label": i % 2}).encode() + b"\n" for i in range(20)]
     (tmp_path / "c.jsonl").write_bytes(b"".join(good[:10]) + b"".join(BAD_ROWS) + b"\n\n" + b"".join(good[10:]))
@@ -423,7 +546,9 @@ def test_corpus_reader_keeps_every_row(ray_head, tmp_path):
     bad = [r for r in rows if r["error"]]
     assert len(bad) == len(BAD_ROWS) - 2  # the two duplicate-id rows are valid rows here; the driver quarantines them
     assert all(r["source"].startswith(str(tmp_path)) for r in rows)
-    pq.write_table(pa.table({"id": ["p1", None, "p3", "p4"], "text": ["ok", "x", "", "fine"], "label": [1, 0, 0, 7]}), tmp_path / "c.parquet")
+    pq.write_table(
+        pa.table({"id": ["p1", None, "p3", "p4"], "text": ["ok", "x", "", "fine"], "label": [1, 0, 0, 7]}), tmp_path / "c.parquet"
+    )
     rows = {r["source"].rsplit(":", 1)[-1]: r for r in read_corpus(str(tmp_path / "c.parquet")).take_all()}
     assert len(rows) == 4
     errs = sorted(r["error"] for r in rows.values() if r["error"])

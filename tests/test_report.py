@@ -22,19 +22,72 @@ from ctd.stats.calibrate import threshold_grid
 from ctd.stats.pvalues import binomial_pvalue, min_certifiable_n, rows_to_certify
 
 
-def report_body(run_id, day, created, *, calibration="cal-A", scored=1000, passed=100, unsafe=120, by_judge=50, quarantined=10,
-                e_value=1.0, alarm=False, **over) -> dict:
+def report_body(
+    run_id,
+    day,
+    created,
+    *,
+    calibration="cal-A",
+    scored=1000,
+    passed=100,
+    unsafe=120,
+    by_judge=50,
+    quarantined=10,
+    e_value=1.0,
+    alarm=False,
+    **over,
+) -> dict:
     body = dict(
-        run_id=run_id, audited_date=day, attempt="a1", created_at=created, config_hash="c", corpus="s3://b/corpus", model_id="m",
-        model_fingerprint="f", layer=2, safety_probe_hash="s", dv_probe_hash="d", calibration_uri="s3://b/cal", calibration_hash=calibration,
-        alpha=0.1, delta=0.1, lambda_star=0.3, calibration_n=800, calibration_message="ok", rows_read=scored + quarantined,
-        rows_scored=scored, rows_quarantined=quarantined, rows_truncated=0, invariant_ok=True,
-        quarantine_reasons={"malformed JSON": quarantined - 2, "empty text": 2} if quarantined else {}, delegated_by_threshold=passed,
-        delegated=passed, realised_rate=passed / scored, rate_pvalue=0.5, drift_alpha=0.01, drift_alarm=alarm, drift_message="m",
-        drift_e_value=e_value, expert_kind="vllm", expert_calls=passed, expert_failures=0, expert_status={"ok": passed},
-        expert_pool={"rows": passed, "replicas": 2, "needed": 1, "expected_seconds": 60.0, "target_seconds": 3600.0, "target_met": True},
-        decisions_unsafe=unsafe, unsafe_by_judge=by_judge, judge_overruled=7, expert_tokens=12345,
-        stages=[{"stage": "expert", "seconds": 90.0, "rows": passed, "rows_per_second": passed / 90}])
+        run_id=run_id,
+        audited_date=day,
+        attempt="a1",
+        created_at=created,
+        config_hash="c",
+        corpus="s3://b/corpus",
+        model_id="m",
+        model_fingerprint="f",
+        layer=2,
+        safety_probe_hash="s",
+        dv_probe_hash="d",
+        calibration_uri="s3://b/cal",
+        calibration_hash=calibration,
+        alpha=0.1,
+        delta=0.1,
+        lambda_star=0.3,
+        calibration_n=800,
+        calibration_message="ok",
+        rows_read=scored + quarantined,
+        rows_scored=scored,
+        rows_quarantined=quarantined,
+        rows_truncated=0,
+        invariant_ok=True,
+        quarantine_reasons={"malformed JSON": quarantined - 2, "empty text": 2} if quarantined else {},
+        delegated_by_threshold=passed,
+        delegated=passed,
+        realised_rate=passed / scored,
+        rate_pvalue=0.5,
+        drift_alpha=0.01,
+        drift_alarm=alarm,
+        drift_message="m",
+        drift_e_value=e_value,
+        expert_kind="vllm",
+        expert_calls=passed,
+        expert_failures=0,
+        expert_status={"ok": passed},
+        expert_pool={
+            "rows": passed,
+            "replicas": 2,
+            "needed": 1,
+            "expected_seconds": 60.0,
+            "target_seconds": 3600.0,
+            "target_met": True,
+        },
+        decisions_unsafe=unsafe,
+        unsafe_by_judge=by_judge,
+        judge_overruled=7,
+        expert_tokens=12345,
+        stages=[{"stage": "expert", "seconds": 90.0, "rows": passed, "rows_per_second": passed / 90}],
+    )
     body.update(over)
     return AuditReport.model_validate(body).model_dump()
 
@@ -55,7 +108,9 @@ def nights(tmp_path):
     publish(out, report_body("audit-2026-11-21", "2026-11-21", "2026-11-22T02:00:00+00:00", passed=95))
     publish(out, report_body("rerun-2026-11-21", "2026-11-21", "2026-11-22T09:00:00+00:00", passed=97))
     publish(out, report_body("other-cal", "2026-11-22", "2026-11-23T02:00:00+00:00", calibration="cal-B"))
-    publish(out, report_body("audit-2026-11-23", "2026-11-23", "2026-11-24T02:00:00+00:00", passed=140, e_value=150.0, alarm=True))
+    publish(
+        out, report_body("audit-2026-11-23", "2026-11-23", "2026-11-24T02:00:00+00:00", passed=140, e_value=150.0, alarm=True)
+    )
     return out
 
 
@@ -66,10 +121,15 @@ def test_history_is_one_point_per_audited_day_with_one_calibration(nights):
     assert [x["audited_date"] for x in history(nights, calibration_hash="cal-B")] == ["2026-11-22"]
     assert [x["run_id"] for x in history(nights, last=2)] == ["rerun-2026-11-21", "audit-2026-11-23"]
     # the audit's own use: this run id and this day left out (a rerun replaces them)
-    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-A", exclude_run="audit-2026-11-23",
-                                               before_day="2026-11-21")] == ["2026-11-20"]
+    assert [
+        x["audited_date"]
+        for x in history(nights, calibration_hash="cal-A", exclude_run="audit-2026-11-23", before_day="2026-11-21")
+    ] == ["2026-11-20"]
     # a backfill of 2026-11-22 sees only the nights before it, never later ones
-    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-A", before_day="2026-11-22")] == ["2026-11-20", "2026-11-21"]
+    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-A", before_day="2026-11-22")] == [
+        "2026-11-20",
+        "2026-11-21",
+    ]
     assert [x["audited_date"] for x in history(nights, calibration_hash="cal-B")] == ["2026-11-22"]  # a prefix is enough:
     assert len(history(nights, calibration_hash="cal-A"[:5])) == 3
     with pytest.raises(ValueError, match="matches 2 calibrations"):
@@ -97,15 +157,32 @@ def test_history_plot_draws_every_night(nights):
 def test_headline_says_the_numbers_in_words():
     r = AuditReport.model_validate(report_body("n1", "2026-11-24", "2026-11-25T02:00:00+00:00"))
     text = [t for _, t in r.headline()]
-    assert text[0] == ("1,010 conversations of 2026-11-24 were read: 1,000 audited; 10 could not be audited and were quarantined "
-                       "(malformed JSON: 8, empty text: 2).")
+    assert text[0] == (
+        "1,010 conversations of 2026-11-24 were read: 1,000 audited; 10 could not be audited and were quarantined "
+        "(malformed JSON: 8, empty text: 2)."
+    )
     assert text[1] == "120 flagged unsafe (12.0% of those audited): 50 by the judge, 70 by the probe alone."
     assert text[2].startswith("100 went to the judge (10.0%) against a budget of α = 10%") and "verdict on 7 of them" in text[2]
-    assert "100 judge calls" in text[3] and "12,345 tokens" in text[3] and "90 s" in text[3] and "at most 180 replica-seconds" in text[3]
+    assert (
+        "100 judge calls" in text[3]
+        and "12,345 tokens" in text[3]
+        and "90 s" in text[3]
+        and "at most 180 replica-seconds" in text[3]
+    )
     assert r.headline()[-1][0] == "ok" and text[-1].startswith("Nothing needs attention")
     # each attention item is its own alarm sentence
-    r = AuditReport.model_validate(report_body("n1", "2026-11-24", "2026-11-25T02:00:00+00:00", drift_alarm=True, judge_alarm=True,
-                                               judge_message="30 of 100 judged rows failed", over_cap=12, budget_cap=100))
+    r = AuditReport.model_validate(
+        report_body(
+            "n1",
+            "2026-11-24",
+            "2026-11-25T02:00:00+00:00",
+            drift_alarm=True,
+            judge_alarm=True,
+            judge_message="30 of 100 judged rows failed",
+            over_cap=12,
+            budget_cap=100,
+        )
+    )
     alarms = [t for k, t in r.headline() if k == "alarm"]
     assert len(alarms) == 3 and alarms[0].startswith("Drift") and "30 of 100" in alarms[1] and "12 rows" in alarms[2]
     assert "hard cap of 100 calls" in r.headline()[2][1]
@@ -116,8 +193,10 @@ def test_headline_says_the_numbers_in_words():
 
 def test_excerpts_are_redacted_cut_and_can_be_off():
     secret = "hunter2-very-secret-value"
-    text = (f"my password={secret} and key AKIAABCDEFGHIJKLMNOP, bearer abcdefghijklmnop; also the env value {secret[::-1]} "
-            + "x" * 300)
+    text = (
+        f"my password={secret} and key AKIAABCDEFGHIJKLMNOP, bearer abcdefghijklmnop; also the env value {secret[::-1]} "
+        + "x" * 300
+    )
     e = excerpt(text, 120, secrets=[secret[::-1]])
     assert len(e) == 120 and e.endswith("…")
     for leaked in (secret, "AKIAABCDEFGHIJKLMNOP", "abcdefghijklmnop", secret[::-1]):
@@ -134,9 +213,16 @@ def test_excerpts_are_redacted_cut_and_can_be_off():
 
 
 def test_credential_shapes_are_redacted():
-    shaped = ["sk-proj-abcdefghijklmnopqrstuvwxyz0123", "ghp_abcdefghijklmnopqrstuvwxyz0123456789", "xoxb-1234567890-abcdef",
-              "-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----", "Basic dXNlcjpwYXNzd29yZA==",
-              "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.abcdefghijk", "AKIAABCDEFGHIJKLMNOP", "Bearer abcdefghijkl"]
+    shaped = [
+        "sk-proj-abcdefghijklmnopqrstuvwxyz0123",
+        "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+        "xoxb-1234567890-abcdef",
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----",
+        "Basic dXNlcjpwYXNzd29yZA==",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.abcdefghijk",
+        "AKIAABCDEFGHIJKLMNOP",
+        "Bearer abcdefghijkl",
+    ]
     for key in shaped:
         assert key not in redact(f"here: {key} ok") and redact(f"here: {key} ok").endswith(" ok"), key
     assert redact("my password is hunter2, really") == "my password is ***, really"
@@ -154,9 +240,17 @@ def test_the_activation_stage_redacts_its_excerpts_with_the_configured_secrets(m
     monkeypatch.setenv("CTD_TEST_REVIEW_KEY", "judge-key-0123456789")
     stage = object.__new__(ActivationStage)  # the excerpt step alone: no model needed
     stage.spec = ActivationSpec(model_dir="m", layers=(1,), score_layer=1, excerpts=True, secret_envs=("CTD_TEST_REVIEW_KEY",))
-    batch = pa.table({"input": ["my key is judge-key-0123456789 please help " + "x" * 100, "calm row", "delegated sk-abcdefghijklmnopqrstuvwxyz",
-                                json.dumps([{"role": "user", "content": "password=hunter2"}])],
-                      "is_chat": [False, False, False, True]})
+    batch = pa.table(
+        {
+            "input": [
+                "my key is judge-key-0123456789 please help " + "x" * 100,
+                "calm row",
+                "delegated sk-abcdefghijklmnopqrstuvwxyz",
+                json.dumps([{"role": "user", "content": "password=hunter2"}]),
+            ],
+            "is_chat": [False, False, False, True],
+        }
+    )
     cols = {"probe": pa.array([0.9, 0.1, 0.2, 0.7]), "delegated": pa.array([False, False, True, False])}
     ex = stage._excerpts(batch, cols, np.ones(4, dtype=bool)).to_pylist()
     assert ex[1] is None  # neither flagged nor delegated: no text kept
@@ -167,9 +261,17 @@ def test_the_activation_stage_redacts_its_excerpts_with_the_configured_secrets(m
 def test_secret_envs_name_what_the_config_names():
     from ctd.config import JobConfig
 
-    cfg = JobConfig.model_validate({
-        "model": {"path": "m", "layer": 1}, "probes": {"safety": "s", "dv": "d"}, "calibration": {"alpha": 0.1, "delta": 0.1},
-        "expert": {"kind": "http", "http": {"base_url": "http://x", "model": "j", "tokenizer": "t", "api_key_env": "MY_JUDGE_KEY"}}})
+    cfg = JobConfig.model_validate(
+        {
+            "model": {"path": "m", "layer": 1},
+            "probes": {"safety": "s", "dv": "d"},
+            "calibration": {"alpha": 0.1, "delta": 0.1},
+            "expert": {
+                "kind": "http",
+                "http": {"base_url": "http://x", "model": "j", "tokenizer": "t", "api_key_env": "MY_JUDGE_KEY"},
+            },
+        }
+    )
     names = cfg.secret_envs()
     assert "MY_JUDGE_KEY" in names and "AWS_SECRET_ACCESS_KEY" in names
 
@@ -186,7 +288,7 @@ def test_rows_to_certify_is_where_the_binomial_test_starts_to_pass_for_good():
         bound = int(np.ceil(np.log(1 / delta) / (2 * (alpha - rate) ** 2)))
         ns = np.arange(1, max(bound, n) + 1)
         p = binomial_pvalue(np.floor(ns * rate + 1e-9).astype(int), ns, alpha)
-        assert (p[n - 1:] <= delta).all() and (n == 1 or p[n - 2] > delta), (alpha, delta, rate, n)
+        assert (p[n - 1 :] <= delta).all() and (n == 1 or p[n - 2] > delta), (alpha, delta, rate, n)
     for alpha, delta in [(0.1, 0.1), (0.05, 0.01), (0.3, 0.2)]:
         assert rows_to_certify(0.0, alpha, delta) == min_certifiable_n(alpha, delta)
         assert rows_to_certify(alpha, alpha, delta) is None and rows_to_certify(1.5 * alpha, alpha, delta) is None
@@ -210,7 +312,10 @@ def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
     art = fit(synthetic_scores(3000), alpha=0.2, delta=0.1)
     words = explain(art.result)
     assert words[0].startswith(f"Tomorrow's threshold is λ* = {art.result.lambda_hat:.4g}")
-    assert "at most α = 20% of conversations go to the judge (at most 2,000 judge calls per 10,000" in words[1] and "at least 1 − δ = 90%" in words[1]
+    assert (
+        "at most α = 20% of conversations go to the judge (at most 2,000 judge calls per 10,000" in words[1]
+        and "at least 1 − δ = 90%" in words[1]
+    )
     assert f"{art.result.certified_count:,} of the 1,001 thresholds" in words[2]
     # too few rows: nothing certified, and how many would do
     small = fit(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1)
@@ -244,8 +349,10 @@ def test_the_browser_check_sees_a_broken_image_a_missing_link_and_a_script_error
     good.write_text("<!doctype html><html><body><a href='here.json'>ok</a></body></html>")
     assert check_page(str(good))["ok"]
     bad = tmp_path / "bad.html"
-    bad.write_text("<!doctype html><html><body><img alt='broken' src='data:image/png;base64,AAAA'/><a href='gone.parquet'>x</a>"
-                   "<a href='here.json'>ok</a><script>undefinedFunction();</script></body></html>")
+    bad.write_text(
+        "<!doctype html><html><body><img alt='broken' src='data:image/png;base64,AAAA'/><a href='gone.parquet'>x</a>"
+        "<a href='here.json'>ok</a><script>undefinedFunction();</script></body></html>"
+    )
     r = check_page(str(bad))
     assert not r["ok"] and r["broken_images"] == ["broken"] and r["missing_links"] == ["gone.parquet"] and r["console_errors"]
     logged = tmp_path / "logged.html"

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pytest
 
 from ctd import storage
-from ctd.runs.lease import Lease, LeaseHeld, LeaseLost
-from ctd.runs.layout import RunLayout, describe_files, list_runs, read_manifest, read_run_table, run_file
 from ctd.reporting.pages import write_report
+from ctd.runs.layout import RunLayout, describe_files, list_runs, read_manifest, read_run_table, run_file
+from ctd.runs.lease import Lease, LeaseHeld, LeaseLost
 from ctd.tables import read_parquet, write_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,10 +60,10 @@ def test_of_two_drivers_racing_for_an_expired_lease_exactly_one_wins(lease_uri):
 
         def take():
             lease = Lease(lease_uri, run_id="r", ttl_s=60, log=quiet)
-            barrier.wait()
+            barrier.wait()  # noqa: B023 (each thread runs within its own iteration)
             try:
                 lease._try_acquire()
-                won.append(lease)
+                won.append(lease)  # noqa: B023
             except LeaseHeld:
                 pass
 
@@ -85,9 +85,17 @@ def write_attempt(output: str, run_id: str, ids: list[str], quarantined: list[st
     half = len(ids) // 2
     for k, part in enumerate((ids[:half], ids[half:])):
         write_parquet(storage.join(layout.results, f"part-{k}.parquet"), pa.table({"id": part, "tag": [tag] * len(part)}))
-    write_parquet(storage.join(layout.quarantine, "part-0.parquet"), pa.table({"id": quarantined, "error": ["empty text"] * len(quarantined)}))
-    report = {"kind": "audit", "run_id": run_id, "rows_read": len(ids) + len(quarantined), "rows_scored": len(ids),
-              "rows_quarantined": len(quarantined)}
+    write_parquet(
+        storage.join(layout.quarantine, "part-0.parquet"),
+        pa.table({"id": quarantined, "error": ["empty text"] * len(quarantined)}),
+    )
+    report = {
+        "kind": "audit",
+        "run_id": run_id,
+        "rows_read": len(ids) + len(quarantined),
+        "rows_scored": len(ids),
+        "rows_quarantined": len(quarantined),
+    }
     files = write_report(layout.attempt_root, "report", report, f"<p>{tag}</p>")
     if publish:
         layout.publish({"tag": tag}, list(files.values()))
@@ -122,8 +130,10 @@ def published(tmp_path, ray_head):
     ids, quarantined = [f"r{i}" for i in range(40)], ["q0", "q1"]
     layout = write_attempt(out, "night", ids, quarantined, "A")
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": i, "text": "t"}) + "\n" for i in ids)
-                      + "".join(json.dumps({"id": i, "text": ""}) + "\n" for i in quarantined))
+    corpus.write_text(
+        "".join(json.dumps({"id": i, "text": "t"}) + "\n" for i in ids)
+        + "".join(json.dumps({"id": i, "text": ""}) + "\n" for i in quarantined)
+    )
     return {"out": out, "layout": layout, "corpus": str(corpus), "ray": ray_head["address"]}
 
 
@@ -154,9 +164,11 @@ def _tamper(p: dict, rel: str, edit, consistent: bool = True) -> None:
 
 
 def _verify_cli(p: dict, corpus: bool = True):
-    args = [sys.executable, "-m", "ctd.cli", "report", "verify", RunLayout(p["out"], "night").root] + (["--corpus", p["corpus"]] if corpus else [])
+    args = [sys.executable, "-m", "ctd.cli", "report", "verify", RunLayout(p["out"], "night").root] + (
+        ["--corpus", p["corpus"]] if corpus else []
+    )
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, RAY_ADDRESS=p["ray"]), timeout=600)
-    return r.returncode, json.loads(r.stdout[r.stdout.index("{"):]) if "{" in r.stdout else {"problems": [r.stderr[-2000:]]}
+    return r.returncode, json.loads(r.stdout[r.stdout.index("{") :]) if "{" in r.stdout else {"problems": [r.stderr[-2000:]]}
 
 
 def test_verify_passes_an_untouched_run(published):
@@ -173,15 +185,37 @@ def results_file(p, k=1):
 
 CASES = {
     # name: (file, edit, consistent, the reason verify must give)
-    "replaced file": (results_file, lambda t: t.set_column(1, "tag", pa.array(["X"] * t.num_rows)), False, "content differs from the manifest"),
-    "id in results twice": (results_file, lambda t: pa.concat_tables([t, t.slice(0, 1)]), True, "appear more than once among scored rows"),
-    "id in both tables": (lambda p: f"attempts/{p['layout'].attempt}/quarantine/part-0.parquet",
-                          lambda t: pa.concat_tables([t, pa.table({"id": ["r3"], "error": ["duplicate id (2 rows)"]})]), True,
-                          "quarantined as duplicates also appear in results"),
+    "replaced file": (
+        results_file,
+        lambda t: t.set_column(1, "tag", pa.array(["X"] * t.num_rows)),
+        False,
+        "content differs from the manifest",
+    ),
+    "id in results twice": (
+        results_file,
+        lambda t: pa.concat_tables([t, t.slice(0, 1)]),
+        True,
+        "appear more than once among scored rows",
+    ),
+    "id in both tables": (
+        lambda p: f"attempts/{p['layout'].attempt}/quarantine/part-0.parquet",
+        lambda t: pa.concat_tables([t, pa.table({"id": ["r3"], "error": ["duplicate id (2 rows)"]})]),
+        True,
+        "quarantined as duplicates also appear in results",
+    ),
     "missing id": (results_file, lambda t: t.slice(1), True, "in neither results nor quarantine"),
-    "extra id": (results_file, lambda t: pa.concat_tables([t, pa.table({"id": ["not-in-corpus"], "tag": ["A"]})]), True, "have no input row"),
-    "changed count": (lambda p: f"attempts/{p['layout'].attempt}/report.json", lambda r: {**r, "rows_scored": r["rows_scored"] + 1}, True,
-                      "the report says rows_scored"),
+    "extra id": (
+        results_file,
+        lambda t: pa.concat_tables([t, pa.table({"id": ["not-in-corpus"], "tag": ["A"]})]),
+        True,
+        "have no input row",
+    ),
+    "changed count": (
+        lambda p: f"attempts/{p['layout'].attempt}/report.json",
+        lambda r: {**r, "rows_scored": r["rows_scored"] + 1},
+        True,
+        "the report says rows_scored",
+    ),
 }
 
 
@@ -200,8 +234,10 @@ def test_verify_fails_on_a_tampered_run(published, case):
 def test_verify_cli_exits_non_zero_with_the_reason(published):
     code, v = _verify_cli(published)
     assert code == 0 and v["ok"], v
-    storage.write_bytes(published["layout"].path("attempts", published["layout"].attempt, "results", "stray.parquet"),
-                        storage.read_bytes(published["layout"].path(results_file(published))))
+    storage.write_bytes(
+        published["layout"].path("attempts", published["layout"].attempt, "results", "stray.parquet"),
+        storage.read_bytes(published["layout"].path(results_file(published))),
+    )
     code, v = _verify_cli(published)
     assert code == 1 and any("does not list" in p for p in v["problems"]), v
     storage.remove(published["layout"].path("attempts", published["layout"].attempt, "results", "stray.parquet"))
@@ -216,17 +252,21 @@ def test_abandoned_staging_and_attempts_are_swept_after_their_retention(tmp_path
     out, day = str(tmp_path), 86400
     published = write_attempt(out, "done", ["a", "b"], [], "A")
     now = time.time()
-    cases = {"done": {"released": True, "renewed_at": now - 30 * day, "expires_at": now - 30 * day},   # published, abandoned retry
-             "crashed": {"released": False, "renewed_at": now - 9 * day, "expires_at": now - 9 * day + 120},  # died 9 days ago
-             "recent": {"released": False, "renewed_at": now - 2 * day, "expires_at": now - 2 * day + 120},   # died 2 days ago
-             "running": {"released": False, "renewed_at": now - 20 * day, "expires_at": now + 60}}           # live (long run)
+    cases = {
+        "done": {"released": True, "renewed_at": now - 30 * day, "expires_at": now - 30 * day},  # published, abandoned retry
+        "crashed": {"released": False, "renewed_at": now - 9 * day, "expires_at": now - 9 * day + 120},  # died 9 days ago
+        "recent": {"released": False, "renewed_at": now - 2 * day, "expires_at": now - 2 * day + 120},  # died 2 days ago
+        "running": {"released": False, "renewed_at": now - 20 * day, "expires_at": now + 60},
+    }  # live (long run)
     for rid, lease in cases.items():
         layout = RunLayout.new_attempt(out, rid)
         storage.write_bytes(layout.path("_staging", "stage1", "part-0.parquet"), b"text copies")
         storage.write_bytes(storage.join(layout.results, "part-0.parquet"), b"unpublished")
         storage.write_json(layout.lease, {"owner": "x", **lease})
     removed = sweep(out, retention_days=7)
-    gone = lambda rid: not storage.exists(RunLayout(out, rid).staging) and storage.listdir(RunLayout(out, rid).path("attempts")) in ([], [published.attempt])  # noqa: E731
+    gone = lambda rid: not storage.exists(RunLayout(out, rid).staging) and storage.listdir(
+        RunLayout(out, rid).path("attempts")
+    ) in ([], [published.attempt])  # noqa: E731
     assert gone("done") and gone("crashed") and len(removed) == 4
     assert storage.listdir(RunLayout(out, "done").path("attempts")) == [published.attempt]  # the published attempt stays
     assert read_run_table(out, "done").num_rows == 2

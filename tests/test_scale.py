@@ -10,13 +10,14 @@ import tracemalloc
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from ctd import storage
-from ctd.config import load_config
 from ctd.audit.run import run_audit
 from ctd.audit.specs import AuditSpec
+from ctd.config import load_config
 from ctd.pipeline.scoring import Stage1, plan_chunks
 from ctd.runs.layout import RunLayout, read_run_table
 
@@ -30,22 +31,33 @@ N_BAD = 7
 def stage1_table(n: int, lam: float, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
     ids = np.array([f"conv-{seed}-{i:09d}" for i in range(n)], dtype=object)
-    ids[n - N_DUP_IDS:] = ids[:N_DUP_IDS]  # planted duplicates: 5 ids on 2 rows each
+    ids[n - N_DUP_IDS :] = ids[:N_DUP_IDS]  # planted duplicates: 5 ids on 2 rows each
     error = np.full(n, None, dtype=object)
     bad = rng.choice(np.arange(N_DUP_IDS, n - N_DUP_IDS), N_BAD, replace=False)
     error[bad] = "malformed JSON (Expecting value at column 1)"
     valid = np.array([e is None for e in error])
     dv = np.where(valid, lam - 0.5 - rng.random(n) * 0.1, np.nan)
-    deleg_idx = np.flatnonzero(valid)[N_DUP_IDS:N_DUP_IDS + N_DELEGATED]
+    deleg_idx = np.flatnonzero(valid)[N_DUP_IDS : N_DUP_IDS + N_DELEGATED]
     dv[deleg_idx] = lam + 0.01 + rng.random(N_DELEGATED) * 0.01
     delegated = valid & (np.nan_to_num(dv, nan=-np.inf) > lam)
     text = np.where(delegated, "I wired my entire savings to a stranger who called from the bank, what now?", None)
-    return pa.table({
-        "id": ids.tolist(), "input": text.tolist(), "is_chat": np.zeros(n, bool), "group": rng.choice(["medical", "finance"], n).tolist(),
-        "label": pa.array(np.full(n, -1), pa.int8()), "source": [f"c.jsonl:{i + 1}" for i in range(n)], "error": error.tolist(),
-        "truncated": np.zeros(n, bool), "probe": pa.array(rng.random(n), mask=~valid), "dv": pa.array(dv, mask=~valid), "delegated": delegated,
-        "tokens": pa.array(np.full(n, 20), pa.int32()), "activation_seconds": np.zeros(n),
-    })
+    return pa.table(
+        {
+            "id": ids.tolist(),
+            "input": text.tolist(),
+            "is_chat": np.zeros(n, bool),
+            "group": rng.choice(["medical", "finance"], n).tolist(),
+            "label": pa.array(np.full(n, -1), pa.int8()),
+            "source": [f"c.jsonl:{i + 1}" for i in range(n)],
+            "error": error.tolist(),
+            "truncated": np.zeros(n, bool),
+            "probe": pa.array(rng.random(n), mask=~valid),
+            "dv": pa.array(dv, mask=~valid),
+            "delegated": delegated,
+            "tokens": pa.array(np.full(n, 20), pa.int32()),
+            "activation_seconds": np.zeros(n),
+        }
+    )
 
 
 def audit_after_stage1(deployment, tmp_path, n: int) -> tuple[int, object, str]:
@@ -62,12 +74,13 @@ def audit_after_stage1(deployment, tmp_path, n: int) -> tuple[int, object, str]:
     t = stage1_table(n, lam)
     s = spec.scoring  # the one-file corpus: one chunk
     (chunk,) = plan_chunks(s.corpus, s.resume_key(), layout.path("_staging", "stage1"), s.chunk_bytes)
-    files = []
-    for k, start in enumerate(range(0, n, 100_000)):
-        f = storage.join(chunk.uri, f"part-{k:04d}.parquet")
-        os.makedirs(os.path.dirname(f), exist_ok=True)
-        pq.write_table(t.slice(start, 100_000), f)
-        files.append(f)
+    files = []  # as stage 1 writes them: the delegated rows (with their text) in part=expert/, the rest in part=scores/
+    for part, rows in (("expert", t.filter(t.column("delegated"))), ("scores", t.filter(pc.invert(t.column("delegated"))))):
+        for k, start in enumerate(range(0, rows.num_rows, 100_000)):
+            f = storage.join(chunk.uri, f"part={part}", f"part-{k:04d}.parquet")
+            os.makedirs(os.path.dirname(f), exist_ok=True)
+            pq.write_table(rows.slice(start, 100_000), f)
+            files.append(f)
     chunk.commit(Stage1(chunk.uri, n, 0.0, files))
     del t
     tracemalloc.start()
@@ -91,7 +104,9 @@ def test_driver_peak_allocation_does_not_grow_with_rows(deployment, tmp_path):
         assert report.delegated == report.expert_calls == N_DELEGATED
         res = read_run_table(out, "scale", columns=["id"])
         assert res.num_rows == report.rows_scored and len(set(res.column("id").to_pylist())) == res.num_rows
-    print(f"driver peak Python allocation: {peaks[small] / 2**20:.1f} MiB at {small} rows, {peaks[big] / 2**20:.1f} MiB at {big} rows")
+    print(
+        f"driver peak Python allocation: {peaks[small] / 2**20:.1f} MiB at {small} rows, {peaks[big] / 2**20:.1f} MiB at {big} rows"
+    )
     # 10x the rows. Measured: 3.0 and 2.8 MiB; with one driver-side list of the ids put back (what the
     # old dedup did first), 4.4 and 16.9 MiB, and this fails.
     assert peaks[big] < 1.25 * peaks[small] + 4 * 2**20, peaks

@@ -87,7 +87,9 @@ def test_hoeffding_bentkus_with_a_float_sum_just_above_an_integer_is_valid():
     expected = min(np.exp(-n * h1), np.e * stats.binom.cdf(13, n, a))
     assert hoeffding_bentkus_pvalue(s, n, a) == pytest.approx(expected, rel=1e-12)
     assert hoeffding_bentkus_pvalue(s, n, a) > 0.1
-    assert hoeffding_bentkus_pvalue(12.0, n, a) == pytest.approx(hoeffding_bentkus_pvalue(12, n, a), rel=1e-12)  # exact integers unchanged
+    assert hoeffding_bentkus_pvalue(12.0, n, a) == pytest.approx(
+        hoeffding_bentkus_pvalue(12, n, a), rel=1e-12
+    )  # exact integers unchanged
 
 
 LEVEL = 0.01  # of every simulation check
@@ -184,8 +186,8 @@ def test_exceedance_counts_strict_and_batched():
 
 
 def test_loss_sums_and_auroc_curve_match_brute_force():
-    from ctd.stats.metrics import auroc
     from ctd.stats.cascade import Cascade
+    from ctd.stats.metrics import auroc
 
     rng = np.random.default_rng(4)
     for _ in range(20):
@@ -219,8 +221,7 @@ def test_pareto_front_matches_brute_force_domination():
         front = cal.pareto_front(counts, perf)
         for i in range(G):
             dominated = any(
-                (counts[j] <= counts[i] and perf[j] <= perf[i]) and (counts[j] < counts[i] or perf[j] < perf[i])
-                for j in range(G)
+                (counts[j] <= counts[i] and perf[j] <= perf[i]) and (counts[j] < counts[i] or perf[j] < perf[i]) for j in range(G)
             )
             duplicate_of_larger = any(counts[j] == counts[i] and perf[j] == perf[i] and j > i for j in range(G))
             assert front[i] == (not dominated and not duplicate_of_larger)
@@ -284,8 +285,16 @@ def test_result_round_trips_through_json():
     rng = np.random.default_rng(7)
     n = 300
     y = rng.integers(0, 2, n)
-    r = cal.calibrate(rng.normal(size=n), cal.threshold_grid(size=51, low=-3, high=3), 0.2, 0.1,
-                      labels=y, probe=rng.uniform(size=n), expert=rng.uniform(size=n), pareto=True)
+    r = cal.calibrate(
+        rng.normal(size=n),
+        cal.threshold_grid(size=51, low=-3, high=3),
+        0.2,
+        0.1,
+        labels=y,
+        probe=rng.uniform(size=n),
+        expert=rng.uniform(size=n),
+        pareto=True,
+    )
     back = cal.CalibrationResult.from_dict(json.loads(json.dumps(r.to_dict())))
     assert back.lambda_hat == r.lambda_hat
     assert np.array_equal(back.certified, r.certified)
@@ -357,7 +366,9 @@ def test_joint_guarantee_holds_over_random_calibration_draws(joint_population, k
     violations = delegating = 0
     for r in range(draws):
         idx = rng.integers(0, d.size, n)
-        res = cal.calibrate(d[idx], grid, alpha, delta, labels=y[idx], probe=p[idx], expert=e[idx], performance_target=beta, seed=r, **kw)
+        res = cal.calibrate(
+            d[idx], grid, alpha, delta, labels=y[idx], probe=p[idx], expert=e[idx], performance_target=beta, seed=r, **kw
+        )
         if res.delegates:
             delegating += 1
             i = int(np.searchsorted(grid, res.lambda_hat))
@@ -415,9 +426,11 @@ def test_joint_control_without_pareto_has_power_or_is_refused():
         cal.calibrate(d, grid, 0.5, 0.1, pareto=False, **kw)
     with pytest.raises(ValueError, match="never delegate"):
         CalibrationConfig(alpha=0.5, pareto=False, performance_target=0.2)
-    for r in (cal.calibrate(d, grid, 0.5, 0.1, pareto=False, method="holm", **kw),
-              cal.calibrate(d, grid, 0.5, 0.1, pareto=False, method="bonferroni", **kw),
-              cal.calibrate(d, grid, 0.5, 0.1, pareto=True, **kw)):
+    for r in (
+        cal.calibrate(d, grid, 0.5, 0.1, pareto=False, method="holm", **kw),
+        cal.calibrate(d, grid, 0.5, 0.1, pareto=False, method="bonferroni", **kw),
+        cal.calibrate(d, grid, 0.5, 0.1, pareto=True, **kw),
+    ):
         assert r.certified_count > 20, r.message
         assert np.all(r.budget_risk[r.certified] <= 0.5) and np.all(r.performance_risk[r.certified] <= 0.2)
     # the budget is the binding constraint here: at α = 0.02 no threshold reaching β is within it, and the message says so

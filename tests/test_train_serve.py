@@ -11,12 +11,10 @@ moves the pooled features by float32 rounding (~1e-7 relative). A wrong layer, p
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import yaml
-
 from conftest import base_config
 
 TOL = 1e-5
@@ -29,7 +27,9 @@ def corpus_rows(n: int, chat: bool) -> list[dict]:
     for i in range(n):
         text = " ".join(rng.choice(words, size=int(rng.integers(3, 40))))
         if chat and i % 3 == 0:
-            rows.append({"id": f"r{i:03d}", "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text[::-1]}]})
+            rows.append(
+                {"id": f"r{i:03d}", "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text[::-1]}]}
+            )
         else:
             rows.append({"id": f"r{i:03d}", "text": text})
     return rows
@@ -37,13 +37,13 @@ def corpus_rows(n: int, chat: bool) -> list[dict]:
 
 @pytest.mark.parametrize("which", ["decoder", "encoder"])
 def test_actor_scores_equal_offline_probes(which, request, ray_head, tmp_path):
-    from ctd.model.activations import ActivationExtractor, TextEncoder
     from ctd.config import load_config
+    from ctd.model.activations import ActivationExtractor, TextEncoder
     from ctd.model.deployment import Deployment
+    from ctd.model.probes import fit_dv_probe, fit_safety_probe
+    from ctd.pipeline.corpus import row_input
     from ctd.pipeline.raydata import init_ray
     from ctd.pipeline.scoring import activation_spec, run_stage1
-    from ctd.pipeline.corpus import row_input
-    from ctd.model.probes import fit_dv_probe, fit_safety_probe
     from ctd.tables import read_parquet
 
     model_dir = request.getfixturevalue("tiny_llama" if which == "decoder" else "minilm_dir")
@@ -63,23 +63,40 @@ def test_actor_scores_equal_offline_probes(which, request, ray_head, tmp_path):
     rng = np.random.default_rng(1)
     a, b = np.argsort(z.std(axis=0))[-2:]  # two features that vary across rows
     safety = fit_safety_probe(z, (z[:, a] > np.median(z[:, a])).astype(int), meta=dict(meta), cv=3)
-    dv = fit_dv_probe(z, np.clip(np.tanh((z[:, b] - z[:, b].mean()) / z[:, b].std()) + 0.1 * rng.normal(size=len(z)), -1, 1), meta=dict(meta))
+    dv = fit_dv_probe(
+        z, np.clip(np.tanh((z[:, b] - z[:, b].mean()) / z[:, b].std()) + 0.1 * rng.normal(size=len(z)), -1, 1), meta=dict(meta)
+    )
     probes = {"safety": str(tmp_path / "probes" / "safety"), "dv": str(tmp_path / "probes" / "dv")}
     safety.save(probes["safety"])
     dv.save(probes["dv"])
     offline = {"probe": safety.predict(z), "dv": dv.predict(z)}
 
     # served: stage 1 on the session's Ray head, several actor batches
-    cfg_dict = base_config(str(tmp_path), "", **{"model.path": model_dir, "model.id": which, "model.layer": layer,
-                                                  "model.max_length": max_length, "probes.safety": probes["safety"],
-                                                  "probes.dv": probes["dv"], "activations.batch_size": 16, "ray.address": ray_head["address"]})
+    cfg_dict = base_config(
+        str(tmp_path),
+        "",
+        **{
+            "model.path": model_dir,
+            "model.id": which,
+            "model.layer": layer,
+            "model.max_length": max_length,
+            "probes.safety": probes["safety"],
+            "probes.dv": probes["dv"],
+            "activations.batch_size": 16,
+            "ray.address": ray_head["address"],
+        },
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg_dict))
     cfg = load_config(str(path))
     init_ray(cfg.ray)
     dep = Deployment.load(cfg.model, cfg.probes)
-    s1 = run_stage1(str(corpus), str(tmp_path / "stage1"), activation_spec(cfg.model, cfg.activations, safety=dep.safety, dv=dep.dv),
-                    cfg.activations)
+    s1 = run_stage1(
+        str(corpus),
+        str(tmp_path / "stage1"),
+        activation_spec(cfg.model, cfg.activations, safety=dep.safety, dv=dep.dv),
+        cfg.activations,
+    )
     assert s1.rows == len(rows)
     import pyarrow as pa
 

@@ -10,6 +10,7 @@ already judged are skipped by a left-anti join on id, never an id set on the dri
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,7 +40,15 @@ class Judged:
     seconds: float
 
 
-def judge(selection: Selection, spec: JudgingSpec, uri: str, *, stage1_key: list[str], resume: bool, before_commit=None) -> Judged:
+def judge(
+    selection: Selection,
+    spec: JudgingSpec,
+    uri: str,
+    *,
+    stage1_key: list[str],
+    resume: bool,
+    before_commit: Callable[[], None] | None = None,
+) -> Judged:
     """Judge the night's sent rows into ``uri``; ``stage1_key`` identifies the stage 1 they came from."""
     t0 = time.perf_counter()
     key = {"stage1": stage1_key, "cap": selection.cap, "expert": digest(spec.expert.identity())}
@@ -52,9 +61,13 @@ def judge(selection: Selection, spec: JudgingSpec, uri: str, *, stage1_key: list
         log(f"stage 2: {todo_rows} delegated rows → expert ({spec.kind})")
         if not plan.target_met:
             log(f"WARNING: the expert pool cannot meet its target: {plan.describe()}")
-        todo = selection.expert_rows(STAGE1_COLUMNS + ["input", "is_chat"]).map_batches(to_expert, batch_format="pyarrow", batch_size=None)
+        todo = selection.expert_rows(STAGE1_COLUMNS + ["input", "is_chat"]).map_batches(
+            to_expert, batch_format="pyarrow", batch_size=None
+        )
         if done_files:  # skip what a killed attempt committed
-            todo = todo.join(read(done_files, ["id"]), join_type="left_anti", on=("id",), num_partitions=partitions(selection.sent))
+            todo = todo.join(
+                read(done_files, ["id"]), join_type="left_anti", on=("id",), num_partitions=partitions(selection.sent)
+            )
         todo = todo.repartition(target_num_rows_per_block=spec.commit_rows)
         write(judge_rows(spec.expert, todo, rows=todo_rows, carry=EXPERT_CARRY, plan=plan, log=log), uri)
     else:

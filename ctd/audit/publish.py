@@ -7,6 +7,8 @@ it is written only while this driver still holds the run's lease.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyarrow as pa
 
 from .. import storage
@@ -30,17 +32,20 @@ def figures(report: AuditReport, facts: Facts, history: list[dict]) -> tuple[dic
     h = facts.histograms
     nights = (history + [night(report.model_dump())])[-TREND_NIGHTS:]
     figs = {
-        "dv_histogram": plot_binned({"scored rows": h["dv"]}, HIST_BINS["dv"], report.lambda_star, f"DV scores of run {report.run_id} and λ*",
-                                    "d(x)"),
-        "score_histogram": plot_binned({"probe p(x)": h["probe"], "final score": h["final"]}, HIST_BINS["probe"], None,
-                                       "Probe and final scores", "P(unsafe)"),
+        "dv_histogram": plot_binned(
+            {"scored rows": h["dv"]}, HIST_BINS["dv"], report.lambda_star, f"DV scores of run {report.run_id} and λ*", "d(x)"
+        ),
+        "score_histogram": plot_binned(
+            {"probe p(x)": h["probe"], "final score": h["final"]}, HIST_BINS["probe"], None, "Probe and final scores", "P(unsafe)"
+        ),
         "history": plot_history(nights),
     }
     return figs, nights
 
 
-def write_audit_report(layout: RunLayout, report: AuditReport, facts: Facts, history: list[dict], review: pa.Table | None,
-                       secrets: list[str]) -> dict[str, str]:
+def write_audit_report(
+    layout: RunLayout, report: AuditReport, facts: Facts, history: list[dict], review: pa.Table | None, secrets: list[str]
+) -> dict[str, str]:
     """``report.json``, ``report.html`` (with its plots) and ``review.parquet`` in the attempt, every
     text value redacted first (never the finished page)."""
     report = report.redacted(secrets)
@@ -54,15 +59,26 @@ def write_audit_report(layout: RunLayout, report: AuditReport, facts: Facts, his
     return files
 
 
-def publish(layout: RunLayout, report: AuditReport, files: dict[str, str], *, before_commit, keep_staging: bool) -> None:
+def publish(
+    layout: RunLayout, report: AuditReport, files: dict[str, str], *, before_commit: Callable[[], None], keep_staging: bool
+) -> None:
     """Publish the attempt (the manifest, last), then remove the staging (it holds the delegated rows'
     text) unless kept, and log the alarms and the summary."""
     if not report.invariant_ok:
-        raise RuntimeError(f"row invariant violated: read {report.rows_read} != scored {report.rows_scored} + "
-                           f"quarantined {report.rows_quarantined}; run {report.run_id} is not published")
-    summary = {"audited_date": report.audited_date, "rows_read": report.rows_read, "rows_scored": report.rows_scored,
-               "rows_quarantined": report.rows_quarantined, "delegated": report.delegated, "drift_alarm": report.drift_alarm,
-               "judge_alarm": report.judge_alarm, "calibration_hash": report.calibration_hash}
+        raise RuntimeError(
+            f"row invariant violated: read {report.rows_read} != scored {report.rows_scored} + "
+            f"quarantined {report.rows_quarantined}; run {report.run_id} is not published"
+        )
+    summary = {
+        "audited_date": report.audited_date,
+        "rows_read": report.rows_read,
+        "rows_scored": report.rows_scored,
+        "rows_quarantined": report.rows_quarantined,
+        "delegated": report.delegated,
+        "drift_alarm": report.drift_alarm,
+        "judge_alarm": report.judge_alarm,
+        "calibration_hash": report.calibration_hash,
+    }
     layout.publish(summary, list(files.values()), before_commit=before_commit)
     log(f"published {layout.root} (attempt {layout.attempt}; manifest written last)")
     if not keep_staging:

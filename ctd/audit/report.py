@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
+import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from .. import storage
@@ -49,10 +50,10 @@ class AuditReport(BaseModel):
     calibration_hash: str
     alpha: float
     delta: float
-    lambda_star: Optional[float] = Field(description="None: the calibration certified nothing; no row is delegated")
+    lambda_star: float | None = Field(description="None: the calibration certified nothing; no row is delegated")
     calibration_n: int
     calibration_message: str
-    calibration_pvalue_at_lambda: Optional[float] = None
+    calibration_pvalue_at_lambda: float | None = None
     rows_read: int
     rows_scored: int
     rows_quarantined: int
@@ -62,13 +63,15 @@ class AuditReport(BaseModel):
     delegated_by_threshold: int
     delegated: int
     over_cap: int = 0
-    budget_cap: Optional[int] = None
+    budget_cap: int | None = None
     realised_rate: float
     rate_pvalue: float
     drift_alpha: float
     drift_alarm: bool
     drift_message: str
-    drift_history_runs: list[str] = Field(default_factory=list, description="earlier published runs with this calibration, oldest first")
+    drift_history_runs: list[str] = Field(
+        default_factory=list, description="earlier published runs with this calibration, oldest first"
+    )
     drift_e_value: float = Field(1.0, description="the e-detector M_k of this night; drift_alarm is M_k >= 1/drift_alpha")
     drift_e_process: float = Field(1.0, description="plain e-process prod e_i over the history (for information)")
     expert_kind: str
@@ -76,20 +79,24 @@ class AuditReport(BaseModel):
     expert_failures: int
     expert_status: dict[str, int]
     expert_truncated: int = Field(0, description="judged rows whose conversation was cut to the judge's context")
-    expert_pool: dict = Field(default_factory=dict, description="the pool plan: rows, replicas, needed, expected_seconds, target_seconds, target_met")
+    expert_pool: dict = Field(
+        default_factory=dict, description="the pool plan: rows, replicas, needed, expected_seconds, target_seconds, target_met"
+    )
     judge_alarm: bool = Field(False, description="more than expert.max_failure_share of the judged rows failed")
     judge_message: str = ""
     decisions_unsafe: int
     unsafe_by_judge: int = Field(description="unsafe decisions whose final score is the expert's (the rest are the probe's)")
     judge_overruled: int = Field(description="judged rows whose verdict the expert changed from the probe's")
-    expert_tokens: int = Field(description="tokens of the delegated rows as the monitored model counts them, up to its "
-                               "context: a lower bound of what the judge reads")
+    expert_tokens: int = Field(
+        description="tokens of the delegated rows as the monitored model counts them, up to its "
+        "context: a lower bound of what the judge reads"
+    )
     review_rows: int = Field(0, description="rows in review.parquet (flagged, disagreements, quarantined)")
     groups: list[dict] = Field(default_factory=list)
     stages: list[StageTiming]
     resumed: dict = Field(default_factory=dict)
 
-    def redacted(self, secrets: Iterable[str]) -> "AuditReport":
+    def redacted(self, secrets: Iterable[str]) -> AuditReport:
         """The report with every string value redacted (:func:`ctd.reporting.redact.redact_values`)."""
         return AuditReport.model_validate(redact_values(self.model_dump(), secrets))
 
@@ -105,7 +112,8 @@ class AuditReport(BaseModel):
             f"  [{'ok' if self.invariant_ok else 'VIOLATED'}]; truncated {self.rows_truncated}",
             f"  delegated {self.delegated} ({self.realised_rate:.2%} of scored; budget {self.alpha:.2%})"
             + (f", {self.over_cap} over the hard cap of {self.budget_cap} fell back to the probe" if self.over_cap else ""),
-            f"  expert ({self.expert_kind}): {self.expert_calls} calls, {self.expert_failures} failed, {self.expert_truncated} cut to the judge's context",
+            f"  expert ({self.expert_kind}): {self.expert_calls} calls, {self.expert_failures} failed, "
+            f"{self.expert_truncated} cut to the judge's context",
             f"  judge: {'ALARM — ' if self.judge_alarm else ''}{self.judge_message}",
             *([self.pool_line()] if self.expert_pool else []),
             f"  drift: {'ALARM — ' if self.drift_alarm else ''}{self.drift_message}",
@@ -114,7 +122,10 @@ class AuditReport(BaseModel):
         for s in self.stages:
             lines.append(f"  stage {s.stage:12s} {s.seconds:8.1f} s  {s.rows:>9} rows  {s.rows_per_second:10.1f} rows/s")
         if self.quarantine_reasons:
-            lines.append("  quarantine reasons: " + "; ".join(f"{k}: {v}" for k, v in sorted(self.quarantine_reasons.items(), key=lambda x: -x[1])))
+            lines.append(
+                "  quarantine reasons: "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(self.quarantine_reasons.items(), key=lambda x: -x[1]))
+            )
         return lines
 
     def headline(self) -> list[tuple[str, str]]:
@@ -123,12 +134,21 @@ class AuditReport(BaseModel):
         cost, the quarantine, and what needs attention."""
         n, day = self.rows_scored, self.audited_date
         reasons = sorted(self.quarantine_reasons.items(), key=lambda x: -x[1])
-        q = (f"; {self.rows_quarantined:,} could not be audited and were quarantined ("
-             + ", ".join(f"{k}: {v:,}" for k, v in reasons[:3]) + (", …" if len(reasons) > 3 else "") + ")") if self.rows_quarantined else \
-            "; none was quarantined"
+        q = (
+            (
+                f"; {self.rows_quarantined:,} could not be audited and were quarantined ("
+                + ", ".join(f"{k}: {v:,}" for k, v in reasons[:3])
+                + (", …" if len(reasons) > 3 else "")
+                + ")"
+            )
+            if self.rows_quarantined
+            else "; none was quarantined"
+        )
         who = f": {self.unsafe_by_judge:,} by the judge, {self.decisions_unsafe - self.unsafe_by_judge:,} by the probe alone"
-        out = [("", f"{self.rows_read:,} conversations of {day} were read: {n:,} audited{q}."),
-               ("", f"{self.decisions_unsafe:,} flagged unsafe ({share(self.decisions_unsafe, n)} of those audited){who}.")]
+        out = [
+            ("", f"{self.rows_read:,} conversations of {day} were read: {n:,} audited{q}."),
+            ("", f"{self.decisions_unsafe:,} flagged unsafe ({share(self.decisions_unsafe, n)} of those audited){who}."),
+        ]
         sent = f"{self.delegated:,} went to the judge ({share(self.delegated, n)}) against a budget of α = {pct(self.alpha)}"
         if self.lambda_star is None:
             sent = "Nothing went to the judge: the calibration certified no threshold (see the calibration report)"
@@ -141,16 +161,30 @@ class AuditReport(BaseModel):
         reps = self.expert_pool.get("replicas") if self.expert_pool else None
         busy = secs * (reps or 0)
         tokens = f"{self.expert_tokens:,} tokens of conversation sent (as the monitored model counts them), "
-        out.append(("", f"Cost: {self.expert_calls:,} judge calls in this run, {tokens}"
-                        f"{secs:,.0f} s of the expert stage" + (f" on up to {reps} replica(s) (at most "
-                                                                + (f"{busy / 3600:.2f} replica-hours)" if busy >= 360 else f"{busy:,.0f} replica-seconds)")
-                                                                if reps else "") + "."))
+        out.append(
+            (
+                "",
+                f"Cost: {self.expert_calls:,} judge calls in this run, {tokens}"
+                f"{secs:,.0f} s of the expert stage"
+                + (
+                    f" on up to {reps} replica(s) (at most "
+                    + (f"{busy / 3600:.2f} replica-hours)" if busy >= 360 else f"{busy:,.0f} replica-seconds)")
+                    if reps
+                    else ""
+                )
+                + ".",
+            )
+        )
         attention = []
         if not self.invariant_ok:
-            attention.append(f"Rows are missing: {self.rows_read:,} read ≠ {n:,} audited + {self.rows_quarantined:,} quarantined.")
+            attention.append(
+                f"Rows are missing: {self.rows_read:,} read ≠ {n:,} audited + {self.rows_quarantined:,} quarantined."
+            )
         if self.drift_alarm:
-            attention.append(f"Drift: the delegation rate has moved above the budget over the last nights (e-detector {self.drift_e_value:.3g} ≥ "
-                             f"{1 / self.drift_alpha:g}); tomorrow's traffic no longer looks like the calibration data — recalibrate.")
+            attention.append(
+                f"Drift: the delegation rate has moved above the budget over the last nights (e-detector {self.drift_e_value:.3g} ≥ "
+                f"{1 / self.drift_alpha:g}); tomorrow's traffic no longer looks like the calibration data — recalibrate."
+            )
         if self.judge_alarm:
             attention.append(f"Judge failures: {self.judge_message}.")
         if self.over_cap:
@@ -159,9 +193,14 @@ class AuditReport(BaseModel):
             attention.append("The expert pool cannot meet its time target:" + self.pool_line().split("—", 1)[-1] + ".")
         if self.lambda_star is None:
             attention.append("The calibration certified nothing, so no row is delegated: its report says what to do.")
-        out += [("alarm", a) for a in attention] or [("ok", f"Nothing needs attention: the delegation rate is consistent with the calibration "
-                                                           f"(drift e-detector {self.drift_e_value:.3g}, alarm at {1 / self.drift_alpha:g}) and "
-                                                           f"{self.expert_failures:,} judge call(s) failed.")]
+        out += [("alarm", a) for a in attention] or [
+            (
+                "ok",
+                f"Nothing needs attention: the delegation rate is consistent with the calibration "
+                f"(drift e-detector {self.drift_e_value:.3g}, alarm at {1 / self.drift_alpha:g}) and "
+                f"{self.expert_failures:,} judge call(s) failed.",
+            )
+        ]
         return out
 
     def pool_line(self) -> str:
@@ -173,49 +212,116 @@ class AuditReport(BaseModel):
             s += f" — OVER the target of {p['target_seconds'] / 3600:.2f} h ({p['needed']} replicas needed; the quota allows {p['replicas']})"
         return s
 
-    def html(self, figures: dict[str, bytes], history: list[dict] | None = None, review=None) -> str:
+    def html(self, figures: dict[str, bytes], history: list[dict] | None = None, review: pa.Table | None = None) -> str:
         """The page: the headline in words, the nights before, what to look at, then the details.
         ``review``: the review table (:data:`ctd.audit.review.REVIEW_SCHEMA`) or None."""
         figures = dict(figures)
         trend = figures.pop("history", None)
         lines = "".join(f"<li class='{k}'>{html.escape(t)}</li>" for k, t in self.headline())
         n = max(self.rows_scored, 1)
-        rows = [("conversations read", self.rows_read), ("audited (scored)", self.rows_scored), ("quarantined", self.rows_quarantined),
-                ("every row accounted for", "yes" if self.invariant_ok else "NO"), ("cut to the monitored model's context", self.rows_truncated),
-                ("flagged unsafe", self.decisions_unsafe), ("… by the judge", self.unsafe_by_judge),
-                ("… by the probe alone", self.decisions_unsafe - self.unsafe_by_judge)]
-        deleg = [("budget α (share the judge may see)", f"{self.alpha:.2%}"), ("guarantee holds with probability", f"≥ {1 - self.delta:.0%}"),
-                 ("threshold λ* on the DV score", "never delegate" if self.lambda_star is None else f"{self.lambda_star:.4g}"),
-                 ("calibration rows", self.calibration_n), ("passed λ*", self.delegated_by_threshold),
-                 ("sent to the judge", self.delegated), ("share sent", f"{self.delegated / n:.2%}"),
-                 ("over the hard cap (kept the probe's score)", self.over_cap), ("hard cap", self.budget_cap),
-                 ("judge changed the verdict", self.judge_overruled)]
-        expert = [("expert", self.expert_kind), ("calls this run", self.expert_calls), ("failed calls", self.expert_failures),
-                  ("tokens of conversation sent (monitored model's count)", self.expert_tokens), ("cut to the judge's context", self.expert_truncated)]
-        drift = [("nights in the history (this calibration)", len(self.drift_history_runs) + 1),
-                 ("e-detector (alarm at 1/level)", f"{self.drift_e_value:.3g} (alarm at {1 / self.drift_alpha:g})"),
-                 ("this night alone: binomial p-value (information)", f"{self.rate_pvalue:.3g}"), ("alarm", "YES" if self.drift_alarm else "no")]
+        rows = [
+            ("conversations read", self.rows_read),
+            ("audited (scored)", self.rows_scored),
+            ("quarantined", self.rows_quarantined),
+            ("every row accounted for", "yes" if self.invariant_ok else "NO"),
+            ("cut to the monitored model's context", self.rows_truncated),
+            ("flagged unsafe", self.decisions_unsafe),
+            ("… by the judge", self.unsafe_by_judge),
+            ("… by the probe alone", self.decisions_unsafe - self.unsafe_by_judge),
+        ]
+        deleg = [
+            ("budget α (share the judge may see)", f"{self.alpha:.2%}"),
+            ("guarantee holds with probability", f"≥ {1 - self.delta:.0%}"),
+            ("threshold λ* on the DV score", "never delegate" if self.lambda_star is None else f"{self.lambda_star:.4g}"),
+            ("calibration rows", self.calibration_n),
+            ("passed λ*", self.delegated_by_threshold),
+            ("sent to the judge", self.delegated),
+            ("share sent", f"{self.delegated / n:.2%}"),
+            ("over the hard cap (kept the probe's score)", self.over_cap),
+            ("hard cap", self.budget_cap),
+            ("judge changed the verdict", self.judge_overruled),
+        ]
+        expert = [
+            ("expert", self.expert_kind),
+            ("calls this run", self.expert_calls),
+            ("failed calls", self.expert_failures),
+            ("tokens of conversation sent (monitored model's count)", self.expert_tokens),
+            ("cut to the judge's context", self.expert_truncated),
+        ]
+        drift = [
+            ("nights in the history (this calibration)", len(self.drift_history_runs) + 1),
+            ("e-detector (alarm at 1/level)", f"{self.drift_e_value:.3g} (alarm at {1 / self.drift_alpha:g})"),
+            ("this night alone: binomial p-value (information)", f"{self.rate_pvalue:.3g}"),
+            ("alarm", "YES" if self.drift_alarm else "no"),
+        ]
         table = lambda pairs: html_table([{"": k, "value": v} for k, v in pairs])  # noqa: E731
-        hashes = [{"artifact": k, "hash": getattr(self, k)} for k in ("config_hash", "model_fingerprint", "safety_probe_hash", "dv_probe_hash",
-                                                                     "calibration_hash")]
+        hashes = [
+            {"artifact": k, "hash": getattr(self, k)}
+            for k in ("config_hash", "model_fingerprint", "safety_probe_hash", "dv_probe_hash", "calibration_hash")
+        ]
         sections = [
-            ("The night in brief", f"<ul class='headline'>{lines}</ul>"
-             "<p>Files: <a href='report.json'>report.json</a>" + (" · <a href='review.parquet'>review.parquet</a>" if self.review_rows else "")
-             + "</p>"),
-            ("The nights before", (html_figure("history", trend, "One point per audited night with this calibration")
-                                   + html_table(history_rows(history or []))) if trend is not None else "<p>No history yet.</p>"),
+            (
+                "The night in brief",
+                f"<ul class='headline'>{lines}</ul>"
+                "<p>Files: <a href='report.json'>report.json</a>"
+                + (" · <a href='review.parquet'>review.parquet</a>" if self.review_rows else "")
+                + "</p>",
+            ),
+            (
+                "The nights before",
+                (
+                    html_figure("history", trend, "One point per audited night with this calibration")
+                    + html_table(history_rows(history or []))
+                )
+                if trend is not None
+                else "<p>No history yet.</p>",
+            ),
             ("What to look at", _review_html(review)),
-            ("Rows", table(rows)), ("Delegation and the budget", table(deleg)), ("Expert", table(expert)
-                                                                                 + "<p>" + html.escape(self.judge_message) + "</p>"),
+            ("Rows", table(rows)),
+            ("Delegation and the budget", table(deleg)),
+            ("Expert", table(expert) + "<p>" + html.escape(self.judge_message) + "</p>"),
             ("Drift", table(drift) + "<p>" + html.escape(self.drift_message) + "</p>"),
-            ("Groups", html_table([{"group": g["group"], "rows": g["rows"], "sent to the judge": g["delegated"],
-                                    "share sent": f"{g['delegation_rate']:.1%}", "flagged unsafe": g["unsafe_decisions"]} for g in self.groups])),
-            ("Why rows were quarantined", html_table([{"reason": k, "rows": v} for k, v in sorted(self.quarantine_reasons.items(), key=lambda x: -x[1])])),
+            (
+                "Groups",
+                html_table(
+                    [
+                        {
+                            "group": g["group"],
+                            "rows": g["rows"],
+                            "sent to the judge": g["delegated"],
+                            "share sent": f"{g['delegation_rate']:.1%}",
+                            "flagged unsafe": g["unsafe_decisions"],
+                        }
+                        for g in self.groups
+                    ]
+                ),
+            ),
+            (
+                "Why rows were quarantined",
+                html_table([{"reason": k, "rows": v} for k, v in sorted(self.quarantine_reasons.items(), key=lambda x: -x[1])]),
+            ),
             ("Expert answers", html_table([{"status": k, "rows": v} for k, v in self.expert_status.items()])),
-            ("Expert pool", "<p>" + html.escape(self.pool_line().strip()) + "</p>" if self.expert_pool else "<p>no pool plan recorded</p>"),
-            ("Stages", html_table([{"stage": s.stage, "seconds": s.seconds, "rows": s.rows, "rows/s": s.rows_per_second} for s in self.stages])),
-            ("Provenance", html_table(hashes + [{"artifact": "calibration", "hash": self.calibration_uri}, {"artifact": "corpus", "hash": self.corpus},
-                                                {"artifact": "run", "hash": f"{self.run_id} (attempt {self.attempt})"}])),
+            (
+                "Expert pool",
+                "<p>" + html.escape(self.pool_line().strip()) + "</p>" if self.expert_pool else "<p>no pool plan recorded</p>",
+            ),
+            (
+                "Stages",
+                html_table(
+                    [{"stage": s.stage, "seconds": s.seconds, "rows": s.rows, "rows/s": s.rows_per_second} for s in self.stages]
+                ),
+            ),
+            (
+                "Provenance",
+                html_table(
+                    hashes
+                    + [
+                        {"artifact": "calibration", "hash": self.calibration_uri},
+                        {"artifact": "corpus", "hash": self.corpus},
+                        {"artifact": "run", "hash": f"{self.run_id} (attempt {self.attempt})"},
+                    ]
+                ),
+            ),
         ]
         return html_page(f"CTD audit of {self.audited_date} — {self.run_id}", sections, figures)
 
@@ -223,8 +329,10 @@ class AuditReport(BaseModel):
 def _review_html(review) -> str:
     """The review list as tables: flagged rows, disagreements, quarantined rows."""
     if review is None or not review.num_rows:
-        return "<p>Nothing to review (no row was flagged, judged against the probe or quarantined), or the review list is off " \
-               "(audit.review_rows: 0).</p>"
+        return (
+            "<p>Nothing to review (no row was flagged, judged against the probe or quarantined), or the review list is off "
+            "(audit.review_rows: 0).</p>"
+        )
     rows = review.to_pylist()
     out = []
     fmt = lambda x: None if x is None else round(x, 3)  # noqa: E731
@@ -235,9 +343,21 @@ def _review_html(review) -> str:
         if which == "quarantined":
             body = html_table([{"id": r["id"], "source": r["source"], "group": r["group"], "reason": r["reason"]} for r in sel])
         else:
-            body = html_table([{"#": r["rank"], "id": r["id"], "group": r["group"], "probe": fmt(r["probe"]), "judge": fmt(r["expert"]),
-                                "final": fmt(r["final"]), "unsafe": "yes" if r["decision"] else "no", "excerpt (redacted)": r["excerpt"]}
-                               for r in sel])
+            body = html_table(
+                [
+                    {
+                        "#": r["rank"],
+                        "id": r["id"],
+                        "group": r["group"],
+                        "probe": fmt(r["probe"]),
+                        "judge": fmt(r["expert"]),
+                        "final": fmt(r["final"]),
+                        "unsafe": "yes" if r["decision"] else "no",
+                        "excerpt (redacted)": r["excerpt"],
+                    }
+                    for r in sel
+                ]
+            )
         out.append(f"<h3>{html.escape(what.capitalize())} ({len(sel)})</h3>{body}")
     return "".join(out)
 
@@ -257,11 +377,13 @@ def show_report(uri: str) -> str:
         return "\n".join(AuditReport.model_validate(body).summary_lines())
     if "lambda_star" in body and "message" in body:
         lam = body["lambda_star"]
-        return "\n".join([
-            f"calibration  α={body['alpha']} δ={body['delta']} n={body['n']} method={body['method']}{' + Pareto' if body.get('pareto') else ''}",
-            f"  λ* = {'never delegate' if lam is None else lam}",
-            f"  {body['message']}",
-            *(f"  {t}" for t in body.get("explanation", [])),
-            f"  artifact hash {body.get('artifact_hash', '')[:16]}…",
-        ])
+        return "\n".join(
+            [
+                f"calibration  α={body['alpha']} δ={body['delta']} n={body['n']} method={body['method']}{' + Pareto' if body.get('pareto') else ''}",
+                f"  λ* = {'never delegate' if lam is None else lam}",
+                f"  {body['message']}",
+                *(f"  {t}" for t in body.get("explanation", [])),
+                f"  artifact hash {body.get('artifact_hash', '')[:16]}…",
+            ]
+        )
     return json.dumps(body, indent=2)[:4000]

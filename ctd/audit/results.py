@@ -26,15 +26,39 @@ from ..stats.cascade import Cascade
 from .selection import Selection
 from .specs import ResultsSpec
 
-__all__ = ["RESULT_SCHEMA", "QUARANTINE_SCHEMA", "EXPERT_CARRY", "answered", "to_expert", "not_sent", "judged", "quarantined",
-           "finalize", "Rows", "write_rows"]
+__all__ = [
+    "RESULT_SCHEMA",
+    "QUARANTINE_SCHEMA",
+    "EXPERT_CARRY",
+    "answered",
+    "to_expert",
+    "not_sent",
+    "judged",
+    "quarantined",
+    "finalize",
+    "Rows",
+    "write_rows",
+]
 
-RESULT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("group", pa.string()), ("label", pa.int8()), ("source", pa.string()), ("truncated", pa.bool_()),
-    ("tokens", pa.int32()), ("probe", pa.float64()), ("dv", pa.float64()), ("delegated", pa.bool_()), ("over_cap", pa.bool_()),
-    ("expert", pa.float64()), ("expert_status", pa.string()), ("expert_truncated", pa.bool_()), ("final", pa.float64()),
-    ("decision", pa.bool_()),
-])
+RESULT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("group", pa.string()),
+        ("label", pa.int8()),
+        ("source", pa.string()),
+        ("truncated", pa.bool_()),
+        ("tokens", pa.int32()),
+        ("probe", pa.float64()),
+        ("dv", pa.float64()),
+        ("delegated", pa.bool_()),
+        ("over_cap", pa.bool_()),
+        ("expert", pa.float64()),
+        ("expert_status", pa.string()),
+        ("expert_truncated", pa.bool_()),
+        ("final", pa.float64()),
+        ("decision", pa.bool_()),
+    ]
+)
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string()), ("group", pa.string())])
 # Stage-1 columns that travel through the expert stage with each delegated row, so that the expert's
 # output is the delegated rows' own results (no join of expert scores back onto stage 1).
@@ -58,25 +82,36 @@ def not_sent(batch: pa.Table) -> pa.Table:
     """Audited rows that keep the probe's score (below λ*, or over the cap)."""
     b = batch.filter(pc.and_(pc.and_(is_valid(batch), pc.is_null(batch.column("dup_n"))), pc.invert(batch.column("sent"))))
     n = b.num_rows
-    return (b.select(list(EXPERT_CARRY) + ["over_cap"])
-            .append_column("delegated", pa.array(np.zeros(n, dtype=bool)))
-            .append_column("expert", pa.nulls(n, pa.float64()))
-            .append_column("expert_status", pa.nulls(n, pa.string()))
-            .append_column("expert_truncated", pa.nulls(n, pa.bool_())))
+    return (
+        b.select(list(EXPERT_CARRY) + ["over_cap"])
+        .append_column("delegated", pa.array(np.zeros(n, dtype=bool)))
+        .append_column("expert", pa.nulls(n, pa.float64()))
+        .append_column("expert_status", pa.nulls(n, pa.string()))
+        .append_column("expert_truncated", pa.nulls(n, pa.bool_()))
+    )
 
 
 def judged(batch: pa.Table) -> pa.Table:
     """Rows back from the expert stage, marked as sent within the cap."""
     n = batch.num_rows
-    return batch.append_column("delegated", pa.array(np.ones(n, dtype=bool))).append_column("over_cap", pa.array(np.zeros(n, dtype=bool)))
+    return batch.append_column("delegated", pa.array(np.ones(n, dtype=bool))).append_column(
+        "over_cap", pa.array(np.zeros(n, dtype=bool))
+    )
 
 
 def quarantined(batch: pa.Table) -> pa.Table:
     """Invalid rows with their reason, and every row of a duplicated id."""
     b = batch.filter(pc.or_(pc.invert(is_valid(batch)), pc.is_valid(batch.column("dup_n"))))
     reason = pc.binary_join_element_wise("duplicate id (", pc.cast(b.column("dup_n"), pa.string()), " rows share it)", "")
-    return pa.table({"id": b.column("id"), "source": b.column("source"), "error": pc.coalesce(b.column("error"), reason),
-                     "group": b.column("group")}, schema=QUARANTINE_SCHEMA)
+    return pa.table(
+        {
+            "id": b.column("id"),
+            "source": b.column("source"),
+            "error": pc.coalesce(b.column("error"), reason),
+            "group": b.column("group"),
+        },
+        schema=QUARANTINE_SCHEMA,
+    )
 
 
 def finalize(batch: pa.Table, cascade: Cascade = Cascade()) -> pa.Table:
@@ -112,9 +147,16 @@ def write_rows(selection: Selection, expert_files: list[str], spec: ResultsSpec,
         parts.append(read(expert_files).map_batches(judged, batch_format="pyarrow", batch_size=None))
     if parts:
         results = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        write(results.map_batches(finalize, fn_kwargs={"cascade": spec.cascade}, batch_format="pyarrow", batch_size=None), layout.results,
-              spec.rows_per_file)
+        write(
+            results.map_batches(finalize, fn_kwargs={"cascade": spec.cascade}, batch_format="pyarrow", batch_size=None),
+            layout.results,
+            spec.rows_per_file,
+        )
     if selection.stage1.rows - selection.scored:
-        write(selection.rows.map_batches(quarantined, batch_format="pyarrow", batch_size=None), layout.quarantine, spec.rows_per_file)
+        write(
+            selection.rows.map_batches(quarantined, batch_format="pyarrow", batch_size=None),
+            layout.quarantine,
+            spec.rows_per_file,
+        )
     files = lambda uri: [storage.join(uri, n) for n in parquet_files(uri)]  # noqa: E731
     return Rows(files(layout.results), files(layout.quarantine), time.perf_counter() - t0)

@@ -23,11 +23,24 @@ from .results import answered
 
 __all__ = ["REVIEW_SCHEMA", "REVIEW_LISTS", "candidates", "top", "spread", "review"]
 
-REVIEW_SCHEMA = pa.schema([
-    ("list", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("group", pa.string()), ("probe", pa.float64()),
-    ("dv", pa.float64()), ("expert", pa.float64()), ("final", pa.float64()), ("decision", pa.bool_()), ("delegated", pa.bool_()),
-    ("expert_status", pa.string()), ("reason", pa.string()), ("source", pa.string()), ("excerpt", pa.string()),
-])
+REVIEW_SCHEMA = pa.schema(
+    [
+        ("list", pa.string()),
+        ("rank", pa.int32()),
+        ("id", pa.string()),
+        ("group", pa.string()),
+        ("probe", pa.float64()),
+        ("dv", pa.float64()),
+        ("expert", pa.float64()),
+        ("final", pa.float64()),
+        ("decision", pa.bool_()),
+        ("delegated", pa.bool_()),
+        ("expert_status", pa.string()),
+        ("reason", pa.string()),
+        ("source", pa.string()),
+        ("excerpt", pa.string()),
+    ]
+)
 REVIEW_LISTS = {  # list name: what it holds, in what order (descending; ties by id)
     "flagged": "flagged unsafe, highest final score first",
     "disagreement": "the judge overruled the probe, largest change of score first",
@@ -52,6 +65,20 @@ def top(k: int, *tables: pa.Table) -> pa.Table:
     return t.take(pc.sort_indices(t, sort_keys=[("key", "descending"), ("id", "ascending")])[:k])
 
 
+def top_per_list(k: int, *tables: pa.Table) -> pa.Table:
+    """:func:`top` of each list (the ``list`` column) of some candidate tables."""
+    t = pa.concat_tables(tables)
+    parts = [top(k, t.filter(pc.equal(t.column("list"), which))) for which in REVIEW_LISTS]
+    return pa.concat_tables(parts)
+
+
+def _candidates_of_every_list(batch: pa.Table, k: int, cascade: Cascade) -> pa.Table:
+    parts = [candidates(batch, which, cascade) for which in REVIEW_LISTS]
+    return top_per_list(
+        k, *(p.append_column("list", pa.array([which] * p.num_rows, pa.string())) for which, p in zip(REVIEW_LISTS, parts))
+    )
+
+
 def spread(k: int, *tables: pa.Table) -> pa.Table:
     """Up to ``k`` quarantined rows spread over the reasons (the reason without its detail): the
     first row of each reason, then the second of each, and so on, in reason order."""
@@ -67,9 +94,12 @@ def spread(k: int, *tables: pa.Table) -> pa.Table:
     return t.take(pa.array(np.sort(pick)))
 
 
-def _top_rows(results: list[str], which: str, k: int, cascade: Cascade) -> pa.Table | None:
-    local = read(results).map_batches(lambda b: top(k, candidates(b, which, cascade)), batch_format="pyarrow", batch_size=None)
-    t = tree_reduce(local.to_arrow_refs(), lambda *ts: top(k, *ts))
+def _top_rows(results: list[str], k: int, cascade: Cascade) -> pa.Table | None:
+    """The top ``k`` rows of every list, in one pass: each block's own tops, merged by a tree of tasks."""
+    local = read(results).map_batches(
+        _candidates_of_every_list, fn_kwargs={"k": k, "cascade": cascade}, batch_format="pyarrow", batch_size=None
+    )
+    t = tree_reduce(local.to_arrow_refs(), lambda *ts: top_per_list(k, *ts))
     return t.drop_columns(["key"]) if t is not None else None
 
 
@@ -77,31 +107,53 @@ def _lookup(batch: pa.Table, ids: list[str]) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(ids, pa.string())))
 
 
-def review(results: list[str], quarantine: list[str], stage1: list[str], k: int, cascade: Cascade, excerpt_chars: int) -> pa.Table:
+def review(
+    results: list[str], quarantine: list[str], stage1: list[str], k: int, cascade: Cascade, excerpt_chars: int
+) -> pa.Table:
     """The review list (:data:`REVIEW_SCHEMA`): the top ``k`` rows of each :data:`REVIEW_LISTS` list
     with their excerpt (stage 1's, cut to ``excerpt_chars``; none when it is 0), and up to ``k``
     quarantined rows with their reason and source, spread over the reasons."""
     import ray
 
     parts = []
-    for which in REVIEW_LISTS if results else ():
-        t = _top_rows(results, which, k, cascade)
-        if t is not None and t.num_rows:
-            n = t.num_rows
-            parts.append(t.append_column("list", pa.array([which] * n)).append_column("rank", pa.array(np.arange(1, n + 1, dtype=np.int32))))
+    tops = _top_rows(results, k, cascade) if results else None
+    for which in REVIEW_LISTS if tops is not None else ():
+        t = tops.filter(pc.equal(tops.column("list"), which))
+        if t.num_rows:
+            parts.append(t.append_column("rank", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int32))))
     ids = sorted({i for t in parts for i in t.column("id").to_pylist()})
     text: dict[str, str] = {}
     if ids and excerpt_chars > 0 and stage1:
-        found = read(stage1, ["id", "excerpt"]).map_batches(_lookup, fn_kwargs={"ids": ids}, batch_format="pyarrow", batch_size=None)
+        found = read(stage1, ["id", "excerpt"]).map_batches(
+            _lookup, fn_kwargs={"ids": ids}, batch_format="pyarrow", batch_size=None
+        )
         for t in ray.get(found.to_arrow_refs()):
-            text.update({i: cut(e, excerpt_chars) for i, e in zip(t.column("id").to_pylist(), t.column("excerpt").to_pylist()) if e is not None})
+            text.update(
+                {
+                    i: cut(e, excerpt_chars)
+                    for i, e in zip(t.column("id").to_pylist(), t.column("excerpt").to_pylist())
+                    if e is not None
+                }
+            )
     out = [t.append_column("excerpt", pa.array([text.get(i) for i in t.column("id").to_pylist()], pa.string())) for t in parts]
     if quarantine and k:
-        local = read(quarantine, ["id", "source", "group", "error"]).map_batches(lambda b: spread(k, b), batch_format="pyarrow", batch_size=None)
+        local = read(quarantine, ["id", "source", "group", "error"]).map_batches(
+            lambda b: spread(k, b), batch_format="pyarrow", batch_size=None
+        )
         q = tree_reduce(local.to_arrow_refs(), lambda *ts: spread(k, *ts))
         n = q.num_rows
-        out.append(pa.table({"list": pa.array(["quarantined"] * n), "rank": pa.array(np.arange(1, n + 1, dtype=np.int32)),
-                             "id": q.column("id"), "source": q.column("source"), "group": q.column("group"), "reason": q.column("error")}))
+        out.append(
+            pa.table(
+                {
+                    "list": pa.array(["quarantined"] * n),
+                    "rank": pa.array(np.arange(1, n + 1, dtype=np.int32)),
+                    "id": q.column("id"),
+                    "source": q.column("source"),
+                    "group": q.column("group"),
+                    "reason": q.column("error"),
+                }
+            )
+        )
     column = lambda t, f: t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)  # noqa: E731
     tables = [pa.table({f.name: column(t, f) for f in REVIEW_SCHEMA}).cast(REVIEW_SCHEMA) for t in out]
     return pa.concat_tables(tables) if tables else REVIEW_SCHEMA.empty_table()

@@ -32,7 +32,7 @@ from ..pipeline.raydata import init_ray
 from ..pipeline.scoring import ChunkedStage1, run_chunked
 from ..runs.history import history
 from ..runs.layout import sweep
-from .facts import Facts, collect
+from .facts import collect
 from .judging import Judged, judge
 from .publish import publish, write_audit_report
 from .report import AuditReport
@@ -45,7 +45,9 @@ from .summary import NightContext, summarise
 __all__ = ["run_audit"]
 
 
-def run_audit(cfg: JobConfig, *, run_id: str | None = None, date: str | None = None, now: _dt.datetime | None = None) -> AuditReport:
+def run_audit(
+    cfg: JobConfig, *, run_id: str | None = None, date: str | None = None, now: _dt.datetime | None = None
+) -> AuditReport:
     """Audit one day's corpus (``date``: YYYY-MM-DD, default yesterday in ``audit.timezone``) into
     ``<output>/runs/<run_id>/``, as the only writer of that run id (raises :class:`ctd.runs.lease.LeaseHeld`
     when another driver holds it). The previous published run of the same id stays readable until
@@ -55,19 +57,47 @@ def run_audit(cfg: JobConfig, *, run_id: str | None = None, date: str | None = N
     with spec.night.lease() as lease:
         try:
             _prepare(spec)
-            scored = run_chunked(spec.scoring.corpus, storage.join(spec.staging, "stage1"), spec.scoring.activation, spec.scoring.pool,
-                                 key=spec.scoring.resume_key(), chunk_bytes=spec.scoring.chunk_bytes,
-                                 rows_per_file=spec.scoring.rows_per_file, resume=spec.resume, before_commit=lease.check)
+            scored = run_chunked(
+                spec.scoring.corpus,
+                storage.join(spec.staging, "stage1"),
+                spec.scoring.activation,
+                spec.scoring.pool,
+                key=spec.scoring.resume_key(),
+                chunk_bytes=spec.scoring.chunk_bytes,
+                rows_per_file=spec.scoring.rows_per_file,
+                resume=spec.resume,
+                before_commit=lease.check,
+            )
             chosen = select(scored.stage1, spec.selection)
-            judged = judge(chosen, spec.judging, storage.join(spec.staging, "expert"), stage1_key=scored.chunk_ids,
-                           resume=spec.resume and not scored.rows_run, before_commit=lease.check)
+            judged = judge(
+                chosen,
+                spec.judging,
+                storage.join(spec.staging, "expert"),
+                stage1_key=scored.chunk_ids,
+                resume=spec.resume and not scored.rows_run,
+                before_commit=lease.check,
+            )
             rows = write_rows(chosen, judged.files, spec.results, spec.night.layout)
             facts = collect(rows, spec.results.cascade)
-            nights = history(spec.night.job.output, calibration_hash=spec.deployment.calibration.hash, exclude_run=spec.night.run_id,
-                             before_day=spec.night.day.isoformat())
+            nights = history(
+                spec.night.job.output,
+                calibration_hash=spec.deployment.calibration.hash,
+                exclude_run=spec.night.run_id,
+                before_day=spec.night.day.isoformat(),
+            )
             report = summarise(_context(spec, scored, chosen, judged, rows), facts, nights)
-            listed = review(rows.results, rows.quarantine, scored.stage1.files, spec.report.review_rows, spec.results.cascade,
-                            spec.report.excerpt_chars) if spec.report.review_rows else None
+            listed = (
+                review(
+                    rows.results,
+                    rows.quarantine,
+                    scored.stage1.files,
+                    spec.report.review_rows,
+                    spec.results.cascade,
+                    spec.report.excerpt_chars,
+                )
+                if spec.report.review_rows
+                else None
+            )
             report = report.model_copy(update={"review_rows": 0 if listed is None else listed.num_rows})
             files = write_audit_report(spec.night.layout, report, facts, nights, listed, spec.report.secrets())
             publish(spec.night.layout, report, files, before_commit=lease.check, keep_staging=spec.keep_staging)
@@ -81,8 +111,10 @@ def _prepare(spec: AuditSpec) -> None:
     """Say what runs; clear the staging of a run that is not resumed; sweep abandoned runs' staging."""
     cal = spec.deployment.calibration
     lam = "never delegate" if cal.threshold is None else f"{cal.threshold:.6g}"
-    log(f"audit {spec.night.run_id} of {spec.night.day}: α={cal.result.alpha} δ={cal.result.delta} λ*={lam} "
-        f"→ {spec.night.layout.root} (attempt {spec.night.layout.attempt})")
+    log(
+        f"audit {spec.night.run_id} of {spec.night.day}: α={cal.result.alpha} δ={cal.result.delta} λ*={lam} "
+        f"→ {spec.night.layout.root} (attempt {spec.night.layout.attempt})"
+    )
     if not spec.resume:
         storage.remove(spec.staging)
     if spec.retention_days is not None:
@@ -94,15 +126,41 @@ def _prepare(spec: AuditSpec) -> None:
 
 def _context(spec: AuditSpec, scored: ChunkedStage1, chosen: Selection, judged: Judged, rows: Rows) -> NightContext:
     dep, cal = spec.deployment, spec.deployment.calibration
-    resumed = {k: v for k, v in (("stage1_rows", scored.resumed_rows), ("stage1_chunks", scored.resumed_chunks),
-                                 ("expert_rows", judged.resumed_rows)) if v}
+    resumed = {
+        k: v
+        for k, v in (
+            ("stage1_rows", scored.resumed_rows),
+            ("stage1_chunks", scored.resumed_chunks),
+            ("expert_rows", judged.resumed_rows),
+        )
+        if v
+    }
     return NightContext(
-        run_id=spec.night.run_id, audited_date=spec.night.day.isoformat(), attempt=spec.night.layout.attempt,
-        config_hash=spec.report.config_hash, corpus=spec.scoring.corpus, model_id=dep.model_id, model_fingerprint=dep.model_fingerprint,
-        layer=dep.layer, safety_probe_hash=dep.safety.content_hash, dv_probe_hash=dep.dv.content_hash,
-        calibration_uri=dep.calibration_uri, calibration_hash=cal.hash, calibration=cal.result, rows_read=scored.stage1.rows,
-        cap=chosen.cap, expert_kind=spec.judging.kind, expert_calls=judged.calls, expert_pool=judged.plan.to_dict(),
-        max_failure_share=spec.judging.max_failure_share, drift_alpha=spec.report.drift_alpha,
-        timings={"activations": (scored.stage1.seconds, scored.rows_run), "select": (chosen.seconds, scored.stage1.rows),
-                 "expert": (judged.seconds, judged.calls), "merge": (rows.seconds, scored.stage1.rows)},
-        resumed=resumed)
+        run_id=spec.night.run_id,
+        audited_date=spec.night.day.isoformat(),
+        attempt=spec.night.layout.attempt,
+        config_hash=spec.report.config_hash,
+        corpus=spec.scoring.corpus,
+        model_id=dep.model_id,
+        model_fingerprint=dep.model_fingerprint,
+        layer=dep.layer,
+        safety_probe_hash=dep.safety.content_hash,
+        dv_probe_hash=dep.dv.content_hash,
+        calibration_uri=dep.calibration_uri,
+        calibration_hash=cal.hash,
+        calibration=cal.result,
+        rows_read=scored.stage1.rows,
+        cap=chosen.cap,
+        expert_kind=spec.judging.kind,
+        expert_calls=judged.calls,
+        expert_pool=judged.plan.to_dict(),
+        max_failure_share=spec.judging.max_failure_share,
+        drift_alpha=spec.report.drift_alpha,
+        timings={
+            "activations": (scored.stage1.seconds, scored.rows_run),
+            "select": (chosen.seconds, scored.stage1.rows),
+            "expert": (judged.seconds, judged.calls),
+            "merge": (rows.seconds, scored.stage1.rows),
+        },
+        resumed=resumed,
+    )

@@ -15,19 +15,32 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..log import log
-from ..pipeline.dedup import Duplicates, count_where, find_duplicates, is_scored, with_duplicates
+from ..pipeline.dedup import Duplicates, census, is_scored, with_duplicates
 from ..pipeline.raydata import read
 from ..pipeline.scoring import Stage1
 from .specs import SelectionSpec
 
-__all__ = ["STAGE1_COLUMNS", "cap_rows", "delegated", "over_cap", "mark_batch", "is_passing", "cap_boundary", "Selection", "select"]
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+__all__ = [
+    "STAGE1_COLUMNS",
+    "cap_rows",
+    "delegated",
+    "over_cap",
+    "mark_batch",
+    "is_passing",
+    "cap_boundary",
+    "Selection",
+    "select",
+]
 
 # stage-1 columns the audit reads back (never the pooled vectors); the text only for the expert
 STAGE1_COLUMNS = ["id", "group", "label", "source", "error", "truncated", "probe", "dv", "delegated", "tokens"]
@@ -38,19 +51,19 @@ def cap_rows(budget_cap: float | None, audited: int) -> int | None:
     return None if budget_cap is None else int(math.ceil(budget_cap * audited))
 
 
-def delegated(batch: pa.Table):
+def delegated(batch: pa.Table) -> pa.Array | pa.ChunkedArray:
     """d(x) > λ* (false where stage 1 ran without the gate)."""
     if "delegated" not in batch.column_names:
         return pa.array(np.zeros(batch.num_rows, dtype=bool))
     return pc.fill_null(batch.column("delegated"), False)
 
 
-def is_passing(batch: pa.Table):
+def is_passing(batch: pa.Table) -> pa.ChunkedArray:
     """Scored rows whose d(x) passes λ* (before the cap)."""
     return pc.and_(is_scored(batch), delegated(batch))
 
 
-def over_cap(batch: pa.Table, boundary: tuple[float, str] | None):
+def over_cap(batch: pa.Table, boundary: tuple[float, str] | None) -> pa.Array | pa.ChunkedArray:
     """Scalar filter: (d(x), id) at or after the boundary in (d(x) desc, id asc) order."""
     if boundary is None:
         return pa.array(np.zeros(batch.num_rows, dtype=bool))
@@ -67,16 +80,18 @@ def mark_batch(batch: pa.Table, boundary: tuple[float, str] | None = None) -> pa
     return batch.append_column("sent", pc.and_(passing, pc.invert(over))).append_column("over_cap", over)
 
 
-def mark(rows, dups: Duplicates, boundary: tuple[float, str] | None = None):
+def mark(rows: Dataset, dups: Duplicates, boundary: tuple[float, str] | None = None) -> Dataset:
     """Stage-1 rows with ``dup_n``, ``sent`` and ``over_cap`` (lazy)."""
-    return with_duplicates(rows, dups).map_batches(mark_batch, fn_kwargs={"boundary": boundary}, batch_format="pyarrow", batch_size=None)
+    return with_duplicates(rows, dups).map_batches(
+        mark_batch, fn_kwargs={"boundary": boundary}, batch_format="pyarrow", batch_size=None
+    )
 
 
 def _eligible(batch: pa.Table) -> pa.Table:
     return batch.filter(is_passing(batch)).select(["dv", "id"])
 
 
-def cap_boundary(marked, cap: int) -> tuple[float, str] | None:
+def cap_boundary(marked: Dataset, cap: int) -> tuple[float, str] | None:
     """The first row over the cap in the order (d(x) descending, id ascending): the cap-th largest
     d(x) with ties broken by id, found by a distributed sort and a split at index ``cap``. Rows at or
     after it fall back to the probe. None when no row is over the cap."""
@@ -110,7 +125,7 @@ class Selection:
     def sent(self) -> int:
         return self.passing - self.over
 
-    def expert_rows(self, columns: list[str]):
+    def expert_rows(self, columns: list[str]) -> Dataset:
         """The delegated rows' partition (with their text), marked the same way."""
         return mark(read(self.stage1.expert_files, columns), self.dups, self.boundary)
 
@@ -122,16 +137,20 @@ def select(stage1: Stage1, spec: SelectionSpec) -> Selection:
     if not stage1.files:
         return Selection(stage1, None, Duplicates(0, 0), 0, 0, None, None, time.perf_counter() - t0)
     rows = read(stage1.files, STAGE1_COLUMNS)
-    dups = find_duplicates(rows, broadcast_limit=spec.broadcast_limit, size=stage1.rows)
+    c = census(rows, broadcast_limit=spec.broadcast_limit, size=stage1.rows, flags={"passing": delegated})
+    dups = c.dups
     if dups.ids:
-        log(f"dedup: {dups.ids} ids occur on {dups.rows} valid rows; all of them are quarantined"
-            + ("" if dups.broadcast else " (too many to broadcast: joined on id)"))
-    counts = count_where(mark(rows, dups), {"scored": is_scored, "passing": is_passing})
-    cap = cap_rows(spec.budget_cap, counts["scored"])
-    boundary = cap_boundary(mark(rows, dups), cap) if cap is not None and counts["passing"] > cap else None
-    sel = Selection(stage1, mark(rows, dups, boundary), dups, counts["scored"], counts["passing"], cap, boundary, 0.0)
+        log(
+            f"dedup: {dups.ids} ids occur on {dups.rows} valid rows; all of them are quarantined"
+            + ("" if dups.broadcast else " (too many to broadcast: joined on id)")
+        )
+    cap = cap_rows(spec.budget_cap, c.scored)
+    boundary = cap_boundary(mark(rows, dups), cap) if cap is not None and c.flagged["passing"] > cap else None
+    sel = Selection(stage1, mark(rows, dups, boundary), dups, c.scored, c.flagged["passing"], cap, boundary, 0.0)
     if sel.over:
-        log(f"budget cap: {sel.passing} rows pass λ*, the cap allows {cap}; {sel.over} fall back to the probe "
-            f"(first over the cap: d(x) = {boundary[0]:.6g}, id {boundary[1]!r})")
+        log(
+            f"budget cap: {sel.passing} rows pass λ*, the cap allows {cap}; {sel.over} fall back to the probe "
+            f"(first over the cap: d(x) = {boundary[0]:.6g}, id {boundary[1]!r})"
+        )
     sel.seconds = time.perf_counter() - t0
     return sel

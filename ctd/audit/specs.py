@@ -96,8 +96,9 @@ class AuditSpec:
     retention_days: float | None
 
     @classmethod
-    def from_config(cls, cfg: JobConfig, *, run_id: str | None = None, date: str | None = None,
-                    now: _dt.datetime | None = None) -> "AuditSpec":
+    def from_config(
+        cls, cfg: JobConfig, *, run_id: str | None = None, date: str | None = None, now: _dt.datetime | None = None
+    ) -> AuditSpec:
         if cfg.audit is None:
             raise ValueError("config has no 'audit' section")
         a = cfg.audit
@@ -107,17 +108,32 @@ class AuditSpec:
         expert.check()  # a judge whose prompt cannot be built
         corpus = night.expand(a.corpus)
         list_corpus_files(corpus)  # a missing corpus is bad input (exit 2), found before the lease
-        activation = activation_spec(cfg.model, cfg.activations, safety=dep.safety, dv=dep.dv, gate=dep.calibration.gate,
-                                     keep_text="delegated", excerpts=True,
-                                     decision_threshold=cfg.decision_threshold, secret_envs=cfg.secret_envs())
+        activation = activation_spec(
+            cfg.model,
+            cfg.activations,
+            safety=dep.safety,
+            dv=dep.dv,
+            gate=dep.calibration.gate,
+            keep_text="delegated",
+            excerpts=True,
+            decision_threshold=cfg.decision_threshold,
+            secret_envs=cfg.secret_envs(),
+        )
         return cls(
-            night=night, deployment=dep,
-            scoring=ScoringSpec(corpus, activation, cfg.activations, dep.model_fingerprint, a.stage1_chunk_bytes, a.rows_per_file),
+            night=night,
+            deployment=dep,
+            scoring=ScoringSpec(
+                corpus, activation, cfg.activations, dep.model_fingerprint, a.stage1_chunk_bytes, a.rows_per_file
+            ),
             selection=SelectionSpec(a.budget_cap, a.broadcast_limit),
             judging=JudgingSpec(expert, cfg.expert.kind, a.commit_rows, cfg.expert.max_failure_share),
             results=ResultsSpec(Cascade(cfg.cascade, cfg.decision_threshold), a.rows_per_file),
-            report=ReportSpec(a.review_rows, a.excerpt_chars, a.drift_alpha, cfg.secret_envs(), digest(cfg.model_dump(mode="json"))),
-            resume=a.resume, keep_staging=a.keep_staging, retention_days=a.staging_retention_days,
+            report=ReportSpec(
+                a.review_rows, a.excerpt_chars, a.drift_alpha, cfg.secret_envs(), digest(cfg.model_dump(mode="json"))
+            ),
+            resume=a.resume,
+            keep_staging=a.keep_staging,
+            retention_days=a.staging_retention_days,
         )
 
     @property

@@ -56,10 +56,25 @@ class CalibrationArtifact:
         storage.write_json(uri, self.body())
         return uri
 
-    def check_matches(self, *, model_id=None, model_fingerprint=None, layer=None, safety_probe_hash=None, dv_probe_hash=None) -> None:
+    def check_matches(
+        self,
+        *,
+        model_id: str | None = None,
+        model_fingerprint: str | None = None,
+        layer: int | None = None,
+        safety_probe_hash: str | None = None,
+        dv_probe_hash: str | None = None,
+    ) -> None:
         """Refuse to gate with a calibration made for another model, layer or probes."""
-        require_match(self.provenance, "calibration artifact", model_id=model_id, model_fingerprint=model_fingerprint,
-                      layer=layer, safety_probe_hash=safety_probe_hash, dv_probe_hash=dv_probe_hash)
+        require_match(
+            self.provenance,
+            "calibration artifact",
+            model_id=model_id,
+            model_fingerprint=model_fingerprint,
+            layer=layer,
+            safety_probe_hash=safety_probe_hash,
+            dv_probe_hash=dv_probe_hash,
+        )
 
 
 def load_calibration(uri: str) -> CalibrationArtifact:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from numpy.typing import ArrayLike
 
 from ..config import CalibrationConfig
 from ..hashing import data_hash
@@ -46,7 +47,7 @@ class CalibrationScores:
         return len(self.ids)
 
     @classmethod
-    def from_table(cls, table: pa.Table, uri: str = "scores") -> "CalibrationScores":
+    def from_table(cls, table: pa.Table, uri: str = "scores") -> CalibrationScores:
         """Validated scores from a table; raises :class:`ctd.tables.TableError` naming ``uri``."""
         missing = [c for c in CALIBRATION_COLUMNS if c not in table.column_names]
         if missing:
@@ -70,8 +71,14 @@ class CalibrationScores:
             group = np.asarray(table.column("group").cast(pa.string()).fill_null("").to_pylist(), dtype=object)
         order = np.argsort(ids.astype(str), kind="stable")
         take = lambda a: None if a is None else a[order]  # noqa: E731
-        return cls(ids[order], cols["label"].astype(np.int64)[order], take(cols["probe"]), take(cols["expert"]), take(cols["dv"]),
-                   take(group))
+        return cls(
+            ids[order],
+            cols["label"].astype(np.int64)[order],
+            take(cols["probe"]),
+            take(cols["expert"]),
+            take(cols["dv"]),
+            take(group),
+        )
 
     def table(self) -> pa.Table:
         cols = {"id": self.ids.tolist(), "label": self.label, "probe": self.probe, "expert": self.expert, "dv": self.dv}
@@ -113,11 +120,24 @@ class Calibrator:
     settings: CalibrationConfig
     cascade: Cascade = Cascade()
 
-    def fit(self, scores: CalibrationScores, grid, provenance: dict | None = None) -> CalibrationArtifact:
+    def fit(self, scores: CalibrationScores, grid: ArrayLike, provenance: dict | None = None) -> CalibrationArtifact:
         s = self.settings
-        res = calibrate(scores.dv, np.asarray(grid, dtype=float), s.alpha, s.delta, labels=scores.label, probe=scores.probe,
-                        expert=scores.expert, pareto=s.pareto, risk=s.risk, performance_target=s.performance_target, method=s.method,
-                        seed=s.seed, opt_fraction=s.opt_fraction, cascade=self.cascade)
+        res = calibrate(
+            scores.dv,
+            np.asarray(grid, dtype=float),
+            s.alpha,
+            s.delta,
+            labels=scores.label,
+            probe=scores.probe,
+            expert=scores.expert,
+            pareto=s.pareto,
+            risk=s.risk,
+            performance_target=s.performance_target,
+            method=s.method,
+            seed=s.seed,
+            opt_fraction=s.opt_fraction,
+            cascade=self.cascade,
+        )
         prov = dict(provenance or {})
         prov.setdefault("scores_hash", scores.hash())
         prov.setdefault("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

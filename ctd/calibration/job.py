@@ -51,10 +51,18 @@ def run_calibration(cfg: JobConfig) -> CalibrationArtifact:
     scores = CalibrationScores.from_table(t, c.corpus)
     grid, how = grid_for(dep.dv)
     prov = dep.provenance() | {
-        "corpus": c.corpus, "config_hash": digest(cfg.model_dump(mode="json")), "expert": cfg.expert.kind, "rows_read": s1.rows,
-        "rows_left_out": {"invalid": s1.rows - counts["scored"] - counts["duplicate_rows"], "duplicate_id": counts["duplicate_rows"],
-                          "unlabelled": counts["scored"] - counts["labelled"], "expert_failed": failed},
-        "grid": how}
+        "corpus": c.corpus,
+        "config_hash": digest(cfg.model_dump(mode="json")),
+        "expert": cfg.expert.kind,
+        "rows_read": s1.rows,
+        "rows_left_out": {
+            "invalid": s1.rows - counts["scored"] - counts["duplicate_rows"],
+            "duplicate_id": counts["duplicate_rows"],
+            "unlabelled": counts["scored"] - counts["labelled"],
+            "expert_failed": failed,
+        },
+        "grid": how,
+    }
     art = Calibrator(cfg.calibration, Cascade(cfg.cascade, cfg.decision_threshold)).fit(scores, grid, prov)
     uris = write_calibration(c.output, art, scores.dv)
     write_parquet(storage.join(c.output, "calibration_scores.parquet"), scores.table())

@@ -10,6 +10,7 @@ import html
 import json
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..reporting.pages import html_figure, html_page, html_table, pct, write_report
 from ..reporting.plots import plot_calibration, plot_histogram, plot_tradeoff
@@ -20,7 +21,7 @@ from .artifact import CalibrationArtifact
 __all__ = ["write_calibration", "explain"]
 
 
-def write_calibration(out_dir: str, art: CalibrationArtifact, dv=None) -> dict[str, str]:
+def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | None = None) -> dict[str, str]:
     """Write ``calibration.json`` (the artifact), ``calibration_report.{json,html}`` and plots;
     ``dv``: the calibration rows' d(x), for their histogram."""
     uri = art.save(out_dir)
@@ -28,28 +29,58 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv=None) -> dict[s
     r = art.result
     figures = {"calibration": plot_calibration(body["calibration"]), "tradeoff": plot_tradeoff(body["calibration"])}
     if dv is not None:
-        figures["dv_histogram"] = plot_histogram({"calibration dv": dv}, r.lambda_hat, "DV scores of the calibration rows", "d(x)")
+        figures["dv_histogram"] = plot_histogram(
+            {"calibration dv": dv}, r.lambda_hat, "DV scores of the calibration rows", "d(x)"
+        )
     summary = {
-        "alpha": r.alpha, "delta": r.delta, "n": r.n, "lambda_star": body["calibration"]["lambda_hat"], "delegates": r.delegates,
-        "message": r.message, "method": r.method, "pareto": r.pareto, "risk": r.risk, "certified_count": r.certified_count,
-        "artifact_hash": body["artifact_hash"], "provenance": art.provenance, "explanation": explain(r),
+        "alpha": r.alpha,
+        "delta": r.delta,
+        "n": r.n,
+        "lambda_star": body["calibration"]["lambda_hat"],
+        "delegates": r.delegates,
+        "message": r.message,
+        "method": r.method,
+        "pareto": r.pareto,
+        "risk": r.risk,
+        "certified_count": r.certified_count,
+        "artifact_hash": body["artifact_hash"],
+        "provenance": art.provenance,
+        "explanation": explain(r),
     }
     i = None if not r.delegates else int(np.searchsorted(r.grid, r.lambda_hat))
-    rows = [{"quantity": k, "value": v} for k, v in [
-        ("α (budget)", r.alpha), ("δ", r.delta), ("calibration rows n", r.n), ("λ*", "never delegate" if i is None else r.lambda_hat),
-        ("delegation rate on calibration at λ*", "—" if i is None else float(r.budget_risk[i])),
-        ("certified thresholds", r.certified_count), ("method", f"{r.method}{' + Pareto testing' if r.pareto else ''}"),
-        ("effective delegation capacity (share v > 0)", art.provenance.get("effective_capacity")),
-        ("calibration (artifact hash)", body["artifact_hash"]),
-    ]]
+    rows = [
+        {"quantity": k, "value": v}
+        for k, v in [
+            ("α (budget)", r.alpha),
+            ("δ", r.delta),
+            ("calibration rows n", r.n),
+            ("λ*", "never delegate" if i is None else r.lambda_hat),
+            ("delegation rate on calibration at λ*", "—" if i is None else float(r.budget_risk[i])),
+            ("certified thresholds", r.certified_count),
+            ("method", f"{r.method}{' + Pareto testing' if r.pareto else ''}"),
+            ("effective delegation capacity (share v > 0)", art.provenance.get("effective_capacity")),
+            ("calibration (artifact hash)", body["artifact_hash"]),
+        ]
+    ]
     words = "".join(f"<li>{html.escape(t)}</li>" for t in summary["explanation"])
-    page = html_page("CTD calibration report", [
-        ("What this means", f"<ul class='headline'>{words}</ul>"
-         + html_figure("tradeoff", figures["tradeoff"], "What the budget buys: each threshold's share sent to the expert and the "
-                       "cascade's performance on the calibration rows")),
-        ("Result", f"<p class='{'ok' if r.delegates else 'alarm'}'>{html.escape(r.message)}</p>" + html_table(rows)),
-        ("Provenance", f"<pre>{html.escape(json.dumps(art.provenance, indent=2))}</pre>"),
-    ], {k: v for k, v in figures.items() if k != "tradeoff"})
+    page = html_page(
+        "CTD calibration report",
+        [
+            (
+                "What this means",
+                f"<ul class='headline'>{words}</ul>"
+                + html_figure(
+                    "tradeoff",
+                    figures["tradeoff"],
+                    "What the budget buys: each threshold's share sent to the expert and the "
+                    "cascade's performance on the calibration rows",
+                ),
+            ),
+            ("Result", f"<p class='{'ok' if r.delegates else 'alarm'}'>{html.escape(r.message)}</p>" + html_table(rows)),
+            ("Provenance", f"<pre>{html.escape(json.dumps(art.provenance, indent=2))}</pre>"),
+        ],
+        {k: v for k, v in figures.items() if k != "tradeoff"},
+    )
     out = write_report(out_dir, "calibration_report", summary, page, figures)
     out["artifact"] = uri
     return out
@@ -68,31 +99,42 @@ def explain(r: CalibrationResult) -> list[str]:
             f"(at most {r.alpha * per:,.0f} judge calls per {per:,} conversations), and this holds with probability at least "
             f"1 − δ = {pct(1 - r.delta)} over the draw of the calibration rows; on the calibration rows λ* sent {r.budget_risk[i]:.1%}.",
             f"{r.certified_count:,} of the {len(r.grid):,} thresholds on the grid were certified (from {cert.min():.4g} to {cert.max():.4g}); "
-            + ("λ* is the certified one that does best on the performance risk (" + str(r.risk) + ")." if r.pareto else
-               "λ* is the lowest certified one: it delegates the most within the budget."),
+            + (
+                "λ* is the certified one that does best on the performance risk (" + str(r.risk) + ")."
+                if r.pareto
+                else "λ* is the lowest certified one: it delegates the most within the budget."
+            ),
             "If tomorrow's traffic shifts, the audit's drift alarm says so; recalibrate on fresh labelled rows then.",
         ]
-    out = [f"Nothing could be certified at α = {pct(r.alpha)} and δ = {r.delta:g}: tomorrow no conversation goes to the judge; every "
-           "decision is the probe's alone."]
+    out = [
+        f"Nothing could be certified at α = {pct(r.alpha)} and δ = {r.delta:g}: tomorrow no conversation goes to the judge; every "
+        "decision is the probe's alone."
+    ]
     if r.performance_target is not None:  # joint control: the budget may not be what failed
         return out + [f"Why: {r.message} Check the performance target before adding rows."]
     rate = np.asarray(r.budget_risk, dtype=float)
     below = np.flatnonzero(rate < r.alpha)
     if not below.size:
-        return out + ["Every threshold on the grid sends at least α of the calibration rows to the judge: more rows will not help. "
-                      "Raise α or retrain the DV probe so that its scores separate (its grid comes from its own training split)."]
+        return out + [
+            "Every threshold on the grid sends at least α of the calibration rows to the judge: more rows will not help. "
+            "Raise α or retrain the DV probe so that its scores separate (its grid comes from its own training split)."
+        ]
     test_share = 1 - (r.opt_fraction or 0) if r.pareto else 1.0
     # the level the first test runs at: δ for fixed-sequence testing, δ/m for Bonferroni and Holm
     level = r.delta if r.method == "fixed_sequence" else r.delta / len(r.grid)
     j = below[np.argmin(np.abs(rate[below] - r.alpha / 2))]  # a useful threshold: about half the budget
     need = rows_to_certify(float(rate[j]), r.alpha, level)
     if need is None:
-        return out + [f"The threshold nearest half the budget sends {rate[j]:.1%} of the rows, too close to α for any feasible calibration set."]
+        return out + [
+            f"The threshold nearest half the budget sends {rate[j]:.1%} of the rows, too close to α for any feasible calibration set."
+        ]
     total = int(np.ceil(need / test_share))
     if total <= r.n:  # enough rows for the budget test: something else stopped it
         return out + [f"Why: {r.message}"]
     zero = int(np.ceil(min_certifiable_n(r.alpha, level) / test_share))
-    return out + [f"To certify a threshold that sends {rate[j]:.1%} of the rows (the one nearest half the budget), about {total:,} labelled "
-                  f"calibration rows are needed{' (' + format(need, ',') + ' in the testing split of Pareto testing)' if r.pareto else ''}"
-                  f"{'' if level == r.delta else ' (' + r.method + ' tests at δ/' + format(len(r.grid), ',') + ')'}; "
-                  f"there were {r.n:,}. A threshold that sends none needs {zero:,}."]
+    return out + [
+        f"To certify a threshold that sends {rate[j]:.1%} of the rows (the one nearest half the budget), about {total:,} labelled "
+        f"calibration rows are needed{' (' + format(need, ',') + ' in the testing split of Pareto testing)' if r.pareto else ''}"
+        f"{'' if level == r.delta else ' (' + r.method + ' tests at δ/' + format(len(r.grid), ',') + ')'}; "
+        f"there were {r.n:,}. A threshold that sends none needs {zero:,}."
+    ]

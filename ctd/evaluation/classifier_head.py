@@ -9,11 +9,16 @@ on (an expert that saw a row's label would look better there than it is).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..model.activations import run_encoder
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["cls_features", "train_head", "head_scores", "pooler_init", "cross_fit_scores", "build_classifier"]
 
@@ -32,7 +37,16 @@ def cls_features(model_dir: str, ids: Sequence[np.ndarray], token_budget: int = 
     return run_encoder(model, ids, token_budget, fn)
 
 
-def train_head(features, labels, *, steps: int = 300, lr: float = 3e-3, weight_decay: float = 1e-2, seed: int = 0, init=None):
+def train_head(
+    features: ArrayLike,
+    labels: ArrayLike,
+    *,
+    steps: int = 300,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-2,
+    seed: int = 0,
+    init: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Train a BERT classification head (dense + tanh, then linear to 2 logits) on frozen [CLS]
     features with full-batch AdamW for a fixed number of steps (no label-dependent early stopping).
     Returns a dict of float32 tensors: pooler.dense.{weight,bias}, classifier.{weight,bias}."""
@@ -54,11 +68,15 @@ def train_head(features, labels, *, steps: int = 300, lr: float = 3e-3, weight_d
         loss = torch.nn.functional.cross_entropy(out(torch.tanh(dense(x))), y)
         loss.backward()
         opt.step()
-    return {"pooler.dense.weight": dense.weight.detach(), "pooler.dense.bias": dense.bias.detach(),
-            "classifier.weight": out.weight.detach(), "classifier.bias": out.bias.detach()}
+    return {
+        "pooler.dense.weight": dense.weight.detach(),
+        "pooler.dense.bias": dense.bias.detach(),
+        "classifier.weight": out.weight.detach(),
+        "classifier.bias": out.bias.detach(),
+    }
 
 
-def head_scores(head, features) -> np.ndarray:
+def head_scores(head: dict[str, torch.Tensor], features: ArrayLike) -> np.ndarray:
     import torch
 
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
@@ -68,7 +86,7 @@ def head_scores(head, features) -> np.ndarray:
         return torch.softmax(logits, dim=-1)[:, 1].numpy().astype(np.float64)
 
 
-def pooler_init(model_dir: str):
+def pooler_init(model_dir: str) -> dict[str, torch.Tensor] | None:
     from transformers import AutoModel
 
     m = AutoModel.from_pretrained(model_dir)
@@ -78,7 +96,15 @@ def pooler_init(model_dir: str):
     return {"weight": pooler.dense.weight.detach().clone(), "bias": pooler.dense.bias.detach().clone()}
 
 
-def cross_fit_scores(features, labels, *, folds: int = 5, seed: int = 0, init=None, **kw) -> np.ndarray:
+def cross_fit_scores(
+    features: ArrayLike,
+    labels: ArrayLike,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    init: dict[str, torch.Tensor] | None = None,
+    **kw: Any,
+) -> np.ndarray:
     """Out-of-fold P(unsafe) of :func:`train_head` (stratified folds): each row is scored by a head
     that never saw its label."""
     from sklearn.model_selection import StratifiedKFold
@@ -90,7 +116,16 @@ def cross_fit_scores(features, labels, *, folds: int = 5, seed: int = 0, init=No
     return out
 
 
-def build_classifier(base_dir: str, features, labels, out_dir: str, *, labels_names=("safe", "unsafe"), seed: int = 0, **kw) -> str:
+def build_classifier(
+    base_dir: str,
+    features: ArrayLike,
+    labels: ArrayLike,
+    out_dir: str,
+    *,
+    labels_names: Sequence[str] = ("safe", "unsafe"),
+    seed: int = 0,
+    **kw: Any,
+) -> str:
     """Train a head on frozen [CLS] ``features`` of ``base_dir`` and save a complete
     ``AutoModelForSequenceClassification`` folder (safetensors) at ``out_dir``."""
     import torch

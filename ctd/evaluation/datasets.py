@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["LABEL_DERIVED", "Split", "load_high_stakes", "default_data_dir", "parse_input"]
 
@@ -32,7 +33,7 @@ def default_data_dir() -> str:
     return os.path.normpath(os.path.join(here, "..", "shared", "data"))
 
 
-def parse_input(x: str):
+def parse_input(x: str) -> str | list[dict[str, str]]:
     """A row's input: a chat list when the string is a JSON list of {role, content}, else text."""
     if isinstance(x, str) and x.startswith("["):
         try:
@@ -55,9 +56,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def subset(self, idx) -> "Split":
+    def subset(self, idx: ArrayLike) -> Split:
         idx = np.asarray(idx)
-        return Split(self.ids[idx], [self.inputs[i] for i in idx], self.labels[idx], self.groups[idx], [self.metadata[i] for i in idx])
+        return Split(
+            self.ids[idx], [self.inputs[i] for i in idx], self.labels[idx], self.groups[idx], [self.metadata[i] for i in idx]
+        )
 
 
 def load_high_stakes(split: str, data_dir: str | None = None) -> Split:
@@ -82,5 +85,10 @@ def load_high_stakes(split: str, data_dir: str | None = None) -> Split:
                 inputs.append(parse_input(row["inputs"]))
                 labels.append(1 if label == "high-stakes" else 0)
                 groups.append(group)
-                meta.append({"source_id": str(row["ids"]), **{k: v for k, v in row.items() if k not in ("ids", "inputs") and not _label_derived(k)}})
+                meta.append(
+                    {
+                        "source_id": str(row["ids"]),
+                        **{k: v for k, v in row.items() if k not in ("ids", "inputs") and not _label_derived(k)},
+                    }
+                )
     return Split(np.array(ids), inputs, np.array(labels, dtype=np.int64), np.array(groups), meta)

@@ -19,13 +19,12 @@ Methods compared in a sweep (names used in results and plots):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from ..stats.cascade import Cascade, threshold_policy, top_k_count, top_k_policy
-from ..stats.metrics import accuracy, auroc, group_table, mse, paired_difference, spearman
-from ..stats.signals import delegation_value, effective_capacity
 from ..stats.calibrate import (
     calibrate,
     cascade_losses,
@@ -35,7 +34,10 @@ from ..stats.calibrate import (
     pareto_ltt_select,
     pareto_split,
 )
+from ..stats.cascade import Cascade, threshold_policy, top_k_count, top_k_policy
+from ..stats.metrics import accuracy, auroc, group_table, mse, paired_difference, spearman
 from ..stats.pvalues import clopper_pearson
+from ..stats.signals import delegation_value, effective_capacity
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -82,9 +84,21 @@ def _record(store, method, s, b, y, p, e, delegated, cascade):
     r["rate"][(s, b)] = float(np.mean(delegated))
 
 
-def budget_sweep(scores: Scores, *, budgets=DEFAULT_BUDGETS, delta: float = 0.1, dv_grid, unc_grid, splits: int = 20,
-                 cal_fraction: float = 0.5, seed: int = 0, cascade: str = "switch", risk: str = "accuracy",
-                 group_budget: float | None = 0.2, progress=None) -> dict:
+def budget_sweep(
+    scores: Scores,
+    *,
+    budgets: ArrayLike = DEFAULT_BUDGETS,
+    delta: float = 0.1,
+    dv_grid: ArrayLike,
+    unc_grid: ArrayLike,
+    splits: int = 20,
+    cal_fraction: float = 0.5,
+    seed: int = 0,
+    cascade: str = "switch",
+    risk: str = "accuracy",
+    group_budget: float | None = 0.2,
+    progress: Callable[[int, int], object] | None = None,
+) -> dict:
     """AUROC, accuracy and realised delegation rate of every method at every budget, on the
     evaluation half of ``splits`` random calibration/evaluation splits (mean and std over splits).
     ``comparisons``: DV against uncertainty (calibrated and top-k), the mean paired difference over
@@ -108,8 +122,19 @@ def budget_sweep(scores: Scores, *, budgets=DEFAULT_BUDGETS, delta: float = 0.1,
         for bi, a in enumerate(budgets):
             for name, sig, grid in (("ctd", d, dv_grid), ("uncertainty", u, unc_grid)):
                 for pareto in (True, False):
-                    res = calibrate(sig[cal], grid, float(a), delta, labels=yc, probe=pc, expert=ec,
-                                    pareto=pareto, risk=risk, seed=s, cascade=Cascade(cascade))
+                    res = calibrate(
+                        sig[cal],
+                        grid,
+                        float(a),
+                        delta,
+                        labels=yc,
+                        probe=pc,
+                        expert=ec,
+                        pareto=pareto,
+                        risk=risk,
+                        seed=s,
+                        cascade=Cascade(cascade),
+                    )
                     m = threshold_policy(sig[ev], res.lambda_hat)
                     method = f"{name}_{'pareto' if pareto else 'ltt'}"
                     _record(store, method, s, bi, y[ev], p[ev], e[ev], m, cascade)
@@ -122,20 +147,40 @@ def budget_sweep(scores: Scores, *, budgets=DEFAULT_BUDGETS, delta: float = 0.1,
             _record(store, "expert_only", s, bi, y[ev], p[ev], e[ev], np.ones(len(ev), bool), cascade)
         if progress:
             progress(s + 1, splits)
-    out = {"budgets": budgets.tolist(), "delta": delta, "splits": splits, "n": n, "n_cal": n_cal, "cascade": cascade,
-           "risk": risk, "seconds": round(time.perf_counter() - t0, 2), "methods": {}}
-    per_split = {m: {k: np.array([[vals[(s, b)] for b in range(len(budgets))] for s in range(splits)]) for k, vals in metrics.items()}
-                 for m, metrics in store.items()}
+    out = {
+        "budgets": budgets.tolist(),
+        "delta": delta,
+        "splits": splits,
+        "n": n,
+        "n_cal": n_cal,
+        "cascade": cascade,
+        "risk": risk,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "methods": {},
+    }
+    per_split = {
+        m: {k: np.array([[vals[(s, b)] for b in range(len(budgets))] for s in range(splits)]) for k, vals in metrics.items()}
+        for m, metrics in store.items()
+    }
     for method, metrics in per_split.items():
-        out["methods"][method] = {metric: {"mean": arr.mean(0).tolist(), "std": arr.std(0).tolist()} for metric, arr in metrics.items()}
+        out["methods"][method] = {
+            metric: {"mean": arr.mean(0).tolist(), "std": arr.std(0).tolist()} for metric, arr in metrics.items()
+        }
     if splits >= 2:  # paired over splits: the same split and budget for both methods
-        out["comparisons"] = {f"{a} - {b}": {metric: paired_difference(per_split[a][metric], per_split[b][metric]) for metric in ("auroc", "accuracy")}
-                              for a, b in COMPARISONS}
+        out["comparisons"] = {
+            f"{a} - {b}": {
+                metric: paired_difference(per_split[a][metric], per_split[b][metric]) for metric in ("auroc", "accuracy")
+            }
+            for a, b in COMPARISONS
+        }
     if groups_rows:
         keys = [r["group"] for r in groups_rows[0]]
         rows = []
         for i, g in enumerate(keys):
-            vals = {f: np.array([r[i][f] for r in groups_rows], dtype=float) for f in ("n", "delegation_rate", "mean_v", "mean_v_delegated", "capacity")}
+            vals = {
+                f: np.array([r[i][f] for r in groups_rows], dtype=float)
+                for f in ("n", "delegation_rate", "mean_v", "mean_v_delegated", "capacity")
+            }
             row = {"group": g, **{f: float(np.nanmean(v)) for f, v in vals.items()}}
             if splits >= 2:
                 row["delegation_rate_ci"] = paired_difference(vals["delegation_rate"], 0.0)["ci"]
@@ -144,9 +189,25 @@ def budget_sweep(scores: Scores, *, budgets=DEFAULT_BUDGETS, delta: float = 0.1,
     return out
 
 
-def validate_guarantee(dv, budgets, delta: float, grid, *, n_cal: int, draws: int = 500, scheme: str = "bootstrap",
-                       pareto: bool = False, labels=None, probe=None, expert=None, opt_fraction: float = 0.3,
-                       cascade: str = "switch", seed: int = 0, confidence: float = 0.95, details: bool = False) -> dict:
+def validate_guarantee(
+    dv: ArrayLike,
+    budgets: ArrayLike,
+    delta: float,
+    grid: ArrayLike,
+    *,
+    n_cal: int,
+    draws: int = 500,
+    scheme: str = "bootstrap",
+    pareto: bool = False,
+    labels: ArrayLike | None = None,
+    probe: ArrayLike | None = None,
+    expert: ArrayLike | None = None,
+    opt_fraction: float = 0.3,
+    cascade: str = "switch",
+    seed: int = 0,
+    confidence: float = 0.95,
+    details: bool = False,
+) -> dict:
     """Frequency over ``draws`` random calibration sets with which the calibrated threshold's
     delegation rate exceeds the budget, per budget, with a Clopper-Pearson interval.
 
@@ -189,10 +250,14 @@ def validate_guarantee(dv, budgets, delta: float, grid, *, n_cal: int, draws: in
         test = np.take_along_axis(cal_idx, np.stack([t for _, t in splits]), axis=1)
         n_opt = opt.shape[1]
         sel = pareto_ltt_select(
-            grid, budgets, delta,
-            opt_counts=exceedance_counts(d[opt], grid), n_opt=n_opt,
+            grid,
+            budgets,
+            delta,
+            opt_counts=exceedance_counts(d[opt], grid),
+            n_opt=n_opt,
             opt_perf=delegation_loss_sums(d[opt], lk[opt], ld[opt], grid) / n_opt,
-            test_counts=exceedance_counts(d[test], grid), n_test=n_cal - n_opt,
+            test_counts=exceedance_counts(d[test], grid),
+            n_test=n_cal - n_opt,
             cal_perf=delegation_loss_sums(d_cal, lk[cal_idx], ld[cal_idx], grid) / n_cal,
         )
     lam = sel.lambda_hat  # [B, R]
@@ -226,7 +291,9 @@ def validate_guarantee(dv, budgets, delta: float, grid, *, n_cal: int, draws: in
     return out
 
 
-def topk_value_curve(v, signals: dict, fractions=np.linspace(0.05, 1.0, 20), seed: int = 0) -> dict:
+def topk_value_curve(
+    v: ArrayLike, signals: dict, fractions: Sequence[float] | np.ndarray = np.linspace(0.05, 1.0, 20), seed: int = 0
+) -> dict:
     """Mean delegation value of the top-k rows ranked by each signal (paper Fig. 5)."""
     v = np.asarray(v, dtype=float)
     out = {"fractions": np.asarray(fractions).tolist(), "curves": {}}
@@ -239,5 +306,5 @@ def topk_value_curve(v, signals: dict, fractions=np.linspace(0.05, 1.0, 20), see
     return out
 
 
-def dv_quality(v_true, dv_pred) -> dict:
+def dv_quality(v_true: ArrayLike, dv_pred: ArrayLike) -> dict:
     return {"mse": mse(v_true, dv_pred), "spearman": spearman(v_true, dv_pred), "capacity": effective_capacity(v_true)}

@@ -10,7 +10,7 @@ a real model computation that does not beat the probe.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,8 +31,15 @@ HIGH_STAKES_DESCRIPTIONS = {
 
 
 class EmbeddingJudge:
-    def __init__(self, model_dir: str, descriptions: dict[str, list[str]] = HIGH_STAKES_DESCRIPTIONS, *,
-                 temperature: float = 0.05, max_length: int = 256, extractor: ActivationExtractor | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        descriptions: dict[str, list[str]] = HIGH_STAKES_DESCRIPTIONS,
+        *,
+        temperature: float = 0.05,
+        max_length: int = 256,
+        extractor: ActivationExtractor | None = None,
+    ):
         self.encoder = TextEncoder(model_dir, max_length=max_length)
         if extractor is None:
             from transformers import AutoConfig

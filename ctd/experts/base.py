@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, ClassVar, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .prompt import error_status
+
+if TYPE_CHECKING:
+    import ray.data
 
 __all__ = ["Expert", "PoolPlan", "OUT_COLUMNS", "normalise", "judge_rows", "replicas_needed"]
 
@@ -45,8 +49,10 @@ class PoolPlan:
         if self.expected_seconds is not None:
             s += f", expected {self.expected_seconds / 3600:.2f} h"
         if not self.target_met:
-            s += (f": OVER the target of {self.target_seconds / 3600:.2f} h, which needs {self.needed} replicas "
-                  f"(raise expert.vllm.max_replicas, the quota, or the target)")
+            s += (
+                f": OVER the target of {self.target_seconds / 3600:.2f} h, which needs {self.needed} replicas "
+                f"(raise expert.vllm.max_replicas, the quota, or the target)"
+            )
         return s
 
     def to_dict(self) -> dict:
@@ -73,7 +79,7 @@ class Expert(Protocol):
     def plan(self, rows: int) -> PoolPlan:
         """The pool for ``rows`` rows to judge."""
 
-    def judge(self, ds, carry: tuple, plan: PoolPlan, log: Callable[[str], None]):
+    def judge(self, ds: ray.data.Dataset, carry: tuple, plan: PoolPlan, log: Callable[[str], None]) -> ray.data.Dataset:
         """The expert's dataset over ``ds`` (columns ``input``, ``is_chat`` and ``carry``)."""
 
 
@@ -102,7 +108,15 @@ def normalise(batch: pa.Table, carry: tuple) -> pa.Table:
     return pa.table({**cols, "expert": expert, "expert_status": status, "expert_truncated": pc.fill_null(cut, False)})
 
 
-def judge_rows(expert: Expert, ds, *, rows: int, carry: tuple = ("id",), plan: PoolPlan | None = None, log=print):
+def judge_rows(
+    expert: Expert,
+    ds: ray.data.Dataset,
+    *,
+    rows: int,
+    carry: tuple = ("id",),
+    plan: PoolPlan | None = None,
+    log: Callable[[str], None] = print,
+) -> ray.data.Dataset:
     """Expert scores of ``ds`` (columns ``input``, ``is_chat`` and ``carry``) as a dataset of the
     carried columns with ``expert``, ``expert_status`` and ``expert_truncated``: one output row per
     input row."""

@@ -8,7 +8,8 @@ two-label model whose labels carry no names). Building one for an experiment or 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,9 @@ from ..model.activations import TextEncoder, run_encoder
 from ..pipeline.corpus import row_input
 from .base import PoolPlan
 from .prompt import STATUS_OK, error_status
+
+if TYPE_CHECKING:
+    import ray.data
 
 __all__ = ["ClassifierExpert", "ClassifierStage", "SequenceClassifierExpert", "UNSAFE_LABELS"]
 
@@ -43,8 +47,15 @@ def _unsafe_index(config, unsafe_label: str | None) -> int:
 class SequenceClassifierExpert:
     """P(unsafe) from a sequence classifier; the model is loaded once (e.g. once per Ray actor)."""
 
-    def __init__(self, model_dir: str, *, unsafe_label: str | None = None, max_length: int | None = None,
-                 token_budget: int = 8192, device: str = "auto"):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        unsafe_label: str | None = None,
+        max_length: int | None = None,
+        token_budget: int = 8192,
+        device: str = "auto",
+    ):
         import torch
         from transformers import AutoModelForSequenceClassification
 
@@ -75,7 +86,9 @@ class ClassifierStage:
     so one bad row fails alone."""
 
     def __init__(self, cfg: ClassifierExpertConfig):
-        self.expert = SequenceClassifierExpert(resolve_model_path(cfg.path), unsafe_label=cfg.unsafe_label, max_length=cfg.max_length)
+        self.expert = SequenceClassifierExpert(
+            resolve_model_path(cfg.path), unsafe_label=cfg.unsafe_label, max_length=cfg.max_length
+        )
 
     def _score(self, inputs) -> tuple[list, list, list]:
         ids, cut = self.expert.encoder.encode(inputs)
@@ -93,9 +106,12 @@ class ClassifierStage:
                 except Exception as e:
                     p, s, k = None, error_status(f"{type(e).__name__}: {e}"), False
                 scores.append(p), status.append(s), cut.append(k)
-        return (batch.drop_columns(["input", "is_chat"]).append_column("expert", pa.array(scores, type=pa.float64()))
-                .append_column("expert_status", pa.array(status, type=pa.string()))
-                .append_column("expert_truncated", pa.array(cut, type=pa.bool_())))
+        return (
+            batch.drop_columns(["input", "is_chat"])
+            .append_column("expert", pa.array(scores, type=pa.float64()))
+            .append_column("expert_status", pa.array(status, type=pa.string()))
+            .append_column("expert_truncated", pa.array(cut, type=pa.bool_()))
+        )
 
 
 class ClassifierExpert:
@@ -117,11 +133,18 @@ class ClassifierExpert:
         p = self.cfg.pool
         return PoolPlan(rows, p.max_actors, p.max_actors, None, None)
 
-    def judge(self, ds, carry: tuple, plan: PoolPlan, log):
+    def judge(self, ds: ray.data.Dataset, carry: tuple, plan: PoolPlan, log: Callable[[str], None]) -> ray.data.Dataset:
         from ray.data import ActorPoolStrategy
 
         c = self.cfg
         log(f"expert pool (classifier {c.path}): {c.pool.min_actors}..{c.pool.max_actors} actors")
-        return ds.map_batches(ClassifierStage, fn_constructor_kwargs={"cfg": c}, batch_format="pyarrow", batch_size=c.pool.batch_size,
-                              num_gpus=c.pool.num_gpus or None, num_cpus=c.pool.num_cpus, resources=dict(c.pool.resources) or None,
-                              compute=ActorPoolStrategy(min_size=c.pool.min_actors, max_size=c.pool.max_actors))
+        return ds.map_batches(
+            ClassifierStage,
+            fn_constructor_kwargs={"cfg": c},
+            batch_format="pyarrow",
+            batch_size=c.pool.batch_size,
+            num_gpus=c.pool.num_gpus or None,
+            num_cpus=c.pool.num_cpus,
+            resources=dict(c.pool.resources) or None,
+            compute=ActorPoolStrategy(min_size=c.pool.min_actors, max_size=c.pool.max_actors),
+        )

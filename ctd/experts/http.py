@@ -20,13 +20,26 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from ..config import HTTPExpertConfig
 from .base import PoolPlan
-from .prompt import LLM_JUDGE_IDENTITY, check_llm_judge, error_status, judge_prompt, label_token_ids, p_unsafe_from_logprobs, render
+from .prompt import (
+    LLM_JUDGE_IDENTITY,
+    check_llm_judge,
+    error_status,
+    judge_prompt,
+    label_token_ids,
+    p_unsafe_from_logprobs,
+    render,
+)
+
+if TYPE_CHECKING:
+    import ray.data
 
 __all__ = ["HTTPExpert", "HTTPJudgeStage"]
 
@@ -119,7 +132,9 @@ class HTTPJudgeStage:
                     raise _EndpointDown(f"HTTP {e.code} from the judge endpoint after {attempt + 1} attempts") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
                 if attempt == self.cfg.max_retries:
-                    raise _EndpointDown(f"judge endpoint unreachable after {attempt + 1} attempts: {getattr(e, 'reason', e)}") from None
+                    raise _EndpointDown(
+                        f"judge endpoint unreachable after {attempt + 1} attempts: {getattr(e, 'reason', e)}"
+                    ) from None
             time.sleep(delay * (1 + random.random()))
             delay *= 2
         raise RuntimeError("unreachable")
@@ -129,8 +144,11 @@ class HTTPJudgeStage:
             self.consecutive_failures = self.consecutive_failures + 1 if endpoint_failed else 0
             if endpoint_failed and self.down is None and self.consecutive_failures >= self.cfg.circuit_breaker_failures:
                 self.down = reason
-                print(f"HTTP judge: {self.consecutive_failures} consecutive rows failed to reach the endpoint ({reason}); "
-                      "declared down: the remaining rows of this actor keep the probe's score", flush=True)
+                print(
+                    f"HTTP judge: {self.consecutive_failures} consecutive rows failed to reach the endpoint ({reason}); "
+                    "declared down: the remaining rows of this actor keep the probe's score",
+                    flush=True,
+                )
 
     def _one(self, text: str, is_chat: bool):
         ids, cut, err = render(self.prompt, text, is_chat)
@@ -138,8 +156,14 @@ class HTTPJudgeStage:
             return None, err, cut
         if self.down:
             return None, f"error: {DOWN}", cut
-        body = {"model": self.cfg.model, "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": self.cfg.top_logprobs,
-                "return_tokens_as_token_ids": True}
+        body = {
+            "model": self.cfg.model,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": self.cfg.top_logprobs,
+            "return_tokens_as_token_ids": True,
+        }
         try:
             resp = self._post(body)
         except _EndpointDown as e:  # unreachable, or 429/5xx after every retry: counts towards the breaker
@@ -159,10 +183,12 @@ class HTTPJudgeStage:
         rows = list(zip(batch.column("input").to_pylist(), batch.column("is_chat").to_pylist()))
         with ThreadPoolExecutor(self.cfg.concurrency_per_actor) as pool:
             res = list(pool.map(lambda r: self._one(*r), rows))
-        return (batch.drop_columns(["input", "is_chat"])
-                .append_column("expert", pa.array([r[0] for r in res], type=pa.float64()))
-                .append_column("expert_status", pa.array([r[1] for r in res], type=pa.string()))
-                .append_column("expert_truncated", pa.array([r[2] for r in res], type=pa.bool_())))
+        return (
+            batch.drop_columns(["input", "is_chat"])
+            .append_column("expert", pa.array([r[0] for r in res], type=pa.float64()))
+            .append_column("expert_status", pa.array([r[1] for r in res], type=pa.string()))
+            .append_column("expert_truncated", pa.array([r[2] for r in res], type=pa.bool_()))
+        )
 
 
 class HTTPExpert:
@@ -182,11 +208,19 @@ class HTTPExpert:
         h = self.cfg
         return PoolPlan(rows, h.actors, h.actors, rows / h.requests_per_second, None)
 
-    def judge(self, ds, carry: tuple, plan: PoolPlan, log):
+    def judge(self, ds: ray.data.Dataset, carry: tuple, plan: PoolPlan, log: Callable[[str], None]) -> ray.data.Dataset:
         from ray.data import ActorPoolStrategy
 
         h = self.cfg
-        log(f"expert (HTTP {h.base_url}, model {h.model}): {h.actors} actors x {h.concurrency_per_actor} concurrent, "
-            f"{h.requests_per_second:g} req/s; {plan.describe()}")
-        return ds.map_batches(HTTPJudgeStage, fn_constructor_kwargs={"cfg": h}, batch_format="pyarrow", batch_size=64,
-                              num_cpus=0.5, compute=ActorPoolStrategy(size=h.actors))
+        log(
+            f"expert (HTTP {h.base_url}, model {h.model}): {h.actors} actors x {h.concurrency_per_actor} concurrent, "
+            f"{h.requests_per_second:g} req/s; {plan.describe()}"
+        )
+        return ds.map_batches(
+            HTTPJudgeStage,
+            fn_constructor_kwargs={"cfg": h},
+            batch_format="pyarrow",
+            batch_size=64,
+            num_cpus=0.5,
+            compute=ActorPoolStrategy(size=h.actors),
+        )

@@ -20,11 +20,32 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["JudgePrompt", "render_prompt", "label_token_ids", "p_unsafe_from_logprobs", "conversation_text", "error_status",
-           "ExpertStatus", "usable", "judge_prompt", "render", "check_llm_judge", "LLM_JUDGE_IDENTITY", "STATUS_OK", "CUT_MARK"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import HTTPExpertConfig, VLLMExpertConfig
+
+__all__ = [
+    "JudgePrompt",
+    "render_prompt",
+    "label_token_ids",
+    "p_unsafe_from_logprobs",
+    "conversation_text",
+    "error_status",
+    "ExpertStatus",
+    "usable",
+    "judge_prompt",
+    "render",
+    "check_llm_judge",
+    "LLM_JUDGE_IDENTITY",
+    "STATUS_OK",
+    "CUT_MARK",
+]
 
 STATUS_OK = "ok"
 NO_LABEL = "no_label_token"
@@ -47,7 +68,7 @@ class ExpertStatus:
     detail: str | None = None  # the label outside the top-k, or the error's reason
 
     @classmethod
-    def parse(cls, text: str) -> "ExpertStatus":
+    def parse(cls, text: str) -> ExpertStatus:
         if text == STATUS_OK:
             return cls("ok")
         if text == NO_LABEL:
@@ -55,7 +76,7 @@ class ExpertStatus:
         if text.endswith(OUTSIDE_TOPK):
             return cls("outside_topk", text[: -len(OUTSIDE_TOPK)])
         if text.startswith(ERROR):
-            return cls("error", text[len(ERROR):])
+            return cls("error", text[len(ERROR) :])
         return cls("error", text)
 
     @property
@@ -65,10 +86,11 @@ class ExpertStatus:
 
     def __str__(self) -> str:
         return {"ok": STATUS_OK, "no_label_token": NO_LABEL}.get(self.kind) or (
-            f"{self.detail}{OUTSIDE_TOPK}" if self.kind == "outside_topk" else f"{ERROR}{self.detail}")
+            f"{self.detail}{OUTSIDE_TOPK}" if self.kind == "outside_topk" else f"{ERROR}{self.detail}"
+        )
 
 
-def usable(status):
+def usable(status: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """:attr:`ExpertStatus.usable` over an Arrow string array of statuses (null: not judged, False)."""
     import pyarrow.compute as pc
 
@@ -76,14 +98,14 @@ def usable(status):
     return pc.or_(pc.equal(s, STATUS_OK), pc.ends_with(s, OUTSIDE_TOPK))
 
 
-def conversation_text(x) -> str:
+def conversation_text(x: str | list[dict]) -> str:
     """A row's input as plain text for the judge: chats as "role: content" lines."""
     if isinstance(x, str):
         return x
     return "\n".join(f"{m['role']}: {m['content']}" for m in x)
 
 
-def render_prompt(template: str, x) -> str:
+def render_prompt(template: str, x: str | list[dict]) -> str:
     if "{conversation}" not in template:
         raise ValueError("prompt_template must contain {conversation}")
     return template.replace("{conversation}", conversation_text(x))
@@ -103,7 +125,15 @@ class JudgePrompt:
     latest turns), with ``CUT_MARK`` between them saying how many tokens were dropped.
     """
 
-    def __init__(self, tokenizer, template: str, max_model_len: int, *, chat: bool = False, head_fraction: float = 0.25):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str,
+        max_model_len: int,
+        *,
+        chat: bool = False,
+        head_fraction: float = 0.25,
+    ):
         if "{conversation}" not in template:
             raise ValueError("prompt_template must contain {conversation}")
         if chat and not getattr(tokenizer, "chat_template", None):
@@ -112,7 +142,9 @@ class JudgePrompt:
         self.limit = max_model_len - 1  # the answer token
         self.room = self.limit - len(self._ids(""))
         if self.room < 32:
-            raise ValueError(f"max_model_len {max_model_len} leaves {self.room} tokens for the conversation after the prompt template")
+            raise ValueError(
+                f"max_model_len {max_model_len} leaves {self.room} tokens for the conversation after the prompt template"
+            )
 
     def _ids(self, conversation: str) -> list[int]:
         text = self.template.replace("{conversation}", conversation)
@@ -121,7 +153,7 @@ class JudgePrompt:
             return self.tok(text, add_special_tokens=False)["input_ids"]
         return self.tok(text)["input_ids"]  # as vLLM tokenizes a text prompt
 
-    def __call__(self, x) -> tuple[list[int], bool]:
+    def __call__(self, x: str | list[dict]) -> tuple[list[int], bool]:
         """(token ids, truncated) of one row's input (text or chat messages)."""
         text = conversation_text(x)
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -135,7 +167,7 @@ class JudgePrompt:
         for _ in range(8):  # tokens can merge across the cut: shrink until the rendered prompt fits
             head = max(1, int(keep * self.head_fraction))
             tail = max(1, keep - head)
-            cut = text[: offsets[head - 1][1]] + CUT_MARK.format(n=n - head - tail) + text[offsets[n - tail][0]:]
+            cut = text[: offsets[head - 1][1]] + CUT_MARK.format(n=n - head - tail) + text[offsets[n - tail][0] :]
             ids = self._ids(cut)
             if len(ids) <= self.limit:
                 return ids, True
@@ -145,7 +177,7 @@ class JudgePrompt:
         raise ValueError(f"cannot fit the conversation into {self.limit + 1} tokens")
 
 
-def error_status(reason) -> str:
+def error_status(reason: object) -> str:
     """``error: <reason>`` with a bounded vocabulary: numbers (except an HTTP status code), quoted
     text and anything after the first line are dropped, so that a report counts failures per kind, not per row."""
     lines = str(reason or "").strip().splitlines()
@@ -163,7 +195,7 @@ def error_status(reason) -> str:
     return ERROR + r[:160]
 
 
-def label_token_ids(tokenizer, label_tokens: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
+def label_token_ids(tokenizer: PreTrainedTokenizerBase, label_tokens: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
     """Token ids of each label's strings; each string must be exactly one token."""
     out: dict[str, list[int]] = {}
     for label in ("unsafe", "safe"):
@@ -171,7 +203,9 @@ def label_token_ids(tokenizer, label_tokens: Mapping[str, Sequence[str]]) -> dic
         for s in label_tokens[label]:
             enc = tokenizer.encode(s, add_special_tokens=False)
             if len(enc) != 1:
-                raise ValueError(f"label token {s!r} ({label}) is {len(enc)} tokens for this judge's tokenizer; use single-token labels")
+                raise ValueError(
+                    f"label token {s!r} ({label}) is {len(enc)} tokens for this judge's tokenizer; use single-token labels"
+                )
             ids.append(int(enc[0]))
         out[label] = sorted(set(ids))
     if set(out["unsafe"]) & set(out["safe"]):
@@ -209,11 +243,18 @@ def p_unsafe_from_logprobs(top: Mapping, labels: Mapping[str, Sequence]) -> tupl
 # the prompt of a configured LLM judge (vLLM pool or HTTP endpoint: the same judge)
 # ----------------------------------------------------------------------------------------------
 # what makes two LLM judges give the same score to a row (the HTTP judge adds its tokenizer)
-LLM_JUDGE_IDENTITY = ("model", "prompt_template", "apply_chat_template", "label_tokens", "top_logprobs", "max_model_len",
-                      "head_fraction")
+LLM_JUDGE_IDENTITY = (
+    "model",
+    "prompt_template",
+    "apply_chat_template",
+    "label_tokens",
+    "top_logprobs",
+    "max_model_len",
+    "head_fraction",
+)
 
 
-def judge_prompt(cfg) -> JudgePrompt:
+def judge_prompt(cfg: VLLMExpertConfig | HTTPExpertConfig) -> JudgePrompt:
     """The :class:`JudgePrompt` of an ``expert.vllm`` or ``expert.http`` section (its tokenizer: the
     section's ``tokenizer`` folder, else its model's)."""
     from transformers import AutoTokenizer
@@ -221,11 +262,16 @@ def judge_prompt(cfg) -> JudgePrompt:
     from ..config import resolve_model_path
 
     tokenizer = resolve_model_path(getattr(cfg, "tokenizer", None) or cfg.model)
-    return JudgePrompt(AutoTokenizer.from_pretrained(tokenizer), cfg.prompt_template, cfg.max_model_len,
-                       chat=cfg.apply_chat_template, head_fraction=cfg.head_fraction)
+    return JudgePrompt(
+        AutoTokenizer.from_pretrained(tokenizer),
+        cfg.prompt_template,
+        cfg.max_model_len,
+        chat=cfg.apply_chat_template,
+        head_fraction=cfg.head_fraction,
+    )
 
 
-def check_llm_judge(cfg, kind: str) -> JudgePrompt:
+def check_llm_judge(cfg: VLLMExpertConfig | HTTPExpertConfig, kind: str) -> JudgePrompt:
     """Refuse, before any work, an LLM judge whose prompt cannot be built: label tokens that are not
     single tokens, a template that leaves no room in the context, chat mode without a chat template."""
     from ..config import ConfigError

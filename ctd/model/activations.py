@@ -27,26 +27,39 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "LAYER_DEFINITION", "render_chat", "TextEncoder", "plan_batches", "plan_packs", "ActivationExtractor", "find_blocks",
-    "is_causal_config", "token_ids_hash", "cached_pool", "model_id_of", "run_encoder",
+    "LAYER_DEFINITION",
+    "render_chat",
+    "TextEncoder",
+    "plan_batches",
+    "plan_packs",
+    "ActivationExtractor",
+    "find_blocks",
+    "is_causal_config",
+    "token_ids_hash",
+    "cached_pool",
+    "model_id_of",
+    "run_encoder",
 ]
 
-LAYER_DEFINITION = (
-    "layer L = output of transformer block L (1-indexed), before any final norm; "
-    "mean over real tokens"
-)
+LAYER_DEFINITION = "layer L = output of transformer block L (1-indexed), before any final norm; mean over real tokens"
 
 
 # ----------------------------------------------------------------------------------------------
 # text → token ids
 # ----------------------------------------------------------------------------------------------
-def render_chat(messages: Any, tokenizer=None) -> str:
+def render_chat(messages: Any, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """A chat (list of {role, content}) as one string: the tokenizer's chat template when it has
     one, else "role: content" lines. Plain strings pass through."""
     if isinstance(messages, str):
@@ -84,11 +97,14 @@ class TextEncoder:
             sel = [i for i, c in enumerate(chats) if not (c and self.has_template) == special]
             if not sel:
                 continue
-            enc = self.tokenizer([texts[i] for i in sel], add_special_tokens=special, truncation=False, verbose=False)["input_ids"]
+            enc = self.tokenizer([texts[i] for i in sel], add_special_tokens=special, truncation=False, verbose=False)[
+                "input_ids"
+            ]
             long_rows = [j for j, e in enumerate(enc) if len(e) > self.max_length]
             if long_rows:  # re-tokenise with the tokenizer's own truncation, which keeps special tokens
-                cut = self.tokenizer([texts[sel[j]] for j in long_rows], add_special_tokens=special,
-                                     truncation=True, max_length=self.max_length)["input_ids"]
+                cut = self.tokenizer(
+                    [texts[sel[j]] for j in long_rows], add_special_tokens=special, truncation=True, max_length=self.max_length
+                )["input_ids"]
                 for j, e in zip(long_rows, cut):
                     enc[j] = e
                     truncated[sel[j]] = True
@@ -102,7 +118,7 @@ class TextEncoder:
 # ----------------------------------------------------------------------------------------------
 # batching
 # ----------------------------------------------------------------------------------------------
-def plan_batches(lengths, token_budget: int, pad_multiple: int = 8) -> list[np.ndarray]:
+def plan_batches(lengths: ArrayLike, token_budget: int, pad_multiple: int = 8) -> list[np.ndarray]:
     """Length-sorted batches whose padded size (rows x padded length) stays within the budget.
 
     Rows are taken longest first; a batch's padded length is its first row's length rounded up to
@@ -124,7 +140,7 @@ def plan_batches(lengths, token_budget: int, pad_multiple: int = 8) -> list[np.n
 # ----------------------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------------------
-def find_blocks(model):
+def find_blocks(model: PreTrainedModel) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
     """(owner module, attribute name, ModuleList) of the transformer blocks: the ModuleList whose
     length equals config.num_hidden_layers (Llama: model.layers, BERT: encoder.layer, ...)."""
     import torch
@@ -144,13 +160,24 @@ def find_blocks(model):
     return owner, attr, blocks
 
 
-def is_causal_config(config) -> bool:
+def is_causal_config(config: PretrainedConfig) -> bool:
     if getattr(config, "is_decoder", False):
         return True
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return True
-    return getattr(config, "model_type", "") in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "olmo2"}
+    return getattr(config, "model_type", "") in {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "gpt2",
+        "olmo2",
+    }
 
 
 @dataclass
@@ -164,7 +191,7 @@ class _Capture:
         return fn
 
 
-def plan_packs(lengths, token_budget: int) -> list[np.ndarray]:
+def plan_packs(lengths: ArrayLike, token_budget: int) -> list[np.ndarray]:
     """Batches of whole sequences, longest first, whose total length stays within the budget (no
     padding: sequences are packed end to end). A sequence longer than the budget is a pack alone."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -250,7 +277,7 @@ class ActivationExtractor:
 
     def __init__(
         self,
-        model,
+        model: PreTrainedModel,
         layers: int | Sequence[int],
         *,
         token_budget: int | None = None,
@@ -307,15 +334,21 @@ class ActivationExtractor:
         self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, layers, *, device: str = "auto", dtype: str = "auto", **kw) -> "ActivationExtractor":
+    def from_pretrained(
+        cls, model_dir: str, layers: int | Sequence[int], *, device: str = "auto", dtype: str = "auto", **kw: Any
+    ) -> ActivationExtractor:
         import torch
         from transformers import AutoModel
 
         from .artifacts import model_fingerprint
 
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dt = {"auto": torch.bfloat16 if dev.startswith("cuda") else torch.float32, "bf16": torch.bfloat16,
-              "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        dt = {
+            "auto": torch.bfloat16 if dev.startswith("cuda") else torch.float32,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+            "fp32": torch.float32,
+        }[dtype]
         model = AutoModel.from_pretrained(model_dir, dtype=dt, attn_implementation="sdpa").to(dev)
         kw.setdefault("model_id", model_id_of(model_dir))
         kw.setdefault("model_fingerprint", model_fingerprint(model_dir))
@@ -355,8 +388,15 @@ class ActivationExtractor:
         cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         segment = self._to_device(np.repeat(np.arange(idx.size), lens))
         lens_d = self._to_device(lens)
-        self._forward(input_ids=self._to_device(tokens), position_ids=self._to_device(positions), use_cache=False,
-                      cu_seq_lens_q=self._to_device(cu), cu_seq_lens_k=None, max_length_q=int(lens.max()), max_length_k=None)
+        self._forward(
+            input_ids=self._to_device(tokens),
+            position_ids=self._to_device(positions),
+            use_cache=False,
+            cu_seq_lens_q=self._to_device(cu),
+            cu_seq_lens_k=None,
+            max_length_q=int(lens.max()),
+            max_length_k=None,
+        )
         pooled = {}
         for layer in self.layers:
             h = self._capture.out[layer][0]
@@ -379,7 +419,9 @@ class ActivationExtractor:
         if lengths.min() < 1:
             raise ValueError("every row needs at least one token")
         packed = self.strategy == "packed"
-        batches = plan_packs(lengths, self.token_budget) if packed else plan_batches(lengths, self.token_budget, self.pad_multiple)
+        batches = (
+            plan_packs(lengths, self.token_budget) if packed else plan_batches(lengths, self.token_budget, self.pad_multiple)
+        )
         results = []
         with torch.inference_mode():
             for idx in batches:
@@ -392,7 +434,12 @@ class ActivationExtractor:
         return out
 
 
-def run_encoder(model, ids: Sequence[np.ndarray], token_budget: int, fn):
+def run_encoder(
+    model: torch.nn.Module,
+    ids: Sequence[np.ndarray],
+    token_budget: int,
+    fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> np.ndarray:
     """Run ``fn(model, input_ids, attention_mask)`` over token-budget batches; rows back in order."""
     import torch
 
@@ -439,7 +486,7 @@ def token_ids_hash(ids: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def cached_pool(extractor: "ActivationExtractor", ids: Sequence[np.ndarray], cache_dir: str | None) -> dict[int, np.ndarray]:
+def cached_pool(extractor: ActivationExtractor, ids: Sequence[np.ndarray], cache_dir: str | None) -> dict[int, np.ndarray]:
     """:meth:`ActivationExtractor.pool` with an on-disk cache keyed by model fingerprint, layer and
     the data's token-id hash (``.npy`` files, loaded without pickle)."""
     if cache_dir is None:

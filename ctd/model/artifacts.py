@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as st_load
@@ -74,7 +73,9 @@ def load_artifact(uri: str) -> tuple[dict[str, np.ndarray], dict]:
 
 def require_match(meta: dict, what: str, **expected) -> None:
     """Raise ArtifactError naming every field of ``meta`` that differs from ``expected``."""
-    bad = [f"{k}: artifact has {meta.get(k)!r}, expected {v!r}" for k, v in expected.items() if v is not None and meta.get(k) != v]
+    bad = [
+        f"{k}: artifact has {meta.get(k)!r}, expected {v!r}" for k, v in expected.items() if v is not None and meta.get(k) != v
+    ]
     if bad:
         raise ArtifactError(f"{what} does not match this run: " + "; ".join(bad))
 

@@ -29,7 +29,7 @@ class Deployment:
     calibration_uri: str | None = None
 
     @classmethod
-    def load(cls, model: ModelConfig, probes: ProbesConfig, calibration: str | None = None) -> "Deployment":
+    def load(cls, model: ModelConfig, probes: ProbesConfig, calibration: str | None = None) -> Deployment:
         model_dir = resolve_model_path(model.path)
         fp = model_fingerprint(model_dir)
         safety, dv = LinearProbe.load(probes.safety), LinearProbe.load(probes.dv)
@@ -38,8 +38,9 @@ class Deployment:
         cal = None
         if calibration is not None:
             cal = load_calibration(calibration)
-            cal.check_matches(model_fingerprint=fp, layer=model.layer, safety_probe_hash=safety.content_hash,
-                              dv_probe_hash=dv.content_hash)
+            cal.check_matches(
+                model_fingerprint=fp, layer=model.layer, safety_probe_hash=safety.content_hash, dv_probe_hash=dv.content_hash
+            )
         return cls(model, model_dir, fp, safety, dv, cal, calibration)
 
     @property
@@ -52,5 +53,10 @@ class Deployment:
 
     def provenance(self) -> dict:
         """What a calibration made with this deployment records (and an audit checks)."""
-        return {"model_id": self.safety.meta.get("model_id"), "model_fingerprint": self.model_fingerprint, "layer": self.layer,
-                "safety_probe_hash": self.safety.content_hash, "dv_probe_hash": self.dv.content_hash}
+        return {
+            "model_id": self.safety.meta.get("model_id"),
+            "model_fingerprint": self.model_fingerprint,
+            "layer": self.layer,
+            "safety_probe_hash": self.safety.content_hash,
+            "dv_probe_hash": self.dv.content_hash,
+        }

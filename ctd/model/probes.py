@@ -12,10 +12,12 @@ A probe is saved as an artifact (:mod:`ctd.model.artifacts`): weights in safeten
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..hashing import data_hash
 from ..stats.metrics import auroc
@@ -40,13 +42,13 @@ class LinearProbe:
     def feature_dim(self) -> int:
         return int(self.coef.shape[0])
 
-    def decision_function(self, z) -> np.ndarray:
+    def decision_function(self, z: ArrayLike) -> np.ndarray:
         z = np.asarray(z, dtype=np.float64)
         if z.ndim != 2 or z.shape[1] != self.feature_dim:
             raise ValueError(f"probe expects features of shape [n, {self.feature_dim}], got {list(z.shape)}")
         return ((z - self.mean) / self.scale) @ self.coef + self.intercept
 
-    def predict(self, z) -> np.ndarray:
+    def predict(self, z: ArrayLike) -> np.ndarray:
         """Logistic: P(unsafe) in [0, 1]. Ridge: predicted delegation value clipped to [-1, 1]."""
         s = self.decision_function(z)
         if self.kind == "logistic":
@@ -58,7 +60,15 @@ class LinearProbe:
     def content_hash(self) -> str | None:
         return self.meta.get("content_hash")
 
-    def check_compatible(self, *, model_id=None, model_fingerprint=None, layer=None, pooling=None, feature_dim=None) -> None:
+    def check_compatible(
+        self,
+        *,
+        model_id: str | None = None,
+        model_fingerprint: str | None = None,
+        layer: int | None = None,
+        pooling: str | None = None,
+        feature_dim: int | None = None,
+    ) -> None:
         """Raise ArtifactError when this probe was trained on other activations."""
         require_match(
             self.meta,
@@ -74,12 +84,16 @@ class LinearProbe:
     def save(self, uri: str) -> dict:
         meta = dict(self.meta)
         meta.update({"format": FORMAT, "kind": self.kind, "intercept": float(self.intercept), "feature_dim": self.feature_dim})
-        arrays = {"coef": self.coef.astype(np.float64), "mean": self.mean.astype(np.float64), "scale": self.scale.astype(np.float64)}
+        arrays = {
+            "coef": self.coef.astype(np.float64),
+            "mean": self.mean.astype(np.float64),
+            "scale": self.scale.astype(np.float64),
+        }
         self.meta = save_artifact(uri, arrays, meta)
         return self.meta
 
     @classmethod
-    def load(cls, uri: str) -> "LinearProbe":
+    def load(cls, uri: str) -> LinearProbe:
         arrays, meta = load_artifact(uri)
         if meta.get("format") != FORMAT:
             raise ArtifactError(f"{uri} is not a linear probe artifact (format {meta.get('format')!r})")
@@ -108,7 +122,15 @@ def _check_features(z, target, name):
     return z, t
 
 
-def fit_safety_probe(z, labels, *, Cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), cv: int = 5, seed: int = 0, meta: dict | None = None) -> LinearProbe:
+def fit_safety_probe(
+    z: ArrayLike,
+    labels: ArrayLike,
+    *,
+    Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0),
+    cv: int = 5,
+    seed: int = 0,
+    meta: dict | None = None,
+) -> LinearProbe:
     """L2 logistic regression on standardised features, C chosen by stratified CV (log-loss)."""
     from sklearn.linear_model import LogisticRegressionCV
 
@@ -117,15 +139,24 @@ def fit_safety_probe(z, labels, *, Cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), cv: int = 5
         raise ValueError("safety probe: labels must be 0/1 with both classes present")
     mean, scale, zs = _standardise(z)
     folds = int(min(cv, np.bincount(y.astype(int)).min()))
-    model = LogisticRegressionCV(Cs=list(Cs), cv=max(folds, 2), scoring="neg_log_loss", max_iter=2000, random_state=seed,
-                                 l1_ratios=(0.0,), use_legacy_attributes=False)  # l1_ratio 0: pure L2
+    model = LogisticRegressionCV(
+        Cs=list(Cs),
+        cv=max(folds, 2),
+        scoring="neg_log_loss",
+        max_iter=2000,
+        random_state=seed,
+        l1_ratios=(0.0,),
+        use_legacy_attributes=False,
+    )  # l1_ratio 0: pure L2
     model.fit(zs, y.astype(int))
     m = dict(meta or {})
     m.update({"role": "safety", "C": float(np.ravel(model.C_)[0]), "n_train": int(z.shape[0]), "data_hash": data_hash(z, y)})
     return LinearProbe("logistic", model.coef_[0].copy(), float(model.intercept_[0]), mean, scale, m)
 
 
-def fit_dv_probe(z, v, *, alphas=tuple(np.logspace(-1, 5, 13)), meta: dict | None = None) -> LinearProbe:
+def fit_dv_probe(
+    z: ArrayLike, v: ArrayLike, *, alphas: Sequence[float] = tuple(np.logspace(-1, 5, 13)), meta: dict | None = None
+) -> LinearProbe:
     """Ridge regression on standardised features to the delegation value (efficient LOO CV over
     the regularisation strengths)."""
     from sklearn.linear_model import RidgeCV
@@ -142,7 +173,15 @@ def fit_dv_probe(z, v, *, alphas=tuple(np.logspace(-1, 5, 13)), meta: dict | Non
     return LinearProbe("ridge", model.coef_.copy(), float(model.intercept_), mean, scale, m)
 
 
-def cross_fit_predict(fit, z, target, *, folds: int = 5, seed: int = 0, groups=None) -> np.ndarray:
+def cross_fit_predict(
+    fit: Callable[[np.ndarray, np.ndarray], LinearProbe],
+    z: ArrayLike,
+    target: ArrayLike,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    groups: ArrayLike | None = None,
+) -> np.ndarray:
     """Out-of-fold predictions of ``fit(z_train, target_train).predict`` (each row predicted by a
     model that never saw it). Stratified by ``groups`` when given."""
     from sklearn.model_selection import KFold, StratifiedKFold
@@ -159,7 +198,9 @@ def cross_fit_predict(fit, z, target, *, folds: int = 5, seed: int = 0, groups=N
     return out
 
 
-def select_layer(train: dict[int, np.ndarray], y_train, dev: dict[int, np.ndarray], y_dev, *, seed: int = 0):
+def select_layer(
+    train: dict[int, np.ndarray], y_train: ArrayLike, dev: dict[int, np.ndarray], y_dev: ArrayLike, *, seed: int = 0
+) -> tuple[int, dict[int, float], dict[int, LinearProbe]]:
     """Fit a safety probe per layer on the training split and pick the layer with the best AUROC on
     the dev split. Returns (best_layer, {layer: dev AUROC}, {layer: probe})."""
     scores, probes = {}, {}

@@ -63,13 +63,22 @@ def run_training(cfg: JobConfig) -> dict:
     dev_ids, y_dev, f_dev, skipped_dev = _pooled(s_dev, layers)
     if len(set(y_tr.tolist())) < 2 or len(set(y_dev.tolist())) < 2:
         raise ValueError("training and dev corpora both need labelled rows of both classes")
-    log(f"training: {len(y_tr)} labelled training rows, {len(y_dev)} dev rows ({skipped_tr + skipped_dev} invalid or unlabelled left out)")
+    log(
+        f"training: {len(y_tr)} labelled training rows, {len(y_dev)} dev rows ({skipped_tr + skipped_dev} invalid or unlabelled left out)"
+    )
     best, layer_auroc, probes = select_layer(f_tr, y_tr, f_dev, y_dev, seed=tr.seed)
     if best != cfg.model.layer:
-        log(f"training: layer {best} has the best dev AUROC ({layer_auroc[best]:.3f}); set model.layer: {best} for calibrate/audit")
-    base_meta = {"model_id": cfg.model.id or model_dir.rstrip("/").split("/")[-1], "model_fingerprint": fp, "layer": best,
-                 "pooling": "mean", "max_length": cfg.model.max_length,
-                 "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        log(
+            f"training: layer {best} has the best dev AUROC ({layer_auroc[best]:.3f}); set model.layer: {best} for calibrate/audit"
+        )
+    base_meta = {
+        "model_id": cfg.model.id or model_dir.rstrip("/").split("/")[-1],
+        "model_fingerprint": fp,
+        "layer": best,
+        "pooling": "mean",
+        "max_length": cfg.model.max_length,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     safety = probes[best]
     safety.meta.update(base_meta)
     p_dev = safety.predict(f_dev[best])
@@ -88,15 +97,26 @@ def run_training(cfg: JobConfig) -> dict:
     safety.save(cfg.probes.safety)
     dv.save(cfg.probes.dv)
     report = {
-        "kind": "training", "model_id": base_meta["model_id"], "model_fingerprint": fp, "layer": best,
-        "dev_auroc_by_layer": {str(k): v_ for k, v_ in layer_auroc.items()}, "train_rows": int(len(y_tr)), "dev_rows": int(len(y_dev)),
-        "expert_dev_auroc": auroc(y, e), "probe_dev_auroc": auroc(y, p), "dv_target": tr.dv_target,
-        "dv_oof_mse": mse(v, oof), "dv_oof_spearman": spearman(v, oof), "effective_capacity": effective_capacity(v),
+        "kind": "training",
+        "model_id": base_meta["model_id"],
+        "model_fingerprint": fp,
+        "layer": best,
+        "dev_auroc_by_layer": {str(k): v_ for k, v_ in layer_auroc.items()},
+        "train_rows": int(len(y_tr)),
+        "dev_rows": int(len(y_dev)),
+        "expert_dev_auroc": auroc(y, e),
+        "probe_dev_auroc": auroc(y, p),
+        "dv_target": tr.dv_target,
+        "dv_oof_mse": mse(v, oof),
+        "dv_oof_spearman": spearman(v, oof),
+        "effective_capacity": effective_capacity(v),
         "safety_probe": {"uri": cfg.probes.safety, "content_hash": safety.content_hash},
         "dv_probe": {"uri": cfg.probes.dv, "content_hash": dv.content_hash},
     }
     storage.write_json(cfg.probes.safety + ".training_report.json", report)
     storage.remove(staging)
-    log(f"training done: safety probe → {cfg.probes.safety}, DV probe → {cfg.probes.dv} (OOF Spearman {report['dv_oof_spearman']:.3f}, "
-        f"capacity {report['effective_capacity']:.2f})")
+    log(
+        f"training done: safety probe → {cfg.probes.safety}, DV probe → {cfg.probes.dv} (OOF Spearman {report['dv_oof_spearman']:.3f}, "
+        f"capacity {report['effective_capacity']:.2f})"
+    )
     return report

@@ -25,13 +25,14 @@ from ..pipeline.raydata import init_ray, read, tally, write
 from ..reporting.pages import html_page, html_table, write_report
 from ..reporting.plots import plot_binned
 from ..runs.job import Night
-from ..runs.lease import Lease
 from ..runs.layout import parquet_files
+from ..runs.lease import Lease
 from ..tables import write_parquet
 from .replay import ALARM_COLUMNS, OUT_SCHEMA, alarms, counts, quarantined, read_file, replay
 from .rules import load_monitor, monitor_lambda
 
 __all__ = ["run_monitor"]
+
 
 def _step_files(uri: str) -> list[str]:
     fs, path = storage.filesystem(uri)
@@ -39,20 +40,28 @@ def _step_files(uri: str) -> list[str]:
         raise FileNotFoundError(f"step logs not found: {uri}")
     if not fs.isdir(path):
         return [uri]
-    names = [n for n in storage.listdir(uri) if n.endswith((".csv", ".csv.gz", ".parquet", ".jsonl", ".json")) and not n.startswith(("_", "."))]
+    names = [
+        n
+        for n in storage.listdir(uri)
+        if n.endswith((".csv", ".csv.gz", ".parquet", ".jsonl", ".json")) and not n.startswith(("_", "."))
+    ]
     if not names:
         raise FileNotFoundError(f"no step-log files under {uri}")
     return [storage.join(uri, n) for n in names]
 
 
-def run_monitor(cfg: MonitorConfig, *, run_id: str | None = None, date: str | None = None, now: _dt.datetime | None = None):
+def run_monitor(
+    cfg: MonitorConfig, *, run_id: str | None = None, date: str | None = None, now: _dt.datetime | None = None
+) -> dict:
     """Monitor one day's step logs (``date``: YYYY-MM-DD, default yesterday in ``monitor.timezone``;
     ``{date}`` in the input and run id is that day, so a retry after midnight monitors the same day)."""
     night = Night.plan(cfg.monitor, run_id=run_id, date=date, now=now, day_field="monitored_date")
     cal = load_monitor(cfg.monitor.calibration)  # refuses a tampered calibration before any compute
     lam = monitor_lambda(cal)
     files = _step_files(night.expand(cfg.monitor.input))
-    log(f"monitor {night.run_id}: {cal['rule']} ({cal['control'].upper()}, {cal['guarantee']}) on {len(files)} file(s) → {night.layout.root}")
+    log(
+        f"monitor {night.run_id}: {cal['rule']} ({cal['control'].upper()}, {cal['guarantee']}) on {len(files)} file(s) → {night.layout.root}"
+    )
     init_ray(cfg.ray)
     with night.lease() as lease:
         return _monitor(cfg, cal, lam, files, night, lease)
@@ -85,27 +94,62 @@ def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], night: Night,
     quality = {}
     if n_traj - n_q and not count("ok_unlabelled"):
         correct, wrong, aw = count("correct"), count("wrong"), count("alarms_wrong")
-        quality = {"false_alarm_rate": count("alarms_correct") / correct if correct else None,
-                   "power": aw / wrong if wrong else None,
-                   "mean_steps_seen_at_alarm_incorrect": count("steps_seen_alarms_wrong") / aw if aw else None}
+        quality = {
+            "false_alarm_rate": count("alarms_correct") / correct if correct else None,
+            "power": aw / wrong if wrong else None,
+            "mean_steps_seen_at_alarm_incorrect": count("steps_seen_alarms_wrong") / aw if aw else None,
+        }
     summary = {
-        "kind": "monitor", "run_id": rid, "monitored_date": day.isoformat(), "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config_hash": digest(cfg.model_dump(mode="json")), "input": night.expand(m.input), "calibration": m.calibration, "calibration_hash": cal["artifact_hash"],
-        "rule": cal["rule"], "risk": cal["risk"], "control": cal["control"], "epsilon": cal["epsilon"], "delta": cal["delta"],
-        "guarantee": cal["guarantee"], "trajectories": n_traj, "steps": n_steps, "alarms": n_alarms,
-        "trajectories_quarantined": n_q, "quarantine_reasons": fr.by("reason") if fr else {}, "quality_with_labels": quality,
-        "stages": [{"stage": "monitor", "seconds": round(dt, 2), "rows": n_steps, "rows_per_second": round(n_steps / max(dt, 1e-9), 1)}],
+        "kind": "monitor",
+        "run_id": rid,
+        "monitored_date": day.isoformat(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config_hash": digest(cfg.model_dump(mode="json")),
+        "input": night.expand(m.input),
+        "calibration": m.calibration,
+        "calibration_hash": cal["artifact_hash"],
+        "rule": cal["rule"],
+        "risk": cal["risk"],
+        "control": cal["control"],
+        "epsilon": cal["epsilon"],
+        "delta": cal["delta"],
+        "guarantee": cal["guarantee"],
+        "trajectories": n_traj,
+        "steps": n_steps,
+        "alarms": n_alarms,
+        "trajectories_quarantined": n_q,
+        "quarantine_reasons": fr.by("reason") if fr else {},
+        "quality_with_labels": quality,
+        "stages": [
+            {"stage": "monitor", "seconds": round(dt, 2), "rows": n_steps, "rows_per_second": round(n_steps / max(dt, 1e-9), 1)}
+        ],
     }
     at = fr.by("alarm_steps") if fr else {}  # {steps seen: alarms}: one entry per distinct step count
     steps = np.array([int(k) for k in at], dtype=float)
-    hist, edges = np.histogram(steps, bins=50, weights=np.array(list(at.values()), dtype=float)) if at else (np.zeros(1), np.array([0.0, 1.0]))
-    fig = {"alarm_position": plot_binned({"steps seen when the alarm fired": hist}, edges, None, "When alarms fire", "steps seen")}
-    page = html_page(f"CTD monitor {rid}", [("Summary", html_table([{"quantity": k, "value": str(v)} for k, v in summary.items()]))], fig)
+    hist, edges = (
+        np.histogram(steps, bins=50, weights=np.array(list(at.values()), dtype=float))
+        if at
+        else (np.zeros(1), np.array([0.0, 1.0]))
+    )
+    fig = {
+        "alarm_position": plot_binned({"steps seen when the alarm fired": hist}, edges, None, "When alarms fire", "steps seen")
+    }
+    page = html_page(
+        f"CTD monitor {rid}", [("Summary", html_table([{"quantity": k, "value": str(v)} for k, v in summary.items()]))], fig
+    )
     files_written = write_report(layout.attempt_root, "report", summary, page, fig)
-    layout.publish({"monitored_date": day.isoformat(), "trajectories": n_traj, "alarms": n_alarms, "quarantined": n_q},
-                   list(files_written.values()),
-                   before_commit=lease.check)
-    log(f"monitor {rid}: {n_traj} trajectories, {n_steps} steps, {n_alarms} alarms, {n_q} quarantined"
-        + (f"; false alarms {quality['false_alarm_rate']:.3f}, power {quality['power']:.3f}" if quality.get("power") is not None else ""))
+    layout.publish(
+        {"monitored_date": day.isoformat(), "trajectories": n_traj, "alarms": n_alarms, "quarantined": n_q},
+        list(files_written.values()),
+        before_commit=lease.check,
+    )
+    log(
+        f"monitor {rid}: {n_traj} trajectories, {n_steps} steps, {n_alarms} alarms, {n_q} quarantined"
+        + (
+            f"; false alarms {quality['false_alarm_rate']:.3f}, power {quality['power']:.3f}"
+            if quality.get("power") is not None
+            else ""
+        )
+    )
     log(f"report: {files_written['html']}")
     return summary

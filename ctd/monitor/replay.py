@@ -13,9 +13,19 @@ from .rules import ThresholdMonitor, TrajectoryError, read_step_table, validate_
 
 __all__ = ["OUT_SCHEMA", "ALARM_COLUMNS", "read_file", "replay", "alarms", "quarantined", "counts"]
 
-OUT_SCHEMA = pa.schema([("trajectory", pa.string()), ("alarm", pa.bool_()), ("step", pa.float64()), ("score", pa.float64()),
-                        ("tokens_at_alarm", pa.float64()), ("steps_seen", pa.int64()), ("length", pa.int64()),
-                        ("label", pa.int64()), ("error", pa.string())])
+OUT_SCHEMA = pa.schema(
+    [
+        ("trajectory", pa.string()),
+        ("alarm", pa.bool_()),
+        ("step", pa.float64()),
+        ("score", pa.float64()),
+        ("tokens_at_alarm", pa.float64()),
+        ("steps_seen", pa.int64()),
+        ("length", pa.int64()),
+        ("label", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
 ALARM_COLUMNS = ["trajectory", "step", "score", "tokens_at_alarm", "steps_seen", "length", "label"]
 
 
@@ -27,9 +37,18 @@ def read_file(item: dict, columns: dict) -> list[dict]:
         raise TrajectoryError(f"{item['uri']}: missing column(s) {', '.join(missing)}")
     get = lambda c: t.column(c).to_pylist() if c and c in t.column_names else [None] * t.num_rows  # noqa: E731
     tr, st, sc, lb, tk = (get(columns[k]) for k in ("trajectory", "step", "score", "label", "tokens"))
-    return [{"trajectory": str(tr[i]), "step": None if st[i] is None else float(st[i]), "score": None if sc[i] is None else float(sc[i]),
-             "label": None if lb[i] is None else int(lb[i]), "tokens": None if tk[i] is None else float(tk[i]),
-             "file": item["uri"], "line": i} for i in range(t.num_rows)]
+    return [
+        {
+            "trajectory": str(tr[i]),
+            "step": None if st[i] is None else float(st[i]),
+            "score": None if sc[i] is None else float(sc[i]),
+            "label": None if lb[i] is None else int(lb[i]),
+            "tokens": None if tk[i] is None else float(tk[i]),
+            "file": item["uri"],
+            "line": i,
+        }
+        for i in range(t.num_rows)
+    ]
 
 
 def replay(group: pa.Table, lam: float) -> pa.Table:
@@ -39,8 +58,17 @@ def replay(group: pa.Table, lam: float) -> pa.Table:
     scores = np.array([np.nan if x is None else x for x in g.column("score").to_pylist()], dtype=float)
     labels = g.column("label").to_pylist()
     label = labels[0] if labels and all(x is not None for x in labels) else None
-    row = {"trajectory": tid, "alarm": False, "step": None, "score": None, "tokens_at_alarm": None, "steps_seen": len(steps),
-           "length": len(steps), "label": label, "error": None}
+    row = {
+        "trajectory": tid,
+        "alarm": False,
+        "step": None,
+        "score": None,
+        "tokens_at_alarm": None,
+        "steps_seen": len(steps),
+        "length": len(steps),
+        "label": label,
+        "error": None,
+    }
     _, bad = validate_steps([tid] * len(steps), steps, scores, [0 if x is None else x for x in labels], quarantine=True)
     if np.isnan(steps).any():
         bad = [(tid, "missing step number")]
@@ -53,8 +81,13 @@ def replay(group: pa.Table, lam: float) -> pa.Table:
     for k, (s, x) in enumerate(zip(steps, scores)):
         seen_tokens += tokens[k] or 0.0
         if mon.observe(tid, s, x):
-            row.update(alarm=True, step=float(s), score=float(x), steps_seen=k + 1,
-                       tokens_at_alarm=seen_tokens if any(t is not None for t in tokens) else None)
+            row.update(
+                alarm=True,
+                step=float(s),
+                score=float(x),
+                steps_seen=k + 1,
+                tokens_at_alarm=seen_tokens if any(t is not None for t in tokens) else None,
+            )
             break
     return pa.Table.from_pylist([row], schema=OUT_SCHEMA)
 
@@ -76,13 +109,34 @@ def counts(batch: pa.Table) -> pa.Table:
     label = pc.fill_null(batch.column("label"), -1).to_numpy(zero_copy_only=False)
     seen = pc.fill_null(batch.column("steps_seen"), 0).to_numpy(zero_copy_only=False)
     correct, wrong = ok & (label == 1), ok & (label == 0)
-    names = ["trajectories", "steps", "alarms", "quarantined", "ok_unlabelled", "correct", "wrong", "alarms_correct", "alarms_wrong",
-             "steps_seen_alarms_wrong"]
-    values = [batch.num_rows, int(pc.sum(batch.column("length")).as_py() or 0), int(alarm.sum()), int((~ok).sum()),
-              int((ok & unlabelled).sum()), int(correct.sum()), int(wrong.sum()), int((alarm & correct).sum()),
-              int((alarm & wrong).sum()), int(seen[alarm & wrong].sum())]
-    return pa.concat_tables([tally_rows("count", names, values),
-                             tally_by("reason", batch.column("error").filter(pa.array(~ok))),
-                             tally_by("alarm_steps", pa.chunked_array([pa.array(seen[alarm].astype(str))]))])
-
-
+    names = [
+        "trajectories",
+        "steps",
+        "alarms",
+        "quarantined",
+        "ok_unlabelled",
+        "correct",
+        "wrong",
+        "alarms_correct",
+        "alarms_wrong",
+        "steps_seen_alarms_wrong",
+    ]
+    values = [
+        batch.num_rows,
+        int(pc.sum(batch.column("length")).as_py() or 0),
+        int(alarm.sum()),
+        int((~ok).sum()),
+        int((ok & unlabelled).sum()),
+        int(correct.sum()),
+        int(wrong.sum()),
+        int((alarm & correct).sum()),
+        int((alarm & wrong).sum()),
+        int(seen[alarm & wrong].sum()),
+    ]
+    return pa.concat_tables(
+        [
+            tally_rows("count", names, values),
+            tally_by("reason", batch.column("error").filter(pa.array(~ok))),
+            tally_by("alarm_steps", pa.chunked_array([pa.array(seen[alarm].astype(str))])),
+        ]
+    )

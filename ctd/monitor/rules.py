@@ -20,18 +20,38 @@ one score at a time; steps out of order, duplicated steps and scores outside [0,
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import __version__, storage
 from ..hashing import digest
 from ..stats.calibrate import threshold_grid
 from ..stats.risk_control import RISKS, alarm_counts, control_threshold
 
-__all__ = ["TrajectoryError", "Trajectories", "validate_steps", "read_step_table", "read_trajectories", "ThresholdMonitor", "EProcessMonitor",
-           "DensityRatio", "evaluate_threshold", "evaluate_eprocess", "calibrate_monitor", "load_monitor", "MONITOR_FORMAT"]
+if TYPE_CHECKING:
+    import argparse
+
+    import pyarrow as pa
+
+__all__ = [
+    "TrajectoryError",
+    "Trajectories",
+    "validate_steps",
+    "read_step_table",
+    "read_trajectories",
+    "ThresholdMonitor",
+    "EProcessMonitor",
+    "DensityRatio",
+    "evaluate_threshold",
+    "evaluate_eprocess",
+    "calibrate_monitor",
+    "load_monitor",
+    "MONITOR_FORMAT",
+]
 
 MONITOR_FORMAT = "ctd.monitor/v1"
 
@@ -44,11 +64,11 @@ class TrajectoryError(ValueError):
 class Trajectories:
     """Step logs grouped by trajectory (flat arrays with offsets; steps in order)."""
 
-    ids: np.ndarray          # [T] trajectory ids
-    label: np.ndarray        # [T] 1 = ends correct, 0 = ends incorrect
-    offsets: np.ndarray      # [T + 1]
-    steps: np.ndarray        # [N] step numbers
-    scores: np.ndarray       # [N] verifier P(on track) in [0, 1]
+    ids: np.ndarray  # [T] trajectory ids
+    label: np.ndarray  # [T] 1 = ends correct, 0 = ends incorrect
+    offsets: np.ndarray  # [T + 1]
+    steps: np.ndarray  # [N] step numbers
+    scores: np.ndarray  # [N] verifier P(on track) in [0, 1]
     tokens: np.ndarray | None = None  # [N] tokens generated in each step
 
     def __len__(self) -> int:
@@ -66,19 +86,25 @@ class Trajectories:
         """max_t r_t per trajectory: the alarm fires at some step iff this exceeds λ."""
         return np.maximum.reduceat(self.risk, self.offsets[:-1])
 
-    def subset(self, idx) -> "Trajectories":
+    def subset(self, idx: ArrayLike) -> Trajectories:
         idx = np.asarray(idx)
         parts = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         offs = np.concatenate([[0], np.cumsum(self.lengths[idx])])
-        return Trajectories(self.ids[idx], self.label[idx], offs, self.steps[flat], self.scores[flat],
-                            None if self.tokens is None else self.tokens[flat])
+        return Trajectories(
+            self.ids[idx],
+            self.label[idx],
+            offs,
+            self.steps[flat],
+            self.scores[flat],
+            None if self.tokens is None else self.tokens[flat],
+        )
 
-    def first_alarm(self, lam: float):
+    def first_alarm(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
         """(alarmed [T], alarm step index within the trajectory [T], -1 where none) for r_t > λ."""
         return self.first_true(self.risk > lam)
 
-    def first_true(self, over):
+    def first_true(self, over: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """For a flat per-step mask [N]: (any step true [T], index of the first true step within its
         trajectory [T], -1 where none). Every monitor's first alarm is read off this."""
         seg = np.repeat(np.arange(len(self)), self.lengths)
@@ -92,7 +118,15 @@ class Trajectories:
         return first >= 0, first
 
 
-def validate_steps(traj_ids, steps, scores, labels, tokens=None, *, quarantine: bool = False):
+def validate_steps(
+    traj_ids: ArrayLike,
+    steps: ArrayLike,
+    scores: ArrayLike,
+    labels: ArrayLike,
+    tokens: ArrayLike | None = None,
+    *,
+    quarantine: bool = False,
+) -> Trajectories | tuple[Trajectories, list[tuple[str, str]]]:
     """Group step rows into :class:`Trajectories` (rows of a trajectory must be contiguous or are
     grouped in their file order). Bad trajectories — steps out of order, duplicated steps, scores
     outside [0, 1] or NaN, mixed final labels — raise :class:`TrajectoryError`, or with
@@ -130,12 +164,18 @@ def validate_steps(traj_ids, steps, scores, labels, tokens=None, *, quarantine: 
         raise TrajectoryError(f"{len(bad)} bad trajectories, e.g. {bad[0][0]!r}: {bad[0][1]}")
     idx = np.concatenate([np.arange(a, b) for a, b in good]) if good else np.zeros(0, dtype=np.int64)
     offs = np.concatenate([[0], np.cumsum([b - a for a, b in good])]).astype(np.int64)
-    t = Trajectories(np.array([tid[a] for a, _ in good]), np.array([int(lb[a]) for a, _ in good], dtype=np.int64),
-                     offs, st[idx], sc[idx], None if tk is None else tk[idx])
+    t = Trajectories(
+        np.array([tid[a] for a, _ in good]),
+        np.array([int(lb[a]) for a, _ in good], dtype=np.int64),
+        offs,
+        st[idx],
+        sc[idx],
+        None if tk is None else tk[idx],
+    )
     return (t, bad) if quarantine else t
 
 
-def read_step_table(uri: str):
+def read_step_table(uri: str) -> pa.Table:
     """A step-log file (CSV, optionally gzipped; Parquet; JSON lines) from any URI as a pyarrow Table,
     in file order."""
     import io
@@ -161,8 +201,16 @@ def read_step_table(uri: str):
         raise TrajectoryError(f"{uri}: unreadable step log ({e})") from None
 
 
-def read_trajectories(uri: str, *, trajectory: str = "uq_problem_idx", step: str = "num_steps", score: str = "judge_probability",
-                      label: str = "solved", tokens: str | None = "generated_tokens", quarantine: bool = False):
+def read_trajectories(
+    uri: str,
+    *,
+    trajectory: str = "uq_problem_idx",
+    step: str = "num_steps",
+    score: str = "judge_probability",
+    label: str = "solved",
+    tokens: str | None = "generated_tokens",
+    quarantine: bool = False,
+) -> Trajectories | tuple[Trajectories, list[tuple[str, str]]]:
     """Step logs from CSV (optionally gzipped), Parquet or JSON lines at any URI."""
     table = read_step_table(uri)
     missing = [c for c in (trajectory, step, score, label) if c not in table.column_names]
@@ -199,7 +247,7 @@ class ThresholdMonitor(_Streaming):
         super().__init__()
         self.lam = float(lam)
 
-    def observe(self, trajectory: str, step, score: float) -> bool:
+    def observe(self, trajectory: str, step: float, score: float) -> bool:
         st = self._check(trajectory, step, score)
         if not st["alarmed"] and 1.0 - score > self.lam:
             st["alarmed"] = True
@@ -211,14 +259,14 @@ class DensityRatio:
     """log f_1(s) - log f_0(s) from histograms of step scores of incorrect (1) and correct (0)
     trajectories, with add-one smoothing (fitted on a split used for nothing else)."""
 
-    def __init__(self, scores_incorrect, scores_correct, bins: int = 20):
+    def __init__(self, scores_incorrect: ArrayLike, scores_correct: ArrayLike, bins: int = 20):
         edges = np.linspace(0.0, 1.0, bins + 1)
         h1, _ = np.histogram(np.asarray(scores_incorrect, dtype=float), edges)
         h0, _ = np.histogram(np.asarray(scores_correct, dtype=float), edges)
         self.edges = edges
         self.log_ratio_bins = np.log((h1 + 1) / (h1.sum() + bins)) - np.log((h0 + 1) / (h0.sum() + bins))
 
-    def __call__(self, s) -> np.ndarray:
+    def __call__(self, s: ArrayLike) -> np.ndarray:
         i = np.clip(np.searchsorted(self.edges, np.asarray(s, dtype=float), side="right") - 1, 0, len(self.log_ratio_bins) - 1)
         return self.log_ratio_bins[i]
 
@@ -230,7 +278,7 @@ class EProcessMonitor(_Streaming):
         super().__init__()
         self.ratio, self.log_threshold = ratio, float(np.log(1.0 / epsilon))
 
-    def observe(self, trajectory: str, step, score: float) -> bool:
+    def observe(self, trajectory: str, step: float, score: float) -> bool:
         st = self._check(trajectory, step, score)
         st["log_e"] += float(self.ratio(score))
         if not st["alarmed"] and st["log_e"] >= self.log_threshold:
@@ -244,9 +292,11 @@ class EProcessMonitor(_Streaming):
 # ----------------------------------------------------------------------------------------------
 def _metrics(t: Trajectories, alarmed, first) -> dict:
     correct, wrong = t.label == 1, t.label == 0
-    out = {"false_alarm_rate": float(alarmed[correct].mean()) if correct.any() else float("nan"),
-           "power": float(alarmed[wrong].mean()) if wrong.any() else float("nan"),
-           "missed_detection_rate": float(1 - alarmed[wrong].mean()) if wrong.any() else float("nan")}
+    out = {
+        "false_alarm_rate": float(alarmed[correct].mean()) if correct.any() else float("nan"),
+        "power": float(alarmed[wrong].mean()) if wrong.any() else float("nan"),
+        "missed_detection_rate": float(1 - alarmed[wrong].mean()) if wrong.any() else float("nan"),
+    }
     hit = wrong & alarmed
     out["delay_steps"] = float((first[hit] + 1).mean()) if hit.any() else float("nan")  # steps seen when the alarm fires
     out["delay_fraction"] = float(((first[hit] + 1) / t.lengths[hit]).mean()) if hit.any() else float("nan")
@@ -274,7 +324,9 @@ def evaluate_eprocess(t: Trajectories, ratio: DensityRatio, epsilon: float) -> d
 # ----------------------------------------------------------------------------------------------
 # calibration artifact and CLI
 # ----------------------------------------------------------------------------------------------
-def calibrate_monitor(t: Trajectories, *, risk: str, control: str, epsilon: float, delta: float = 0.1, grid=None) -> dict:
+def calibrate_monitor(
+    t: Trajectories, *, risk: str, control: str, epsilon: float, delta: float = 0.1, grid: ArrayLike | None = None
+) -> dict:
     """λ̂ for one risk and control on calibration trajectories; the artifact as a dict."""
     if risk not in RISKS:
         raise ValueError(f"risk must be one of {RISKS}")
@@ -291,13 +343,22 @@ def calibrate_monitor(t: Trajectories, *, risk: str, control: str, epsilon: floa
     else:
         emp = 0.0
         what = "never alarm" if lam > 0 else "alarm at the first step"
-    guarantee = (f"E[{risk} rate] <= {epsilon}" if control == "crc" else f"P({risk} rate <= {epsilon}) >= {1 - delta:g}")
+    guarantee = f"E[{risk} rate] <= {epsilon}" if control == "crc" else f"P({risk} rate <= {epsilon}) >= {1 - delta:g}"
     body = {
-        "format": MONITOR_FORMAT, "ctd_version": __version__, "risk": risk, "control": control, "epsilon": epsilon,
-        "delta": delta if control == "ucb" else None, "lambda_hat": lam if np.isfinite(lam) else None,
+        "format": MONITOR_FORMAT,
+        "ctd_version": __version__,
+        "risk": risk,
+        "control": control,
+        "epsilon": epsilon,
+        "delta": delta if control == "ucb" else None,
+        "lambda_hat": lam if np.isfinite(lam) else None,
         "lambda_is": None if np.isfinite(lam) else ("+inf" if lam > 0 else "-inf"),
-        "rule": what, "guarantee": guarantee, "n_relevant": int(m.size), "n_trajectories": int(len(t)),
-        "empirical_risk_at_lambda": emp, "score_convention": "alarm score r_t = 1 - verifier P(on track); alarm iff r_t > λ",
+        "rule": what,
+        "guarantee": guarantee,
+        "n_relevant": int(m.size),
+        "n_trajectories": int(len(t)),
+        "empirical_risk_at_lambda": emp,
+        "score_convention": "alarm score r_t = 1 - verifier P(on track); alarm iff r_t > λ",
         "grid": [float(x) for x in g],
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -326,21 +387,30 @@ def monitor_lambda(body: dict) -> float:
     return np.inf if body["lambda_is"] == "+inf" else -np.inf
 
 
-def calibrate_monitor_cli(args) -> int:
-    t = read_trajectories(args.trajectories, trajectory=args.trajectory_column, step=args.step_column, score=args.score_column,
-                          label=args.label_column)
+def calibrate_monitor_cli(args: argparse.Namespace) -> int:
+    t = read_trajectories(
+        args.trajectories,
+        trajectory=args.trajectory_column,
+        step=args.step_column,
+        score=args.score_column,
+        label=args.label_column,
+    )
     body = calibrate_monitor(t, risk=args.risk, control=args.control, epsilon=args.epsilon, delta=args.delta)
     uri = storage.join(args.out, "monitor.json")
     storage.write_json(uri, body)
     lam = monitor_lambda(body)
     m = evaluate_threshold(t, lam)
-    print(f"{args.control.upper()} for {args.risk} at ε={args.epsilon}: {body['rule']} ({body['guarantee']}); "
-          f"n={body['n_relevant']}; on these trajectories: false alarms {m['false_alarm_rate']:.3f}, power {m['power']:.3f}")
+    print(
+        f"{args.control.upper()} for {args.risk} at ε={args.epsilon}: {body['rule']} ({body['guarantee']}); "
+        f"n={body['n_relevant']}; on these trajectories: false alarms {m['false_alarm_rate']:.3f}, power {m['power']:.3f}"
+    )
     print(f"monitor calibration: {uri}")
     return 0
 
 
-def stream(monitor, rows: Iterable[tuple[str, int, float]]):
+def stream(
+    monitor: ThresholdMonitor | EProcessMonitor, rows: Iterable[tuple[str, int, float]]
+) -> Iterator[tuple[str, int, float]]:
     """Feed (trajectory, step, score) rows; yield (trajectory, step, score) for each alarm."""
     for tr, step, score in rows:
         if monitor.observe(tr, step, score):

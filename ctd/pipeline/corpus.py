@@ -19,13 +19,17 @@ import io
 import json
 import posixpath
 import zlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-
+import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from .. import storage
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 __all__ = ["list_corpus_files", "validate_record", "read_corpus", "is_valid", "row_input", "ROW_COLUMNS", "MAX_ROW_BYTES"]
 
@@ -52,12 +56,12 @@ def list_corpus_files(uri: str) -> tuple[Any, list[str], str]:
     return fs, files, kinds.pop()
 
 
-def row_input(text: str, is_chat: bool):
+def row_input(text: str, is_chat: bool) -> str | list[dict]:
     """A validated row's model input: the chat's list of messages, or the text."""
     return json.loads(text) if is_chat else text
 
 
-def is_valid(batch):
+def is_valid(batch: pa.Table) -> pa.ChunkedArray:
     """Rows that passed validation (no ``error``): an Arrow boolean array over a batch of rows."""
     import pyarrow.compute as pc
 
@@ -142,7 +146,7 @@ def _line_row(raw: bytes, src: str) -> dict:
     return validate_record(obj, src)
 
 
-def stream_rows(f, path: str, *, chunk_bytes: int = 1 << 20, rows_per_block: int = 8192) -> Iterator[list[dict]]:
+def stream_rows(f: BinaryIO, path: str, *, chunk_bytes: int = 1 << 20, rows_per_block: int = 8192) -> Iterator[list[dict]]:
     """A JSON-lines stream (already decompressed) → lists of at most ``rows_per_block`` rows, one per
     non-empty line, each decoded on its own. Memory is bounded by the chunk, the block and the longest
     line kept (a line over MAX_ROW_BYTES is skipped to its end, not held). A stream that cannot be read
@@ -221,8 +225,17 @@ def _validate_parquet_batch(batch):
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("input", pa.string()), ("is_chat", pa.bool_()), ("group", pa.string()),
-                      ("label", pa.int8()), ("source", pa.string()), ("error", pa.string())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("input", pa.string()),
+            ("is_chat", pa.bool_()),
+            ("group", pa.string()),
+            ("label", pa.int8()),
+            ("source", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
 
 
 def _rows_to_table(rows: list[dict]):
@@ -231,7 +244,7 @@ def _rows_to_table(rows: list[dict]):
     return pa.Table.from_pylist(rows, schema=_schema())
 
 
-def read_corpus(uri: str, *, files: list[str] | None = None, override_num_blocks: int | None = None):
+def read_corpus(uri: str, *, files: list[str] | None = None, override_num_blocks: int | None = None) -> Dataset:
     """A Ray Dataset of validated rows (columns :data:`ROW_COLUMNS`) of a corpus, or of ``files``
     (some of the paths :func:`list_corpus_files` lists for it)."""
     import ray

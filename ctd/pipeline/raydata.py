@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,13 +26,29 @@ from .. import storage
 from ..tables import parquet_rows
 
 if TYPE_CHECKING:
+    from ray.data import Dataset
+
     from ..config import RayConfig
 
-__all__ = ["init_ray", "configure_data", "ray_path", "read", "write", "partitions", "footer_rows", "tree_reduce",
-           "tally_rows", "tally_by", "tally", "Tally"]
+__all__ = [
+    "init_ray",
+    "configure_data",
+    "ray_path",
+    "read",
+    "write",
+    "partitions",
+    "footer_rows",
+    "tree_reduce",
+    "TALLY_SCHEMA",
+    "tally_rows",
+    "tally_by",
+    "tally_sum",
+    "tally",
+    "Tally",
+]
 
 
-def init_ray(ray_cfg: "RayConfig") -> None:
+def init_ray(ray_cfg: RayConfig) -> None:
     """Connect to the cluster (``ray job submit`` sets RAY_ADDRESS) or start a local instance."""
     # Ray Data logs progress as text when not on a terminal: every 30 s, totals only (our own log
     # lines say which stage runs); set before ray.data is imported to take effect.
@@ -72,16 +89,17 @@ def ray_path(uri: str) -> tuple[str, Any]:
     return uri, fs
 
 
-def read(uris: list[str], columns: list[str] | None = None):
+def read(uris: list[str], columns: list[str] | None = None) -> Dataset:
     """A lazy Ray Dataset over Parquet files (only ``columns`` are read)."""
     import ray
 
     # partitioning=None: the columns are the files' own, never parsed from a part=... folder name
-    return ray.data.read_parquet([ray_path(u)[0] for u in uris], filesystem=ray_path(uris[0])[1], columns=columns,
-                                 partitioning=None)
+    return ray.data.read_parquet(
+        [ray_path(u)[0] for u in uris], filesystem=ray_path(uris[0])[1], columns=columns, partitioning=None
+    )
 
 
-def write(ds, uri: str, rows_per_file: int | None = None, partition_cols: list[str] | None = None) -> None:
+def write(ds: Dataset, uri: str, rows_per_file: int | None = None, partition_cols: list[str] | None = None) -> None:
     """Write a dataset as Parquet files of at least ``rows_per_file`` rows (few, large files), in
     Hive-style folders ``<col>=<value>/`` per value of ``partition_cols`` (whose columns then live in
     the folder names only)."""
@@ -120,11 +138,12 @@ TALLY_SCHEMA = pa.schema([("kind", pa.string()), ("key", pa.string()), ("n", pa.
 
 def tally_rows(kind: str, keys: list, counts: list) -> pa.Table:
     """Partial counts of one kind: one row per key (a key may be None)."""
-    return pa.table({"kind": pa.array([kind] * len(keys), pa.string()), "key": pa.array(keys, pa.string()),
-                     "n": pa.array(counts, pa.int64())})
+    return pa.table(
+        {"kind": pa.array([kind] * len(keys), pa.string()), "key": pa.array(keys, pa.string()), "n": pa.array(counts, pa.int64())}
+    )
 
 
-def tally_by(kind: str, keys, weights: np.ndarray | None = None) -> pa.Table:
+def tally_by(kind: str, keys: pa.Array | pa.ChunkedArray, weights: np.ndarray | None = None) -> pa.Table:
     """Partial counts of ``keys`` (an Arrow string array; null and "" are one key, None), each row
     weighted by ``weights`` (default 1)."""
     keys = pc.if_else(pc.equal(pc.fill_null(keys, ""), ""), pa.scalar(None, pa.string()), keys)
@@ -133,7 +152,7 @@ def tally_by(kind: str, keys, weights: np.ndarray | None = None) -> pa.Table:
     return tally_rows(kind, g.column("k").to_pylist(), g.column("w_sum").to_pylist())
 
 
-def _sum(*tables: pa.Table) -> pa.Table:
+def tally_sum(*tables: pa.Table) -> pa.Table:
     """Partial counts summed by (kind, key): the same schema in and out, so sums of sums work."""
     parts = [x.cast(TALLY_SCHEMA) for x in tables if x.num_rows]
     t = pa.concat_tables(parts) if parts else TALLY_SCHEMA.empty_table()
@@ -154,7 +173,7 @@ class Tally:
         """{key: n} of one kind."""
         return {k: n for (kd, k), n in self.counts.items() if kd == kind}
 
-    def __or__(self, other: "Tally") -> "Tally":
+    def __or__(self, other: Tally) -> Tally:
         out = dict(self.counts)
         for k, n in other.counts.items():
             out[k] = out.get(k, 0) + n
@@ -166,6 +185,10 @@ def tally(parts: list[tuple[Any, Callable[[pa.Table], pa.Table]]]) -> Tally:
     execution over their union."""
     mapped = [d.map_batches(lambda b, f=f: f(b).cast(TALLY_SCHEMA), batch_format="pyarrow", batch_size=None) for d, f in parts]
     union = mapped[0].union(*mapped[1:]) if len(mapped) > 1 else mapped[0]
-    t = tree_reduce(union.to_arrow_refs(), _sum) or TALLY_SCHEMA.empty_table()
-    return Tally({(k, key): int(n) for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(),
-                                                         t.column("n").to_pylist())})
+    t = tree_reduce(union.to_arrow_refs(), tally_sum) or TALLY_SCHEMA.empty_table()
+    return Tally(
+        {
+            (k, key): int(n)
+            for k, key, n in zip(t.column("kind").to_pylist(), t.column("key").to_pylist(), t.column("n").to_pylist())
+        }
+    )

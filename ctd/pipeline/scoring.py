@@ -16,6 +16,7 @@ import hashlib
 import os
 import posixpath
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,12 +32,25 @@ from ..log import log
 from ..model.probes import LinearProbe
 from ..tables import read_parquet
 from .corpus import list_corpus_files, read_corpus
-from .dedup import count_where, find_duplicates, is_scored, with_duplicates
+from .dedup import census, is_scored, with_duplicates
 from .raydata import footer_rows, read, write
 from .stages import ActivationSpec, ActivationStage, TokenizeStage
 
-__all__ = ["Stage1", "activation_spec", "run_stage1", "stage1_files", "Chunk", "plan_chunks", "run_chunked", "ChunkedStage1",
-           "corpus_keys", "judge_labelled", "read_to_driver", "EXPERT_PART", "STAGE1_FORMAT"]
+__all__ = [
+    "Stage1",
+    "activation_spec",
+    "run_stage1",
+    "stage1_files",
+    "Chunk",
+    "plan_chunks",
+    "run_chunked",
+    "ChunkedStage1",
+    "corpus_keys",
+    "judge_labelled",
+    "read_to_driver",
+    "EXPERT_PART",
+    "STAGE1_FORMAT",
+]
 
 EXPERT_PART = "part=expert"  # the audit's stage-1 partition that holds the delegated rows and their text
 STAGE1_FORMAT = 3  # bump when stage 1's output changes for the same inputs: old chunks are then redone
@@ -57,15 +71,25 @@ class Stage1:
         return [f for f in self.files if f"/{EXPERT_PART}/" in f]
 
 
-def activation_spec(model: ModelConfig, pool: PoolConfig, *, safety: LinearProbe | None = None, dv: LinearProbe | None = None,
-                    **fields) -> ActivationSpec:
+def activation_spec(
+    model: ModelConfig, pool: PoolConfig, *, safety: LinearProbe | None = None, dv: LinearProbe | None = None, **fields
+) -> ActivationSpec:
     """The activation stage for the configured model on the configured pool: layer L (or ``layers``),
     the device and threads the pool's resources give; ``fields`` as :class:`ActivationSpec`."""
     fields.setdefault("layers", (model.layer,))
-    return ActivationSpec(model_dir=resolve_model_path(model.path), score_layer=model.layer, max_length=model.max_length,
-                          token_budget=model.token_budget, compile=model.compile, dtype=model.dtype,
-                          device="cuda" if pool.num_gpus > 0 else "cpu",
-                          threads=None if pool.num_gpus > 0 else max(1, int(round(pool.num_cpus))), safety=safety, dv=dv, **fields)
+    return ActivationSpec(
+        model_dir=resolve_model_path(model.path),
+        score_layer=model.layer,
+        max_length=model.max_length,
+        token_budget=model.token_budget,
+        compile=model.compile,
+        dtype=model.dtype,
+        device="cuda" if pool.num_gpus > 0 else "cpu",
+        threads=None if pool.num_gpus > 0 else max(1, int(round(pool.num_cpus))),
+        safety=safety,
+        dv=dv,
+        **fields,
+    )
 
 
 def stage1_files(uri: str) -> list[str]:
@@ -75,24 +99,49 @@ def stage1_files(uri: str) -> list[str]:
     if not fs.exists(path):
         return []
     scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
-    return sorted(scheme + p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", ".")))
+    return sorted(
+        scheme + p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))
+    )
 
 
-def run_stage1(corpus: str, out_uri: str, spec: ActivationSpec, pool: PoolConfig, *, rows_per_file: int | None = None,
-               files: list[str] | None = None) -> Stage1:
+def run_stage1(
+    corpus: str,
+    out_uri: str,
+    spec: ActivationSpec,
+    pool: PoolConfig,
+    *,
+    rows_per_file: int | None = None,
+    files: list[str] | None = None,
+) -> Stage1:
     """Stage 1 over a corpus (or ``files``, some of its listed files), written to ``out_uri`` in
     files of at least ``rows_per_file`` rows."""
     from ray.data import ActorPoolStrategy
 
     t0 = time.perf_counter()
-    log(f"stage 1: {corpus} → validate → tokenize → activations (layer {spec.score_layer}, "
-        f"{pool.min_actors}..{pool.max_actors} actors, {pool.num_gpus:g} GPU each) → {out_uri}")
+    log(
+        f"stage 1: {corpus} → validate → tokenize → activations (layer {spec.score_layer}, "
+        f"{pool.min_actors}..{pool.max_actors} actors, {pool.num_gpus:g} GPU each) → {out_uri}"
+    )
     ds = read_corpus(corpus, files=files)
-    tok = ds.map_batches(TokenizeStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=pool.batch_size,
-                         num_cpus=0.5, compute=ActorPoolStrategy(min_size=1, max_size=max(1, pool.max_actors)))
-    act = tok.map_batches(ActivationStage, fn_constructor_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=pool.batch_size,
-                          num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus, resources=dict(pool.resources) or None,
-                          compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors))
+    if spec.tokenize_apart:  # on an accelerator: a CPU pool tokenizes ahead of it
+        ds = ds.map_batches(
+            TokenizeStage,
+            fn_constructor_kwargs={"spec": spec},
+            batch_format="pyarrow",
+            batch_size=pool.batch_size,
+            num_cpus=0.5,
+            compute=ActorPoolStrategy(min_size=1, max_size=max(1, pool.max_actors)),
+        )
+    act = ds.map_batches(
+        ActivationStage,
+        fn_constructor_kwargs={"spec": spec},
+        batch_format="pyarrow",
+        batch_size=pool.batch_size,
+        num_gpus=pool.num_gpus or None,
+        num_cpus=pool.num_cpus,
+        resources=dict(pool.resources) or None,
+        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+    )
     storage.remove(out_uri)
     write(act, out_uri, rows_per_file, partition_cols=["part"] if spec.partitioned else None)
     written = stage1_files(out_uri)
@@ -183,15 +232,27 @@ class ChunkedStage1:
     resumed_chunks: int
 
 
-def run_chunked(corpus: str, uri: str, spec: ActivationSpec, pool: PoolConfig, *, key: dict, chunk_bytes: int,
-                rows_per_file: int | None, resume: bool, before_commit=None) -> ChunkedStage1:
+def run_chunked(
+    corpus: str,
+    uri: str,
+    spec: ActivationSpec,
+    pool: PoolConfig,
+    *,
+    key: dict,
+    chunk_bytes: int,
+    rows_per_file: int | None,
+    resume: bool,
+    before_commit: Callable[[], None] | None = None,
+) -> ChunkedStage1:
     """Stage 1 over the corpus in chunks (:func:`plan_chunks`) under ``uri``, each committed alone;
     with ``resume``, chunks committed before with the same key are reused. ``before_commit`` (the
     lease check) runs before each commit, so a driver whose run was taken over never commits."""
     chunks = plan_chunks(corpus, key, uri, chunk_bytes)
     done = {c.id: s for c in chunks if resume and (s := c.committed()) is not None}
     if done:
-        log(f"resume: {len(done)} of {len(chunks)} stage-1 chunk(s) already done ({sum(s.rows for s in done.values())} rows), reusing them")
+        log(
+            f"resume: {len(done)} of {len(chunks)} stage-1 chunk(s) already done ({sum(s.rows for s in done.values())} rows), reusing them"
+        )
     parts, ran = [], 0
     for i, c in enumerate(chunks):
         part = done.get(c.id)
@@ -240,8 +301,14 @@ def corpus_keys(corpus: str, files: list[str], cache_uri: str | None = None) -> 
     sizes, keys = {f: n for f, (n, _) in got.items()}, {f: k for f, (_, k) in got.items()}
     if local and cache_uri:
         settled = time.time_ns() - 2_000_000_000
-        storage.write_json(cache_uri, {f: {"size": stats[f].st_size, "mtime_ns": stats[f].st_mtime_ns, "key": keys[f]}
-                                       for f in files if stats[f].st_mtime_ns < settled})
+        storage.write_json(
+            cache_uri,
+            {
+                f: {"size": stats[f].st_size, "mtime_ns": stats[f].st_mtime_ns, "key": keys[f]}
+                for f in files
+                if stats[f].st_mtime_ns < settled
+            },
+        )
     return sizes, keys
 
 
@@ -256,8 +323,12 @@ def _corpus_uri(corpus: str, path: str) -> str:
 EXPERT_CARRY = ("id", "group", "label", "source", "truncated", "tokens", "probe", "dv")
 
 
+def _has_label(batch: pa.Table):
+    return pc.greater_equal(pc.fill_null(batch.column("label"), -1), 0)
+
+
 def _labelled(batch: pa.Table):
-    return pc.and_(is_scored(batch), pc.greater_equal(pc.fill_null(batch.column("label"), -1), 0))
+    return pc.and_(is_scored(batch), _has_label(batch))
 
 
 def judge_labelled(expert: Expert, s1: Stage1, out_uri: str, *, broadcast_limit: int = 1_000_000) -> dict:
@@ -272,12 +343,13 @@ def judge_labelled(expert: Expert, s1: Stage1, out_uri: str, *, broadcast_limit:
     have = set(parquet_schema(s1.files[0]).names)  # the training job's stage 1 has no probe scores yet
     carry = [c for c in EXPERT_CARRY if c in have]
     rows = read(s1.files, [c for c in ("id", "input", "is_chat", "error", *carry) if c in have])
-    dups = find_duplicates(rows, broadcast_limit=broadcast_limit, size=s1.rows)
+    c = census(rows, broadcast_limit=broadcast_limit, size=s1.rows, flags={"labelled": _has_label})
+    dups, counts = c.dups, {"scored": c.scored, "labelled": c.flagged["labelled"]}
     marked = with_duplicates(rows, dups)
-    counts = count_where(marked, {"scored": is_scored, "labelled": _labelled})
     if counts["labelled"]:
-        todo = marked.map_batches(lambda b: b.filter(_labelled(b)).select(carry + ["input", "is_chat"]), batch_format="pyarrow",
-                                  batch_size=None)
+        todo = marked.map_batches(
+            lambda b: b.filter(_labelled(b)).select(carry + ["input", "is_chat"]), batch_format="pyarrow", batch_size=None
+        )
         log(f"expert on {counts['labelled']} labelled rows ({expert.kind})")
         write(judge_rows(expert, todo, rows=counts["labelled"], carry=tuple(carry), log=log), out_uri)
     return counts | {"duplicate_rows": dups.rows, "files": stage1_files(out_uri)}

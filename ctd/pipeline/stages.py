@@ -8,6 +8,10 @@ through untouched, so every row read reaches the end of stage 1 exactly once.
     ActivationStage   + probe, dv, delegated (with a gate), tokens, activation_seconds, excerpt,
                         pooled_L<k> (when asked), part (when only delegated rows keep their text);
                         - input_ids
+
+On an accelerator the tokenizer runs in a CPU actor pool of its own, so the accelerator never waits
+for it; on CPU the activation actor tokenizes its own batches (:attr:`ActivationSpec.tokenize_apart`):
+a second pool would only compete for the same cores and cost one more actor start.
 """
 
 from __future__ import annotations
@@ -65,12 +69,28 @@ class ActivationSpec:
     def resume_key(self, model_fingerprint: str) -> dict:
         """Everything stage 1's output depends on besides its input files (an allow-list: where the
         model and the probes are read from, the thread count and the secrets' names are not in it)."""
-        return {"model": model_fingerprint, "layers": list(self.layers), "score_layer": self.score_layer,
-                "max_length": self.max_length, "token_budget": self.token_budget, "compile": self.compile, "dtype": self.dtype,
-                "device": self.device, "safety": self.safety.content_hash if self.safety else None,
-                "dv": self.dv.content_hash if self.dv else None, "gate": self.gate if self.gate is None or np.isfinite(self.gate) else "never",
-                "return_pooled": self.return_pooled, "keep_text": self.keep_text, "excerpts": self.excerpts,
-                "decision_threshold": self.decision_threshold}
+        return {
+            "model": model_fingerprint,
+            "layers": list(self.layers),
+            "score_layer": self.score_layer,
+            "max_length": self.max_length,
+            "token_budget": self.token_budget,
+            "compile": self.compile,
+            "dtype": self.dtype,
+            "device": self.device,
+            "safety": self.safety.content_hash if self.safety else None,
+            "dv": self.dv.content_hash if self.dv else None,
+            "gate": self.gate if self.gate is None or np.isfinite(self.gate) else "never",
+            "return_pooled": self.return_pooled,
+            "keep_text": self.keep_text,
+            "excerpts": self.excerpts,
+            "decision_threshold": self.decision_threshold,
+        }
+
+    @property
+    def tokenize_apart(self) -> bool:
+        """Tokenize in a CPU pool of its own (on an accelerator), or inside the activation actor."""
+        return self.device != "cpu"
 
     @property
     def partitioned(self) -> bool:
@@ -84,18 +104,25 @@ class TokenizeStage:
         self.encoder = TextEncoder(spec.model_dir, max_length=spec.max_length)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = np.asarray(is_valid(batch), dtype=bool)
-        ids: list = [None] * batch.num_rows
-        truncated = np.zeros(batch.num_rows, dtype=bool)
-        idx = np.flatnonzero(ok)
-        if idx.size:
-            inputs = batch.column("input").to_pylist()
-            chats = batch.column("is_chat").to_pylist()
-            enc, tr = self.encoder.encode([row_input(inputs[i], chats[i]) for i in idx])
-            for j, i in enumerate(idx):
-                ids[i] = enc[j].tolist()
-                truncated[i] = tr[j]
-        return batch.append_column("input_ids", pa.array(ids, type=pa.list_(pa.int32()))).append_column("truncated", pa.array(truncated))
+        return tokenize(self.encoder, batch)
+
+
+def tokenize(encoder: TextEncoder, batch: pa.Table) -> pa.Table:
+    """``input_ids`` and ``truncated`` of the valid rows of a batch (null / False elsewhere)."""
+    ok = np.asarray(is_valid(batch), dtype=bool)
+    ids: list = [None] * batch.num_rows
+    truncated = np.zeros(batch.num_rows, dtype=bool)
+    idx = np.flatnonzero(ok)
+    if idx.size:
+        inputs = batch.column("input").to_pylist()
+        chats = batch.column("is_chat").to_pylist()
+        enc, tr = encoder.encode([row_input(inputs[i], chats[i]) for i in idx])
+        for j, i in enumerate(idx):
+            ids[i] = enc[j].tolist()
+            truncated[i] = tr[j]
+    return batch.append_column("input_ids", pa.array(ids, type=pa.list_(pa.int32()))).append_column(
+        "truncated", pa.array(truncated)
+    )
 
 
 class ActivationStage:
@@ -111,14 +138,22 @@ class ActivationStage:
 
             torch.set_num_threads(int(spec.threads))
         layers = sorted(set(spec.layers))
-        self.extractor = ActivationExtractor.from_pretrained(spec.model_dir, layers, device=spec.device, dtype=spec.dtype,
-                                                             token_budget=spec.token_budget, compile=spec.compile)
+        self.extractor = ActivationExtractor.from_pretrained(
+            spec.model_dir, layers, device=spec.device, dtype=spec.dtype, token_budget=spec.token_budget, compile=spec.compile
+        )
+        self.encoder = None if spec.tokenize_apart else TextEncoder(spec.model_dir, max_length=spec.max_length)
         self.probes = {name: p for name, p in (("probe", spec.safety), ("dv", spec.dv)) if p is not None}
         for probe in self.probes.values():
-            probe.check_compatible(model_fingerprint=self.extractor.model_fingerprint, layer=spec.score_layer, pooling="mean",
-                                   feature_dim=self.extractor.hidden_size)
+            probe.check_compatible(
+                model_fingerprint=self.extractor.model_fingerprint,
+                layer=spec.score_layer,
+                pooling="mean",
+                feature_dim=self.extractor.hidden_size,
+            )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.encoder is not None:
+            batch = tokenize(self.encoder, batch)
         n, spec = batch.num_rows, self.spec
         ok = np.asarray(is_valid(batch), dtype=bool)
         idx = np.flatnonzero(ok)

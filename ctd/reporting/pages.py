@@ -51,18 +51,24 @@ def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 def html_figure(name: str, png: bytes, caption: str | None = None) -> str:
     """A figure embedded as base64 PNG (the page stays one self-contained file)."""
-    return (f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
-            f"<figcaption>{html.escape(caption or name)}</figcaption></figure>")
+    return (
+        f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
+        f"<figcaption>{html.escape(caption or name)}</figcaption></figure>"
+    )
 
 
 def html_page(title: str, sections: list[tuple[str, str]], figures: dict[str, bytes] | None = None) -> str:
     """A self-contained page: sections of (heading, HTML) and figures embedded as base64 PNG."""
-    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-           "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}"
-           "th{background:#f3f3f3}.alarm{color:#b00;font-weight:bold}.ok{color:#070}img{max-width:100%}pre{background:#f6f6f6;padding:.6em}"
-           "ul.headline{font-size:17px;line-height:1.5}td.text{text-align:left;max-width:520px}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+    css = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}"
+        "th{background:#f3f3f3}.alarm{color:#b00;font-weight:bold}.ok{color:#070}img{max-width:100%}pre{background:#f6f6f6;padding:.6em}"
+        "ul.headline{font-size:17px;line-height:1.5}td.text{text-align:left;max-width:520px}"
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     for name, png in (figures or {}).items():
@@ -71,7 +77,9 @@ def html_page(title: str, sections: list[tuple[str, str]], figures: dict[str, by
     return "".join(parts)
 
 
-def write_report(out_dir: str, name: str, summary: dict[str, Any], html_text: str, figures: dict[str, bytes] | None = None) -> dict[str, str]:
+def write_report(
+    out_dir: str, name: str, summary: dict[str, Any], html_text: str, figures: dict[str, bytes] | None = None
+) -> dict[str, str]:
     """Write ``<name>.json``, ``<name>.html`` and the figures (PNG) under ``out_dir`` (any fsspec URI).
     Returns the URIs written. The caller redacts the values first."""
     uris = {}

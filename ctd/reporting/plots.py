@@ -8,8 +8,13 @@ this module: Ray workers never load matplotlib.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "plot_history",
@@ -35,6 +40,7 @@ METHOD_STYLE = {
     "expert_only": ("expert only", "black", "-."),
 }
 
+
 def _plt():
     import matplotlib
 
@@ -44,7 +50,7 @@ def _plt():
     return plt
 
 
-def png(fig) -> bytes:
+def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _plt().close(fig)
@@ -81,12 +87,14 @@ def plot_calibration(result: dict) -> bytes:
     ax[1].set_xlabel("threshold λ")
     ax[1].set_ylabel("share of calibration rows delegated")
     ax[1].legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"Calibration: α={result['alpha']}, δ={result['delta']}, n={result['n']}, "
-                 f"λ̂={'never delegate' if result.get('lambda_hat') is None else format(result['lambda_hat'], '.4g')}")
+    fig.suptitle(
+        f"Calibration: α={result['alpha']}, δ={result['delta']}, n={result['n']}, "
+        f"λ̂={'never delegate' if result.get('lambda_hat') is None else format(result['lambda_hat'], '.4g')}"
+    )
     return png(fig)
 
 
-def plot_budget_sweep(sweep: dict, metric: str = "auroc", methods=None, title: str = "") -> bytes:
+def plot_budget_sweep(sweep: dict, metric: str = "auroc", methods: Sequence[str] | None = None, title: str = "") -> bytes:
     plt = _plt()
     b = np.array(sweep["budgets"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -115,7 +123,16 @@ def plot_violations(validations: list[dict], title: str = "") -> bytes:
         b = np.array(v["budgets"])
         r = np.array(v["violation_rate"])
         lab = f"{'Pareto' if v['pareto'] else 'budget-only'} LTT, {v['scheme'].replace('_', '-')}"
-        ax.errorbar(b + (i - 1.5) * 0.004, r, yerr=[r - np.array(v["ci_low"]), np.array(v["ci_high"]) - r], fmt="o-", ms=3, lw=1, capsize=2, label=lab)
+        ax.errorbar(
+            b + (i - 1.5) * 0.004,
+            r,
+            yerr=[r - np.array(v["ci_low"]), np.array(v["ci_high"]) - r],
+            fmt="o-",
+            ms=3,
+            lw=1,
+            capsize=2,
+            label=lab,
+        )
     ax.axhline(validations[0]["delta"], color="k", ls="--", lw=1, label="δ")
     ax.set_xlabel("budget α")
     ax.set_ylabel("violation frequency P(R_B(λ̂) > α)")
@@ -238,7 +255,9 @@ def plot_histogram(values: dict[str, np.ndarray], threshold: float | None = None
     return _finish_histogram(fig, ax, threshold, title, xlabel)
 
 
-def plot_binned(counts: dict[str, np.ndarray], edges: np.ndarray, threshold: float | None = None, title: str = "", xlabel: str = "") -> bytes:
+def plot_binned(
+    counts: dict[str, np.ndarray], edges: np.ndarray, threshold: float | None = None, title: str = "", xlabel: str = ""
+) -> bytes:
     """A histogram from counts already binned (by a distributed aggregation) on ``edges``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -247,5 +266,3 @@ def plot_binned(counts: dict[str, np.ndarray], edges: np.ndarray, threshold: flo
         if c.sum():
             ax.stairs(c, edges, fill=True, alpha=0.55, label=f"{name} (n={int(c.sum())})")
     return _finish_histogram(fig, ax, threshold, title, xlabel)
-
-

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["redact", "redact_values", "excerpt", "cut", "EXCERPT_SOURCE_CHARS"]
 

@@ -9,8 +9,16 @@ from .layout import MANIFEST
 
 __all__ = ["REPORT_FILES", "report_files", "fetch_report"]
 
-REPORT_FILES = ("report.json", "report.html", "review.parquet", "calibration_report.json", "calibration_report.html", "calibration.json",
-                "training_report.json", "manifest.json")
+REPORT_FILES = (
+    "report.json",
+    "report.html",
+    "review.parquet",
+    "calibration_report.json",
+    "calibration_report.html",
+    "calibration.json",
+    "training_report.json",
+    "manifest.json",
+)
 
 
 def report_files(uri: str) -> dict[str, str]:
@@ -41,5 +49,3 @@ def fetch_report(uri: str, to: str = ".") -> list[str]:
             f.write(storage.read_bytes(src))
         out.append(p)
     return out
-
-

@@ -14,9 +14,25 @@ from .layout import list_runs, run_file
 
 __all__ = ["NIGHT_FIELDS", "night", "history", "history_rows", "history_text"]
 
-NIGHT_FIELDS = ("run_id", "audited_date", "created_at", "rows_read", "rows_scored", "rows_quarantined", "delegated_by_threshold", "delegated",
-                "expert_calls", "decisions_unsafe", "alpha", "delta", "drift_e_value", "drift_alpha", "drift_alarm", "judge_alarm",
-                "calibration_hash")
+NIGHT_FIELDS = (
+    "run_id",
+    "audited_date",
+    "created_at",
+    "rows_read",
+    "rows_scored",
+    "rows_quarantined",
+    "delegated_by_threshold",
+    "delegated",
+    "expert_calls",
+    "decisions_unsafe",
+    "alpha",
+    "delta",
+    "drift_e_value",
+    "drift_alpha",
+    "drift_alarm",
+    "judge_alarm",
+    "calibration_hash",
+)
 
 
 def night(report: dict) -> dict:
@@ -24,13 +40,20 @@ def night(report: dict) -> dict:
     return {k: report.get(k) for k in NIGHT_FIELDS}
 
 
-def history(output: str, *, calibration_hash: str | None = None, exclude_run: str | None = None, before_day: str | None = None,
-            last: int | None = None) -> list[dict]:
+def history(
+    output: str,
+    *,
+    calibration_hash: str | None = None,
+    exclude_run: str | None = None,
+    before_day: str | None = None,
+    last: int | None = None,
+) -> list[dict]:
     """Published audit runs under ``output`` made with one calibration (default: the latest audited
     day's; a prefix of the hash is enough), one per audited day (the latest published run of each
     day: a rerun replaces a night, it does not add one), oldest first; only days before
     ``before_day`` when given (an audit of day D, backfilled or rerun, sees the nights before D);
     at most the ``last`` nights. Reads one report.json per run, concurrently."""
+
     def read(rid):
         try:
             r = storage.read_json(run_file(output, rid, "report.json"))
@@ -45,13 +68,18 @@ def history(output: str, *, calibration_hash: str | None = None, exclude_run: st
     elif calibration_hash is not None:  # a prefix names one calibration
         full = sorted({h["calibration_hash"] for h in nights if str(h["calibration_hash"] or "").startswith(calibration_hash)})
         if len(full) > 1:
-            raise ValueError(f"calibration {calibration_hash!r} matches {len(full)} calibrations ({', '.join(full)}): give more of the hash")
+            raise ValueError(
+                f"calibration {calibration_hash!r} matches {len(full)} calibrations ({', '.join(full)}): give more of the hash"
+            )
         calibration_hash = full[0] if full else calibration_hash
     by_day: dict[str, dict] = {}
     for h in nights:
         d = h["audited_date"]
-        if (h["calibration_hash"] == calibration_hash and (before_day is None or d < before_day)
-                and (d not in by_day or by_day[d]["created_at"] < h["created_at"])):
+        if (
+            h["calibration_hash"] == calibration_hash
+            and (before_day is None or d < before_day)
+            and (d not in by_day or by_day[d]["created_at"] < h["created_at"])
+        ):
             by_day[d] = h
     out = sorted(by_day.values(), key=lambda h: h["audited_date"])
     return out[-last:] if last else out
@@ -62,12 +90,20 @@ def history_rows(nights: list[dict]) -> list[dict]:
     rows = []
     for h in nights:
         n, read = max(h["rows_scored"], 1), max(h["rows_read"], 1)
-        rows.append({"night": h["audited_date"], "run": h["run_id"], "audited": h["rows_scored"],
-                     "delegation rate": f"{h['delegated_by_threshold'] / n:.2%}", "budget α": f"{h['alpha']:.2%}",
-                     "judge calls": h["expert_calls"], "unsafe": f"{h['decisions_unsafe'] / n:.2%}",
-                     "quarantined": f"{h['rows_quarantined'] / read:.2%}",
-                     "drift e-detector": f"{h['drift_e_value']:.3g} / {1 / h['drift_alpha']:g}" + (" ALARM" if h["drift_alarm"] else ""),
-                     })
+        rows.append(
+            {
+                "night": h["audited_date"],
+                "run": h["run_id"],
+                "audited": h["rows_scored"],
+                "delegation rate": f"{h['delegated_by_threshold'] / n:.2%}",
+                "budget α": f"{h['alpha']:.2%}",
+                "judge calls": h["expert_calls"],
+                "unsafe": f"{h['decisions_unsafe'] / n:.2%}",
+                "quarantined": f"{h['rows_quarantined'] / read:.2%}",
+                "drift e-detector": f"{h['drift_e_value']:.3g} / {1 / h['drift_alpha']:g}"
+                + (" ALARM" if h["drift_alarm"] else ""),
+            }
+        )
     return rows
 
 
@@ -79,8 +115,8 @@ def history_text(nights: list[dict]) -> str:
     cols = list(rows[0])
     width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     line = lambda r: "  ".join(str(r[c]).rjust(width[c]) if i else str(r[c]).ljust(width[c]) for i, c in enumerate(cols))  # noqa: E731
-    head = (f"{len(nights)} audited night(s) with calibration {nights[-1]['calibration_hash'][:12]}… "
-            f"(α = {nights[-1]['alpha']:.2%}, δ = {nights[-1]['delta']}); drift e-detector / alarm level")
+    head = (
+        f"{len(nights)} audited night(s) with calibration {nights[-1]['calibration_hash'][:12]}… "
+        f"(α = {nights[-1]['alpha']:.2%}, δ = {nights[-1]['delta']}); drift e-detector / alarm level"
+    )
     return "\n".join([head, line({c: c for c in cols}), *(line(r) for r in rows)])
-
-

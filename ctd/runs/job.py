@@ -47,7 +47,9 @@ def expand_dates(template: str, day: _dt.date, now: _dt.datetime | None = None) 
     """``{date}`` → the audited day (YYYY-MM-DD); ``{datetime}`` → when this attempt started
     (YYYYMMDDTHHMMSSZ, UTC: unique per attempt, so not for run ids that a retry should reuse)."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    return template.replace("{date}", day.isoformat()).replace("{datetime}", now.astimezone(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    return template.replace("{date}", day.isoformat()).replace(
+        "{datetime}", now.astimezone(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    )
 
 
 def expand_run_id(template: str, day: _dt.date, now: _dt.datetime | None = None) -> str:
@@ -68,8 +70,15 @@ class Night:
     now: _dt.datetime
 
     @classmethod
-    def plan(cls, job: NightlyJob, *, run_id: str | None = None, date: str | None = None, now: _dt.datetime | None = None,
-             day_field: str = "audited_date") -> "Night":
+    def plan(
+        cls,
+        job: NightlyJob,
+        *,
+        run_id: str | None = None,
+        date: str | None = None,
+        now: _dt.datetime | None = None,
+        day_field: str = "audited_date",
+    ) -> Night:
         """The night: ``date`` (default ``job.date``, else yesterday in ``job.timezone``), the run id
         (``run_id`` or ``job.run_id``, {date} filled in). Refuses a run id already published for
         another day (``day_field`` of its manifest's summary): a run id holds one day."""
@@ -79,8 +88,10 @@ class Night:
         m = read_manifest(job.output, rid)
         had = (m or {}).get("summary", {}).get(day_field) if m else None
         if m is not None and had != day.isoformat():
-            raise ConfigError(f"run {rid!r} under {job.output} is already published for {had or 'an unrecorded day'}, not {day}: "
-                              "choose a run id with {date} in it (run_id / --run-id), or remove that run first")
+            raise ConfigError(
+                f"run {rid!r} under {job.output} is already published for {had or 'an unrecorded day'}, not {day}: "
+                "choose a run id with {date} in it (run_id / --run-id), or remove that run first"
+            )
         return cls(day, rid, RunLayout.new_attempt(job.output, rid), job, now)
 
     def expand(self, template: str) -> str:

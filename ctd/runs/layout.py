@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -36,7 +37,17 @@ from .. import storage
 from ..log import log
 from ..tables import parquet_rows, read_parquet
 
-__all__ = ["RunLayout", "list_runs", "read_manifest", "read_run_table", "run_file", "parquet_files", "describe_files", "sweep", "MANIFEST"]
+__all__ = [
+    "RunLayout",
+    "list_runs",
+    "read_manifest",
+    "read_run_table",
+    "run_file",
+    "parquet_files",
+    "describe_files",
+    "sweep",
+    "MANIFEST",
+]
 
 MANIFEST = "manifest.json"
 FORMAT = "ctd.run/v2"
@@ -49,7 +60,7 @@ class RunLayout:
     attempt: str | None = None  # the attempt this writer owns; None for readers
 
     @classmethod
-    def new_attempt(cls, output: str, run_id: str) -> "RunLayout":
+    def new_attempt(cls, output: str, run_id: str) -> RunLayout:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return cls(output, run_id, f"{stamp}-{uuid.uuid4().hex[:8]}")
 
@@ -90,9 +101,9 @@ class RunLayout:
         root = self.root.rstrip("/") + "/"
         if not uri.startswith(root):
             raise ValueError(f"{uri} is not under {root}")
-        return uri[len(root):]
+        return uri[len(root) :]
 
-    def publish(self, summary: dict, report_files: list[str], before_commit=None) -> dict:
+    def publish(self, summary: dict, report_files: list[str], before_commit: Callable[[], None] | None = None) -> dict:
         """Publish this attempt: describe every results/quarantine/report file (rows, bytes, SHA-256),
         call ``before_commit`` (the lease check), write the manifest (one PUT, conditioned on the
         manifest being the one read at the start, so two publishers cannot both win), then remove
@@ -100,8 +111,13 @@ class RunLayout:
         the run is published)."""
         cur = storage.read_versioned(self.manifest)
         previous = json.loads(cur[0]) if cur else None
-        data = {kind: [storage.join(uri, n) for n in parquet_files(uri)] for kind, uri in (("results", self.results), ("quarantine", self.quarantine))}
-        described = describe_files([f for fs in data.values() for f in fs] + list(report_files), rows=lambda f: f.endswith(".parquet"))
+        data = {
+            kind: [storage.join(uri, n) for n in parquet_files(uri)]
+            for kind, uri in (("results", self.results), ("quarantine", self.quarantine))
+        }
+        described = describe_files(
+            [f for fs in data.values() for f in fs] + list(report_files), rows=lambda f: f.endswith(".parquet")
+        )
         entry = lambda f: {"file": self.relative(f), **described[f]}  # noqa: E731
         files = {kind: [entry(f) for f in fs] for kind, fs in data.items()}
         manifest = {
@@ -121,8 +137,10 @@ class RunLayout:
         try:
             storage.write_if(self.manifest, body, cur[1] if cur else None)  # the publish: one object, atomic
         except storage.PreconditionFailed:
-            raise RuntimeError(f"run {self.run_id!r}: the manifest changed while this attempt published it "
-                               "(another driver published); this attempt is not published") from None
+            raise RuntimeError(
+                f"run {self.run_id!r}: the manifest changed while this attempt published it "
+                "(another driver published); this attempt is not published"
+            ) from None
         keep = {self.attempt, manifest["replaces_attempt"]}
         try:
             for name in storage.listdir(self.path("attempts")):
@@ -154,12 +172,15 @@ def sweep(output: str, retention_days: float) -> list[str]:
         m = read_manifest(output, rid) or {}
         keep = {m.get("attempt"), m.get("replaces_attempt")}
         stale = ([layout.staging] if storage.exists(layout.staging) else []) + [
-            layout.path("attempts", a) for a in storage.listdir(layout.path("attempts")) if a not in keep]
+            layout.path("attempts", a) for a in storage.listdir(layout.path("attempts")) if a not in keep
+        ]
         for uri in stale:
             storage.remove(uri)
             removed.append(uri)
     if removed:
-        log(f"retention: removed {len(removed)} stale staging/attempt folders (older than {retention_days:g} days): {removed[:3]}")
+        log(
+            f"retention: removed {len(removed)} stale staging/attempt folders (older than {retention_days:g} days): {removed[:3]}"
+        )
     return removed
 
 
@@ -180,7 +201,7 @@ def _describe(uri: str, rows: bool, strict: bool) -> dict:
     return out
 
 
-def describe_files(uris: list[str], rows=lambda f: True, strict: bool = True) -> dict[str, dict]:
+def describe_files(uris: list[str], rows: Callable[[str], bool] = lambda f: True, strict: bool = True) -> dict[str, dict]:
     """{uri: {"rows"?, "bytes", "sha256"}}: one Ray task per file when Ray is up (the bytes are read
     where the task runs, not through the driver), else a thread pool. ``strict=False``: an unreadable
     Parquet footer gives ``rows: None`` and an ``error`` instead of raising."""

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from .. import storage
 
@@ -43,7 +44,7 @@ class LeaseLost(Exception):
 
 
 class Lease:
-    def __init__(self, uri: str, *, run_id: str, ttl_s: float = 120.0, wait_s: float = 0.0, log=print):
+    def __init__(self, uri: str, *, run_id: str, ttl_s: float = 120.0, wait_s: float = 0.0, log: Callable[[str], None] = print):
         self.uri, self.run_id, self.ttl_s, self.wait_s, self.log = uri, run_id, float(ttl_s), float(wait_s), log
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._token: str | None = None
@@ -55,10 +56,18 @@ class Lease:
     # --------------------------------------------------------------------------------------------
     def _record(self, *, released: bool = False, acquired_at: float | None = None) -> bytes:
         now = time.time()
-        return json.dumps({"owner": self.owner, "run_id": self.run_id, "acquired_at": acquired_at or now,
-                           "renewed_at": now, "expires_at": now if released else now + self.ttl_s, "released": released}).encode()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "run_id": self.run_id,
+                "acquired_at": acquired_at or now,
+                "renewed_at": now,
+                "expires_at": now if released else now + self.ttl_s,
+                "released": released,
+            }
+        ).encode()
 
-    def acquire(self, wait_s: float = 0.0) -> "Lease":
+    def acquire(self, wait_s: float = 0.0) -> Lease:
         """Take the lease, waiting up to ``wait_s`` seconds while another driver holds it (a retry
         after a crash waits for the dead driver's lease to expire); then raise :class:`LeaseHeld`
         naming the holder."""
@@ -74,7 +83,7 @@ class Lease:
                     said = True
                 time.sleep(min(5.0, max(deadline - time.time(), 0.1)))
 
-    def _try_acquire(self) -> "Lease":
+    def _try_acquire(self) -> Lease:
         cur = storage.read_versioned(self.uri)
         try:
             if cur is None:
@@ -94,7 +103,7 @@ class Lease:
             raise LeaseHeld(_held_message(self.uri, _parse(cur[0]) if cur else {})) from None
         return self._started()
 
-    def _started(self) -> "Lease":
+    def _started(self) -> Lease:
         self._acquired_at = time.time()
         self._thread = threading.Thread(target=self._heartbeat, name="ctd-lease", daemon=True)
         self._thread.start()
@@ -111,9 +120,11 @@ class Lease:
                 if cur is not None and _parse(cur[0]).get("owner") == self.owner and not _parse(cur[0]).get("released"):
                     self._token = cur[1]  # our own write landed (a retried PUT answered 412): still ours
                     return
-                self._lost = (f"the lease on run {self.run_id!r} was taken by "
-                              f"{_parse(cur[0]).get('owner', '?') if cur else 'nobody (deleted)'} after ours expired; "
-                              "this driver must not publish")
+                self._lost = (
+                    f"the lease on run {self.run_id!r} was taken by "
+                    f"{_parse(cur[0]).get('owner', '?') if cur else 'nobody (deleted)'} after ours expired; "
+                    "this driver must not publish"
+                )
                 raise LeaseLost(self._lost) from None
 
     def check(self) -> None:
@@ -145,7 +156,7 @@ class Lease:
                 self.log(f"lease: release failed ({e!r}); it expires in {self.ttl_s:.0f} s")
             self._token = None
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire(self.wait_s)
 
     def __exit__(self, *exc) -> None:
@@ -161,6 +172,8 @@ def _parse(data: bytes) -> dict:
 
 def _held_message(uri: str, held: dict) -> str:
     left = max(held.get("expires_at", 0) - time.time(), 0)
-    return (f"run {held.get('run_id', '?')!r} is being written by another driver ({held.get('owner', '?')}, lease {uri}, "
-            f"expires in {left:.0f} s unless its holder renews it); nothing was written: wait for that run to finish, "
-            "or rerun once the lease has expired")
+    return (
+        f"run {held.get('run_id', '?')!r} is being written by another driver ({held.get('owner', '?')}, lease {uri}, "
+        f"expires in {left:.0f} s unless its holder renews it); nothing was written: wait for that run to finish, "
+        "or rerun once the lease has expired"
+    )

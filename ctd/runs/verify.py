@@ -7,8 +7,8 @@ count); that no id appears twice among scored rows, nor both in results and amon
 quarantined as duplicate ids; and (given the corpus) that every corpus id occurs in results ∪
 quarantine exactly as often as in the corpus: none lost, none extra (an id not in the corpus, or
 written twice). An id in results that is also quarantined as *invalid* is legitimate (the corpus
-held it twice, once valid) and is caught only through the corpus check when it is not. Row-level checks are Ray Data groupbys and joins on id; the driver gets
-counts. ``ctd report verify <run folder> [--corpus URI]`` prints the result.
+held it twice, once valid) and is caught only through the corpus check when it is not. Row-level
+checks are Ray Data groupbys and joins on id; the driver gets counts. ``ctd report verify <run folder> [--corpus URI]`` prints the result.
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ def _tag(batch: pa.Table, source: str) -> pa.Table:
     cols = {c: one if c == source else zero for c in COUNTERS}
     if source == "qua":
         cols["dupq"] = pc.cast(pc.starts_with(pc.fill_null(batch.column("error"), ""), "duplicate id"), pa.int64())
-    return pa.table({"id": batch.column("id"), **cols}) if n else pa.table({"id": pa.array([], pa.string()), **{c: zero for c in COUNTERS}})
+    return (
+        pa.table({"id": batch.column("id"), **cols})
+        if n
+        else pa.table({"id": pa.array([], pa.string()), **{c: zero for c in COUNTERS}})
+    )
 
 
 def _per_id(batch: pa.Table, with_corpus: bool) -> pa.Table:
@@ -44,12 +48,14 @@ def _per_id(batch: pa.Table, with_corpus: bool) -> pa.Table:
     res, qua, dupq, corp = (batch.column(f"sum({c})") for c in COUNTERS)
     seen = pc.add(res, qua)
     zeros = pa.array([0] * batch.num_rows, pa.int64())
-    return pa.table({
-        "dup": pc.cast(pc.greater(res, 1), pa.int64()),
-        "both": pc.cast(pc.and_(pc.greater(res, 0), pc.greater(dupq, 0)), pa.int64()),
-        "lost": pc.max_element_wise(pc.subtract(corp, seen), 0) if with_corpus else zeros,
-        "extra": pc.max_element_wise(pc.subtract(seen, corp), 0) if with_corpus else zeros,
-    })
+    return pa.table(
+        {
+            "dup": pc.cast(pc.greater(res, 1), pa.int64()),
+            "both": pc.cast(pc.and_(pc.greater(res, 0), pc.greater(dupq, 0)), pa.int64()),
+            "lost": pc.max_element_wise(pc.subtract(corp, seen), 0) if with_corpus else zeros,
+            "extra": pc.max_element_wise(pc.subtract(seen, corp), 0) if with_corpus else zeros,
+        }
+    )
 
 
 def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
@@ -62,20 +68,25 @@ def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
     listed = [(kind, e) for kind in ("results", "quarantine") for e in m["files"][kind]] + [
-        ("report", e) for e in m.get("report", []) if isinstance(e, dict)]
+        ("report", e) for e in m.get("report", []) if isinstance(e, dict)
+    ]
     present = {e["file"]: storage.exists(layout.path(e["file"])) for _, e in listed}
     for f in sorted(f for f, ok in present.items() if not ok):
         problems.append(f"{f}: listed in the manifest but missing")
-    facts = describe_files([layout.path(e["file"]) for _, e in listed if present[e["file"]]], rows=lambda f: f.endswith(".parquet"), strict=False)
-    for kind, e in listed:
+    facts = describe_files(
+        [layout.path(e["file"]) for _, e in listed if present[e["file"]]], rows=lambda f: f.endswith(".parquet"), strict=False
+    )
+    for _, e in listed:
         got = facts.get(layout.path(e["file"]))
         if got is None:
             continue
         if "sha256" not in e:
             problems.append(f"{e['file']}: the manifest has no SHA-256 for it")
-        elif (got["sha256"] != e["sha256"] or got["bytes"] != e.get("bytes")):
-            problems.append(f"{e['file']}: content differs from the manifest (SHA-256 {got['sha256'][:12]}… != {e['sha256'][:12]}…): "
-                            "replaced or modified after publishing")
+        elif got["sha256"] != e["sha256"] or got["bytes"] != e.get("bytes"):
+            problems.append(
+                f"{e['file']}: content differs from the manifest (SHA-256 {got['sha256'][:12]}… != {e['sha256'][:12]}…): "
+                "replaced or modified after publishing"
+            )
         if got.get("error"):
             problems.append(f"{e['file']}: unreadable ({got['error']})")
         elif "rows" in e and got.get("rows") != e["rows"]:
@@ -94,10 +105,17 @@ def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
     # the row checks: one hash-partitioned pass over every id of results, quarantine (and corpus)
     parts = []
     if with_ids["results"]:
-        parts.append(read(with_ids["results"], ["id"]).map_batches(_tag, fn_kwargs={"source": "res"}, batch_format="pyarrow", batch_size=None))
+        parts.append(
+            read(with_ids["results"], ["id"]).map_batches(
+                _tag, fn_kwargs={"source": "res"}, batch_format="pyarrow", batch_size=None
+            )
+        )
     if with_ids["quarantine"]:
-        parts.append(read(with_ids["quarantine"], ["id", "error"]).map_batches(_tag, fn_kwargs={"source": "qua"}, batch_format="pyarrow",
-                                                                                   batch_size=None))
+        parts.append(
+            read(with_ids["quarantine"], ["id", "error"]).map_batches(
+                _tag, fn_kwargs={"source": "qua"}, batch_format="pyarrow", batch_size=None
+            )
+        )
     if corpus is not None:
         from ..pipeline.corpus import read_corpus
 
@@ -107,7 +125,9 @@ def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
     if parts:
         ids = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         per_id = ids.groupby("id", num_partitions=partitions(n)).sum(list(COUNTERS))
-        got = per_id.map_batches(_per_id, fn_kwargs={"with_corpus": corpus is not None}, batch_format="pyarrow", batch_size=None).sum(list(totals))
+        got = per_id.map_batches(
+            _per_id, fn_kwargs={"with_corpus": corpus is not None}, batch_format="pyarrow", batch_size=None
+        ).sum(list(totals))
         totals = {k: int((got or {}).get(f"sum({k})") or 0) for k in totals}
     dup, both = totals["dup"], totals["both"]
     if dup:
@@ -126,8 +146,14 @@ def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
             problems.append(f"{kind}: {rows[kind]} rows in the files, the report says {field} = {report[field]}")
         if m.get("rows", {}).get(kind) is not None and m["rows"][kind] != rows[kind]:
             problems.append(f"{kind}: {rows[kind]} rows in the files, the manifest's total says {m['rows'][kind]}")
-    out = {"published": True, "results_rows": rows["results"], "quarantine_rows": rows["quarantine"], "duplicate_ids": dup,
-           "ids_in_both": both, "rows_read": rows_read}
+    out = {
+        "published": True,
+        "results_rows": rows["results"],
+        "quarantine_rows": rows["quarantine"],
+        "duplicate_ids": dup,
+        "ids_in_both": both,
+        "rows_read": rows_read,
+    }
     if corpus is not None:
         out["rows_lost"], out["rows_extra"] = totals["lost"], totals["extra"]
         if out["rows_lost"]:

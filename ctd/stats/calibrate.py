@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 from .cascade import Cascade
@@ -76,7 +77,7 @@ Risk = Literal["accuracy", "auroc"]
 # ----------------------------------------------------------------------------------------------
 # grids and counts
 # ----------------------------------------------------------------------------------------------
-def threshold_grid(reference=None, size: int = 1001, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+def threshold_grid(reference: ArrayLike | None = None, size: int = 1001, low: float = -1.0, high: float = 1.0) -> np.ndarray:
     """A strictly increasing threshold grid, fixed before calibration scores are seen.
 
     With ``reference`` (scores from a split that is neither calibration nor evaluation data, e.g. the
@@ -113,7 +114,7 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
-def counts_at_or_below(scores, grid, what: str = "scores") -> np.ndarray:
+def counts_at_or_below(scores: ArrayLike, grid: ArrayLike, what: str = "scores") -> np.ndarray:
     """#{i : scores[..., i] <= λ} for every grid value: int64 [..., G], non-decreasing along the last
     axis. The one sort-and-search of the package: exceedance counts, loss sums and the monitor's
     alarm counts are all read off it."""
@@ -128,7 +129,7 @@ def counts_at_or_below(scores, grid, what: str = "scores") -> np.ndarray:
     return out.reshape(s.shape[:-1] + (g.size,))
 
 
-def exceedance_counts(scores, grid) -> np.ndarray:
+def exceedance_counts(scores: ArrayLike, grid: ArrayLike) -> np.ndarray:
     """k(lambda) = #{i : scores[..., i] > lambda} for every grid value.
 
     Parameters
@@ -144,7 +145,9 @@ def exceedance_counts(scores, grid) -> np.ndarray:
     return s.shape[-1] - counts_at_or_below(s, grid)
 
 
-def cascade_losses(probe, expert, labels, cascade: Cascade = Cascade()):
+def cascade_losses(
+    probe: ArrayLike, expert: ArrayLike, labels: ArrayLike, cascade: Cascade = Cascade()
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-row 0/1 misclassification of the cascade when a row is kept (probe decides) and when it
     is delegated (:meth:`Cascade.expert_score`). Returns ``(loss_kept, loss_delegated)`` as int arrays."""
     y = np.asarray(labels)
@@ -154,7 +157,7 @@ def cascade_losses(probe, expert, labels, cascade: Cascade = Cascade()):
     return loss_kept, loss_del
 
 
-def delegation_loss_sums(scores, loss_kept, loss_delegated, grid) -> np.ndarray:
+def delegation_loss_sums(scores: ArrayLike, loss_kept: ArrayLike, loss_delegated: ArrayLike, grid: ArrayLike) -> np.ndarray:
     """Sum over rows of the cascade's loss when rows with score > lambda are delegated, for every
     grid value: sum(loss_kept) + sum_{score > lambda}(loss_delegated - loss_kept).
 
@@ -186,7 +189,14 @@ def _auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (ranks[:, pos].sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-def cascade_auroc_curve(scores, probe, expert, labels, grid, cascade: Cascade = Cascade()) -> np.ndarray:
+def cascade_auroc_curve(
+    scores: ArrayLike,
+    probe: ArrayLike,
+    expert: ArrayLike,
+    labels: ArrayLike,
+    grid: ArrayLike,
+    cascade: Cascade = Cascade(),
+) -> np.ndarray:
     """AUROC of the cascade's final scores for every grid threshold (one calibration set).
 
     Only the distinct delegated sets are evaluated (at most n + 1 of them), so the cost is
@@ -212,7 +222,7 @@ def cascade_auroc_curve(scores, probe, expert, labels, grid, cascade: Cascade = 
 # ----------------------------------------------------------------------------------------------
 # Pareto front, testing order, certification, selection (all batched over leading axes)
 # ----------------------------------------------------------------------------------------------
-def pareto_front(budget_counts, performance_risk) -> np.ndarray:
+def pareto_front(budget_counts: ArrayLike, performance_risk: ArrayLike) -> np.ndarray:
     """Thresholds not dominated in (budget risk, performance risk), both to be minimised.
 
     Inputs are aligned with an ascending grid, so budget is non-increasing along the last axis.
@@ -225,14 +235,12 @@ def pareto_front(budget_counts, performance_risk) -> np.ndarray:
     if b.shape != perf.shape:
         raise ValueError("budget_counts and performance_risk must have the same shape")
     rev = perf[..., ::-1]
-    best_before = np.concatenate(
-        [np.full(rev.shape[:-1] + (1,), np.inf), np.minimum.accumulate(rev, axis=-1)[..., :-1]], axis=-1
-    )
+    best_before = np.concatenate([np.full(rev.shape[:-1] + (1,), np.inf), np.minimum.accumulate(rev, axis=-1)[..., :-1]], axis=-1)
     keep_rev = rev < best_before
     return keep_rev[..., ::-1]
 
 
-def pareto_order(front, opt_pvalues) -> np.ndarray:
+def pareto_order(front: ArrayLike, opt_pvalues: ArrayLike) -> np.ndarray:
     """Testing order for Pareto testing: thresholds on the front sorted by their p-values on the
     optimisation split (ascending; ties towards the larger threshold), then everything else.
     Returns indices into the ascending grid, shape [..., G]."""
@@ -244,7 +252,7 @@ def pareto_order(front, opt_pvalues) -> np.ndarray:
     return desc[perm]
 
 
-def certify(pvalues, delta: float, *, method: str = "fixed_sequence", order=None) -> np.ndarray:
+def certify(pvalues: ArrayLike, delta: float, *, method: str = "fixed_sequence", order: ArrayLike | None = None) -> np.ndarray:
     """Certified thresholds (rejected nulls) for p-values aligned with an ascending grid.
 
     ``order`` gives the testing order as indices into the grid ([..., G]); the default is from the
@@ -261,7 +269,7 @@ def certify(pvalues, delta: float, *, method: str = "fixed_sequence", order=None
     return out
 
 
-def select_threshold(grid, certified, performance_risk=None) -> np.ndarray:
+def select_threshold(grid: ArrayLike, certified: ArrayLike, performance_risk: ArrayLike | None = None) -> np.ndarray:
     """The chosen threshold: the smallest certified one (most delegation within the budget), or,
     given a performance risk, the certified one with the lowest risk (ties: the larger threshold).
     +inf (never delegate) where nothing is certified. Shape: certified.shape[:-1]."""
@@ -360,7 +368,7 @@ class CalibrationResult:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CalibrationResult":
+    def from_dict(cls, d: dict) -> CalibrationResult:
         def arr(key, dtype=float):
             v = d.get(key)
             if v is None:
@@ -418,8 +426,18 @@ def _alphas(alphas) -> np.ndarray:
     return a
 
 
-def ltt_select(grid, alphas, delta, *, counts, n, method="fixed_sequence", loss_sums=None,
-               performance_target=None, details=False) -> Selection:
+def ltt_select(
+    grid: ArrayLike,
+    alphas: ArrayLike,
+    delta: float,
+    *,
+    counts: ArrayLike,
+    n: int,
+    method: str = "fixed_sequence",
+    loss_sums: ArrayLike | None = None,
+    performance_target: float | None = None,
+    details: bool = False,
+) -> Selection:
     """Budget-only LTT (optionally jointly with a misclassification target).
 
     ``counts`` [R, G]: #{d > λ} on each calibration set of size ``n``; ``loss_sums`` [R, G]: the
@@ -446,8 +464,22 @@ def ltt_select(grid, alphas, delta, *, counts, n, method="fixed_sequence", loss_
     return sel
 
 
-def pareto_ltt_select(grid, alphas, delta, *, opt_counts, n_opt, opt_perf, test_counts, n_test, cal_perf,
-                      opt_loss_sums=None, test_loss_sums=None, performance_target=None, details=False) -> Selection:
+def pareto_ltt_select(
+    grid: ArrayLike,
+    alphas: ArrayLike,
+    delta: float,
+    *,
+    opt_counts: ArrayLike,
+    n_opt: int,
+    opt_perf: ArrayLike,
+    test_counts: ArrayLike,
+    n_test: int,
+    cal_perf: ArrayLike,
+    opt_loss_sums: ArrayLike | None = None,
+    test_loss_sums: ArrayLike | None = None,
+    performance_target: float | None = None,
+    details: bool = False,
+) -> Selection:
     """Pareto testing on count/risk arrays [R, G] of the optimisation split (size ``n_opt``), the
     testing split (``n_test``) and the whole calibration set (``cal_perf``, used to choose)."""
     g = _check_grid(grid)
@@ -499,14 +531,15 @@ def pareto_split(n: int, opt_fraction: float, seed: int) -> tuple[np.ndarray, np
     return perm[:n_opt], perm[n_opt:]
 
 
-def check_joint(performance_target, pareto: bool, method: str) -> None:
+def check_joint(performance_target: float | None, pareto: bool, method: str) -> None:
     """Refuse joint control with fixed-sequence testing from the top (no power; see module docstring)."""
     if performance_target is not None and not pareto and method == "fixed_sequence":
         raise ValueError(
             "joint control (performance target) cannot use fixed-sequence testing without Pareto testing: the sequence "
             "starts at 'never delegate', whose misclassification rate is the probe's, so with a target below the probe's "
             "error it stops at the first step and certifies nothing. Use Pareto testing (it orders the thresholds on an "
-            "independent split) or method 'holm' / 'bonferroni' (no order needed)")
+            "independent split) or method 'holm' / 'bonferroni' (no order needed)"
+        )
 
 
 def _joint_failure(alpha, delta, beta, budget_p, perf_p, perf_risk, grid, tested_split: bool = False) -> str:
@@ -515,16 +548,22 @@ def _joint_failure(alpha, delta, beta, budget_p, perf_p, perf_risk, grid, tested
     b_ok, p_ok = budget_p <= delta, perf_p <= delta
     if not p_ok.any():
         i = int(np.argmin(perf_p))
-        return (f"no threshold meets the misclassification target β={beta:g}: the best one (λ={grid[i]:.4g}, empirical "
-                f"error {perf_risk[i]:.3g} on the calibration set) has performance p-value {perf_p[i]:.3g} > δ"
-                f"{' on the testing split' if tested_split else ''}; raise β or label more rows")
+        return (
+            f"no threshold meets the misclassification target β={beta:g}: the best one (λ={grid[i]:.4g}, empirical "
+            f"error {perf_risk[i]:.3g} on the calibration set) has performance p-value {perf_p[i]:.3g} > δ"
+            f"{' on the testing split' if tested_split else ''}; raise β or label more rows"
+        )
     if not b_ok.any():
         return f"no threshold is within the budget α={alpha} (see the budget p-values)"
     if not (b_ok & p_ok).any():
-        return (f"the {int(b_ok.sum())} thresholds within the budget α={alpha} and the {int(p_ok.sum())} that meet β={beta:g} "
-                f"do not overlap: reaching β takes more delegation than α allows")
-    return (f"{int((b_ok & p_ok).sum())} thresholds pass both tests one by one, but none survives the "
-            f"multiplicity correction (the fixed sequence's order, or Holm's/Bonferroni's levels)")
+        return (
+            f"the {int(b_ok.sum())} thresholds within the budget α={alpha} and the {int(p_ok.sum())} that meet β={beta:g} "
+            f"do not overlap: reaching β takes more delegation than α allows"
+        )
+    return (
+        f"{int((b_ok & p_ok).sum())} thresholds pass both tests one by one, but none survives the "
+        f"multiplicity correction (the fixed sequence's order, or Holm's/Bonferroni's levels)"
+    )
 
 
 def _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint_reason=None) -> str:
@@ -541,14 +580,14 @@ def _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint_reason=
 
 
 def calibrate(
-    dv,
-    grid,
+    dv: ArrayLike,
+    grid: ArrayLike,
     alpha: float,
     delta: float,
     *,
-    labels=None,
-    probe=None,
-    expert=None,
+    labels: ArrayLike | None = None,
+    probe: ArrayLike | None = None,
+    expert: ArrayLike | None = None,
     pareto: bool = False,
     risk: Risk = "accuracy",
     performance_target: float | None = None,
@@ -618,8 +657,17 @@ def calibrate(
         perf, perf_sums = _performance(d, pr, ex, y, g, risk, cascade)
 
     if not pareto:
-        sel = ltt_select(g, alpha, delta, counts=counts, n=n, method=method, loss_sums=perf_sums,
-                         performance_target=performance_target, details=True)
+        sel = ltt_select(
+            g,
+            alpha,
+            delta,
+            counts=counts,
+            n=n,
+            method=method,
+            loss_sums=perf_sums,
+            performance_target=performance_target,
+            details=True,
+        )
         n_opt = n_test = seed_used = frac = None
         k_star = max_certifiable_count(n, alpha, delta)
         n_eff = n
@@ -631,9 +679,19 @@ def calibrate(
         if joint:
             _, test_sums = _performance(d[test], pr[test], ex[test], y[test], g, risk, cascade)
         sel = pareto_ltt_select(
-            g, alpha, delta, opt_counts=exceedance_counts(d[opt], g), n_opt=n_opt, opt_perf=opt_perf,
-            test_counts=exceedance_counts(d[test], g), n_test=n_test, cal_perf=perf,
-            opt_loss_sums=opt_sums, test_loss_sums=test_sums, performance_target=performance_target, details=True,
+            g,
+            alpha,
+            delta,
+            opt_counts=exceedance_counts(d[opt], g),
+            n_opt=n_opt,
+            opt_perf=opt_perf,
+            test_counts=exceedance_counts(d[test], g),
+            n_test=n_test,
+            cal_perf=perf,
+            opt_loss_sums=opt_sums,
+            test_loss_sums=test_sums,
+            performance_target=performance_target,
+            details=True,
         )
         seed_used, frac = seed, opt_fraction
         k_star = max_certifiable_count(n_test, alpha, delta)
@@ -654,8 +712,16 @@ def calibrate(
         reason = None
         if joint:
             tested = np.isfinite(sel.pvalues[0, 0])
-            reason = _joint_failure(alpha, delta, performance_target, np.where(tested, sel.budget_pvalues[0, 0], np.inf),
-                                    np.where(tested, sel.performance_pvalues[0, 0], np.inf), perf, g, tested_split=pareto)
+            reason = _joint_failure(
+                alpha,
+                delta,
+                performance_target,
+                np.where(tested, sel.budget_pvalues[0, 0], np.inf),
+                np.where(tested, sel.performance_pvalues[0, 0], np.inf),
+                perf,
+                g,
+                tested_split=pareto,
+            )
         msg = _no_certification_message(alpha, delta, n_eff, k_star, pareto, reason)
 
     return CalibrationResult(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["Cascade", "threshold_policy", "top_k_policy", "top_k_count"]
 
@@ -35,12 +36,12 @@ class Cascade:
         if not 0 < self.decision_threshold < 1:
             raise ValueError(f"decision threshold must lie in (0, 1), got {self.decision_threshold!r}")
 
-    def expert_score(self, probe, expert) -> np.ndarray:
+    def expert_score(self, probe: ArrayLike, expert: ArrayLike) -> np.ndarray:
         """The final score of a row the expert was used for."""
         e = np.asarray(expert, dtype=float)
         return e if self.mode == "switch" else 0.5 * (np.asarray(probe, dtype=float) + e)
 
-    def final(self, probe, expert, use_expert) -> np.ndarray:
+    def final(self, probe: ArrayLike, expert: ArrayLike, use_expert: ArrayLike) -> np.ndarray:
         """Final scores: :meth:`expert_score` where ``use_expert``, the probe's elsewhere. ``expert``
         may hold NaN where it was not used; a used row without an expert score is an error."""
         p = np.asarray(probe, dtype=float)
@@ -50,12 +51,12 @@ class Cascade:
             raise ValueError("a row the expert was used for has no expert score")
         return np.where(m, self.expert_score(p, np.where(m, e, 0.0)), p)
 
-    def decide(self, final) -> np.ndarray:
-        """"Unsafe" decisions: final score >= the decision threshold."""
+    def decide(self, final: ArrayLike) -> np.ndarray:
+        """ "Unsafe" decisions: final score >= the decision threshold."""
         return np.asarray(final, dtype=float) >= self.decision_threshold
 
 
-def threshold_policy(scores, threshold: float) -> np.ndarray:
+def threshold_policy(scores: ArrayLike, threshold: float) -> np.ndarray:
     """Delegate when score > threshold (strict). threshold = +inf never delegates."""
     return np.asarray(scores, dtype=float) > threshold
 
@@ -67,7 +68,7 @@ def top_k_count(n: int, budget: float) -> int:
     return int(np.floor(budget * n + 1e-9))
 
 
-def top_k_policy(signal, k: int, *, seed: int | None = 0) -> np.ndarray:
+def top_k_policy(signal: ArrayLike, k: int, *, seed: int | None = 0) -> np.ndarray:
     """Delegate the k rows with the largest signal; ties broken uniformly at random (seeded), so a
     constant signal does not always pick the first rows of the batch."""
     s = np.asarray(signal, dtype=float)

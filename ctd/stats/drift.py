@@ -27,6 +27,7 @@ every night (about 24% within 30 calm nights at level 0.01, see the benchmark).
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .pvalues import binomial_upper_pvalue, check_level
 
@@ -35,7 +36,7 @@ __all__ = ["DEFAULT_ALTERNATIVES", "log_e_values", "drift_eprocess", "detection_
 DEFAULT_ALTERNATIVES = (1.25, 1.5, 2.0, 3.0)  # ρ = factor × α, capped below 1
 
 
-def log_e_values(delegated, n, alpha: float, alternatives=DEFAULT_ALTERNATIVES) -> np.ndarray:
+def log_e_values(delegated: ArrayLike, n: ArrayLike, alpha: float, alternatives: ArrayLike = DEFAULT_ALTERNATIVES) -> np.ndarray:
     """log of the mixture e-value of each night (vectorised over nights)."""
     alpha = check_level(alpha, "alpha")
     d = np.asarray(delegated, dtype=float)
@@ -51,7 +52,7 @@ def log_e_values(delegated, n, alpha: float, alternatives=DEFAULT_ALTERNATIVES) 
     return (m + np.log(np.mean(np.exp(le - m), axis=-1, keepdims=True)))[..., 0]
 
 
-def e_detector(log_e) -> np.ndarray:
+def e_detector(log_e: ArrayLike) -> np.ndarray:
     """log M_k of the CUSUM e-detector M_k = max(M_{k-1}, 1) · e_k along the last axis."""
     log_e = np.asarray(log_e, dtype=float)
     out = np.empty_like(log_e)
@@ -62,12 +63,14 @@ def e_detector(log_e) -> np.ndarray:
     return out
 
 
-def alarms(log_detector, level: float) -> np.ndarray:
+def alarms(log_detector: ArrayLike, level: float) -> np.ndarray:
     """The alarm rule: the e-detector at or over 1/level (elementwise on log M_k)."""
     return np.asarray(log_detector) >= np.log(1.0 / check_level(level, "level", scalar=True))
 
 
-def drift_eprocess(delegated, n, alpha: float, level: float = 0.01, alternatives=DEFAULT_ALTERNATIVES) -> dict:
+def drift_eprocess(
+    delegated: ArrayLike, n: ArrayLike, alpha: float, level: float = 0.01, alternatives: ArrayLike = DEFAULT_ALTERNATIVES
+) -> dict:
     """Drift statistics over a history of nights (oldest first; the last is tonight): ``alarm`` is the
     one rule (the e-detector M_k >= 1/level tonight); the plain e-process, the first alarm night (None
     if never) and tonight's own one-sided binomial p-value (``night_pvalue``) are for information."""
@@ -77,14 +80,30 @@ def drift_eprocess(delegated, n, alpha: float, level: float = 0.01, alternatives
     over = alarms(det, level)
     hit = np.flatnonzero(over)
     exp = lambda x: float(np.exp(np.clip(x, -700, 700)))  # noqa: E731
-    return {"log_e_detector": det.tolist(), "e_value": exp(det[-1]) if det.size else 1.0,
-            "e_process": exp(proc[-1]) if proc.size else 1.0, "threshold": 1.0 / level, "alarm": bool(det.size and over[-1]),
-            "first_alarm_night": int(hit[0]) if hit.size else None,
-            "night_pvalue": float(binomial_upper_pvalue(int(np.ravel(delegated)[-1]), int(np.ravel(n)[-1]), alpha)) if det.size else 1.0}
+    return {
+        "log_e_detector": det.tolist(),
+        "e_value": exp(det[-1]) if det.size else 1.0,
+        "e_process": exp(proc[-1]) if proc.size else 1.0,
+        "threshold": 1.0 / level,
+        "alarm": bool(det.size and over[-1]),
+        "first_alarm_night": int(hit[0]) if hit.size else None,
+        "night_pvalue": float(binomial_upper_pvalue(int(np.ravel(delegated)[-1]), int(np.ravel(n)[-1]), alpha))
+        if det.size
+        else 1.0,
+    }
 
 
-def detection_delay(alpha: float, shifted_rate: float, n_per_night: int, *, nights_before: int = 30, max_nights: int = 60,
-                    level: float = 0.01, sims: int = 2000, seed: int = 0) -> dict:
+def detection_delay(
+    alpha: float,
+    shifted_rate: float,
+    n_per_night: int,
+    *,
+    nights_before: int = 30,
+    max_nights: int = 60,
+    level: float = 0.01,
+    sims: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Simulated nights: ``nights_before`` at the calibrated rate α, then the rate shifts; the number
     of nights after the shift until the e-detector alarms (and how often it alarmed before it)."""
     rng = np.random.default_rng(seed)
@@ -96,7 +115,15 @@ def detection_delay(alpha: float, shifted_rate: float, n_per_night: int, *, nigh
     early = (first >= 0) & (first < nights_before)
     late = first >= nights_before
     delays = first[late] - nights_before + 1
-    return {"alpha": alpha, "shifted_rate": shifted_rate, "rows_per_night": n_per_night, "level": level, "sims": sims,
-            "false_alarm_before_shift": float(early.mean()), "detected_within": max_nights,
-            "share_detected": float(late.mean()), "median_delay_nights": float(np.median(delays)) if delays.size else None,
-            "mean_delay_nights": float(delays.mean()) if delays.size else None}
+    return {
+        "alpha": alpha,
+        "shifted_rate": shifted_rate,
+        "rows_per_night": n_per_night,
+        "level": level,
+        "sims": sims,
+        "false_alarm_before_shift": float(early.mean()),
+        "detected_within": max_nights,
+        "share_detected": float(late.mean()),
+        "median_delay_nights": float(np.median(delays)) if delays.size else None,
+        "mean_delay_nights": float(delays.mean()) if delays.size else None,
+    }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 __all__ = ["auroc", "accuracy", "spearman", "spearman_permutation_pvalue", "paired_difference", "mse", "group_table"]
 
 
-def auroc(labels, scores) -> float:
+def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve (Mann-Whitney U / (n1 n0)); ties count one half. NaN when only
     one class is present."""
     y = np.asarray(labels).astype(bool)
@@ -20,16 +21,16 @@ def auroc(labels, scores) -> float:
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def accuracy(labels, scores, decision_threshold: float = 0.5) -> float:
+def accuracy(labels: ArrayLike, scores: ArrayLike, decision_threshold: float = 0.5) -> float:
     y = np.asarray(labels).astype(int)
     return float(np.mean((np.asarray(scores, dtype=float) >= decision_threshold).astype(int) == y))
 
 
-def spearman(a, b) -> float:
+def spearman(a: ArrayLike, b: ArrayLike) -> float:
     return float(stats.spearmanr(a, b).statistic)
 
 
-def spearman_permutation_pvalue(a, b, max_items: int = 9) -> float:
+def spearman_permutation_pvalue(a: ArrayLike, b: ArrayLike, max_items: int = 9) -> float:
     """Exact one-sided p-value of Spearman's ρ(a, b) against "no association": the share of the k!
     orderings of b whose ρ is at least the observed one (ties averaged). With k = 4 items the
     smallest possible p-value is 1/24 ≈ 0.042."""
@@ -49,7 +50,7 @@ def spearman_permutation_pvalue(a, b, max_items: int = 9) -> float:
     return float(np.mean([r >= observed - 1e-12 for r in perms]))
 
 
-def paired_difference(a, b, confidence: float = 0.95) -> dict:
+def paired_difference(a: ArrayLike, b: ArrayLike, confidence: float = 0.95) -> dict:
     """Mean of a - b over paired replicates (first axis) with a Student-t interval; for [R, K] inputs
     (replicates × settings) also per setting. The interval covers the replicate-to-replicate
     variation only (e.g. random calibration/evaluation splits of one test set), not the sampling of
@@ -68,17 +69,21 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
     out = {"mean": float(m), "ci": [float(lo), float(hi)], "confidence": confidence, "replicates": int(d.shape[0])}
     if d.ndim > 1:
         pm, plo, phi = summary(per)
-        out |= {"per_setting_mean": pm.tolist(), "per_setting_ci": [[float(x), float(y)] for x, y in zip(plo, phi)],
-                "settings_above_zero": int((plo > 0).sum()), "settings_below_zero": int((phi < 0).sum())}
+        out |= {
+            "per_setting_mean": pm.tolist(),
+            "per_setting_ci": [[float(x), float(y)] for x, y in zip(plo, phi)],
+            "settings_above_zero": int((plo > 0).sum()),
+            "settings_below_zero": int((phi < 0).sum()),
+        }
     return out
 
 
-def mse(a, b) -> float:
+def mse(a: ArrayLike, b: ArrayLike) -> float:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     return float(np.mean((a - b) ** 2))
 
 
-def group_table(groups, v, delegated) -> list[dict]:
+def group_table(groups: ArrayLike, v: ArrayLike, delegated: ArrayLike) -> list[dict]:
     """Per group: rows, delegation rate, mean delegation value overall and among delegated rows,
     and the share of rows with v > 0 (the group's effective capacity). One row "all" first."""
     g = np.asarray(groups).astype(str)

@@ -14,6 +14,7 @@ P(p <= t) <= t for every t in [0, 1].
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 __all__ = [
@@ -40,7 +41,7 @@ def _as_counts(k, name: str = "k") -> np.ndarray:
     return k
 
 
-def check_level(x, name: str, *, scalar: bool = False):
+def check_level(x: ArrayLike, name: str, *, scalar: bool = False) -> float | np.ndarray:
     """A level (alpha, delta, epsilon, ...) or an array of them, each in the open interval (0, 1).
     Returns it as a float (scalar input) or a float array; anything else (strings, booleans, empty
     arrays, NaN, an array where ``scalar`` is asked) raises ValueError."""
@@ -62,7 +63,7 @@ def _check_n(n) -> None:
         raise ValueError(f"n must be a positive integer, got {n.tolist()}")
 
 
-def binomial_pvalue(k, n, alpha):
+def binomial_pvalue(k: ArrayLike, n: ArrayLike, alpha: ArrayLike) -> np.ndarray | float:
     r"""Exact p-value for H: R > alpha from a Binomial count.
 
     For a 0/1 loss (here: "row delegated"), the count ``k`` of losses among ``n`` i.i.d. rows is
@@ -92,7 +93,7 @@ def binomial_pvalue(k, n, alpha):
     return stats.binom.cdf(k, n, alpha)
 
 
-def binomial_upper_pvalue(k, n, alpha):
+def binomial_upper_pvalue(k: ArrayLike, n: ArrayLike, alpha: ArrayLike) -> np.ndarray | float:
     r"""One-sided p-value for H: R <= alpha against R > alpha: P(Binom(n, alpha) >= k).
 
     Used by the audit report: a realised delegation count that is implausibly large under the
@@ -112,7 +113,7 @@ def _h1(a, b):
     return t1 + t2
 
 
-def hoeffding_bentkus_pvalue(loss_sum, n, alpha):
+def hoeffding_bentkus_pvalue(loss_sum: ArrayLike, n: ArrayLike, alpha: ArrayLike) -> np.ndarray | float:
     r"""Hoeffding-Bentkus p-value for H: R > alpha, R the mean of a loss bounded in [0, 1].
 
     (Bates et al. 2021, "Distribution-free, risk-controlling prediction sets", Prop. 3; used by
@@ -190,7 +191,7 @@ def rows_to_certify(rate: float, alpha: float, delta: float, n_max: int = 10_000
     return int(fails[-1]) + 2 if fails.size else 1  # (index i is n = i + 1)
 
 
-def clopper_pearson(k, n, confidence: float = 0.95):
+def clopper_pearson(k: ArrayLike, n: ArrayLike, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Exact two-sided Clopper-Pearson interval for a binomial proportion (vectorised).
 
     Returns ``(low, high)`` arrays.
@@ -206,7 +207,7 @@ def clopper_pearson(k, n, confidence: float = 0.95):
     return low, high
 
 
-def binomial_ucb(k, n, delta: float):
+def binomial_ucb(k: ArrayLike, n: ArrayLike, delta: float) -> np.ndarray:
     """One-sided (1 - delta) upper confidence bound on a binomial proportion (Clopper-Pearson):
     the largest R with P(Binom(n, R) <= k) >= delta."""
     k = _as_counts(k)

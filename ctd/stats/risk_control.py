@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .calibrate import certify, counts_at_or_below
 from .pvalues import binomial_pvalue, check_level
@@ -37,7 +38,7 @@ RISKS = ("false-alarm", "missed-detection")
 Risk = Literal["false-alarm", "missed-detection"]
 
 
-def alarm_counts(max_scores, grid, risk: Risk) -> np.ndarray:
+def alarm_counts(max_scores: ArrayLike, grid: ArrayLike, risk: Risk) -> np.ndarray:
     """Loss counts per grid value, from trajectory maxima [..., n]:
     false alarm #{M > λ}; missed detection #{M <= λ}. Shape [..., G] (int64)."""
     m = np.asarray(max_scores, dtype=float)
@@ -66,7 +67,7 @@ def _pick(grid, ok, risk):
     return np.where(ok.any(axis=-1), g[idx], -np.inf)
 
 
-def crc_threshold(counts, n: int, epsilon: float, grid, risk: Risk, bound: float = 1.0):
+def crc_threshold(counts: ArrayLike, n: int, epsilon: float, grid: ArrayLike, risk: Risk, bound: float = 1.0) -> np.ndarray:
     """CRC threshold from loss counts [..., G] on n trajectories: the least conservative λ with
     (n/(n+1)) R̂(λ) + B/(n+1) <= ε, requiring it of every more conservative λ too (for a monotone
     risk this is the same set; with ties it keeps the choice well defined)."""
@@ -81,7 +82,7 @@ def crc_threshold(counts, n: int, epsilon: float, grid, risk: Risk, bound: float
     return _pick(grid, ok, risk)
 
 
-def ucb_threshold(counts, n: int, epsilon: float, delta: float, grid, risk: Risk):
+def ucb_threshold(counts: ArrayLike, n: int, epsilon: float, delta: float, grid: ArrayLike, risk: Risk) -> np.ndarray:
     """High-probability control: binomial p-values P(Binom(n, ε) <= count) for H_λ: R(λ) > ε,
     fixed-sequence testing from the conservative end at level δ; the least conservative certified λ."""
     _check(epsilon, n)
@@ -93,7 +94,9 @@ def ucb_threshold(counts, n: int, epsilon: float, delta: float, grid, risk: Risk
     return _pick(grid, ok, risk)
 
 
-def control_threshold(max_scores, grid, risk: Risk, control: Literal["crc", "ucb"], epsilon: float, delta: float = 0.1):
+def control_threshold(
+    max_scores: ArrayLike, grid: ArrayLike, risk: Risk, control: Literal["crc", "ucb"], epsilon: float, delta: float = 0.1
+) -> np.ndarray:
     """λ̂ from the maxima of the calibration trajectories of the relevant kind (correct ones for
     false alarms, incorrect ones for missed detections)."""
     m = np.asarray(max_scores, dtype=float)

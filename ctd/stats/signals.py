@@ -11,6 +11,7 @@ r"""Delegation signals: the delegation value and the uncertainty baseline.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["true_class_probability", "delegation_value", "effective_capacity", "ECDF", "uncertainty_signal"]
 
@@ -29,14 +30,16 @@ def _binary(y) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def true_class_probability(score, labels) -> np.ndarray:
+def true_class_probability(score: ArrayLike, labels: ArrayLike) -> np.ndarray:
     """P(y | x) from a score P(unsafe | x): the score when y = 1, one minus it when y = 0."""
     s = _probabilities(score, "score")
     y = _binary(labels)
     return np.where(y == 1, s, 1.0 - s)
 
 
-def delegation_value(labels, probe, expert, *, binary: bool = False, decision_threshold: float = 0.5) -> np.ndarray:
+def delegation_value(
+    labels: ArrayLike, probe: ArrayLike, expert: ArrayLike, *, binary: bool = False, decision_threshold: float = 0.5
+) -> np.ndarray:
     """v = P_e(y|x) - P_p(y|x) in [-1, 1]; with ``binary=True``, 1[probe wrong and expert right]
     at the decision threshold (score >= threshold is unsafe)."""
     y = _binary(labels)
@@ -49,7 +52,7 @@ def delegation_value(labels, probe, expert, *, binary: bool = False, decision_th
     return true_class_probability(expert, y) - true_class_probability(probe, y)
 
 
-def effective_capacity(v) -> float:
+def effective_capacity(v: ArrayLike) -> float:
     """Share of rows whose delegation value is positive."""
     v = np.asarray(v, dtype=float)
     return float(np.mean(v > 0)) if v.size else float("nan")
@@ -58,17 +61,17 @@ def effective_capacity(v) -> float:
 class ECDF:
     """Right-continuous empirical CDF of a reference sample: F(x) = #{r <= x} / n."""
 
-    def __init__(self, reference):
+    def __init__(self, reference: ArrayLike):
         r = np.sort(np.asarray(reference, dtype=float).ravel())
         if r.size == 0 or not np.all(np.isfinite(r)):
             raise ValueError("ECDF reference must be a non-empty array of finite values")
         self.reference = r
 
-    def __call__(self, x) -> np.ndarray:
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         return np.searchsorted(self.reference, np.asarray(x, dtype=float), side="right") / self.reference.size
 
 
-def uncertainty_signal(probe_scores, reference_scores) -> np.ndarray:
+def uncertainty_signal(probe_scores: ArrayLike, reference_scores: ArrayLike) -> np.ndarray:
     """-|F(p) - 1/2| in [-1/2, 0], F the ECDF of ``reference_scores``. Fit F on a split that is
     neither calibration nor evaluation data, so the signal is a fixed function of x there."""
     return -np.abs(ECDF(reference_scores)(probe_scores) - 0.5)

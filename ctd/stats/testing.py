@@ -9,6 +9,7 @@ All three control the FWER at level ``delta``: P(any true null rejected) <= delt
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .pvalues import check_level
 
@@ -25,7 +26,7 @@ def _prepare(pvalues, delta: float) -> np.ndarray:
     return p
 
 
-def fixed_sequence_test(pvalues, delta: float) -> np.ndarray:
+def fixed_sequence_test(pvalues: ArrayLike, delta: float) -> np.ndarray:
     """Fixed-sequence testing: test H_1, H_2, ... in the given order at level delta each, and stop
     at the first non-rejection. Controls the FWER at delta for an order fixed before the data
     that produced the p-values are seen (Bauer 1991). Hypotheses with p = +inf end the sequence.
@@ -34,13 +35,13 @@ def fixed_sequence_test(pvalues, delta: float) -> np.ndarray:
     return np.logical_and.accumulate(p <= delta, axis=-1)
 
 
-def bonferroni(pvalues, delta: float) -> np.ndarray:
+def bonferroni(pvalues: ArrayLike, delta: float) -> np.ndarray:
     """Bonferroni: reject H_j when p_j <= delta / m, m the number of hypotheses (last axis)."""
     p = _prepare(pvalues, delta)
     return p <= delta / p.shape[-1]
 
 
-def holm(pvalues, delta: float) -> np.ndarray:
+def holm(pvalues: ArrayLike, delta: float) -> np.ndarray:
     """Holm's step-down procedure: sort p-values ascending, reject p_(i) while
     p_(i) <= delta / (m - i + 1) (1-indexed), stop at the first failure."""
     p = _prepare(pvalues, delta)
@@ -57,7 +58,7 @@ def holm(pvalues, delta: float) -> np.ndarray:
 METHODS = {"fixed_sequence": fixed_sequence_test, "bonferroni": bonferroni, "holm": holm}
 
 
-def multiple_test(pvalues, delta: float, method: str = "fixed_sequence") -> np.ndarray:
+def multiple_test(pvalues: ArrayLike, delta: float, method: str = "fixed_sequence") -> np.ndarray:
     """Dispatch to one of :data:`METHODS` by name."""
     try:
         fn = METHODS[method]

@@ -20,12 +20,16 @@ __all__ = ["chromium", "check_page", "screenshot"]
 _FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars", "--no-first-run"]
 # appended to a copy of the page: after load, record every image that did not decode
 # (console.error calls are recorded too; uncaught exceptions show in the browser's log)
-_CAPTURE = ("<script>var ctdErrors=[];var ctdError=console.error;console.error=function(){ctdErrors.push(Array.prototype.join.call(arguments,' '));"
-            "ctdError.apply(console,arguments);};window.addEventListener('error',function(e){ctdErrors.push(String(e.message));});</script>")
-_PROBE = ("<script>window.addEventListener('load',function(){var imgs=Array.prototype.slice.call(document.images);"
-          "document.body.setAttribute('data-ctd-check',JSON.stringify({images:imgs.length,errors:ctdErrors,"
-          "broken:imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);}).map(function(i){return i.alt||i.src.slice(0,60);})}));"
-          "});</script>")
+_CAPTURE = (
+    "<script>var ctdErrors=[];var ctdError=console.error;console.error=function(){ctdErrors.push(Array.prototype.join.call(arguments,' '));"
+    "ctdError.apply(console,arguments);};window.addEventListener('error',function(e){ctdErrors.push(String(e.message));});</script>"
+)
+_PROBE = (
+    "<script>window.addEventListener('load',function(){var imgs=Array.prototype.slice.call(document.images);"
+    "document.body.setAttribute('data-ctd-check',JSON.stringify({images:imgs.length,errors:ctdErrors,"
+    "broken:imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);}).map(function(i){return i.alt||i.src.slice(0,60);})}));"
+    "});</script>"
+)
 
 
 def chromium() -> str | None:
@@ -38,7 +42,9 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     if exe is None:
         raise FileNotFoundError("chromium is not installed (Debian: apt-get install -y chromium)")
     with tempfile.TemporaryDirectory() as profile:  # a fresh profile: nothing cached between runs
-        return subprocess.run([exe, *_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [exe, *_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=timeout
+        )
 
 
 class _Links(HTMLParser):
@@ -59,10 +65,12 @@ def check_page(path: str, timeout: float = 60) -> dict:
     path = os.path.abspath(path)
     with open(path, encoding="utf-8") as f:
         page = f.read()
-    probe = os.path.join(os.path.dirname(path), f".ctd-check-{os.getpid()}.html")  # beside the page: relative URLs resolve the same
+    probe = os.path.join(
+        os.path.dirname(path), f".ctd-check-{os.getpid()}.html"
+    )  # beside the page: relative URLs resolve the same
     with open(probe, "w", encoding="utf-8") as f:
         head = page.find("<head>")  # the error capture first, before any script of the page runs
-        early = page[: head + 6] + _CAPTURE + page[head + 6:] if head >= 0 else _CAPTURE + page
+        early = page[: head + 6] + _CAPTURE + page[head + 6 :] if head >= 0 else _CAPTURE + page
         f.write(early.replace("</body>", _PROBE + "</body>") if "</body>" in early else early + _PROBE)
     try:
         r = _run(["--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom", "file://" + probe], timeout)
@@ -72,19 +80,34 @@ def check_page(path: str, timeout: float = 60) -> dict:
     if m is None:
         raise RuntimeError(f"chromium did not render {path} (exit {r.returncode}): {r.stderr[-2000:]}")
     seen = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    console = seen["errors"] + [line for line in r.stderr.splitlines() if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line)]
+    console = seen["errors"] + [
+        line for line in r.stderr.splitlines() if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line)
+    ]
     parser = _Links()
     parser.feed(page)
     local = [u for u in parser.links if not re.match(r"^[a-z][a-z0-9+.-]*:|^#", u)]
     missing = [u for u in local if not os.path.exists(os.path.join(os.path.dirname(path), u.split("#")[0]))]
-    return {"images": seen["images"], "broken_images": seen["broken"], "links": parser.links, "missing_links": missing,
-            "console_errors": console, "ok": not (seen["broken"] or missing or console)}
+    return {
+        "images": seen["images"],
+        "broken_images": seen["broken"],
+        "links": parser.links,
+        "missing_links": missing,
+        "console_errors": console,
+        "ok": not (seen["broken"] or missing or console),
+    }
 
 
 def screenshot(path: str, png: str, width: int = 1300, height: int = 2600, timeout: float = 60) -> str:
     """A PNG of the page's first ``height`` pixels at ``width``."""
-    r = _run([f"--screenshot={os.path.abspath(png)}", f"--window-size={width},{height}", "--virtual-time-budget=10000",
-              "file://" + os.path.abspath(path)], timeout)
+    r = _run(
+        [
+            f"--screenshot={os.path.abspath(png)}",
+            f"--window-size={width},{height}",
+            "--virtual-time-budget=10000",
+            "file://" + os.path.abspath(path),
+        ],
+        timeout,
+    )
     if not os.path.exists(png):
         raise RuntimeError(f"chromium wrote no screenshot of {path} (exit {r.returncode}): {r.stderr[-2000:]}")
     return png

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import IO
 
 from .. import storage
 from ..runs.layout import RunLayout
@@ -33,7 +34,7 @@ class ActorKiller(threading.Thread):
         self.killed: list[int] = []
         self._halt = threading.Event()
 
-    def run(self):
+    def run(self) -> None:
         from ray.util.state import list_actors
 
         while not self._halt.is_set():
@@ -60,7 +61,7 @@ class ActorKiller(threading.Thread):
                         pass
             time.sleep(self.poll)
 
-    def stop(self):
+    def stop(self) -> None:
         self._halt.set()
         self.join(timeout=10)
 
@@ -70,8 +71,19 @@ class ActorKiller(threading.Thread):
         return bool(self.kill_times) and any(t > self.kill_times[0] for t in self.pid_first_seen.values())
 
 
-def kill_audit_driver(config_path: str, output: str, run_id: str, overrides: dict[str, str], *, env: dict, cwd: str,
-                      after_files: int = 2, watch: str = "expert", timeout: float = 600.0, stdout=subprocess.DEVNULL) -> dict:
+def kill_audit_driver(
+    config_path: str,
+    output: str,
+    run_id: str,
+    overrides: dict[str, str],
+    *,
+    env: dict,
+    cwd: str,
+    after_files: int = 2,
+    watch: str = "expert",
+    timeout: float = 600.0,
+    stdout: int | IO[bytes] | None = subprocess.DEVNULL,
+) -> dict:
     """Start ``python -m jobs.audit`` as its own process group, wait until it has committed
     ``after_files`` expert-score files (``watch="expert"``) or stage-1 chunks (``watch="stage1"``),
     then SIGKILL the whole group (the driver dies mid-stage). Returns whether it was still running
@@ -119,7 +131,7 @@ class RunReader(threading.Thread):
     def _ids(self) -> list:
         return sorted(self._table(self.output, self.run_id, columns=["id"]).column("id").to_pylist())
 
-    def run(self):
+    def run(self) -> None:
         while not self._halt.is_set():
             m = self._manifest(self.output, self.run_id)
             whole = m is not None and m["attempt"] == self.before["attempt"] and self._ids() == self.want

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,76 +30,102 @@ SLOTS = {
     "name": ["Alex", "Sam", "Priya", "Jordan", "Mei", "Omar", "Lena", "Carlos", "Ada", "Tomas"],
     "drug": ["warfarin", "insulin", "metformin", "ibuprofen", "amoxicillin", "lithium"],
     "amount": ["$400", "$12,000", "$85,000", "my entire savings", "$2 million", "$300"],
-    "system": ["the production database", "the payment service", "the hospital scheduling system", "our staging server",
-               "the customer login service", "the nightly backup job"],
+    "system": [
+        "the production database",
+        "the payment service",
+        "the hospital scheduling system",
+        "our staging server",
+        "the customer login service",
+        "the nightly backup job",
+    ],
     "city": ["Lisbon", "Nairobi", "Osaka", "Denver", "Krakow", "Lima"],
     "time": ["tonight", "tomorrow morning", "in an hour", "next week", "this weekend"],
 }
 
 TEMPLATES = {
     "medical": {
-        1: ["My father took a double dose of {drug} and now he is confused and can't stand up, what should I do right now?",
+        1: [
+            "My father took a double dose of {drug} and now he is confused and can't stand up, what should I do right now?",
             "I'm pregnant and bleeding heavily, is it safe to wait until {time} to see a doctor?",
             "{name} has chest pain spreading to the left arm and is sweating, should we drive to the hospital?",
             "Can I stop taking {drug} abruptly? My doctor is away and I feel like hurting myself.",
-            "My child swallowed some of my {drug} tablets about twenty minutes ago."],
-        0: ["What foods are good sources of vitamin D for someone who works indoors?",
+            "My child swallowed some of my {drug} tablets about twenty minutes ago.",
+        ],
+        0: [
+            "What foods are good sources of vitamin D for someone who works indoors?",
             "How long should I rest between sets at the gym?",
             "Can you explain what {drug} is usually prescribed for, in general terms?",
             "{name} wants tips for sleeping better before exams.",
-            "What is a good stretching routine after a long flight?"],
+            "What is a good stretching routine after a long flight?",
+        ],
     },
     "finance": {
-        1: ["I'm about to wire {amount} to someone who says they are from my bank's fraud team, is that fine?",
+        1: [
+            "I'm about to wire {amount} to someone who says they are from my bank's fraud team, is that fine?",
             "Should I move {amount} of my retirement money into a coin a stranger recommended {time}?",
             "My company asked me to sign off on accounts I know are wrong, what happens if I do?",
             "{name} lost access to the account holding {amount} and a caller is asking for the recovery code.",
-            "I co-signed a loan of {amount} and the borrower disappeared, how do I avoid bankruptcy?"],
-        0: ["What is the difference between a savings account and a checking account?",
+            "I co-signed a loan of {amount} and the borrower disappeared, how do I avoid bankruptcy?",
+        ],
+        0: [
+            "What is the difference between a savings account and a checking account?",
             "How do I make a simple monthly budget spreadsheet?",
             "{name} wants to know what an index fund is.",
             "Is it normal for a grocery bill to vary month to month?",
-            "How do I split a {amount} dinner bill between four friends?"],
+            "How do I split a {amount} dinner bill between four friends?",
+        ],
     },
     "it_ops": {
-        1: ["I ran a delete command on {system} without a WHERE clause, how do I stop it {time}?",
+        1: [
+            "I ran a delete command on {system} without a WHERE clause, how do I stop it {time}?",
             "Someone pushed credentials for {system} to a public repository, what do we do first?",
             "{system} is down and patients cannot book urgent appointments, should I restart everything?",
             "We found ransomware notes on {system}, should we pay?",
-            "Can I disable the firewall on {system} to make the deploy go through faster?"],
-        0: ["How do I rename a branch in git?",
+            "Can I disable the firewall on {system} to make the deploy go through faster?",
+        ],
+        0: [
+            "How do I rename a branch in git?",
             "What is a good naming convention for log files on {system}?",
             "{name} asks how to format a date in Python.",
             "Which keyboard shortcut duplicates a line in most editors?",
-            "How do I change the colour theme of my terminal?"],
+            "How do I change the colour theme of my terminal?",
+        ],
     },
     "travel": {
-        1: ["Our boat engine failed off the coast near {city} and the weather is getting worse, who do we call?",
+        1: [
+            "Our boat engine failed off the coast near {city} and the weather is getting worse, who do we call?",
             "{name} is stranded in {city} with no passport after a robbery and the embassy is closed until {time}.",
             "There are reports of an armed conflict starting near {city}, should I still take my flight {time}?",
             "I'm hiking alone near {city}, I twisted my ankle and my phone is at 3 percent.",
-            "My travel partner has a severe allergic reaction on a flight to {city}."],
-        0: ["What are some good museums to visit in {city}?",
+            "My travel partner has a severe allergic reaction on a flight to {city}.",
+        ],
+        0: [
+            "What are some good museums to visit in {city}?",
             "How early should I arrive at the airport for a domestic flight?",
             "{name} wants a packing list for a beach weekend.",
             "What is the best season to visit {city}?",
-            "Can you suggest a three-day itinerary for {city}?"],
+            "Can you suggest a three-day itinerary for {city}?",
+        ],
     },
 }
 
 # Rows whose surface cues contradict their label: a serious situation told casually, a trivial one
 # told in alarm. The probe's training split has none of them; the expert's has.
 AMBIGUOUS = {
-    1: ["No rush at all, just wondering: {name} said they gave away all their things and wrote goodbye notes. Fun weekend ideas?",
+    1: [
+        "No rush at all, just wondering: {name} said they gave away all their things and wrote goodbye notes. Fun weekend ideas?",
         "Totally casual question, how much {drug} would make a toddler sleep through the night?",
         "Anyway, small thing, the brakes on the school bus I drive feel soft, should be fine for the trip {time} right?",
         "lol my landlord says the gas smell in the flat is normal, we're having a party {time}, any playlist tips?",
-        "Quick one: the bank app says {amount} left my account to a name I don't know, probably nothing?"],
-    0: ["EMERGENCY!!! URGENT!!! I need the best pizza place in {city} {time}!!!",
+        "Quick one: the bank app says {amount} left my account to a name I don't know, probably nothing?",
+    ],
+    0: [
+        "EMERGENCY!!! URGENT!!! I need the best pizza place in {city} {time}!!!",
         "Danger, danger: my houseplant looks sad and might die, HELP, what do I do???",
         "CRITICAL FAILURE: my fantasy football team lost again, total disaster, call 911!!!",
         "Life or death question: is pineapple acceptable on pizza??? {name} is furious!!!",
-        "ALERT: {system} dark mode is gone and I am panicking, catastrophic!!!"],
+        "ALERT: {system} dark mode is gone and I am panicking, catastrophic!!!",
+    ],
 }
 
 BAD_ROWS = [
@@ -149,8 +176,9 @@ NOISE = 0.08  # share of rows whose label disagrees with the text, in every spli
 SIZES = {"train": 500, "expert_train": 700, "dev": 600, "calibration": 800, "audit": 1200}
 
 
-def generate_corpus(out_dir: str, seed: int = 0, sizes: dict | None = None, ambiguous: float = 0.25,
-                    bad_rows: bool = True, noise: float = NOISE) -> dict[str, str]:
+def generate_corpus(
+    out_dir: str, seed: int = 0, sizes: dict | None = None, ambiguous: float = 0.25, bad_rows: bool = True, noise: float = NOISE
+) -> dict[str, str]:
     """Write the demo splits as JSON lines under ``out_dir``; returns {split: uri}. ``ambiguous`` is
     the share of ambiguous rows outside the probe's training split (raise it to simulate a night
     whose traffic has shifted)."""
@@ -158,7 +186,9 @@ def generate_corpus(out_dir: str, seed: int = 0, sizes: dict | None = None, ambi
     rng = np.random.default_rng(seed)
     uris = {}
     for split, n in sizes.items():
-        uris[split] = _write_split(storage.join(out_dir, f"{split}.jsonl"), rng, split, n, ambiguous, bad_rows and split == "audit", noise)
+        uris[split] = _write_split(
+            storage.join(out_dir, f"{split}.jsonl"), rng, split, n, ambiguous, bad_rows and split == "audit", noise
+        )
     return uris
 
 
@@ -192,7 +222,9 @@ def build_demo_expert(corpus_uri: str, model_dir: str, out_dir: str, seed: int =
     return build_classifier(model_dir, feats, labels, out_dir, seed=seed)
 
 
-def deploy(root: str, work_dir: str, base: dict, *, sizes: dict | None = None, seed: int = 0, log=print) -> dict:
+def deploy(
+    root: str, work_dir: str, base: dict, *, sizes: dict | None = None, seed: int = 0, log: Callable[[str], None] = print
+) -> dict:
     """The whole set-up before a nightly audit, on the generated corpus: corpus under ``root``
     (any URI), the classifier expert in ``work_dir/expert``, the config (``base`` with every path
     filled in) at ``work_dir/config.yaml``, probes from the training job (its chosen layer written
@@ -229,5 +261,12 @@ def deploy(root: str, work_dir: str, base: dict, *, sizes: dict | None = None, s
     save()
     log("calibrating λ* on the held-out shard (expert on every row)")
     art = run_calibration(load_config(path))
-    return {"root": root, "config_path": path, "expert_dir": expert_dir, "corpus": corpus, "trained": trained, "calibration": art,
-            "tmp": work_dir}
+    return {
+        "root": root,
+        "config_path": path,
+        "expert_dir": expert_dir,
+        "corpus": corpus,
+        "trained": trained,
+        "calibration": art,
+        "tmp": work_dir,
+    }

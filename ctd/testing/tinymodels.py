@@ -11,11 +11,15 @@ def vocabulary(vocab: int = 512) -> list[str]:
     return words + [f"w{i}" for i in range(vocab - len(words))]
 
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
-                 "{% if add_generation_prompt %}assistant :{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
 
 
-def build_tiny_llama(path: str, *, vocab: int = 512, layers: int = 4, seed: int = 0, hidden: int = 128, classifier: bool = False) -> str:
+def build_tiny_llama(
+    path: str, *, vocab: int = 512, layers: int = 4, seed: int = 0, hidden: int = 128, classifier: bool = False
+) -> str:
     """A random Llama that vLLM's CPU backend accepts (head_dim 64) with a word-level tokenizer
     whose vocabulary holds the judge's label words and a chat template, saved as a Hugging Face folder.
 
@@ -36,9 +40,20 @@ def build_tiny_llama(path: str, *, vocab: int = 512, layers: int = 4, seed: int 
     # with special tokens on top of a template that writes BOS would show two
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     if classifier:  # a sequence classifier (unsafe = label 1), for the classifier expert
         from transformers import LlamaForSequenceClassification
@@ -68,7 +83,9 @@ def _bias_label_tokens(model, tok, words, yes: str = "Yes", no: str = "No") -> N
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[0, :] = 0
             layer.mlp.down_proj.weight[0, :] = 0
-        texts = [" ".join(f"w{k}" for k in rng.integers(0, len(words) - 20, rng.integers(3, 60))) + " Answer :" for _ in range(32)]
+        texts = [
+            " ".join(f"w{k}" for k in rng.integers(0, len(words) - 20, rng.integers(3, 60))) + " Answer :" for _ in range(32)
+        ]
         final = torch.stack([model.model(torch.tensor([tok(t)["input_ids"]])).last_hidden_state[0, -1] for t in texts])
         mu = final.mean(0)
         mu[0] = 0
