@@ -13,7 +13,7 @@ filter actor, needs. (It also requires ids unique across all rows: our corpora c
 which the audit quarantines.)
 
 The audit's own resume holds no id on any single process: committed expert rows are skipped by a
-hash-partitioned ``left_anti`` join on id (``ctd/pipeline/audit.py``), whose per-task memory is the
+hash-partitioned ``left_anti`` join on id (``ctd/audit/judging.py``), whose per-task memory is the
 partition's share; stage 1 is reused whole when its content key matches.
 """
 

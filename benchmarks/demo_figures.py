@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ctd import storage  # noqa: E402
-from ctd.runs.layout import list_runs, read_run_table, run_file  # noqa: E402
+from ctd.runs.folder import list_runs, read_run_table, run_file  # noqa: E402
 from ctd.stats.metrics import auroc  # noqa: E402
 from ctd.tables import read_parquet  # noqa: E402
 

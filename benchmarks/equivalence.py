@@ -55,7 +55,7 @@ def audit(code_dir: str, config: str, run_id: str, cap: float | None) -> float:
 
 def published(output: str, run_id: str) -> dict:
     from ctd import storage
-    from ctd.runs.layout import read_run_table, run_file
+    from ctd.runs.folder import read_run_table, run_file
 
     res = read_run_table(output, run_id)
     q = read_run_table(output, run_id, "quarantine")

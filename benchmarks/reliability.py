@@ -37,6 +37,7 @@ import yaml  # noqa: E402
 
 from ctd import storage  # noqa: E402
 from ctd.config import ConfigError, load_config  # noqa: E402
+from ctd.runs.layout import RunLayout  # noqa: E402
 from ctd.testing.demo import BAD_ROWS, deploy, generate_corpus  # noqa: E402
 from ctd.testing.localstack import RayHead, SeaweedFS, find_secrets, ray_session_logs  # noqa: E402
 
@@ -68,7 +69,7 @@ def scenario_actor_kills(d, corpus, out):
     finally:
         for k in killers.values():
             k.stop()
-    v = verify_run(out, "actor-kills", corpus=corpus)
+    v = verify_run(RunLayout(out, "actor-kills").root, corpus=corpus)
     return {
         "faults": [
             {
@@ -88,7 +89,7 @@ def scenario_actor_kills(d, corpus, out):
 
 def scenario_driver_kill(d, corpus, out, head):
     from ctd.audit.run import run_audit
-    from ctd.runs.layout import list_runs, read_manifest
+    from ctd.runs.folder import list_runs, read_manifest
     from ctd.runs.verify import verify_run
     from ctd.testing.chaos import kill_audit_driver
 
@@ -104,7 +105,7 @@ def scenario_driver_kill(d, corpus, out, head):
     interrupted, committed = killed["interrupted"], killed["committed_rows"]
     hidden = read_manifest(out, "resumed") is None and "resumed" not in list_runs(out)
     report = run_audit(load_config(d["config_path"], {"audit.corpus": corpus, "audit.output": out}), run_id="resumed")
-    v = verify_run(out, "resumed", corpus=corpus)
+    v = verify_run(RunLayout(out, "resumed").root, corpus=corpus)
     return {
         "fault": "SIGKILL the driver while it writes expert scores",
         "interrupted_mid_run": interrupted,
@@ -128,7 +129,7 @@ def scenario_driver_kill(d, corpus, out, head):
 
 def scenario_rerun_kill(d, corpus, out, head, run_id="actor-kills"):
     """Kill a rerun of a published run mid-way while a reader polls it."""
-    from ctd.runs.layout import read_manifest
+    from ctd.runs.folder import read_manifest
     from ctd.runs.verify import verify_run
     from ctd.testing.chaos import RunReader, kill_audit_driver
 
@@ -147,7 +148,7 @@ def scenario_rerun_kill(d, corpus, out, head, run_id="actor-kills"):
     killed = kill_audit_driver(d["config_path"], out, run_id, overrides, env=env, cwd=ROOT)
     reads = reader.stop()
     after = read_manifest(out, run_id)
-    v = verify_run(out, run_id, corpus=corpus)
+    v = verify_run(RunLayout(out, run_id).root, corpus=corpus)
     ok = killed["interrupted"] and reader.saw_previous_run_whole and after == before and v["ok"]
     return {
         "fault": "SIGKILL the driver of a rerun of a published run mid-way",
@@ -161,7 +162,8 @@ def scenario_rerun_kill(d, corpus, out, head, run_id="actor-kills"):
 
 
 def scenario_budget_cap(d, shifted, out, head, cap_fraction=0.05):
-    from ctd.runs.layout import RunLayout, read_run_table, run_file
+    from ctd.runs.folder import read_run_table, run_file
+    from ctd.runs.layout import RunLayout
     from ctd.tables import read_parquet
 
     env = dict(os.environ, RAY_ADDRESS=head.address)
@@ -214,7 +216,8 @@ def scenario_budget_cap(d, shifted, out, head, cap_fraction=0.05):
 
 def scenario_failed_job(d, corpus, out):
     from ctd.audit.run import run_audit
-    from ctd.runs.layout import RunLayout, list_runs
+    from ctd.runs.folder import list_runs
+    from ctd.runs.layout import RunLayout
 
     cfg = load_config(
         d["config_path"], {"audit.corpus": corpus, "audit.output": out, "expert.classifier.path": "/nonexistent/model"}

@@ -194,7 +194,7 @@ def run(code: str, config: str, corpus: str, output: str, extra: list[str], env:
     rss = int(next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("DRIVER_PEAK_RSS_KIB")))
     parts = json.loads(next(line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("DRIVER_PEAKS_KIB")))
     sys.path.insert(0, ROOT)
-    from ctd.runs.layout import run_file
+    from ctd.runs.folder import run_file
 
     root = os.path.join(output, "runs", "scale")
     rep = json.load(open(run_file(output, "scale", "report.json")))  # either layout (v1 before attempts, v2)

@@ -39,7 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from ctd import storage  # noqa: E402
-from ctd.runs.layout import RunLayout, read_manifest, read_run_table  # noqa: E402
+from ctd.runs.folder import read_manifest, read_run_table  # noqa: E402
+from ctd.runs.layout import RunLayout  # noqa: E402
 from ctd.runs.lease import Lease  # noqa: E402
 from ctd.tables import write_parquet  # noqa: E402
 from ctd.testing.localstack import SeaweedFS  # noqa: E402

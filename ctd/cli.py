@@ -19,6 +19,7 @@ lease another driver holds, or took over from this one, prints one line and exit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -108,37 +109,70 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
-def _cmd_report(args) -> int:
+def _cmd_show(args: argparse.Namespace) -> int:
     from .audit.report import show_report
-    from .runs.fetch import fetch_report
 
-    if args.report_cmd == "fetch":
-        for path in fetch_report(args.uri, args.to):
-            print(path)
-        return 0
-    if args.report_cmd == "verify":
-        import json
-
-        from . import storage
-        from .runs.verify import verify_run
-
-        uri = args.uri.rstrip("/")
-        run_id = uri.rsplit("/", 1)[-1]
-        output = uri[: -len(run_id)].rstrip("/")
-        output = output[: -len("/runs")] if output.endswith("/runs") else output
-        res = verify_run(output if "://" in uri else storage.local_path(output), run_id, corpus=args.corpus)
-        print(json.dumps(res, indent=2))
-        return 0 if res["ok"] else 1
-    if args.report_cmd == "history":
-        from .runs.history import history, history_text
-        from .runs.layout import list_runs
-
-        out = args.output.rstrip("/")
-        if not list_runs(out):
-            raise FileNotFoundError(f"no published runs under {out}/runs: is {out} the audit output (audit.output)?")
-        print(history_text(history(out, calibration_hash=args.calibration, last=args.last)))
-        return 0
     print(show_report(args.uri))
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from .runs.fetch import fetch
+
+    dest, written = fetch(args.uri, args.to, data=args.data)
+    for path in written:
+        print(path)
+    print(
+        f"fetched into {dest}: open it with `ctd report show {dest}`"
+        + (f" or `ctd report verify {dest}`" if args.data else "")
+        + (
+            f"; the nights fetched so far: `ctd report history {args.to}`"
+            if os.path.basename(os.path.dirname(dest)) == "runs"
+            else ""
+        )
+    )
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from . import storage
+    from .runs.verify import verify_run
+
+    if not storage.exists(args.uri):
+        raise UsageError(f"{args.uri}: no such folder (give a run folder: <output>/runs/<run_id>, or a copy of one)")
+    res = verify_run(args.uri, corpus=args.corpus)
+    if args.json:
+        sys.stdout.buffer.write((json.dumps(res, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    else:
+        counts = ", ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in res.items() if k not in ("ok", "problems", "published", "run_id")
+        )
+        print(f"{args.uri}: {'ok' if res['ok'] else 'NOT OK'}" + (f" ({counts})" if res.get("published") else ""))
+        for p in res["problems"]:
+            print(f"  - {p}")
+    return 0 if res["ok"] else 1
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from .runs.folder import list_runs
+    from .runs.history import history, history_text
+
+    out = args.output.rstrip("/")
+    if not list_runs(out):
+        raise UsageError(
+            f"{out}: no published runs under {out}/runs (give the audit output, audit.output, or a folder `ctd report fetch` wrote)"
+        )
+    h = history(out, calibration_hash=args.calibration, last=args.last)
+    print(history_text(h))
+    return 1 if (args.strict and h.gaps) else 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .audit.index import write_index
+
+    print(write_index(args.output.rstrip("/")))
     return 0
 
 
@@ -157,6 +191,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="ctd", description="Calibrate-Then-Delegate safety monitoring")
+    ap.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     c = sub.add_parser("calibrate", help="calibrate the delegation threshold from a labelled scores table")
@@ -183,21 +218,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder or URI")
     c.set_defaults(fn=_cmd_calibrate)
 
-    r = sub.add_parser("report", help="fetch, show, verify audit and calibration reports, and the trend over nights")
+    r = sub.add_parser("report", help="fetch, show, verify audit and calibration reports, the nights so far, their index")
     rs = r.add_subparsers(dest="report_cmd", required=True, parser_class=_Parser)
-    f = rs.add_parser("fetch", help="download a report (JSON, HTML, plots) from a run or calibration URI")
-    f.add_argument("uri")
-    f.add_argument("--to", default=".", help="local folder (default: current)")
-    s = rs.add_parser("show", help="print a report's summary")
+    f = rs.add_parser(
+        "fetch", help="copy a published run (its reports) or a calibration into a local folder the tools read as is"
+    )
+    f.add_argument("uri", help="a run folder (<output>/runs/<run_id>) or a calibration folder, on any store")
+    f.add_argument("--to", default=".", help="local folder: a run lands in <to>/runs/<run_id>/ (default: the current folder)")
+    f.add_argument("--data", action="store_true", help="copy the results and quarantine too (what `verify` checks)")
+    f.set_defaults(fn=_cmd_fetch)
+    s = rs.add_parser("show", help="print a report's summary (a run folder, a calibration folder or a report JSON)")
     s.add_argument("uri")
-    v = rs.add_parser("verify", help="check a published run: manifest, files, row counts, no duplicate ids (exit 1 if not)")
-    v.add_argument("uri", help="<output>/runs/<run_id>")
+    s.set_defaults(fn=_cmd_show)
+    v = rs.add_parser(
+        "verify", help="check a run folder, or a copy of one, against its manifest (exit 1 with the reasons if not)"
+    )
+    v.add_argument("uri", help="a run folder: <output>/runs/<run_id>, or a copy of one")
     v.add_argument("--corpus", default=None, help="the corpus the run audited: every id in it must be accounted for exactly once")
-    h = rs.add_parser("history", help="the nights before: one line per audited day with the same calibration")
-    h.add_argument("output", help="the audit output (audit.output): <output>/runs/ holds the runs")
+    v.add_argument("--json", action="store_true", help="the result as JSON (UTF-8) on stdout")
+    v.set_defaults(fn=_cmd_verify)
+    h = rs.add_parser(
+        "history", help="the nights so far: one line per audited day with the same calibration, and the unreadable runs"
+    )
+    h.add_argument(
+        "output", help="the audit output (audit.output), or a folder `ctd report fetch` wrote: <output>/runs/ holds the runs"
+    )
     h.add_argument("--last", type=_positive("--last"), default=None, help="only the last N nights")
     h.add_argument("--calibration", default=None, help="calibration hash or a prefix of it (default: the latest night's)")
-    r.set_defaults(fn=_cmd_report)
+    h.add_argument("--strict", action="store_true", help="exit 1 when a published run could not be read")
+    h.set_defaults(fn=_cmd_history)
+    ix = rs.add_parser("index", help="write <output>/index.html: every night with its status and report, and the trend")
+    ix.add_argument("output", help="the audit output (audit.output)")
+    ix.set_defaults(fn=_cmd_index)
 
     m = sub.add_parser("monitor", help="online monitoring of step-wise verifier scores")
     ms = m.add_subparsers(dest="monitor_cmd", required=True, parser_class=_Parser)
@@ -217,16 +269,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``ctd`` command. Exit codes: 0 done; 1 what was read cannot be trusted (a report or run
+    folder that is corrupt, incomplete or modified after publishing; a failed verify); 2 bad usage or
+    bad input (a wrong path or run id, a malformed table, a level outside (0, 1), no storage
+    credentials). Every error is one line naming the file or URI and what to do; --debug adds the
+    traceback."""
     from .model.artifacts import ArtifactError
+    from .runs.folder import NotARun, RunError
     from .tables import TableError
 
     ap = build_parser()
     args = ap.parse_args(argv)  # argparse itself exits with 2 on bad arguments
     try:
         return args.fn(args)
-    except (UsageError, TableError, ArtifactError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        target = getattr(args, "uri", None) or getattr(args, "output", None) or getattr(args, "scores", None) or ""
+        if (hint := _storage_problem(e, target)) is not None:
+            print(f"error: {hint}", file=sys.stderr)
+            return 2
+        if isinstance(e, NotARun) or (isinstance(e, (UsageError, TableError, FileNotFoundError)) and not isinstance(e, RunError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, (RunError, ArtifactError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, ValueError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _storage_problem(e: BaseException, uri: str) -> str | None:
+    """One line for an object store that refused us (no credentials, access denied), else None."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {type(x).__name__ for x in chain}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"}:
+        return (
+            f"{uri}: no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and CTD_S3_ENDPOINT for a "
+            "store other than AWS S3), or run where the platform provides them (an instance or pod role)"
+        )
+    text = " ".join(str(x) for x in chain)
+    if names & {"PermissionError", "ClientError"} and any(
+        k in text
+        for k in ("AccessDenied", "Forbidden", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Permission denied")
+    ):
+        return f"{uri}: access denied by the store: check that the credentials in the environment may read it ({type(chain[-1]).__name__})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

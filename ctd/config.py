@@ -197,6 +197,19 @@ class TrainJob(Strict):
     seed: int = 0
 
 
+class NotifyConfig(Strict):
+    """A message when a night is published: POSTed to a webhook whose URL is a secret, read from the
+    environment variable named here (never written in a config)."""
+
+    url_env: str = Field(description="name of the environment variable that holds the webhook URL")
+    format: Literal["json", "slack"] = Field(
+        "json", description="json: the run's summary; slack: an incoming-webhook text message"
+    )
+    when: Literal["attention", "always"] = Field("attention", description="attention: only a night that needs someone")
+    timeout_seconds: float = Field(5.0, gt=0, le=60)
+    retries: int = Field(3, ge=0, le=10)
+
+
 class CalibrateJob(Strict):
     corpus: str = Field(description="labelled held-out shard URI (expert runs on every row)")
     output: str = Field(description="URI folder for calibration.json and its report")
@@ -277,6 +290,7 @@ class AuditJob(NightlyJob):
         description="length of the redacted text excerpt shown for each reviewed row "
         "(secrets and credential-shaped strings replaced); 0: no text in the report at all",
     )
+    notify: NotifyConfig | None = Field(None, description="a message to a webhook when the night is published")
 
 
 class JobConfig(Strict):

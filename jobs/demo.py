@@ -19,8 +19,8 @@ from ctd.audit.run import run_audit
 from ctd.config import load_config
 from ctd.log import log
 from ctd.pipeline.raydata import init_ray
+from ctd.runs.folder import run_file
 from ctd.runs.job import audited_day
-from ctd.runs.layout import run_file
 from ctd.testing.demo import deploy, generate_night
 
 

@@ -23,6 +23,7 @@ from ctd.pipeline.dedup import _attach
 from ctd.pipeline.raydata import Tally
 from ctd.pipeline.raydata import tally_sum as _sum
 from ctd.pipeline.stages import ActivationSpec
+from ctd.runs.history import Gap, History
 from ctd.stats.calibrate import calibrate
 from ctd.stats.cascade import Cascade
 
@@ -211,6 +212,8 @@ def context(**over) -> NightContext:
         drift_alpha=0.01,
         timings={"expert": (9.0, 10)},
         resumed={},
+        review_rows=0,
+        created_at="2026-11-25T02:00:00+00:00",
     )
     return NightContext(**(base | over))
 
@@ -219,7 +222,7 @@ def test_the_summary_is_the_facts_in_words():
     t, probe, expert, deleg, status = results()
     f = facts_of(finalize(t))
     f = Facts(f.counts | {"quarantined": 10}, f.groups, f.statuses, {"empty text": 10}, f.histograms)
-    r = summarise(context(expert_calls=int(deleg.sum())), f, [])
+    r = summarise(context(expert_calls=int(deleg.sum())), f, History())
     assert isinstance(r, AuditReport) and r.invariant_ok and r.rows_scored == 3000 and r.rows_quarantined == 10
     assert (
         r.delegated == deleg.sum() and r.delegated_by_threshold == deleg.sum() and r.realised_rate == pytest.approx(deleg.mean())
@@ -232,7 +235,11 @@ def test_the_summary_is_the_facts_in_words():
     )
     assert text[1].startswith(f"{r.decisions_unsafe:,} flagged unsafe") and f"{r.unsafe_by_judge:,} by the judge" in text[1]
     assert r.drift_alarm and r.headline()[4][0] == "alarm"  # 30% of rows passed λ* against α = 20%
-    missing = summarise(context(rows_read=3011), f, [])
+    missing = summarise(context(rows_read=3011), f, History())
+    gap = Gap("old-night", "report.json: content differs from the manifest", "2026-11-23", "h")
+    gapped = summarise(context(), f, History([], [gap]))
+    assert gapped.drift_history_gaps[0]["run_id"] == "old-night"
+    assert any("could not be read" in t and "old-night" in t for k, t in gapped.headline() if k == "alarm")
     assert not missing.invariant_ok and "Rows are missing" in " ".join(s for _, s in missing.headline())
 
 
@@ -291,10 +298,20 @@ def test_stage1_resume_key_is_an_allow_list():
         threads=2,
         secret_envs=("A_KEY",),
     )
-    key = spec.resume_key("fp")
+    key = spec.resume_key("fp", "tok")
     same = [dict(model_dir="/elsewhere/a"), dict(threads=8), dict(secret_envs=("B_KEY", "C_KEY"))]
     for over in same:
-        assert ActivationSpec(**(spec.__dict__ | over)).resume_key("fp") == key, over
-    for over in (dict(gate=0.31), dict(gate=float("inf")), dict(max_length=64), dict(dtype="bf16"), dict(decision_threshold=0.6)):
-        assert ActivationSpec(**(spec.__dict__ | over)).resume_key("fp") != key, over
-    assert spec.resume_key("another model") != key
+        assert ActivationSpec(**(spec.__dict__ | over)).resume_key("fp", "tok") == key, over
+    changed = (
+        dict(gate=0.31),
+        dict(gate=float("inf")),
+        dict(gate=float("-inf")),
+        dict(max_length=64),
+        dict(dtype="bf16"),
+        dict(decision_threshold=0.6),
+        dict(excerpts=False),
+        dict(keep_text="all"),
+    )
+    keys = [ActivationSpec(**(spec.__dict__ | over)).resume_key("fp", "tok") for over in changed]
+    assert all(k != key for k in keys) and keys[1] != keys[2]  # never delegate and delegate all are two keys
+    assert spec.resume_key("another model", "tok") != key and spec.resume_key("fp", "another tokenizer") != key

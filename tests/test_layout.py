@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tree reductions): importing them must stay light
 WORKER_MODULES = [
     "ctd.pipeline.corpus",
+    "ctd.pipeline.jsonl_source",
     "ctd.pipeline.stages",
     "ctd.pipeline.dedup",
     "ctd.pipeline.raydata",

@@ -195,7 +195,7 @@ def test_monitor_job_on_s3_with_bad_trajectories(ray_head, s3, data_dir, tmp_pat
     from ctd.config import MonitorConfig, load_config
     from ctd.monitor.job import run_monitor
     from ctd.monitor.rules import read_step_table
-    from ctd.runs.layout import read_manifest, read_run_table
+    from ctd.runs.folder import read_manifest, read_run_table
 
     src = read_step_table(os.path.join(data_dir, "verifier-trajectories", "math.csv.gz"))
     first = src.slice(0, 2400)

@@ -16,7 +16,8 @@ from ctd import storage
 from ctd.audit.run import run_audit
 from ctd.config import load_config
 from ctd.model.artifacts import ArtifactError
-from ctd.runs.layout import RunLayout, list_runs, read_manifest, read_run_table, run_file
+from ctd.runs.folder import list_runs, read_manifest, read_run_table, run_file
+from ctd.runs.layout import RunLayout
 from ctd.tables import read_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,8 +46,23 @@ def expert_staging_ids(output: str, run_id: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def audited(deployment):
-    cfg = load_config(deployment["config_path"], {"audit.keep_staging": True})  # kept: the tests read what the expert received
+def webhook():
+    """A local webhook that records what it is sent (the night's message)."""
+    from test_tools import _Hook, serve
+
+    hook = type("Hook", (_Hook,), {"got": []})
+    srv, url = serve(hook)
+    yield hook, url
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def audited(deployment, webhook):
+    os.environ["CTD_TEST_NIGHT_HOOK"] = webhook[1]
+    cfg = load_config(
+        deployment["config_path"],
+        {"audit.keep_staging": True, "audit.notify": {"url_env": "CTD_TEST_NIGHT_HOOK", "when": "always"}},
+    )  # staging kept: the tests read what the expert received
     report = run_audit(cfg, run_id="night-1")
     return cfg, report, deployment["config_path"]
 
@@ -277,9 +293,14 @@ def test_report_fetch_and_show_from_s3(audited, tmp_path):
 
     cfg = audited[0]
     uri = RunLayout(cfg.audit.output, "night-1").root
-    assert main(["report", "fetch", uri, "--to", str(tmp_path)]) == 0
-    got = set(os.listdir(tmp_path / "night-1"))
+    assert main(["report", "fetch", uri, "--to", str(tmp_path), "--data"]) == 0
+    copy = tmp_path / "runs" / "night-1"
+    got = {f for _, _, fs in os.walk(copy) for f in fs}
     assert {"report.json", "report.html", "manifest.json", "dv_histogram.png", "history.png", "review.parquet"} <= got
+    assert (
+        main(["report", "show", str(copy)]) == 0 and main(["report", "verify", str(copy)]) == 0
+    )  # the copy reads as the original
+    assert main(["report", "history", str(tmp_path), "--strict"]) == 0
     r = subprocess.run(
         [sys.executable, "-m", "ctd.cli", "report", "show", uri], capture_output=True, text=True, env=os.environ.copy()
     )
@@ -297,24 +318,36 @@ def test_report_fetch_and_show_from_s3(audited, tmp_path):
 def test_reports_render_in_headless_chromium(audited, tmp_path):
     """The audit and calibration reports, fetched from S3 as a user would, load in a real browser:
     every image decodes, every link resolves beside the page, no script error; a screenshot is kept."""
+    from pathlib import Path
+
     from conftest import missing
 
-    from ctd.runs.fetch import fetch_report
+    from ctd.runs.fetch import fetch
     from ctd.testing.browser import check_page, chromium, screenshot
 
     if chromium() is None:
         missing("chromium is not installed (Debian: apt-get install -y chromium)")
     cfg = audited[0]
-    fetch_report(RunLayout(cfg.audit.output, "night-1").root, str(tmp_path))
-    fetch_report(cfg.calibrate.output, str(tmp_path))
-    for page, images in ((tmp_path / "night-1" / "report.html", 3), (tmp_path / "calibration" / "calibration_report.html", 3)):
+    run, _ = fetch(RunLayout(cfg.audit.output, "night-1").root, str(tmp_path))
+    fetch(cfg.calibrate.output, str(tmp_path))
+    audit_page = next(os.path.join(d, f) for d, _, fs in os.walk(run) for f in fs if f == "report.html")
+    for page, images in ((Path(audit_page), 3), (tmp_path / "calibration" / "calibration_report.html", 3)):
         r = check_page(str(page))
         assert r["ok"], r
         assert r["images"] == images  # (the trend and two histograms; the calibration, trade-off and DV plots)
         shot = screenshot(str(page), str(page.with_suffix(".png")))
         assert os.path.getsize(shot) > 50_000
-    r = check_page(str(tmp_path / "night-1" / "report.html"))
+    r = check_page(next(os.path.join(d, f) for d, _, fs in os.walk(run) for f in fs if f == "report.html"))
     assert set(r["links"]) == {"report.json", "review.parquet"}
+
+
+def test_the_published_night_rewrites_the_index_and_sends_its_message(audited, webhook):
+    cfg, report, _ = audited
+    got = webhook[0].got
+    assert len(got) == 1 and got[0]["body"]["run_id"] == "night-1" and got[0]["body"]["rows_read"] == 310
+    assert got[0]["body"]["report"].endswith("report.html") and webhook[1] not in json.dumps(got[0]["body"])
+    page = storage.read_bytes(storage.join(cfg.audit.output, "index.html")).decode()
+    assert "night-1" in page and "runs/night-1/attempts/" in page
 
 
 def test_mismatched_or_tampered_calibration_refused_before_compute(deployment):

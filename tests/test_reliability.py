@@ -15,7 +15,8 @@ from ctd import storage
 from ctd.audit.run import run_audit
 from ctd.config import load_config
 from ctd.pipeline.scoring import stage1_files
-from ctd.runs.layout import RunLayout, list_runs, read_manifest, read_run_table, run_file
+from ctd.runs.folder import list_runs, read_manifest, read_run_table, run_file
+from ctd.runs.layout import RunLayout
 from ctd.runs.verify import verify_run
 from ctd.tables import read_parquet
 from ctd.testing.chaos import ActorKiller, RunReader, kill_audit_driver
@@ -57,7 +58,7 @@ def test_activation_and_expert_actors_killed_mid_run(deployment, big):
             k.stop()
     assert all(k.killed for k in killers), [k.killed for k in killers]  # both faults really happened...
     assert all(k.restarted for k in killers)  # ...and Ray restarted the actors
-    v = verify_run(big["out"], "killed", corpus=big["corpus"])
+    v = verify_run(RunLayout(big["out"], "killed").root, corpus=big["corpus"])
     assert v["ok"], v["problems"]
     assert v["rows_lost"] == 0 and v["duplicate_ids"] == 0 and report.invariant_ok
     assert report.rows_read == 1510 and report.rows_quarantined == 10
@@ -84,7 +85,7 @@ def test_driver_killed_while_writing_leaves_no_run_and_resume_skips_finished_wor
     assert report.resumed["expert_rows"] >= committed > 0
     assert report.expert_calls + report.resumed["expert_rows"] == report.delegated  # no delegated row scored twice...
     assert report.expert_calls < report.delegated  # ...and the finished ones were not scored again
-    v = verify_run(big["out"], "resumed", corpus=big["corpus"])
+    v = verify_run(RunLayout(big["out"], "resumed").root, corpus=big["corpus"])
     assert v["ok"] and v["rows_lost"] == 0 and v["duplicate_ids"] == 0, v["problems"]
     fs, staging = storage.filesystem(RunLayout(big["out"], "resumed").staging)
     assert not [
@@ -120,7 +121,7 @@ def test_stage1_resumes_per_chunk_keyed_by_content(deployment, big, ray_head):
     )
     assert report.rows_read == 400 and report.invariant_ok and report.rows_quarantined == 10
     assert {c: storage.read_json(f"{stage1}/{c}/_SUCCESS.json") for c in before} == before  # reused as committed, not rewritten
-    v = verify_run(out, "chunked", corpus=folder)
+    v = verify_run(RunLayout(out, "chunked").root, corpus=folder)
     assert v["ok"] and v["rows_lost"] == 0 and v["duplicate_ids"] == 0, v["problems"]
     first = read_run_table(out, "chunked", columns=["id", "final"]).sort_by("id")
 
@@ -168,7 +169,7 @@ def test_a_rerun_killed_midway_leaves_the_previous_run_published_and_readable(de
         text=True,
     )
     assert r.returncode == 0 and "rows read 1510" in r.stdout, r.stdout + r.stderr
-    assert verify_run(out, rid, corpus=big["corpus"])["ok"]
+    assert verify_run(RunLayout(out, rid).root, corpus=big["corpus"])["ok"]
 
 
 def test_two_drivers_on_one_run_id_one_refused_and_the_date_is_a_parameter(deployment, big, ray_head):

@@ -16,7 +16,7 @@ from ctd.cli import main
 from ctd.config import CalibrationConfig
 from ctd.reporting.plots import plot_history
 from ctd.reporting.redact import excerpt, redact
-from ctd.runs.history import history, history_text
+from ctd.runs.history import History, history, history_text
 from ctd.runs.layout import RunLayout
 from ctd.stats.calibrate import threshold_grid
 from ctd.stats.pvalues import binomial_pvalue, min_certifiable_n, rows_to_certify
@@ -115,23 +115,23 @@ def nights(tmp_path):
 
 
 def test_history_is_one_point_per_audited_day_with_one_calibration(nights):
-    h = history(nights)  # default: the latest night's calibration (A)
+    h = history(nights).nights  # default: the latest night's calibration (A)
     assert [x["audited_date"] for x in h] == ["2026-11-20", "2026-11-21", "2026-11-23"]
     assert [x["run_id"] for x in h] == ["audit-2026-11-20", "rerun-2026-11-21", "audit-2026-11-23"]  # the later run of a day wins
-    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-B")] == ["2026-11-22"]
-    assert [x["run_id"] for x in history(nights, last=2)] == ["rerun-2026-11-21", "audit-2026-11-23"]
+    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-B").nights] == ["2026-11-22"]
+    assert [x["run_id"] for x in history(nights, last=2).nights] == ["rerun-2026-11-21", "audit-2026-11-23"]
     # the audit's own use: this run id and this day left out (a rerun replaces them)
     assert [
         x["audited_date"]
-        for x in history(nights, calibration_hash="cal-A", exclude_run="audit-2026-11-23", before_day="2026-11-21")
+        for x in history(nights, calibration_hash="cal-A", exclude_run="audit-2026-11-23", before_day="2026-11-21").nights
     ] == ["2026-11-20"]
     # a backfill of 2026-11-22 sees only the nights before it, never later ones
-    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-A", before_day="2026-11-22")] == [
+    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-A", before_day="2026-11-22").nights] == [
         "2026-11-20",
         "2026-11-21",
     ]
-    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-B")] == ["2026-11-22"]  # a prefix is enough:
-    assert len(history(nights, calibration_hash="cal-A"[:5])) == 3
+    assert [x["audited_date"] for x in history(nights, calibration_hash="cal-B").nights] == ["2026-11-22"]  # a prefix is enough:
+    assert len(history(nights, calibration_hash="cal-A"[:5]).nights) == 3
     with pytest.raises(ValueError, match="matches 2 calibrations"):
         history(nights, calibration_hash="cal")
 
@@ -144,13 +144,13 @@ def test_report_history_in_the_terminal(nights, capsys):
     rows = out[2:]
     assert len(rows) == 2 and rows[0].startswith("2026-11-21") and "9.70%" in rows[0] and "97" in rows[0].split()
     assert rows[1].startswith("2026-11-23") and "14.00%" in rows[1] and rows[1].endswith("150 / 100 ALARM")
-    assert history_text([]) == "no published audit runs"
+    assert history_text(History()) == "no published audit runs"
 
 
 def test_history_plot_draws_every_night(nights):
-    png = plot_history(history(nights))
+    png = plot_history(history(nights).nights)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    one = plot_history(history(nights, last=1))  # a first night alone still draws
+    one = plot_history(history(nights, last=1).nights)  # a first night alone still draws
     assert one[:4] == b"\x89PNG"
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from ctd import storage
 from ctd.reporting.pages import write_report
-from ctd.runs.layout import RunLayout, describe_files, list_runs, read_manifest, read_run_table, run_file
+from ctd.runs.folder import list_runs, read_manifest, read_run_table, run_file
+from ctd.runs.layout import RunLayout, describe_files
 from ctd.runs.lease import Lease, LeaseHeld, LeaseLost
 from ctd.tables import read_parquet, write_parquet
 
@@ -174,7 +175,7 @@ def _verify_cli(p: dict, corpus: bool = True):
 def test_verify_passes_an_untouched_run(published):
     from ctd.runs.verify import verify_run
 
-    v = verify_run(published["out"], "night", corpus=published["corpus"])
+    v = verify_run(RunLayout(published["out"], "night").root, corpus=published["corpus"])
     assert v["ok"], v["problems"]
     assert v["results_rows"] == 40 and v["quarantine_rows"] == 2 and v["rows_lost"] == v["rows_extra"] == 0
 
@@ -225,7 +226,7 @@ def test_verify_fails_on_a_tampered_run(published, case):
 
     rel, edit, consistent, reason = CASES[case]
     _tamper(published, rel(published), edit, consistent)
-    v = verify_run(published["out"], "night", corpus=published["corpus"])
+    v = verify_run(RunLayout(published["out"], "night").root, corpus=published["corpus"])
     assert not v["ok"] and any(reason in p for p in v["problems"]), v["problems"]
     if consistent:  # the manifest was fixed up: no checksum problem, only the one under test
         assert not any("content differs" in p for p in v["problems"]), v["problems"]
@@ -280,7 +281,7 @@ def test_abandoned_staging_and_attempts_are_swept_after_their_retention(tmp_path
 def test_local_corpus_keys_are_content_hashes_cached_by_size_and_mtime(tmp_path, monkeypatch):
     import hashlib
 
-    from ctd.pipeline.scoring import corpus_keys
+    from ctd.pipeline.chunks import corpus_keys
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -18,8 +18,10 @@ from ctd import storage
 from ctd.audit.run import run_audit
 from ctd.audit.specs import AuditSpec
 from ctd.config import load_config
-from ctd.pipeline.scoring import Stage1, plan_chunks
-from ctd.runs.layout import RunLayout, read_run_table
+from ctd.pipeline.chunks import plan_chunks
+from ctd.pipeline.scoring import Stage1
+from ctd.runs.folder import read_run_table
+from ctd.runs.layout import RunLayout
 
 pytestmark = pytest.mark.slow
 

@@ -18,6 +18,7 @@ from .. import storage
 from ..experts.base import PoolPlan, judge_rows
 from ..hashing import digest
 from ..log import log
+from ..pipeline.chunks import ChunkedStage1
 from ..pipeline.raydata import footer_rows, partitions, read, write
 from ..runs.layout import parquet_files
 from ..tables import parquet_rows
@@ -42,23 +43,25 @@ class Judged:
 
 def judge(
     selection: Selection,
+    stage1: ChunkedStage1,
     spec: JudgingSpec,
     uri: str,
     *,
-    stage1_key: list[str],
     resume: bool,
     before_commit: Callable[[], None] | None = None,
 ) -> Judged:
-    """Judge the night's sent rows into ``uri``; ``stage1_key`` identifies the stage 1 they came from."""
+    """Judge the night's sent rows into ``uri``. With ``resume``, scores an earlier attempt committed
+    are reused when nothing in stage 1 was redone (the expert's input changes with stage 1)."""
     t0 = time.perf_counter()
-    key = {"stage1": stage1_key, "cap": selection.cap, "expert": digest(spec.expert.identity())}
+    resume = resume and not stage1.rows_run
+    key = {"stage1": stage1.chunk_ids, "cap": selection.cap, "expert": digest(spec.expert.identity())}
     done_files, done_rows = _committed(uri, key) if resume else _fresh(uri, key)
     if done_rows:
         log(f"resume: {done_rows} expert scores already committed")
     todo_rows = selection.sent - done_rows
     plan = spec.expert.plan(todo_rows)
     if todo_rows > 0:
-        log(f"stage 2: {todo_rows} delegated rows → expert ({spec.kind})")
+        log(f"stage 2: {todo_rows} delegated rows → expert ({spec.expert.kind})")
         if not plan.target_met:
             log(f"WARNING: the expert pool cannot meet its target: {plan.describe()}")
         todo = selection.expert_rows(STAGE1_COLUMNS + ["input", "is_chat"]).map_batches(

@@ -16,21 +16,24 @@ from ..log import log
 from ..reporting.pages import write_report
 from ..reporting.plots import plot_binned, plot_history
 from ..reporting.redact import redact_values
-from ..runs.history import night
+from ..runs.history import History, night
 from ..runs.layout import RunLayout
+from ..runs.notify import notify
 from ..tables import write_parquet
 from .facts import HIST_BINS, Facts
+from .index import write_index
 from .report import AuditReport
+from .specs import PublishSpec
 
 __all__ = ["TREND_NIGHTS", "figures", "write_audit_report", "publish"]
 
 TREND_NIGHTS = 60  # nights drawn in the report's trend (the drift statistic uses every night)
 
 
-def figures(report: AuditReport, facts: Facts, history: list[dict]) -> tuple[dict[str, bytes], list[dict]]:
+def figures(report: AuditReport, facts: Facts, history: History) -> tuple[dict[str, bytes], History]:
     """The report's plots (d(x) and score histograms, the trend over the nights) and the nights drawn."""
     h = facts.histograms
-    nights = (history + [night(report.model_dump())])[-TREND_NIGHTS:]
+    nights = History((history.nights + [night(report.model_dump())])[-TREND_NIGHTS:], history.gaps)
     figs = {
         "dv_histogram": plot_binned(
             {"scored rows": h["dv"]}, HIST_BINS["dv"], report.lambda_star, f"DV scores of run {report.run_id} and λ*", "d(x)"
@@ -38,13 +41,13 @@ def figures(report: AuditReport, facts: Facts, history: list[dict]) -> tuple[dic
         "score_histogram": plot_binned(
             {"probe p(x)": h["probe"], "final score": h["final"]}, HIST_BINS["probe"], None, "Probe and final scores", "P(unsafe)"
         ),
-        "history": plot_history(nights),
+        "history": plot_history(nights.nights, nights.gaps),
     }
     return figs, nights
 
 
 def write_audit_report(
-    layout: RunLayout, report: AuditReport, facts: Facts, history: list[dict], review: pa.Table | None, secrets: list[str]
+    layout: RunLayout, report: AuditReport, facts: Facts, history: History, review: pa.Table | None, secrets: list[str]
 ) -> dict[str, str]:
     """``report.json``, ``report.html`` (with its plots) and ``review.parquet`` in the attempt, every
     text value redacted first (never the finished page)."""
@@ -60,15 +63,17 @@ def write_audit_report(
 
 
 def publish(
-    layout: RunLayout, report: AuditReport, files: dict[str, str], *, before_commit: Callable[[], None], keep_staging: bool
+    layout: RunLayout, report: AuditReport, files: dict[str, str], spec: PublishSpec, *, before_commit: Callable[[], None]
 ) -> None:
     """Publish the attempt (the manifest, last), then remove the staging (it holds the delegated rows'
-    text) unless kept, and log the alarms and the summary."""
+    text) unless kept, rewrite the output's index of the nights, send the night's message when it is
+    configured, and log the alarms and the summary. Nothing after the manifest can fail the run."""
     if not report.invariant_ok:
         raise RuntimeError(
             f"row invariant violated: read {report.rows_read} != scored {report.rows_scored} + "
             f"quarantined {report.rows_quarantined}; run {report.run_id} is not published"
         )
+    attention = [t for k, t in report.headline() if k == "alarm"]
     summary = {
         "audited_date": report.audited_date,
         "rows_read": report.rows_read,
@@ -78,10 +83,25 @@ def publish(
         "drift_alarm": report.drift_alarm,
         "judge_alarm": report.judge_alarm,
         "calibration_hash": report.calibration_hash,
+        "needs_attention": bool(attention),
     }
     layout.publish(summary, list(files.values()), before_commit=before_commit)
     log(f"published {layout.root} (attempt {layout.attempt}; manifest written last)")
-    if not keep_staging:
+    try:
+        log(f"index of the nights: {write_index(layout.output)}")
+    except Exception as e:  # published already: the index is a convenience
+        log(f"published; writing the index of the nights failed ({e!r}): `ctd report index {layout.output}` rewrites it")
+    notify(
+        spec.notify,
+        summary
+        | {
+            "run_id": report.run_id,
+            "attention": attention,
+            "report": files["html"],
+            "headline": [t for k, t in report.headline() if k != "alarm"],
+        },
+    )
+    if not spec.keep_staging:
         try:  # stage outputs (with the delegated rows' text) do not outlive the run
             storage.remove(layout.staging)
         except Exception as e:  # published already: never fail (and get rerun) over garbage

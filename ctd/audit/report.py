@@ -14,16 +14,20 @@ import json
 from collections.abc import Iterable
 
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from .. import storage
 from ..reporting.pages import html_figure, html_page, html_table, pct, share
 from ..reporting.redact import redact_values
-from ..runs.fetch import report_files
-from ..runs.history import history_rows
-from .review import REVIEW_LISTS
+from ..runs.folder import RunError, RunFolder, locate, pydantic_problems, read_bounded
+from ..runs.history import History, history_rows
 
-__all__ = ["StageTiming", "AuditReport", "show_report"]
+__all__ = ["StageTiming", "AuditReport", "show_report", "REVIEW_LISTS"]
+
+REVIEW_LISTS = {  # list name: what it holds, in what order (descending; ties by id)
+    "flagged": "flagged unsafe, highest final score first",
+    "disagreement": "the judge overruled the probe, largest change of score first",
+}
 
 
 class StageTiming(BaseModel):
@@ -74,6 +78,10 @@ class AuditReport(BaseModel):
     )
     drift_e_value: float = Field(1.0, description="the e-detector M_k of this night; drift_alarm is M_k >= 1/drift_alpha")
     drift_e_process: float = Field(1.0, description="plain e-process prod e_i over the history (for information)")
+    drift_history_gaps: list[dict] = Field(
+        default_factory=list,
+        description="earlier published runs that could not be read (run_id, audited_date, reason): not in the drift statistic",
+    )
     expert_kind: str
     expert_calls: int
     expert_failures: int
@@ -185,6 +193,13 @@ class AuditReport(BaseModel):
                 f"Drift: the delegation rate has moved above the budget over the last nights (e-detector {self.drift_e_value:.3g} ≥ "
                 f"{1 / self.drift_alpha:g}); tomorrow's traffic no longer looks like the calibration data — recalibrate."
             )
+        if self.drift_history_gaps:
+            g = self.drift_history_gaps
+            which = "; ".join(f"{x['run_id']}: {x['reason']}" for x in g[:2]) + ("; …" if len(g) > 2 else "")
+            attention.append(
+                f"{len(g):,} earlier night(s) with this calibration could not be read and are left out of the drift statistic "
+                f"({which}): `ctd report verify` on those runs says what differs."
+            )
         if self.judge_alarm:
             attention.append(f"Judge failures: {self.judge_message}.")
         if self.over_cap:
@@ -212,7 +227,7 @@ class AuditReport(BaseModel):
             s += f" — OVER the target of {p['target_seconds'] / 3600:.2f} h ({p['needed']} replicas needed; the quota allows {p['replicas']})"
         return s
 
-    def html(self, figures: dict[str, bytes], history: list[dict] | None = None, review: pa.Table | None = None) -> str:
+    def html(self, figures: dict[str, bytes], history: History | None = None, review: pa.Table | None = None) -> str:
         """The page: the headline in words, the nights before, what to look at, then the details.
         ``review``: the review table (:data:`ctd.audit.review.REVIEW_SCHEMA`) or None."""
         figures = dict(figures)
@@ -271,7 +286,7 @@ class AuditReport(BaseModel):
                 "The nights before",
                 (
                     html_figure("history", trend, "One point per audited night with this calibration")
-                    + html_table(history_rows(history or []))
+                    + html_table(history_rows(history or History()))
                 )
                 if trend is not None
                 else "<p>No history yet.</p>",
@@ -363,27 +378,53 @@ def _review_html(review) -> str:
 
 
 def show_report(uri: str) -> str:
-    """A report's summary as text (from a run folder, a calibration folder, or a JSON file)."""
-    uri = uri.rstrip("/")
-    if uri.endswith(".json"):
-        body = storage.read_json(uri)
+    """A report's summary as text, from a run folder (its report.json checked against the manifest:
+    a report modified after publishing is refused), a calibration folder (its report checked against
+    the artifact's hash), or a report JSON file. Raises :class:`ctd.runs.folder.RunError` naming the
+    file and the fault."""
+    kind, uri = locate(uri)
+    if kind == "run":
+        body, where = RunFolder.open(uri).report(), storage.join(uri, "report.json")
+    elif kind == "calibration":
+        where = storage.join(uri, "calibration_report.json")
+        body = _json_file(where)
+        art = storage.join(uri, "calibration.json")
+        if storage.exists(art) and _json_file(art).get("artifact_hash") != body.get("artifact_hash"):
+            raise RunError(
+                where, "names another calibration than the calibration.json beside it: modified or mixed up; not shown"
+            )
+    elif kind == "json":
+        body, where = _json_file(uri), uri
     else:
-        files = report_files(uri)
-        name = next((n for n in ("report.json", "calibration_report.json", "training_report.json") if n in files), None)
-        if name is None:
-            raise FileNotFoundError(f"no report at {uri}")
-        body = storage.read_json(files[name])
+        raise RunError(uri, "not a report")
     if body.get("kind") == "audit":
-        return "\n".join(AuditReport.model_validate(body).summary_lines())
+        try:
+            return "\n".join(AuditReport.model_validate(body).summary_lines())
+        except ValidationError as e:
+            raise RunError(where, f"not an audit report this version can read ({pydantic_problems(e)})") from None
     if "lambda_star" in body and "message" in body:
         lam = body["lambda_star"]
         return "\n".join(
             [
-                f"calibration  α={body['alpha']} δ={body['delta']} n={body['n']} method={body['method']}{' + Pareto' if body.get('pareto') else ''}",
+                f"calibration  α={body['alpha']} δ={body['delta']} n={body['n']} method={body['method']}"
+                + (" + Pareto" if body.get("pareto") else ""),
                 f"  λ* = {'never delegate' if lam is None else lam}",
                 f"  {body['message']}",
                 *(f"  {t}" for t in body.get("explanation", [])),
-                f"  artifact hash {body.get('artifact_hash', '')[:16]}…",
+                f"  calibration {body.get('artifact_hash', '')} (its identity: the audit reports and `ctd report history "
+                "--calibration` name it by this hash or a prefix of it)",
             ]
         )
-    return json.dumps(body, indent=2)[:4000]
+    return json.dumps(body, indent=2, ensure_ascii=False)[:4000]
+
+
+def _json_file(uri: str) -> dict:
+    """A JSON report file read whole (at most 64 MiB), as a dict."""
+    raw = read_bounded(uri, 64 << 20)
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(uri, f"not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise RunError(uri, "not a JSON object")
+    return body

@@ -21,6 +21,7 @@ from .. import storage
 from ..experts.prompt import usable
 from ..pipeline.corpus import is_valid
 from ..pipeline.raydata import read, write
+from ..pipeline.scoring import EXPERT_CARRY
 from ..runs.layout import RunLayout, parquet_files
 from ..stats.cascade import Cascade
 from .selection import Selection
@@ -60,9 +61,6 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string()), ("group", pa.string())])
-# Stage-1 columns that travel through the expert stage with each delegated row, so that the expert's
-# output is the delegated rows' own results (no join of expert scores back onto stage 1).
-EXPERT_CARRY = ("id", "group", "label", "source", "truncated", "tokens", "probe", "dv")
 
 
 def answered(batch: pa.Table) -> np.ndarray:

@@ -16,12 +16,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..pipeline.raydata import read, tree_reduce
+from ..pipeline.scoring import Stage1
 from ..reporting.redact import cut
 from ..stats.cascade import Cascade
 from .facts import short_reason
-from .results import answered
+from .report import REVIEW_LISTS
+from .results import Rows, answered
+from .specs import ReportSpec
 
-__all__ = ["REVIEW_SCHEMA", "REVIEW_LISTS", "candidates", "top", "spread", "review"]
+__all__ = ["REVIEW_SCHEMA", "REVIEW_LISTS", "candidates", "top", "spread", "review", "review_night"]
 
 REVIEW_SCHEMA = pa.schema(
     [
@@ -41,10 +44,6 @@ REVIEW_SCHEMA = pa.schema(
         ("excerpt", pa.string()),
     ]
 )
-REVIEW_LISTS = {  # list name: what it holds, in what order (descending; ties by id)
-    "flagged": "flagged unsafe, highest final score first",
-    "disagreement": "the judge overruled the probe, largest change of score first",
-}
 _TOP_COLUMNS = ["id", "group", "probe", "dv", "expert", "final", "decision", "delegated", "expert_status"]
 
 
@@ -157,3 +156,10 @@ def review(
     column = lambda t, f: t.column(f.name) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)  # noqa: E731
     tables = [pa.table({f.name: column(t, f) for f in REVIEW_SCHEMA}).cast(REVIEW_SCHEMA) for t in out]
     return pa.concat_tables(tables) if tables else REVIEW_SCHEMA.empty_table()
+
+
+def review_night(rows: Rows, stage1: Stage1, spec: ReportSpec, cascade: Cascade) -> pa.Table | None:
+    """The night's review list as the report asks for it (None when ``audit.review_rows`` is 0)."""
+    if not spec.review_rows:
+        return None
+    return review(rows.results, rows.quarantine, stage1.files, spec.review_rows, cascade, spec.excerpt_chars)

@@ -25,19 +25,21 @@ from __future__ import annotations
 
 import datetime as _dt
 
+import pyarrow as pa
+
 from .. import storage
 from ..config import ConfigError, JobConfig
 from ..log import log
+from ..pipeline.chunks import ChunkedStage1, run_chunked
 from ..pipeline.raydata import init_ray
-from ..pipeline.scoring import ChunkedStage1, run_chunked
-from ..runs.history import history
+from ..runs.history import History, history
 from ..runs.layout import sweep
 from .facts import collect
 from .judging import Judged, judge
 from .publish import publish, write_audit_report
 from .report import AuditReport
 from .results import Rows, write_rows
-from .review import review
+from .review import review_night
 from .selection import Selection, select
 from .specs import AuditSpec
 from .summary import NightContext, summarise
@@ -57,50 +59,16 @@ def run_audit(
     with spec.night.lease() as lease:
         try:
             _prepare(spec)
-            scored = run_chunked(
-                spec.scoring.corpus,
-                storage.join(spec.staging, "stage1"),
-                spec.scoring.activation,
-                spec.scoring.pool,
-                key=spec.scoring.resume_key(),
-                chunk_bytes=spec.scoring.chunk_bytes,
-                rows_per_file=spec.scoring.rows_per_file,
-                resume=spec.resume,
-                before_commit=lease.check,
-            )
+            scored = run_chunked(spec.scoring, spec.staged("stage1"), resume=spec.resume, before_commit=lease.check)
             chosen = select(scored.stage1, spec.selection)
-            judged = judge(
-                chosen,
-                spec.judging,
-                storage.join(spec.staging, "expert"),
-                stage1_key=scored.chunk_ids,
-                resume=spec.resume and not scored.rows_run,
-                before_commit=lease.check,
-            )
+            judged = judge(chosen, scored, spec.judging, spec.staged("expert"), resume=spec.resume, before_commit=lease.check)
             rows = write_rows(chosen, judged.files, spec.results, spec.night.layout)
             facts = collect(rows, spec.results.cascade)
-            nights = history(
-                spec.night.job.output,
-                calibration_hash=spec.deployment.calibration.hash,
-                exclude_run=spec.night.run_id,
-                before_day=spec.night.day.isoformat(),
-            )
-            report = summarise(_context(spec, scored, chosen, judged, rows), facts, nights)
-            listed = (
-                review(
-                    rows.results,
-                    rows.quarantine,
-                    scored.stage1.files,
-                    spec.report.review_rows,
-                    spec.results.cascade,
-                    spec.report.excerpt_chars,
-                )
-                if spec.report.review_rows
-                else None
-            )
-            report = report.model_copy(update={"review_rows": 0 if listed is None else listed.num_rows})
-            files = write_audit_report(spec.night.layout, report, facts, nights, listed, spec.report.secrets())
-            publish(spec.night.layout, report, files, before_commit=lease.check, keep_staging=spec.keep_staging)
+            before = _nights_before(spec)
+            listed = review_night(rows, scored.stage1, spec.report, spec.results.cascade)
+            report = summarise(_context(spec, scored, chosen, judged, rows, listed), facts, before)
+            files = write_audit_report(spec.night.layout, report, facts, before, listed, spec.report.secrets())
+            publish(spec.night.layout, report, files, spec.publishing, before_commit=lease.check)
         except (FileNotFoundError, ConfigError) as e:
             # input was checked before the lease: a file vanishing now is a failure to retry (exit 1), not bad input (exit 2)
             raise RuntimeError(f"audit {spec.night.run_id} failed mid-run: {e}") from e
@@ -124,7 +92,19 @@ def _prepare(spec: AuditSpec) -> None:
             log(f"retention sweep failed ({e!r}); continuing")
 
 
-def _context(spec: AuditSpec, scored: ChunkedStage1, chosen: Selection, judged: Judged, rows: Rows) -> NightContext:
+def _nights_before(spec: AuditSpec) -> History:
+    """The published nights before this day with this calibration (a rerun of this run id replaces it)."""
+    return history(
+        spec.night.job.output,
+        calibration_hash=spec.deployment.calibration.hash,
+        exclude_run=spec.night.run_id,
+        before_day=spec.night.day.isoformat(),
+    )
+
+
+def _context(
+    spec: AuditSpec, scored: ChunkedStage1, chosen: Selection, judged: Judged, rows: Rows, listed: pa.Table | None
+) -> NightContext:
     dep, cal = spec.deployment, spec.deployment.calibration
     resumed = {
         k: v
@@ -151,7 +131,7 @@ def _context(spec: AuditSpec, scored: ChunkedStage1, chosen: Selection, judged: 
         calibration=cal.result,
         rows_read=scored.stage1.rows,
         cap=chosen.cap,
-        expert_kind=spec.judging.kind,
+        expert_kind=spec.judging.expert.kind,
         expert_calls=judged.calls,
         expert_pool=judged.plan.to_dict(),
         max_failure_share=spec.judging.max_failure_share,
@@ -163,4 +143,6 @@ def _context(spec: AuditSpec, scored: ChunkedStage1, chosen: Selection, judged: 
             "merge": (rows.seconds, scored.stage1.rows),
         },
         resumed=resumed,
+        review_rows=0 if listed is None else listed.num_rows,
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )

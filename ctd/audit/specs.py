@@ -11,34 +11,20 @@ import datetime as _dt
 import os
 from dataclasses import dataclass
 
-from ..config import JobConfig, PoolConfig
+from .. import storage
+from ..config import JobConfig, NotifyConfig
 from ..experts.base import Expert
 from ..experts.registry import expert_for
 from ..hashing import digest
+from ..model.artifacts import tokenizer_fingerprint
 from ..model.deployment import Deployment
+from ..pipeline.chunks import ScoringSpec
 from ..pipeline.corpus import list_corpus_files
 from ..pipeline.scoring import activation_spec
-from ..pipeline.stages import ActivationSpec
 from ..runs.job import Night
 from ..stats.cascade import Cascade
 
-__all__ = ["AuditSpec", "ScoringSpec", "SelectionSpec", "JudgingSpec", "ResultsSpec", "ReportSpec"]
-
-
-@dataclass(frozen=True)
-class ScoringSpec:
-    """Stage 1: the activation stage, its pool, and how it is cut into committed chunks."""
-
-    corpus: str
-    activation: ActivationSpec
-    pool: PoolConfig
-    model_fingerprint: str
-    chunk_bytes: int
-    rows_per_file: int
-
-    def resume_key(self) -> dict:
-        """What a committed chunk's output depends on besides its files (an allow-list)."""
-        return self.activation.resume_key(self.model_fingerprint)
+__all__ = ["AuditSpec", "SelectionSpec", "JudgingSpec", "ResultsSpec", "ReportSpec", "PublishSpec"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +40,6 @@ class JudgingSpec:
     """The expert stage: which expert, and the commit unit a resumed run skips."""
 
     expert: Expert
-    kind: str
     commit_rows: int
     max_failure_share: float
 
@@ -77,6 +62,14 @@ class ReportSpec:
     secret_envs: tuple[str, ...]
     config_hash: str
 
+
+@dataclass(frozen=True)
+class PublishSpec:
+    """After the manifest: whether the staging (with the delegated rows' text) is kept, and the message."""
+
+    keep_staging: bool
+    notify: NotifyConfig | None
+
     def secrets(self) -> list[str]:
         """The secrets' values, read from the environment now (never stored)."""
         return [os.environ.get(k, "") for k in self.secret_envs]
@@ -91,8 +84,8 @@ class AuditSpec:
     judging: JudgingSpec
     results: ResultsSpec
     report: ReportSpec
+    publishing: PublishSpec
     resume: bool
-    keep_staging: bool
     retention_days: float | None
 
     @classmethod
@@ -107,6 +100,7 @@ class AuditSpec:
         expert = expert_for(cfg.expert)
         expert.check()  # a judge whose prompt cannot be built
         corpus = night.expand(a.corpus)
+        expanded = cfg.model_copy(update={"audit": a.model_copy(update={"corpus": corpus})})  # the config as run tonight
         list_corpus_files(corpus)  # a missing corpus is bad input (exit 2), found before the lease
         activation = activation_spec(
             cfg.model,
@@ -115,7 +109,7 @@ class AuditSpec:
             dv=dep.dv,
             gate=dep.calibration.gate,
             keep_text="delegated",
-            excerpts=True,
+            excerpts=a.excerpt_chars > 0 and a.review_rows > 0,  # off: stage 1 keeps no text of the flagged rows
             decision_threshold=cfg.decision_threshold,
             secret_envs=cfg.secret_envs(),
         )
@@ -123,19 +117,33 @@ class AuditSpec:
             night=night,
             deployment=dep,
             scoring=ScoringSpec(
-                corpus, activation, cfg.activations, dep.model_fingerprint, a.stage1_chunk_bytes, a.rows_per_file
+                corpus,
+                activation,
+                cfg.activations,
+                dep.model_fingerprint,
+                tokenizer_fingerprint(dep.model_dir),
+                a.stage1_chunk_bytes,
+                a.rows_per_file,
             ),
             selection=SelectionSpec(a.budget_cap, a.broadcast_limit),
-            judging=JudgingSpec(expert, cfg.expert.kind, a.commit_rows, cfg.expert.max_failure_share),
+            judging=JudgingSpec(expert, a.commit_rows, cfg.expert.max_failure_share),
             results=ResultsSpec(Cascade(cfg.cascade, cfg.decision_threshold), a.rows_per_file),
             report=ReportSpec(
-                a.review_rows, a.excerpt_chars, a.drift_alpha, cfg.secret_envs(), digest(cfg.model_dump(mode="json"))
+                a.review_rows,
+                a.excerpt_chars,
+                a.drift_alpha,
+                cfg.secret_envs(),
+                digest(expanded.model_dump(mode="json")),
             ),
+            publishing=PublishSpec(a.keep_staging, a.notify),
             resume=a.resume,
-            keep_staging=a.keep_staging,
             retention_days=a.staging_retention_days,
         )
 
     @property
     def staging(self) -> str:
         return self.night.layout.staging
+
+    def staged(self, name: str) -> str:
+        """A stage's folder under the run's ``_staging/``."""
+        return storage.join(self.night.layout.staging, name)

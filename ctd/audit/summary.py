@@ -12,12 +12,12 @@ Each rule that a report states is a small function of counts, unit-tested on its
 
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..experts.prompt import ExpertStatus
+from ..runs.history import History
 from ..stats.calibrate import CalibrationResult
 from ..stats.drift import drift_eprocess
 from .facts import Facts
@@ -135,14 +135,17 @@ class NightContext:
     drift_alpha: float
     timings: dict[str, tuple[float, int]]
     resumed: dict
+    review_rows: int
+    created_at: str
 
 
-def summarise(ctx: NightContext, facts: Facts, history: list[dict]) -> AuditReport:
-    """The audit report of one night (``history``: the nights before with this calibration)."""
+def summarise(ctx: NightContext, facts: Facts, history: History) -> AuditReport:
+    """The audit report of one night (``history``: the nights before with this calibration, and the
+    runs among them that could not be read)."""
     cal = ctx.calibration
     scored, deleg, over = facts["rows"], facts["delegated"], facts["over_cap"]
     passed = deleg + over  # the threshold's own delegation count (the cap is a separate fallback)
-    drift = drift_check(history, passed, scored, cal.alpha, ctx.drift_alpha)
+    drift = drift_check(history.nights, passed, scored, cal.alpha, ctx.drift_alpha)
     judge = judge_check(facts.statuses, deleg, ctx.max_failure_share)
     i = int(np.searchsorted(cal.grid, cal.lambda_hat)) if cal.delegates else None
     p_at = None if i is None or not np.isfinite(cal.pvalues[i]) else float(cal.pvalues[i])
@@ -150,7 +153,7 @@ def summarise(ctx: NightContext, facts: Facts, history: list[dict]) -> AuditRepo
         run_id=ctx.run_id,
         audited_date=ctx.audited_date,
         attempt=ctx.attempt,
-        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created_at=ctx.created_at,
         config_hash=ctx.config_hash,
         corpus=ctx.corpus,
         model_id=ctx.model_id,
@@ -184,7 +187,8 @@ def summarise(ctx: NightContext, facts: Facts, history: list[dict]) -> AuditRepo
         drift_alpha=ctx.drift_alpha,
         drift_alarm=drift.alarm,
         drift_message=drift.message,
-        drift_history_runs=[h["run_id"] for h in history],
+        drift_history_runs=[h["run_id"] for h in history.nights],
+        drift_history_gaps=[{"run_id": g.run_id, "audited_date": g.audited_date, "reason": g.reason} for g in history.gaps],
         drift_e_value=drift.e_value,
         drift_e_process=drift.e_process,
         # the expert and the judge alarm
@@ -204,4 +208,5 @@ def summarise(ctx: NightContext, facts: Facts, history: list[dict]) -> AuditRepo
         groups=group_rows(facts),
         stages=stage_timings(ctx.timings),
         resumed=ctx.resumed,
+        review_rows=ctx.review_rows,
     )

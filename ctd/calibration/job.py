@@ -19,8 +19,9 @@ from ..experts.registry import expert_for
 from ..hashing import digest
 from ..log import log
 from ..model.deployment import Deployment
+from ..pipeline.labelled import judge_labelled, read_to_driver
 from ..pipeline.raydata import init_ray
-from ..pipeline.scoring import activation_spec, judge_labelled, read_to_driver, run_stage1
+from ..pipeline.scoring import activation_spec, run_stage1
 from ..stats.cascade import Cascade
 from ..tables import write_parquet
 from .artifact import CalibrationArtifact

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import html
 import json
+import os
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..config import CREDENTIAL_ENVS
 from ..reporting.pages import html_figure, html_page, html_table, pct, write_report
 from ..reporting.plots import plot_calibration, plot_histogram, plot_tradeoff
+from ..reporting.redact import redact_values
 from ..stats.calibrate import CalibrationResult
 from ..stats.pvalues import min_certifiable_n, rows_to_certify
 from .artifact import CalibrationArtifact
@@ -47,6 +50,8 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | No
         "provenance": art.provenance,
         "explanation": explain(r),
     }
+    # values redacted before any page is built: a corpus or scores URI may carry a credential
+    summary = redact_values(summary, [os.environ.get(k, "") for k in CREDENTIAL_ENVS])
     i = None if not r.delegates else int(np.searchsorted(r.grid, r.lambda_hat))
     rows = [
         {"quantity": k, "value": v}
@@ -77,7 +82,7 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | No
                 ),
             ),
             ("Result", f"<p class='{'ok' if r.delegates else 'alarm'}'>{html.escape(r.message)}</p>" + html_table(rows)),
-            ("Provenance", f"<pre>{html.escape(json.dumps(art.provenance, indent=2))}</pre>"),
+            ("Provenance", f"<pre>{html.escape(json.dumps(summary['provenance'], indent=2, ensure_ascii=False))}</pre>"),
         ],
         {k: v for k, v in figures.items() if k != "tradeoff"},
     )

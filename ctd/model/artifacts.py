@@ -20,7 +20,15 @@ from safetensors.numpy import save as st_save
 from .. import storage
 from ..hashing import canonical_json
 
-__all__ = ["ArtifactError", "content_hash", "save_artifact", "load_artifact", "require_match", "model_fingerprint"]
+__all__ = [
+    "ArtifactError",
+    "content_hash",
+    "save_artifact",
+    "load_artifact",
+    "require_match",
+    "model_fingerprint",
+    "tokenizer_fingerprint",
+]
 
 
 class ArtifactError(ValueError):
@@ -103,4 +111,29 @@ def model_fingerprint(model_dir: str) -> str:
             if size > 2 << 20:
                 f.seek(-(1 << 20), os.SEEK_END)
                 h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+)
+
+
+def tokenizer_fingerprint(model_dir: str) -> str:
+    """sha256 of a model folder's tokenizer files (vocabulary, merges, special tokens, chat template):
+    what turns a conversation into token ids, which the model's own fingerprint does not cover."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(model_dir) if n in TOKENIZER_FILES):
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(model_dir, name), "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()

@@ -19,8 +19,9 @@ from .. import storage
 from ..config import JobConfig, resolve_model_path
 from ..experts.registry import expert_for
 from ..log import log
+from ..pipeline.labelled import judge_labelled, read_to_driver
 from ..pipeline.raydata import init_ray
-from ..pipeline.scoring import activation_spec, judge_labelled, read_to_driver, run_stage1
+from ..pipeline.scoring import activation_spec, run_stage1
 from ..pipeline.stages import pooled_column
 from ..stats.calibrate import threshold_grid
 from ..stats.metrics import auroc, mse, spearman

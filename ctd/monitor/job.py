@@ -12,18 +12,20 @@ reports and manifests are the audit job's (:mod:`ctd.runs`, :mod:`ctd.reporting`
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 
 import numpy as np
 import pyarrow as pa
 
 from .. import storage
-from ..config import MonitorConfig
+from ..config import CREDENTIAL_ENVS, MonitorConfig
 from ..hashing import digest
 from ..log import log
 from ..pipeline.raydata import init_ray, read, tally, write
 from ..reporting.pages import html_page, html_table, write_report
 from ..reporting.plots import plot_binned
+from ..reporting.redact import redact_values
 from ..runs.job import Night
 from ..runs.layout import parquet_files
 from ..runs.lease import Lease
@@ -134,6 +136,7 @@ def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], night: Night,
     fig = {
         "alarm_position": plot_binned({"steps seen when the alarm fired": hist}, edges, None, "When alarms fire", "steps seen")
     }
+    summary = redact_values(summary, [os.environ.get(k, "") for k in CREDENTIAL_ENVS])  # values, before any page is built
     page = html_page(
         f"CTD monitor {rid}", [("Summary", html_table([{"quantity": k, "value": str(v)} for k, v in summary.items()]))], fig
     )

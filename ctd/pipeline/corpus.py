@@ -18,20 +18,30 @@ import gzip
 import io
 import json
 import posixpath
+import re
 import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
-from ray.data.datasource import FileBasedDatasource
+import pyarrow.parquet as pq
 
 from .. import storage
 
 if TYPE_CHECKING:
     from ray.data import Dataset
 
-__all__ = ["list_corpus_files", "validate_record", "read_corpus", "is_valid", "row_input", "ROW_COLUMNS", "MAX_ROW_BYTES"]
+__all__ = [
+    "list_corpus_files",
+    "validate_record",
+    "read_corpus",
+    "local_rows",
+    "is_valid",
+    "row_input",
+    "ROW_COLUMNS",
+    "MAX_ROW_BYTES",
+]
 
 MAX_ROW_BYTES = 4 << 20
 MAX_ID_CHARS = 512
@@ -140,10 +150,25 @@ def _line_row(raw: bytes, src: str) -> dict:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return validate_record(None, src) | {"error": f"malformed JSON ({e.msg} at column {e.colno})"}
+        return validate_record(None, src) | {"error": f"malformed JSON ({e.msg}, column {e.colno})", "id": _salvaged_id(text)}
     except RecursionError:
-        return validate_record(None, src) | {"error": "malformed JSON (nested too deeply)"}
+        return validate_record(None, src) | {"error": "malformed JSON (nested too deeply)", "id": _salvaged_id(text)}
     return validate_record(obj, src)
+
+
+_ID_FIELD = re.compile(r'"id"\s*:\s*"((?:[^"\\]|\\.){1,' + str(MAX_ID_CHARS) + r'})"')
+
+
+def _salvaged_id(text: str) -> str | None:
+    """The readable id of a line that is not valid JSON (``"id": "..."`` near its start), so a
+    reviewer can find it; None when there is none."""
+    m = _ID_FIELD.search(text[:4096])
+    if m is None:
+        return None
+    try:
+        return json.loads(f'"{m.group(1)}"')
+    except json.JSONDecodeError:
+        return None
 
 
 def stream_rows(f: BinaryIO, path: str, *, chunk_bytes: int = 1 << 20, rows_per_block: int = 8192) -> Iterator[list[dict]]:
@@ -198,17 +223,6 @@ def _split_lines(item: dict) -> list[dict]:
     return [r for block in stream_rows(f, item["path"]) for r in block]
 
 
-class JSONLinesDatasource(FileBasedDatasource):
-    """JSON lines (plain or gzipped: Ray opens a decompressing stream by extension) read as a stream:
-    each read task holds one chunk, one block of rows and one line at a time, never a whole file."""
-
-    _FILE_EXTENSIONS = ["jsonl", "json", "ndjson", "gz"]
-
-    def _read_stream(self, f, path: str):
-        for rows in stream_rows(f, path):
-            yield _rows_to_table(rows)
-
-
 def _validate_parquet_batch(batch):
     import pyarrow as pa
 
@@ -238,7 +252,7 @@ def _schema():
     )
 
 
-def _rows_to_table(rows: list[dict]):
+def rows_to_table(rows: list[dict]) -> pa.Table:
     import pyarrow as pa
 
     return pa.Table.from_pylist(rows, schema=_schema())
@@ -255,12 +269,30 @@ def read_corpus(uri: str, *, files: list[str] | None = None, override_num_blocks
         fs, _ = storage.filesystem(uri)
         kind = "parquet" if all(f.endswith(".parquet") for f in files) else "jsonl"
     if kind == "jsonl":
+        from .jsonl_source import JSONLinesDatasource  # Ray's datasource base class: imported only where Ray runs
+
         ds = ray.data.read_datasource(JSONLinesDatasource(files, filesystem=fs), override_num_blocks=override_num_blocks)
         return ds.map_batches(_rows_to_table_batch, batch_format="pyarrow", batch_size=None)
     ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, override_num_blocks=override_num_blocks)
     if "path" in ds.columns():
         ds = ds.rename_columns({"path": "__path"})
     return ds.map_batches(_validate_parquet_batch, batch_format="pyarrow", batch_size=4096)
+
+
+def local_rows(uri: str) -> pa.Table:
+    """A corpus read and validated in this process, as :func:`read_corpus` does with Ray Data (the same
+    row decoding): for corpora that fit in memory (``ctd report verify --corpus`` of a small run)."""
+    fs, files, kind = list_corpus_files(uri)
+    tables = []
+    for f in files:
+        if kind == "jsonl":
+            with fs.open(f, "rb", compression="infer") as stream:
+                tables += [rows_to_table(rows) for rows in stream_rows(stream, f)]
+        else:
+            with fs.open(f, "rb") as src:
+                t = pq.ParquetFile(src).read()
+            tables.append(_validate_parquet_batch(t.append_column("__path", pa.array([f] * t.num_rows, pa.string()))))
+    return pa.concat_tables(tables) if tables else _schema().empty_table()
 
 
 def _rows_to_table_batch(batch):

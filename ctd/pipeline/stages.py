@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from ..model.activations import ActivationExtractor, TextEncoder
 from ..model.probes import LinearProbe
 from ..reporting.redact import EXCERPT_SOURCE_CHARS, excerpt
+from ..stats.cascade import threshold_policy
 from .corpus import is_valid, row_input
 
 __all__ = ["ActivationSpec", "TokenizeStage", "ActivationStage", "pooled_column"]
@@ -66,11 +67,13 @@ class ActivationSpec:
     decision_threshold: float = 0.5
     secret_envs: tuple[str, ...] = ()
 
-    def resume_key(self, model_fingerprint: str) -> dict:
+    def resume_key(self, model_fingerprint: str, tokenizer_fingerprint: str) -> dict:
         """Everything stage 1's output depends on besides its input files (an allow-list: where the
         model and the probes are read from, the thread count and the secrets' names are not in it)."""
+        gate = self.gate if self.gate is None or np.isfinite(self.gate) else ("never" if self.gate > 0 else "all")
         return {
             "model": model_fingerprint,
+            "tokenizer": tokenizer_fingerprint,
             "layers": list(self.layers),
             "score_layer": self.score_layer,
             "max_length": self.max_length,
@@ -80,7 +83,7 @@ class ActivationSpec:
             "device": self.device,
             "safety": self.safety.content_hash if self.safety else None,
             "dv": self.dv.content_hash if self.dv else None,
-            "gate": self.gate if self.gate is None or np.isfinite(self.gate) else "never",
+            "gate": gate,
             "return_pooled": self.return_pooled,
             "keep_text": self.keep_text,
             "excerpts": self.excerpts,
@@ -168,7 +171,7 @@ class ActivationStage:
             cols[name] = pa.array(full, mask=~ok)
         if spec.gate is not None and "dv" in cols:
             dv = cols["dv"].to_numpy(zero_copy_only=False)
-            cols["delegated"] = pa.array(ok & (np.nan_to_num(dv, nan=-np.inf) > spec.gate))
+            cols["delegated"] = pa.array(ok & threshold_policy(np.nan_to_num(dv, nan=-np.inf), spec.gate))
         cols["tokens"] = pa.array(np.array([len(ids_col[i]) if ok[i] else 0 for i in range(n)], dtype=np.int32))
         cols["activation_seconds"] = pa.array(np.full(n, (time.perf_counter() - t0) / max(n, 1)))
         if spec.return_pooled:

@@ -156,15 +156,19 @@ def plot_topk_value(curve: dict, title: str = "") -> bytes:
     return png(fig)
 
 
-def plot_history(nights: list[dict]) -> bytes:
+def plot_history(nights: list[dict], gaps: list | None = None) -> bytes:
     """The nights before, one point per audited day (:func:`ctd.runs.history.history`):
     delegation rate against α with the band a night at rate α stays in, expert calls, unsafe and
-    quarantine shares, and the drift e-detector against its alarm level."""
+    quarantine shares, and the drift e-detector against its alarm level. ``gaps``: runs that could not
+    be read (:class:`ctd.runs.history.Gap`), drawn where their day falls, as grey bands."""
     from scipy.stats import binom
 
     plt = _plt()
-    days = [n["audited_date"] for n in nights]
-    x = np.arange(len(nights))
+    gaps = list(gaps or [])
+    dated = sorted({g.audited_date for g in gaps if g.audited_date})
+    days = sorted({n["audited_date"] for n in nights} | set(dated))
+    where = {d: i for i, d in enumerate(days)}
+    x = np.array([where[n["audited_date"]] for n in nights], dtype=float)
     g = lambda k: np.array([n[k] for n in nights], dtype=float)  # noqa: E731
     scored, alpha = np.maximum(g("rows_scored"), 1), g("alpha")
     level = g("drift_alpha")
@@ -197,11 +201,28 @@ def plot_history(nights: list[dict]) -> bytes:
         a.semilogy(x[alarms], e[alarms], "o", ms=9, mfc="none", color="C3", label="alarm")
     a.legend(fontsize=7)
     a.set_title("Drift statistic", fontsize=10)
+    for a in ax.flat:
+        for k, d in enumerate(dated):
+            a.axvspan(
+                where[d] - 0.4,
+                where[d] + 0.4,
+                color="grey",
+                alpha=0.35,
+                lw=0,
+                label="unreadable night (left out)" if k == 0 else None,
+            )
+    ax[0, 1].legend(fontsize=7) if dated else None
     for a in ax[1]:
-        a.set_xticks(x, days, rotation=30, ha="right", fontsize=8)
+        a.set_xticks(np.arange(len(days)), days, rotation=30, ha="right", fontsize=8)
     for a in ax.flat:
         a.grid(alpha=0.3)
-    fig.suptitle(f"The last {len(nights)} audited night(s) with this calibration", fontsize=11)
+    undated = len(gaps) - sum(1 for g in gaps if g.audited_date)
+    fig.suptitle(
+        f"The last {len(nights)} audited night(s) with this calibration"
+        + (f"; {len(gaps)} unreadable run(s) left out" if gaps else "")
+        + (f" ({undated} of unknown day)" if undated else ""),
+        fontsize=11,
+    )
     return png(fig)
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from ..config import ConfigError, NightlyJob
 from ..log import log
-from .layout import RunLayout, read_manifest
+from .folder import read_manifest
+from .layout import RunLayout
 from .lease import Lease
 
 __all__ = ["Night", "audited_day", "expand_dates", "expand_run_id"]

@@ -17,7 +17,7 @@ into a new attempt folder and never touches the published one; after publishing,
 the new one and the one it replaced are removed (a reader that read the old manifest a moment
 before keeps working until the next publish).
 
-Readers go through the manifest only (:func:`read_run_table`, :func:`run_file`, :func:`list_runs`).
+Readers go through the manifest only (:mod:`ctd.runs.folder`: :func:`read_run_table`, :func:`run_file`, :func:`list_runs`).
 Listing the run's folder shows attempts, staging and the lease, never "the" run. Other tools read the
 files the manifest lists, e.g. ``duckdb.read_parquet([...])`` or ``pyarrow.dataset.dataset([...])``
 with ``<run>/<file>`` for each entry of ``manifest["files"]["results"]`` (see the README).
@@ -31,25 +31,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyarrow as pa
-
 from .. import storage
 from ..log import log
-from ..tables import parquet_rows, read_parquet
+from ..tables import parquet_rows
+from .folder import MANIFEST, read_manifest
 
-__all__ = [
-    "RunLayout",
-    "list_runs",
-    "read_manifest",
-    "read_run_table",
-    "run_file",
-    "parquet_files",
-    "describe_files",
-    "sweep",
-    "MANIFEST",
-]
+__all__ = ["RunLayout", "parquet_files", "describe_files", "sweep"]
 
-MANIFEST = "manifest.json"
 FORMAT = "ctd.run/v2"
 
 
@@ -216,39 +204,3 @@ def describe_files(uris: list[str], rows: Callable[[str], bool] = lambda f: True
 
     with ThreadPoolExecutor(16) as pool:
         return dict(zip(uris, pool.map(lambda u: _describe(u, rows(u), strict), uris)))
-
-
-def read_manifest(output: str, run_id: str) -> dict | None:
-    uri = RunLayout(output, run_id).manifest
-    if not storage.exists(uri):
-        return None
-    return storage.read_json(uri)
-
-
-def list_runs(output: str) -> list[str]:
-    """Run ids with a manifest, in name order."""
-    base = storage.join(output, "runs")
-    return [r for r in storage.listdir(base) if storage.exists(storage.join(base, r, MANIFEST))]
-
-
-def run_file(output: str, run_id: str, name: str) -> str:
-    """The URI of a published run's report file (``report.json``, ``report.html``, a plot), from its manifest."""
-    m = read_manifest(output, run_id)
-    if m is None:
-        raise FileNotFoundError(f"run {run_id!r} under {output} is not published (no manifest)")
-    for e in m.get("report", []):
-        if isinstance(e, dict) and e["file"].rsplit("/", 1)[-1] == name:
-            return RunLayout(output, run_id).path(e["file"])
-    raise FileNotFoundError(f"run {run_id!r} under {output} has no {name}")
-
-
-def read_run_table(output: str, run_id: str, kind: str = "results", columns: list[str] | None = None) -> pa.Table:
-    """The rows of a published run: only files listed in its manifest."""
-    m = read_manifest(output, run_id)
-    if m is None:
-        raise FileNotFoundError(f"run {run_id!r} under {output} is not published (no manifest)")
-    layout = RunLayout(output, run_id)
-    tables = [read_parquet(layout.path(f["file"]), columns) for f in m["files"][kind]]
-    if not tables:
-        return pa.table({})
-    return pa.concat_tables(tables, promote_options="default")

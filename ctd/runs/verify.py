@@ -1,29 +1,33 @@
-"""Verify a published run: what a reader can trust.
+"""Verify a published run, or any copy of one: what a reader can trust.
 
-Checks that the manifest exists; that every file it lists (results, quarantine, report) is there with
-the SHA-256, size and row count the manifest recorded, and that no unlisted Parquet file sits beside
-them; that the row counts equal the report's (rows read = scored + quarantined, and each table's
-count); that no id appears twice among scored rows, nor both in results and among the rows
-quarantined as duplicate ids; and (given the corpus) that every corpus id occurs in results ∪
-quarantine exactly as often as in the corpus: none lost, none extra (an id not in the corpus, or
-written twice). An id in results that is also quarantined as *invalid* is legitimate (the corpus
-held it twice, once valid) and is caught only through the corpus check when it is not. Row-level
-checks are Ray Data groupbys and joins on id; the driver gets counts. ``ctd report verify <run folder> [--corpus URI]`` prints the result.
+``verify_run(folder)`` checks, against the folder's own manifest (:class:`ctd.runs.folder.RunFolder`):
+
+- the manifest is there and valid (a missing or corrupt one is a problem that names the file);
+- every file it lists is inside the folder, a regular file, with the size, SHA-256 and row count the
+  manifest recorded, and no unlisted Parquet file sits beside them;
+- the row counts agree with the report (rows read = scored + quarantined) and the manifest's totals;
+- no id appears twice among scored rows, nor both in results and among the rows quarantined as
+  duplicate ids; and (given the corpus) every corpus id occurs in results ∪ quarantine exactly as
+  often as in the corpus: none lost, none extra. An id in results that is also quarantined as
+  *invalid* is legitimate (the corpus held it twice, once valid).
+
+The id checks of a run that fits in memory (at most ``local_rows`` rows) run in this process with
+pyarrow; a larger run's are Ray Data groupbys, and the driver gets counts.
 """
 
 from __future__ import annotations
+
+import posixpath
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
-from ..pipeline.raydata import configure_data, partitions, read
-from ..tables import parquet_schema
-from .layout import RunLayout, describe_files, parquet_files, read_manifest, run_file
+from .folder import RunError, RunFolder
 
-__all__ = ["verify_run"]
+__all__ = ["verify_run", "LOCAL_ROWS"]
 
-
+LOCAL_ROWS = 2_000_000  # rows of results + quarantine (+ corpus) checked in memory, without Ray
 COUNTERS = ("res", "qua", "dupq", "corp")
 
 
@@ -31,15 +35,12 @@ def _tag(batch: pa.Table, source: str) -> pa.Table:
     """One row per id occurrence with a 1 in the counter of its source (the quarantine's rows
     quarantined as duplicate ids also count in ``dupq``)."""
     batch = batch.filter(pc.is_valid(batch.column("id")))
-    n, one, zero = batch.num_rows, pa.array([1] * batch.num_rows, pa.int64()), pa.array([0] * batch.num_rows, pa.int64())
+    n = batch.num_rows
+    one, zero = pa.array([1] * n, pa.int64()), pa.array([0] * n, pa.int64())
     cols = {c: one if c == source else zero for c in COUNTERS}
     if source == "qua":
         cols["dupq"] = pc.cast(pc.starts_with(pc.fill_null(batch.column("error"), ""), "duplicate id"), pa.int64())
-    return (
-        pa.table({"id": batch.column("id"), **cols})
-        if n
-        else pa.table({"id": pa.array([], pa.string()), **{c: zero for c in COUNTERS}})
-    )
+    return pa.table({"id": pc.cast(batch.column("id"), pa.string()), **cols})
 
 
 def _per_id(batch: pa.Table, with_corpus: bool) -> pa.Table:
@@ -58,100 +59,106 @@ def _per_id(batch: pa.Table, with_corpus: bool) -> pa.Table:
     )
 
 
-def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
-    configure_data()
-    layout = RunLayout(output, run_id)
-    m = read_manifest(output, run_id)
-    if m is None:
-        return {"published": False, "ok": False, "problems": ["no manifest: the run is not published"]}
-    problems: list[str] = []
-    files: dict[str, list[str]] = {}
-    rows: dict[str, int] = {}
-    listed = [(kind, e) for kind in ("results", "quarantine") for e in m["files"][kind]] + [
-        ("report", e) for e in m.get("report", []) if isinstance(e, dict)
-    ]
-    present = {e["file"]: storage.exists(layout.path(e["file"])) for _, e in listed}
-    for f in sorted(f for f, ok in present.items() if not ok):
-        problems.append(f"{f}: listed in the manifest but missing")
-    facts = describe_files(
-        [layout.path(e["file"]) for _, e in listed if present[e["file"]]], rows=lambda f: f.endswith(".parquet"), strict=False
-    )
-    for _, e in listed:
-        got = facts.get(layout.path(e["file"]))
-        if got is None:
-            continue
-        if "sha256" not in e:
-            problems.append(f"{e['file']}: the manifest has no SHA-256 for it")
-        elif got["sha256"] != e["sha256"] or got["bytes"] != e.get("bytes"):
-            problems.append(
-                f"{e['file']}: content differs from the manifest (SHA-256 {got['sha256'][:12]}… != {e['sha256'][:12]}…): "
-                "replaced or modified after publishing"
-            )
-        if got.get("error"):
-            problems.append(f"{e['file']}: unreadable ({got['error']})")
-        elif "rows" in e and got.get("rows") != e["rows"]:
-            problems.append(f"{e['file']}: {got.get('rows')} rows, manifest says {e['rows']}")
-    for kind in ("results", "quarantine"):
-        attempt = RunLayout(output, run_id, m["attempt"])
-        folder = attempt.results if kind == "results" else attempt.quarantine
-        on_storage = {layout.relative(storage.join(folder, n)) for n in parquet_files(folder)}
-        extra = sorted(on_storage - {e["file"] for e in m["files"][kind]})
-        if extra:
-            problems.append(f"{kind}: files on storage that the manifest does not list ({extra[:3]})")
-        files[kind] = [layout.path(e["file"]) for e in m["files"][kind] if present[e["file"]]]
-        rows[kind] = sum(facts[f].get("rows") or 0 for f in files[kind])
-    # monitor runs' quarantine keys rows by trajectory, not id: only tables with an id are checked by id
-    with_ids = {k: v if v and "id" in parquet_schema(v[0]).names else [] for k, v in files.items()}
-    # the row checks: one hash-partitioned pass over every id of results, quarantine (and corpus)
+def _local_totals(run: RunFolder, with_ids: dict[str, bool], corpus: str | None) -> dict[str, int]:
+    """The id checks in this process: every id occurrence tagged, grouped by id with pyarrow."""
+    from ..pipeline.corpus import local_rows
+
     parts = []
-    if with_ids["results"]:
-        parts.append(
-            read(with_ids["results"], ["id"]).map_batches(
-                _tag, fn_kwargs={"source": "res"}, batch_format="pyarrow", batch_size=None
+    for kind, source, cols in (("results", "res", ["id"]), ("quarantine", "qua", ["id", "error"])):
+        if with_ids[kind]:
+            parts.append(_tag(run.table(kind, cols), source))
+    if corpus is not None:
+        parts.append(_tag(local_rows(corpus), "corp"))
+    if not parts:
+        return {"dup": 0, "both": 0, "lost": 0, "extra": 0}
+    g = pa.concat_tables(parts).group_by("id").aggregate([(c, "sum") for c in COUNTERS])
+    g = g.rename_columns(["id" if c == "id" else f"sum({c[:-4]})" for c in g.column_names])
+    t = _per_id(g, corpus is not None)
+    return {k: int(pc.sum(t.column(k)).as_py() or 0) for k in ("dup", "both", "lost", "extra")}
+
+
+def _ray_totals(run: RunFolder, with_ids: dict[str, bool], corpus: str | None, n: int) -> dict[str, int]:
+    """The id checks as Ray Data groupbys (hash-partitioned by id)."""
+    from ..pipeline.raydata import configure_data, partitions, read
+
+    configure_data()
+    parts = []
+    for kind, source, cols in (("results", "res", ["id"]), ("quarantine", "qua", ["id", "error"])):
+        files = [run.path(e) for e in run.manifest.files.get(kind, [])]
+        if with_ids[kind] and files:
+            parts.append(
+                read(files, cols).map_batches(_tag, fn_kwargs={"source": source}, batch_format="pyarrow", batch_size=None)
             )
-        )
-    if with_ids["quarantine"]:
-        parts.append(
-            read(with_ids["quarantine"], ["id", "error"]).map_batches(
-                _tag, fn_kwargs={"source": "qua"}, batch_format="pyarrow", batch_size=None
-            )
-        )
     if corpus is not None:
         from ..pipeline.corpus import read_corpus
 
         parts.append(read_corpus(corpus).map_batches(_tag, fn_kwargs={"source": "corp"}, batch_format="pyarrow", batch_size=None))
-    n = rows["results"] + rows["quarantine"]
     totals = {"dup": 0, "both": 0, "lost": 0, "extra": 0}
     if parts:
         ids = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         per_id = ids.groupby("id", num_partitions=partitions(n)).sum(list(COUNTERS))
-        got = per_id.map_batches(
-            _per_id, fn_kwargs={"with_corpus": corpus is not None}, batch_format="pyarrow", batch_size=None
-        ).sum(list(totals))
-        totals = {k: int((got or {}).get(f"sum({k})") or 0) for k in totals}
-    dup, both = totals["dup"], totals["both"]
-    if dup:
-        problems.append(f"{dup} ids appear more than once among scored rows")
-    if both:
-        problems.append(f"{both} ids quarantined as duplicates also appear in results")
+        got = per_id.map_batches(_per_id, fn_kwargs={"with_corpus": corpus is not None}, batch_format="pyarrow", batch_size=None)
+        totals = {k: int((got.sum(list(totals)) or {}).get(f"sum({k})") or 0) for k in totals}
+    return totals
+
+
+def verify_run(uri: str, corpus: str | None = None, *, local_rows: int = LOCAL_ROWS) -> dict:
+    """Check a run folder (``<output>/runs/<run_id>``, or any copy of one) against its manifest;
+    ``corpus``: the input it audited. Returns {"ok", "problems", counts...}; never raises for what it
+    finds (an unreadable manifest is a problem like any other)."""
     try:
-        report = storage.read_json(run_file(output, run_id, "report.json"))
-    except FileNotFoundError:
+        run = RunFolder.open(uri)
+    except RunError as e:
+        return {"published": False, "ok": False, "problems": [str(e)]}
+    m = run.manifest
+    problems: list[str] = []
+    checked = {e.file: run.check(e) for _, e in m.entries()}
+    problems += [c["problem"] for c in checked.values() if c["problem"]]
+    rows = {kind: sum(checked[e.file]["rows"] or 0 for e in m.files.get(kind, [])) for kind in ("results", "quarantine")}
+    for kind in ("results", "quarantine"):  # an unlisted data file beside the listed ones: a half-published mix
+        listed = {e.file for e in m.files.get(kind, [])}
+        for folder in sorted({posixpath.dirname(f) for f in listed}):
+            names = storage.listdir(storage.join(run.uri, *folder.split("/")))
+            extra = sorted(f"{folder}/{n}" for n in names if n.endswith(".parquet") and f"{folder}/{n}" not in listed)
+            if extra:
+                problems.append(f"{kind}: files that the manifest does not list ({', '.join(extra[:3])})")
+    readable = {
+        kind: all(checked[e.file]["problem"] is None for e in m.files.get(kind, [])) for kind in ("results", "quarantine")
+    }
+    # monitor runs' quarantine keys rows by trajectory, not id: only tables with an id are checked by id
+    with_ids = {}
+    for kind in ("results", "quarantine"):
+        entries = [e for e in m.files.get(kind, []) if checked[e.file]["problem"] is None]
+        with_ids[kind] = bool(entries) and readable[kind] and "id" in _columns(run, entries[0])
+    n = rows["results"] + rows["quarantine"]
+    if n <= local_rows and (corpus is None or _corpus_bytes(corpus) <= 64 * local_rows):
+        totals = _local_totals(run, with_ids, corpus)
+    else:
+        totals = _ray_totals(run, with_ids, corpus, n)
+    if totals["dup"]:
+        problems.append(f"{totals['dup']} ids appear more than once among scored rows")
+    if totals["both"]:
+        problems.append(f"{totals['both']} ids quarantined as duplicates also appear in results")
+    try:
+        report = run.report()
+    except RunError as e:
+        problems.append(str(e))
         report = {}
     rows_read = report.get("rows_read")
-    if rows_read is not None and rows_read != rows["results"] + rows["quarantine"]:
+    if rows_read is not None and rows_read != n:
         problems.append(f"rows read {rows_read} (report) != scored {rows['results']} + quarantined {rows['quarantine']} (files)")
     for kind, field in (("results", "rows_scored"), ("quarantine", "rows_quarantined")):
         if report.get(field) is not None and report[field] != rows[kind]:
             problems.append(f"{kind}: {rows[kind]} rows in the files, the report says {field} = {report[field]}")
-        if m.get("rows", {}).get(kind) is not None and m["rows"][kind] != rows[kind]:
-            problems.append(f"{kind}: {rows[kind]} rows in the files, the manifest's total says {m['rows'][kind]}")
+        if m.rows.get(kind) is not None and m.rows[kind] != rows[kind]:
+            problems.append(f"{kind}: {rows[kind]} rows in the files, the manifest's total says {m.rows[kind]}")
     out = {
         "published": True,
+        "run_id": m.run_id,
         "results_rows": rows["results"],
         "quarantine_rows": rows["quarantine"],
-        "duplicate_ids": dup,
-        "ids_in_both": both,
+        "duplicate_ids": totals["dup"],
+        "ids_in_both": totals["both"],
         "rows_read": rows_read,
     }
     if corpus is not None:
@@ -163,3 +170,18 @@ def verify_run(output: str, run_id: str, corpus: str | None = None) -> dict:
     out["problems"] = problems
     out["ok"] = not problems
     return out
+
+
+def _columns(run: RunFolder, entry) -> list[str]:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(run.path(entry))
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f).names
+
+
+def _corpus_bytes(corpus: str) -> int:
+    from ..pipeline.corpus import list_corpus_files
+
+    fs, files, _ = list_corpus_files(corpus)
+    return sum(int(fs.size(f)) for f in files)

@@ -118,7 +118,7 @@ class RunReader(threading.Thread):
     read records the manifest's attempt and whether the ids read are the run's ids at the start."""
 
     def __init__(self, output: str, run_id: str, every: float = 0.5):
-        from ..runs.layout import read_manifest, read_run_table
+        from ..runs.folder import read_manifest, read_run_table
 
         super().__init__(daemon=True)
         self.output, self.run_id, self.every = output, run_id, every
