@@ -57,6 +57,7 @@ def stage1_table(n: int, lam: float, seed: int = 0) -> pa.Table:
             "dv": pa.array(dv, mask=~valid),
             "delegated": delegated,
             "tokens": pa.array(np.full(n, 20), pa.int32()),
+            "excerpt": pa.nulls(n, pa.string()),
             "activation_seconds": np.zeros(n),
         }
     )
