@@ -31,7 +31,8 @@ CREDENTIAL_ENVS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or infinity anywhere: a lease of .inf seconds or a rate of nan is a typo, not a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 _SECRET_KEYS = re.compile(r"(?i)(secret|password|passwd|api_key$|access_key|token$)")
@@ -354,6 +355,7 @@ class MonitorConfig(Strict):
     ray: RayConfig = RayConfig()
 
 
+_SECRET_NAMES = re.compile(r"(?i)(secret|password|passwd|token|api_?key|private_?key|credential)")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 
@@ -368,6 +370,12 @@ def _expand(obj, path=""):
     if isinstance(obj, str):
 
         def sub(m):
+            if m.group(1) in CREDENTIAL_ENVS or _SECRET_NAMES.search(m.group(1)):
+                raise ConfigError(
+                    f"{path.rstrip('.')}: ${{{m.group(1)}}} names a secret: a secret is never interpolated into a config "
+                    "value (it would travel into paths, logs and reports); the job reads credentials from the "
+                    "environment itself"
+                )
             val = os.environ.get(m.group(1))
             if val is None:
                 if m.group(2) is None:
@@ -384,7 +392,7 @@ def load_config(path: str, overrides: dict | None = None, model: type[BaseModel]
     ConfigError with every problem's key path."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = _safe_yaml(f.read(), path)
     except FileNotFoundError:
         hint = ""
         if not os.path.isabs(path) and "working_dir_files" in os.getcwd():  # a `ray job submit --working-dir` upload
@@ -402,8 +410,12 @@ def load_config(path: str, overrides: dict | None = None, model: type[BaseModel]
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"--set {dotted}: {'.'.join(parents[: i + 1])} is not a section (it holds {type(node).__name__})"
+                )
         node[leaf] = value
     raw = _expand(raw)
     try:
@@ -415,6 +427,34 @@ def load_config(path: str, overrides: dict | None = None, model: type[BaseModel]
             msg = "unknown key (not allowed)" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{loc}: {msg}")
         raise ConfigError(f"{path}: " + "; ".join(problems)) from None
+
+
+MAX_YAML_NODES = 100_000
+
+
+def _safe_yaml(text: str, path: str):
+    """YAML as safe_load reads it, refused before it is built when its aliases would expand it past
+    :data:`MAX_YAML_NODES` nodes (a "billion laughs" config: a few lines that unfold into millions)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None:
+        return None
+    sizes: dict[int, int] = {}
+
+    def size(n) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        sizes[id(n)] = 1  # a self-referencing alias counts once
+        kids = (
+            [x for pair in n.value for x in pair]
+            if isinstance(n, yaml.MappingNode)
+            else (n.value if isinstance(n, yaml.SequenceNode) else [])
+        )
+        sizes[id(n)] = min(1 + sum(size(k) for k in kids), 10 * MAX_YAML_NODES)
+        return sizes[id(n)]
+
+    if size(node) > MAX_YAML_NODES:
+        raise ConfigError(f"{path}: its aliases expand it to more than {MAX_YAML_NODES:,} nodes: not a config")
+    return yaml.safe_load(text)
 
 
 def resolve_model_path(path: str) -> str:

@@ -127,3 +127,57 @@ def test_redact_removes_known_secret_values_anywhere():
     from ctd.reporting.redact import redact
 
     assert redact("the value xq9-secret-value-77 appears bare", ["xq9-secret-value-77"]) == "the value *** appears bare"
+
+
+def _config(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_a_billion_laughs_config_is_refused_before_it_is_built(tmp_path):
+    """Nine lines of YAML aliases that would unfold into 10^9 nodes: refused in well under a second
+    (put back a plain yaml.safe_load and this test never finishes)."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    import time
+
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases expand it"):
+        load_config(_config(tmp_path, "\n".join(lines) + "\n"))
+    assert time.perf_counter() - t < 5
+
+
+def test_a_small_config_with_aliases_still_loads(tmp_path):
+    text = open(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")).read()
+    text = text.replace("activations:\n", "activations: &pool\n", 1).replace("    pool: {min_actors", "    pool_: {min_actors")
+    text = text.replace("    pool_: {", "    pool: *pool\n    unused: {", 1)
+    with pytest.raises(ConfigError, match="unused"):  # the alias expanded (the extra key is the only complaint)
+        load_config(_config(tmp_path, text))
+    load_config(_config(tmp_path, text.replace("    unused: {min_actors: 1, max_actors: 1, batch_size: 64}\n", "")))
+
+
+@pytest.mark.parametrize("key", ["activations.num_cpus", "audit.lease_seconds", "calibration.alpha"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_infinity_and_nan_are_not_settings(key, value):
+    """A lease of .inf seconds or .inf CPUs is a typo: refused by name (the first two keys have no upper
+    bound, so only allow_inf_nan=False stops them)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        load_config(path, {key: value})
+
+
+@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY", "DB_PASSWORD", "HF_TOKEN"])
+def test_a_secret_is_never_interpolated_into_a_config(tmp_path, monkeypatch, name):
+    monkeypatch.setenv(name, "hunter2-value")
+    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")))
+    cfg["output"] = "/tmp/out-${" + name + "}"
+    with pytest.raises(ConfigError, match="names a secret") as e:
+        load_config(_config(tmp_path, yaml.safe_dump(cfg)))
+    assert "hunter2-value" not in str(e.value)
+
+
+def test_set_into_a_value_that_is_not_a_section_is_a_config_error(tmp_path):
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(path, {"audit.output.x": "1"})

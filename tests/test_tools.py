@@ -301,3 +301,34 @@ def test_the_index_lists_every_night_with_its_status(out, tmp_path):
         missing("chromium is not installed (Debian: apt-get install -y chromium)")
     r = check_page(f"{out}/index.html")
     assert r["ok"], r
+
+
+def test_no_storage_credentials_is_one_line_that_says_what_to_set(s3, tmp_path):
+    """Against the real S3 server, with the credentials taken out of the environment: fetch and show
+    print one line naming the URI and the variables to set, exit 2, no traceback (--debug adds it)."""
+    out = f"s3://{s3['bucket']}/tools"
+    night(out, "audit-2026-11-20", "2026-11-20")
+    uri = f"{out}/runs/audit-2026-11-20"
+    assert cli("report", "show", uri)[0] == 0  # with credentials
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+    env |= {
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    for args in (("report", "show", uri), ("report", "fetch", uri, "--to", str(tmp_path / "f"))):
+        r = subprocess.run(
+            [sys.executable, "-m", "ctd.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+        )
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert uri in r.stderr and "AWS_ACCESS_KEY_ID" in r.stderr and "AWS_SECRET_ACCESS_KEY" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "ctd.cli", "--debug", "report", "show", uri],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" in r.stderr

@@ -62,6 +62,10 @@ class ReportSpec:
     secret_envs: tuple[str, ...]
     config_hash: str
 
+    def secrets(self) -> list[str]:
+        """The secrets' values, read from the environment now (never stored)."""
+        return [os.environ.get(k, "") for k in self.secret_envs]
+
 
 @dataclass(frozen=True)
 class PublishSpec:
@@ -69,10 +73,6 @@ class PublishSpec:
 
     keep_staging: bool
     notify: NotifyConfig | None
-
-    def secrets(self) -> list[str]:
-        """The secrets' values, read from the environment now (never stored)."""
-        return [os.environ.get(k, "") for k in self.secret_envs]
 
 
 @dataclass(frozen=True)
