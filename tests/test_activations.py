@@ -63,6 +63,41 @@ def test_encoder_with_padding_matches_unpadded_reference(minilm_dir):
     assert np.allclose(got, reference_pooled(minilm_dir, ids, 4, AutoModel), atol=1e-5)
 
 
+class CountingTokenizer:
+    """The real tokenizer, noting the length of every text it is given."""
+
+    def __init__(self, tok, seen: list):
+        self.tok, self.seen = tok, seen
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, batch, **kw):
+        self.seen.extend(len(t) for t in batch) if isinstance(batch, list) else self.seen.append(len(batch))
+        return self.tok(batch, **kw)
+
+
+def test_a_huge_row_is_tokenised_only_as_far_as_its_kept_tokens(minilm_dir, tiny_llama):
+    """The ids of a 4 MiB text are exactly the tokenizer's own truncation of it (an encoder with
+    [SEP], a decoder without), and the tokenizer never sees more than max_length x MAX_TOKEN_CHARS
+    characters of it; a text of tokens longer than that on average is still cut exactly."""
+    from ctd.model.activations import MAX_TOKEN_CHARS
+
+    for model, n in ((minilm_dir, 32), (tiny_llama, 64)):
+        enc = TextEncoder(model, max_length=n)
+        tok = enc.tokenizer
+        huge = "a much longer text w1 w2 " * ((4 << 20) // 25)
+        odd = ("x" * 120 + " ") * (n * 2)  # words longer than MAX_TOKEN_CHARS, each one token
+        seen = []
+
+        enc.tokenizer = CountingTokenizer(tok, seen)
+        ids, truncated = enc.encode([huge, odd, "w1 w2"])
+        assert truncated.tolist() == [True, True, False]
+        for got, text in zip(ids, (huge, odd)):
+            assert got.tolist() == tok(text, truncation=True, max_length=n)["input_ids"]
+        assert max(x for x in seen if x != len(odd)) <= n * MAX_TOKEN_CHARS < len(huge)  # only the odd row is read whole
+
+
 def test_bad_layers_and_empty_rows(tiny_llama):
     with pytest.raises(ValueError, match=r"layers must lie in \[1, 4\]"):
         ActivationExtractor.from_pretrained(tiny_llama, 5)

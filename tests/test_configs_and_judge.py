@@ -132,6 +132,34 @@ def test_judge_prompt_keeps_the_head_and_the_tail_in_tokens(tiny_llama):
         JudgePrompt(tok, "{conversation}" + " w5" * 120, 128)
 
 
+def test_a_huge_conversation_is_cut_from_its_two_ends_without_tokenising_the_middle(tiny_llama):
+    """4 MiB of text: only the two ends are tokenised (the middle would cost seconds a row), the
+    prompt fits, and the mark says exactly how many characters were dropped."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from ctd.experts.prompt import JudgePrompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    jp = JudgePrompt(tok, "Answer : {conversation} Answer :", 128)
+    rendered = []
+    ids_of = jp._ids
+    jp._ids = lambda conv: rendered.append(conv) or ids_of(conv)  # the conversation as it is sent
+    from test_activations import CountingTokenizer
+
+    seen = []
+    jp.tok = CountingTokenizer(tok, seen)
+    text = "w1 " * ((4 << 20) // 3) + "w9 w8"
+    ids, cut = jp(text)
+    assert cut and len(ids) <= 127
+    assert max(seen) < 20_000 < len(text)  # tokenising all of it: seconds a row
+    head, n, tail = re.fullmatch(r"(.*)\n\[\.\.\. (\d+) characters cut \.\.\.\]\n(.*)", rendered[-1], re.S).groups()
+    assert text.startswith(head) and text.endswith(tail) and tail.endswith("w9 w8")
+    assert len(head) + int(n) + len(tail) == len(text)
+    assert tok.convert_ids_to_tokens(ids)[-4:] == ["w9", "w8", "Answer", ":"]
+
+
 def test_a_config_missing_from_a_ray_job_upload_says_how_to_fix_it(tmp_path, monkeypatch):
     """`ray job submit --working-dir .` leaves out what .gitignore ignores (out/): the error names
     the cause and the fix (an absolute path on a local head)."""

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from ..model.activations import MAX_TOKEN_CHARS
+
 if TYPE_CHECKING:
     import pyarrow as pa
     from transformers import PreTrainedTokenizerBase
@@ -51,7 +53,7 @@ STATUS_OK = "ok"
 NO_LABEL = "no_label_token"
 OUTSIDE_TOPK = "_outside_topk"
 ERROR = "error: "
-CUT_MARK = "\n[... {n} tokens cut ...]\n"
+CUT_MARK = "\n[... {n} characters cut ...]\n"
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ class JudgePrompt:
     A conversation longer than the room left by the template and the one-token answer
     (``max_model_len`` − template tokens − 1) is cut in tokens: the first ``head_fraction`` of the
     room is kept from its start (the request, the system prompt) and the rest from its end (the
-    latest turns), with ``CUT_MARK`` between them saying how many tokens were dropped.
+    latest turns), with ``CUT_MARK`` between them saying how many characters were dropped.
     """
 
     def __init__(
@@ -156,18 +158,24 @@ class JudgePrompt:
     def __call__(self, x: str | list[dict]) -> tuple[list[int], bool]:
         """(token ids, truncated) of one row's input (text or chat messages)."""
         text = conversation_text(x)
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        n = len(enc["input_ids"])
-        if n <= self.room:
-            ids = self._ids(text)
-            if len(ids) <= self.limit:
-                return ids, False
-        offsets = enc["offset_mapping"]
-        keep = min(n, self.room) - len(self.tok(CUT_MARK.format(n=n), add_special_tokens=False)["input_ids"])
+        span = self.room * MAX_TOKEN_CHARS
+        offsets = lambda t: self.tok(t, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]  # noqa: E731
+        if len(text) <= 2 * span:
+            heads = tails = offsets(text)
+            tail_base = 0
+            if len(heads) <= self.room:
+                ids = self._ids(text)
+                if len(ids) <= self.limit:
+                    return ids, False
+        else:  # only the two ends can be kept: tokenise those, not the megabytes between them
+            heads, tail_base = offsets(text[:span]), len(text) - span
+            tails = offsets(text[tail_base:])
+        keep = self.room - len(self.tok(CUT_MARK.format(n=len(text)), add_special_tokens=False)["input_ids"])
         for _ in range(8):  # tokens can merge across the cut: shrink until the rendered prompt fits
-            head = max(1, int(keep * self.head_fraction))
-            tail = max(1, keep - head)
-            cut = text[: offsets[head - 1][1]] + CUT_MARK.format(n=n - head - tail) + text[offsets[n - tail][0] :]
+            head = min(max(1, int(keep * self.head_fraction)), len(heads))
+            tail = min(max(1, keep - head), len(tails))
+            h_end, t_start = heads[head - 1][1], tail_base + tails[len(tails) - tail][0]
+            cut = text[:h_end] + CUT_MARK.format(n=t_start - h_end) + text[t_start:]
             ids = self._ids(cut)
             if len(ids) <= self.limit:
                 return ids, True

@@ -38,7 +38,12 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+# No token of a real vocabulary spans more characters than this, so a text is tokenised only as far
+# as the characters its kept tokens can cover: a 4 MiB row costs what a long one does.
+MAX_TOKEN_CHARS = 32
+
 __all__ = [
+    "MAX_TOKEN_CHARS",
     "LAYER_DEFINITION",
     "render_chat",
     "TextEncoder",
@@ -97,13 +102,23 @@ class TextEncoder:
             sel = [i for i, c in enumerate(chats) if not (c and self.has_template) == special]
             if not sel:
                 continue
-            enc = self.tokenizer([texts[i] for i in sel], add_special_tokens=special, truncation=False, verbose=False)[
-                "input_ids"
-            ]
+            # A long text is tokenised only as far as its prefix of whole words within max_length x
+            # MAX_TOKEN_CHARS characters: when that prefix alone holds more than max_length tokens, its
+            # first max_length are the text's; otherwise (no whitespace to cut at, or words of more than
+            # MAX_TOKEN_CHARS characters a token) the text is tokenised whole.
+            heads = [_word_prefix(texts[i], self.max_length * MAX_TOKEN_CHARS) for i in sel]
+            enc = self.tokenizer(heads, add_special_tokens=special, truncation=False, verbose=False)["input_ids"]
+            for j, e in enumerate(enc):
+                if len(heads[j]) < len(texts[sel[j]]) and len(e) <= self.max_length + 2:
+                    heads[j] = texts[sel[j]]
+                    enc[j] = self.tokenizer(heads[j], add_special_tokens=special, verbose=False)["input_ids"]
             long_rows = [j for j, e in enumerate(enc) if len(e) > self.max_length]
             if long_rows:  # re-tokenise with the tokenizer's own truncation, which keeps special tokens
                 cut = self.tokenizer(
-                    [texts[sel[j]] for j in long_rows], add_special_tokens=special, truncation=True, max_length=self.max_length
+                    [heads[j] for j in long_rows],
+                    add_special_tokens=special,
+                    truncation=True,
+                    max_length=self.max_length,
                 )["input_ids"]
                 for j, e in zip(long_rows, cut):
                     enc[j] = e
@@ -113,6 +128,15 @@ class TextEncoder:
                     raise ValueError(f"row {i} has no tokens after tokenisation")
                 ids[i] = np.asarray(e, dtype=np.int32)
         return ids, truncated
+
+
+def _word_prefix(text: str, chars: int) -> str:
+    """``text`` up to its last whitespace within its first ``chars`` characters (and past half of
+    them); the whole text when it is not longer or has no such whitespace."""
+    if len(text) <= chars:
+        return text
+    cut = max(text.rfind(c, chars // 2, chars) for c in " \n\t")
+    return text[:cut] if cut > 0 else text
 
 
 # ----------------------------------------------------------------------------------------------
