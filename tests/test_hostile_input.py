@@ -4,13 +4,14 @@ every input line becomes exactly one row, valid or quarantined with a reason."""
 import json
 import os
 
+import pyarrow as pa
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctd.config import ConfigError, load_config
-from ctd.pipeline.corpus import MAX_ROW_BYTES, _split_lines, validate_record
+from ctd.pipeline.corpus import MAX_ROW_BYTES, REASONS, _split_lines, stream_rows, validate_record
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
@@ -36,7 +37,7 @@ def check_row(row):
         assert isinstance(row["id"], str) and row["id"].strip() and isinstance(row["input"], str) and row["input"].strip()
         assert row["label"] in (-1, 0, 1)
     else:
-        assert isinstance(row["error"], str) and row["error"]
+        assert isinstance(row["error"], str) and row["error"].split(" (")[0] in REASONS  # a closed set
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -53,7 +54,7 @@ def test_any_bytes_file_gives_one_row_per_non_empty_line(lines):
     rows = _split_lines({"path": "f.jsonl", "bytes": data})
     # reconciled line by line: each row names the line it came from, every non-empty line has exactly one
     # row (nothing dropped, nothing invented), and a valid row carries exactly that line's id and text
-    expected = [i + 1 for i, x in enumerate(data.split(b"\n")) if x.strip()]
+    expected = [i + 1 for i, x in enumerate(data.split(b"\n")) if x.strip()] or [0]  # a file with no row: one entry
     assert [r["source"] for r in rows] == [f"f.jsonl:{i}" for i in expected]
     for r in rows:
         check_row(r)
@@ -181,3 +182,108 @@ def test_set_into_a_value_that_is_not_a_section_is_a_config_error(tmp_path):
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
     with pytest.raises(ConfigError, match="not a section"):
         load_config(path, {"audit.output.x": "1"})
+
+
+def test_bad_values_give_reasons_from_a_closed_set_with_short_details():
+    """120 distinct bad labels (and groups, texts, ids of every type) give one reason line each in
+    the report's table, not 120; no detail carries more than a few characters of the row."""
+    from ctd.audit.facts import short_reason
+
+    junk = [7, -1, 2.5, "yes", "x" * 10_000, [1], {"a": 1}, True + 1]
+    rows = [validate_record({"id": f"r{i}", "text": "t", "label": v}, "f:1") for i, v in enumerate([*range(2, 122), *junk])]
+    not_strings = [*range(50), 2.5, [1], {"a": 1}, True]
+    rows += [validate_record({"id": f"g{i}", "text": "t", "group": v}, "f:1") for i, v in enumerate(not_strings)]
+    rows += [validate_record({"id": v, "text": "t"}, "f:1") for v in not_strings]
+    errors = [r["error"] for r in rows]
+    assert all(e and len(e) < 120 for e in errors), max(errors, key=len)
+    assert set(short_reason(pa.array(errors)).to_pylist()) == {
+        "label must be 0 or 1",
+        "group must be a string",
+        "id must be a string",
+    }
+
+
+@pytest.mark.parametrize(
+    "rid, reason",
+    [
+        ("caf\u00e9", None),
+        ("cafe\u0301", "id not in Unicode NFC form"),  # looks like café
+        ("abc ", "id with invisible characters or surrounding whitespace"),
+        ("a\u200bbc", "id with invisible characters or surrounding whitespace"),  # zero-width space
+        ("a\tb", "id with invisible characters or surrounding whitespace"),
+        ("a\u202ebc", "id with invisible characters or surrounding whitespace"),  # right-to-left override
+        ("two words", None),
+    ],
+)
+def test_ids_that_would_look_like_another_id_are_quarantined(rid, reason):
+    assert validate_record({"id": rid, "text": "t"}, "f:1")["error"] == reason
+
+
+def test_one_size_limit_for_every_format():
+    """A Parquet row (or a chat whose messages add up) over MAX_ROW_BYTES is quarantined as a JSON
+    line is, before it is tokenised or judged."""
+    big = "x" * (MAX_ROW_BYTES + 1)
+    assert validate_record({"id": "p", "text": big}, "f.parquet:0")["error"] == f"row larger than {MAX_ROW_BYTES} bytes"
+    msgs = [{"role": "user", "content": "é" * (MAX_ROW_BYTES // 4)}] * 3  # 2 bytes a character in UTF-8
+    assert validate_record({"id": "c", "messages": msgs}, "f.parquet:1")["error"] == f"row larger than {MAX_ROW_BYTES} bytes"
+    assert validate_record({"id": "ok", "text": "x" * (MAX_ROW_BYTES // 2)}, "f:1")["error"] is None
+
+
+def test_a_parquet_file_with_one_huge_text_is_quarantined_not_scored(tmp_path):
+    import pyarrow.parquet as pq
+
+    from ctd.pipeline.corpus import local_rows
+
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["fine", "y" * (50 << 20)]}), tmp_path / "c.parquet", compression="zstd")
+    rows = local_rows(str(tmp_path / "c.parquet")).to_pylist()
+    assert [r["error"] for r in rows] == [None, f"row larger than {MAX_ROW_BYTES} bytes"] and rows[1]["input"] is None
+
+
+def test_a_gzip_bomb_of_valid_rows_is_read_in_blocks_bounded_by_bytes():
+    """100 rows just under the limit, compressed to a few hundred KB: yielded a few at a time (by
+    bytes, not 8,192 rows), and the decompressor never inflates more than a chunk at once."""
+    import gzip
+    import io
+
+    line = json.dumps({"id": "b", "text": "a" * (MAX_ROW_BYTES - 100)}).encode()
+    bomb = gzip.compress(b"\n".join([line] * 100))
+    assert len(bomb) < 1 << 20
+    blocks = [len(b) for b in stream_rows(io.BytesIO(bomb), "b.jsonl.gz", block_bytes=16 << 20)]
+    assert sum(blocks) == 100 and max(blocks) <= 5
+
+
+def test_a_truncated_gzip_keeps_every_row_before_the_damage():
+    import gzip
+
+    lines = [json.dumps({"id": f"r{i}", "text": "hello " * 20}).encode() for i in range(2000)]
+    data = gzip.compress(b"\n".join(lines) + b"\n")
+    rows = _split_lines({"path": "f.jsonl.gz", "bytes": data[: len(data) // 2]})
+    ok = [r for r in rows if r["error"] is None]
+    assert len(ok) > 900 and [r["id"] for r in ok] == [f"r{i}" for i in range(len(ok))]
+    assert rows[-1]["error"].startswith("unreadable gzip file") and rows[-1]["source"] == f"f.jsonl.gz:{len(ok) + 1}"
+    two = _split_lines({"path": "f.jsonl.gz", "bytes": data + gzip.compress(b'{"id": "z", "text": "t"}')})
+    assert len(two) == 2001 and all(r["error"] is None for r in two)  # concatenated members are one file
+
+
+@pytest.mark.parametrize("data", [b"", b"\n" * 100_000, b"  \n\t\n"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_file_without_rows_is_a_quarantine_entry(data, gz):
+    import gzip
+
+    path = "f.jsonl.gz" if gz else "f.jsonl"
+    rows = _split_lines({"path": path, "bytes": gzip.compress(data) if gz else data})
+    assert len(rows) == 1 and rows[0]["error"].startswith("empty file") and rows[0]["source"] == f"{path}:0"
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_device_or_fifo_in_the_corpus_is_refused_before_anything_reads_it(tmp_path, kind):
+    from ctd.pipeline.corpus import list_corpus_files
+
+    (tmp_path / "a.jsonl").write_text('{"id": "a", "text": "b"}\n')
+    if kind == "device":
+        os.symlink("/dev/zero", tmp_path / "zero.jsonl")
+    else:
+        os.mkfifo(tmp_path / "zero.jsonl")
+    for uri in (str(tmp_path), str(tmp_path / "zero.jsonl")):
+        with pytest.raises(ConfigError, match="zero.jsonl is not a regular file"):
+            list_corpus_files(uri)

@@ -585,4 +585,4 @@ def test_corpus_reader_keeps_every_row(ray_head, tmp_path):
     rows = {r["source"].rsplit(":", 1)[-1]: r for r in read_corpus(str(tmp_path / "c.parquet")).take_all()}
     assert len(rows) == 4
     errs = sorted(r["error"] for r in rows.values() if r["error"])
-    assert errs == ["empty text", "label must be 0 or 1, got 7", "missing id"]
+    assert errs == ["empty text", "label must be 0 or 1 (got 7)", "missing id"]

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from .. import storage
 from ..experts.prompt import usable
-from ..pipeline.corpus import is_valid
+from ..pipeline.corpus import Reason, is_valid
 from ..pipeline.raydata import read, write
 from ..pipeline.scoring import EXPERT_CARRY
 from ..runs.layout import RunLayout, parquet_files
@@ -100,7 +100,7 @@ def judged(batch: pa.Table) -> pa.Table:
 def quarantined(batch: pa.Table) -> pa.Table:
     """Invalid rows with their reason, and every row of a duplicated id."""
     b = batch.filter(pc.or_(pc.invert(is_valid(batch)), pc.is_valid(batch.column("dup_n"))))
-    reason = pc.binary_join_element_wise("duplicate id (", pc.cast(b.column("dup_n"), pa.string()), " rows share it)", "")
+    reason = pc.binary_join_element_wise(f"{Reason.DUPLICATE} (", pc.cast(b.column("dup_n"), pa.string()), " rows share it)", "")
     return pa.table(
         {
             "id": b.column("id"),
