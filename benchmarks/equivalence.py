@@ -7,9 +7,10 @@ corpus with the same artifacts twice per setting, once with the implementation a
 worktree of that commit, run as ``python -m jobs.audit`` with it first on the path) and once with
 this checkout, without and with a hard budget cap. It compares, id by id, what each run published:
 ids, decisions, delegated set, over-cap set, quarantine (id, reason) and the report's counts and
-alarms. Two changes of the quarantine since a6e22ac are intended and normalised before comparing (and
+alarms. Three changes of the quarantine since a6e22ac are intended and normalised before comparing (and
 counted): a malformed-JSON reason reads "(<message>, column N)" instead of "(<message> at column N)",
-and such a row keeps its readable id when its line shows one.
+such a row keeps its readable id when its line shows one, and a bad type or label is named in a short
+detail ("label must be 0 or 1 (got a string: 'maybe')" for "label must be 0 or 1, got 'maybe'").
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def published(output: str, run_id: str) -> dict:
 
 
 def _reason(e: str) -> str:
-    return re.sub(r"^malformed JSON \((.*) at column (\d+)\)$", r"malformed JSON (\1, column \2)", e or "")
+    e = re.sub(r"^malformed JSON \((.*) at column (\d+)\)$", r"malformed JSON (\1, column \2)", e or "")
+    return re.sub(r"^(label must be 0 or 1|(?:id|text|group) must be a string), got .*$", r"\1", e)
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -94,11 +96,21 @@ def compare(a: dict, b: dict) -> dict:
     # run's malformed-JSON rows without the readable id the old run could not give them
     salvaged = [i for i, e in b["quarantine"] if i and e.startswith("malformed JSON")]
     a = dict(a, quarantine=sorted((i, _reason(e)) for i, e in a["quarantine"]))
-    b = dict(b, quarantine=sorted(("" if e.startswith("malformed JSON") else i, e) for i, e in b["quarantine"]))
+    b = dict(
+        b,
+        quarantine=sorted(
+            ("" if e.startswith("malformed JSON") else i, re.sub(r"^((?:label|id|text|group) must be .*?) \(got .*\)$", r"\1", e))
+            for i, e in b["quarantine"]
+        ),
+    )
     out = {k: a[k] == b[k] for k in ("ids", "decision", "delegated", "over_cap", "quarantine")}
     out["quarantine_rows_with_a_readable_id_now"] = len(salvaged)
     out["malformed_json_rows_compared_by_reason_only"] = sum(e.startswith("malformed JSON") for _, e in a["quarantine"])
-    out["report_counts"] = {k: a["report"][k] == b["report"][k] for k in COUNTS}
+    reasons = lambda r: {_reason(k): v for k, v in (r.get("quarantine_reasons") or {}).items()}  # noqa: E731
+    out["report_counts"] = {
+        k: (reasons(a["report"]) == reasons(b["report"])) if k == "quarantine_reasons" else a["report"][k] == b["report"][k]
+        for k in COUNTS
+    }
     out["max_abs_diff"] = {
         k: max((abs(a[k][i] - b[k][i]) for i in a[k] if i in b[k]), default=0.0) for k in ("probe", "dv", "final")
     }
