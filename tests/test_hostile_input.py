@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis): the corpus reader and the config loader never crash on junk;
 every input line becomes exactly one row, valid or quarantined with a reason."""
 
+import http.server
 import json
 import os
 
@@ -287,3 +288,51 @@ def test_a_device_or_fifo_in_the_corpus_is_refused_before_anything_reads_it(tmp_
     for uri in (str(tmp_path), str(tmp_path / "zero.jsonl")):
         with pytest.raises(ConfigError, match="zero.jsonl is not a regular file"):
             list_corpus_files(uri)
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_the_http_judge_never_follows_a_redirect_with_its_key(tiny_llama, monkeypatch, code):
+    """A judge endpoint that redirects to another host: the other host sees no request (so no
+    Authorization header), the row keeps the probe's score, and the status says why. (urllib's
+    default opener follows 301/302/303 with a GET that keeps the Authorization header.)"""
+    import urllib.request
+
+    from conftest import JUDGE_KEY_ENV
+    from test_http_expert import http_config
+    from test_tools import serve
+
+    from ctd.experts.http import HTTPJudgeStage
+
+    seen = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *a):
+            pass
+
+    class Redirector(Elsewhere):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(code)
+            self.send_header("Location", elsewhere)
+            self.end_headers()
+
+    srv2, elsewhere = serve(Elsewhere)
+    srv, url = serve(Redirector)
+    monkeypatch.setenv(JUDGE_KEY_ENV, "sk-judge-key-0123456789")
+    stage = HTTPJudgeStage(http_config(url.rsplit("/", 1)[0], tiny_llama, max_retries=0).http)
+    t = stage(pa.table({"id": ["a"], "input": ["w1 w2"], "is_chat": [False]}))
+    status = t.column("expert_status")[0].as_py()
+    assert t.column("expert")[0].as_py() is None and "redirects" in status and "sk-judge" not in status, status
+    assert seen == []
+    if code in (301, 302, 303):  # the defect guarded against: the standard opener takes the key elsewhere
+        req = urllib.request.Request(url, data=b"{}", method="POST", headers={"Authorization": "Bearer k"})
+        urllib.request.urlopen(req, timeout=5).read()
+        assert seen == ["Bearer k"]
+    srv.shutdown(), srv2.shutdown()

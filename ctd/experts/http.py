@@ -19,7 +19,6 @@ import random
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from ..config import HTTPExpertConfig
+from ..web import post_json
 from .base import PoolPlan
 from .prompt import (
     LLM_JUDGE_IDENTITY,
@@ -121,11 +121,15 @@ class HTTPJudgeStage:
                 raise _EndpointDown(DOWN)
             self.limiter.acquire()
             try:
-                req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_seconds) as r:
-                    self.calls += 1
-                    return json.loads(r.read())
+                _, answer = post_json(self.url, body, self.cfg.timeout_seconds, headers)
+                self.calls += 1
+                return json.loads(answer)
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:  # never followed: the API key goes to base_url and nowhere else
+                    raise _EndpointDown(
+                        f"the judge endpoint redirects (HTTP {e.code}); redirects are refused, so the API key is sent "
+                        "only to expert.http.base_url: set it to the final URL"
+                    ) from None
                 if e.code not in self.RETRY:  # the endpoint answered: this row is bad, the endpoint is not down
                     raise RuntimeError(f"judge answered HTTP {e.code} {_phrase(e.code)}") from None
                 if attempt == self.cfg.max_retries:

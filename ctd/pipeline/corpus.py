@@ -14,7 +14,6 @@ by a chunk and a block of rows, whatever the file's size.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import posixpath

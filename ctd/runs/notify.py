@@ -6,33 +6,15 @@ elsewhere does not get the message)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import urllib.error
-import urllib.request
 
 from ..config import NotifyConfig
 from ..log import log
+from ..web import post_json
 
-__all__ = ["notify", "post_json", "message"]
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 (urllib's signature)
-        raise urllib.error.HTTPError(req.full_url, code, f"redirect to another location refused ({code})", headers, fp)
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
-
-def post_json(url: str, body: dict, timeout: float, headers: dict | None = None) -> int:
-    """POST ``body`` as JSON; returns the HTTP status. Redirects are not followed."""
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode("utf-8"), method="POST", headers={"Content-Type": "application/json", **(headers or {})}
-    )
-    with _OPENER.open(req, timeout=timeout) as r:
-        return r.status
+__all__ = ["notify", "message"]
 
 
 def message(summary: dict, fmt: str) -> dict:
@@ -61,7 +43,7 @@ def notify(cfg: NotifyConfig | None, summary: dict) -> bool:
     body, delay = message(summary, cfg.format), 0.5
     for attempt in range(cfg.retries + 1):
         try:
-            status = post_json(url, body, cfg.timeout_seconds)
+            status, _ = post_json(url, body, cfg.timeout_seconds)
             log(f"notify: message delivered to ${cfg.url_env} (HTTP {status})")
             return True
         except urllib.error.HTTPError as e:
