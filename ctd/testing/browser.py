@@ -26,7 +26,9 @@ _CAPTURE = (
 )
 _PROBE = (
     "<script>window.addEventListener('load',function(){var imgs=Array.prototype.slice.call(document.images);"
-    "document.body.setAttribute('data-ctd-check',JSON.stringify({images:imgs.length,errors:ctdErrors,"
+    "var heads=Array.prototype.map.call(document.querySelectorAll('h2'),function(h){return h.textContent;});"
+    "document.body.setAttribute('data-ctd-check',JSON.stringify({images:imgs.length,errors:ctdErrors,heads:heads,"
+    "rows:document.querySelectorAll('tr').length,"
     "broken:imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);}).map(function(i){return i.alt||i.src.slice(0,60);})}));"
     "});</script>"
 )
@@ -58,8 +60,8 @@ class _Links(HTMLParser):
 
 
 def check_page(path: str, timeout: float = 60) -> dict:
-    """Load ``path`` (a local HTML file) in headless Chromium. Returns {images, broken_images,
-    links, missing_links, console_errors, ok}: images counted and checked by the browser after
+    """Load ``path`` (a local HTML file) in headless Chromium. Returns {headings (the h2 texts in the
+    browser's DOM), table_rows, images, broken_images, links, missing_links, console_errors, ok}: images counted and checked by the browser after
     load; relative links checked against the files beside the page (a browser may not read
     file:// URLs from a script); script errors and console.error calls."""
     path = os.path.abspath(path)
@@ -88,6 +90,8 @@ def check_page(path: str, timeout: float = 60) -> dict:
     local = [u for u in parser.links if not re.match(r"^[a-z][a-z0-9+.-]*:|^#", u)]
     missing = [u for u in local if not os.path.exists(os.path.join(os.path.dirname(path), u.split("#")[0]))]
     return {
+        "headings": seen["heads"],
+        "table_rows": seen["rows"],
         "images": seen["images"],
         "broken_images": seen["broken"],
         "links": parser.links,
