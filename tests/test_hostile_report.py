@@ -25,9 +25,9 @@ HOSTILE_TEXT = [
     "hello -----BEGIN\tPRIVATE KEY----- MIIEvQIBADANBgkqhkiG9w0BAQEFAASC and no end line",
     "my password=",
     'a quote " and </td></tr><tr><td>a cell</td> <script>alert(1)</script>',
-    "id ending token:",
+    "=cmd|' /C calc'!A0 id ending token:",
 ]
-HOSTILE_IDS = ["r-token:", "my password=", 'q"uote</td>', "grp secret:"]
+HOSTILE_IDS = ["r-token:", '=HYPERLINK("http://x.example","click")', 'q"uote</td>', "@SUM(1+1)"]
 HOSTILE_GROUPS = ['token=a"b', "grp secret:", "</td></tr><b>x", "password="]
 
 
@@ -89,3 +89,26 @@ def test_hostile_rows_leave_the_report_whole_and_the_night_in_the_history(tmp_pa
     page = open(f"{hostile.attempt_root}/report.html").read()
     assert "MIIEvQIBADAN" not in page and "<script>alert(1)" not in page
     assert [n["run_id"] for n in history(out).nights] == ["n1", "n2"]  # the night stays in the drift history
+
+
+def test_the_review_csv_neutralises_formulas_and_the_report_links_it(tmp_path):
+    """review.csv beside review.parquet: every cell a spreadsheet would run (=, +, -, @, tab, CR
+    first) starts with an apostrophe; the values are otherwise the Parquet file's; the page links it."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    layout = night(str(tmp_path / "out"), "n2", "2026-11-24", hostile=True)
+    rows = list(csv.DictReader(open(f"{layout.attempt_root}/review.csv", encoding="utf-8")))
+    want = pq.read_table(f"{layout.attempt_root}/review.parquet").to_pylist()
+    assert len(rows) == len(want) == 4
+    for got, w in zip(rows, want):
+        for k in ("id", "group", "excerpt"):
+            v = w[k] or ""
+            assert got[k] == ("'" + v if v[:1] in ("=", "+", "-", "@", "\t", "\r") else v)
+        assert not any(c[:1] in "=+@" for c in got.values() if c)
+    assert {r["id"] for r in rows} >= {'\'=HYPERLINK("http://x.example","click")', "'@SUM(1+1)"}
+    page = open(f"{layout.attempt_root}/report.html").read()
+    assert "href='review.csv'" in page
+    files = json.load(open(f"{layout.root}/manifest.json"))
+    assert "review.csv" in json.dumps(files)

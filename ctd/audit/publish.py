@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from .. import storage
 from ..log import log
-from ..reporting.pages import write_report
+from ..reporting.pages import csv_bytes, write_report
 from ..reporting.plots import plot_binned, plot_history
 from ..reporting.redact import redact_values
 from ..runs.history import History, night
@@ -49,16 +49,19 @@ def figures(report: AuditReport, facts: Facts, history: History) -> tuple[dict[s
 def write_audit_report(
     layout: RunLayout, report: AuditReport, facts: Facts, history: History, review: pa.Table | None, secrets: list[str]
 ) -> dict[str, str]:
-    """``report.json``, ``report.html`` (with its plots) and ``review.parquet`` in the attempt, every
-    text value redacted first (never the finished page)."""
+    """``report.json``, ``report.html`` (with its plots), ``review.parquet`` and ``review.csv`` (for a
+    spreadsheet: formula-shaped cells neutralised) in the attempt, every text value redacted first
+    (never the finished page)."""
     report = report.redacted(secrets)
     if review is not None:
         review = pa.Table.from_pylist(redact_values(review.to_pylist(), secrets), schema=review.schema)
     figs, nights = figures(report, facts, history)
     files = write_report(layout.attempt_root, "report", report.model_dump(), report.html(figs, nights, review), figs)
-    if review is not None:  # the rows to look at first, with redacted excerpts: a Parquet file beside the report
+    if review is not None:  # the rows to look at first, with redacted excerpts: Parquet and CSV beside the report
         files["review"] = storage.join(layout.attempt_root, "review.parquet")
         write_parquet(files["review"], review)
+        files["review_csv"] = storage.join(layout.attempt_root, "review.csv")
+        storage.write_bytes(files["review_csv"], csv_bytes(review))
     return files
 
 

@@ -279,7 +279,11 @@ class AuditReport(BaseModel):
                 "The night in brief",
                 f"<ul class='headline'>{lines}</ul>"
                 "<p>Files: <a href='report.json'>report.json</a>"
-                + (" · <a href='review.parquet'>review.parquet</a>" if self.review_rows else "")
+                + (
+                    " · <a href='review.parquet'>review.parquet</a> · <a href='review.csv'>review.csv</a>"
+                    if self.review_rows
+                    else ""
+                )
                 + "</p>",
             ),
             (
@@ -374,7 +378,8 @@ def _review_html(review) -> str:
                 ]
             )
         out.append(f"<h3>{html.escape(what.capitalize())} ({len(sel)})</h3>{body}")
-    return "".join(out)
+    files = "<p>These lists as files: <a href='review.csv'>review.csv</a> (for a spreadsheet) · <a href='review.parquet'>review.parquet</a></p>"
+    return files + "".join(out)
 
 
 def show_report(uri: str) -> str:

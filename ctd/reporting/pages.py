@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import storage
 
-__all__ = ["html_table", "html_figure", "html_page", "write_report", "pct", "share"]
+__all__ = ["html_table", "html_figure", "html_page", "write_report", "csv_bytes", "pct", "share"]
 
 
 def pct(x: float) -> str:
@@ -93,3 +93,29 @@ def write_report(
     storage.write_bytes(h, html_text.encode())
     uris.update({"json": j, "html": h})
     return uris
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...), +cmd|...):
+# such a cell is written with a leading apostrophe, which spreadsheets show as text (OWASP's advice).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_bytes(table: Any) -> bytes:
+    """A table (pyarrow) as CSV for a spreadsheet: UTF-8 with a header, every text cell that a
+    spreadsheet would run as a formula prefixed with an apostrophe (numbers are left as they are)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    cols = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            col = pa.array(
+                [None if v is None else ("'" + v if v.startswith(_FORMULA_START) else v) for v in col.to_pylist()], pa.string()
+            )
+        cols[name] = col
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.table(cols), buf)
+    return buf.getvalue()
