@@ -15,7 +15,10 @@ classifier expert, probes, calibration) into S3, then:
 4. runs a job that fails mid-way (a missing expert model) and checks nothing is published;
 5. throws hostile input at the corpus reader, the config loader and the artifact loaders;
 6. (the drift alarm is simulated apart: benchmarks/drift.py);
-7. scans every object and file written, the job logs and the Ray session logs for the S3 keys.
+7. scans every object and file written, the job logs and the Ray session logs for the S3 keys;
+8. plants issue #27's attacks (hostile rows in a night, a redirecting judge, bombs, traversing run
+   copies, out-of-range settings...) and counts them tried and held
+   (``--only attacks`` runs this section alone, on local files, ~5 min).
 """
 
 from __future__ import annotations
@@ -392,10 +395,331 @@ def scenario_secrets(s3, work, logs, since):
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# 8. attacks (issue #27): each one planted against the real code, counted tried and held
+# ----------------------------------------------------------------------------------------------
+HOSTILE_TEXTS = [
+    "-----BEGIN\tPRIVATE KEY----- MIIEvQIBADANBgkqhkiG9w0BAQEFAASC and no end line",
+    "and then my password=",
+    'a quote " and </td></tr><tr><td>a cell</td> <script>alert(1)</script>',
+    '=HYPERLINK("http://x.example","click") then the rest',
+]
+HOSTILE_IDS = ["id-token:", '=HYPERLINK("http://x.example")', 'q"uote</td>', "@SUM(1+1)"]
+HOSTILE_GROUPS = ['token=a"b', "grp secret:", "</td></tr><b>x", "password="]
+LOOKALIKES = ["cafe\u0301", "abc ", "a\u200bbc", "a\u202ebc"]
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    r = subprocess.run([sys.executable, "-m", "ctd.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return r.returncode, r.stdout + r.stderr
+
+
+def _hostile_corpus(src: str, dst: str, hostile: bool) -> None:
+    """The generated night, with (``hostile``) unsafe rows rewritten to carry the attacks in their text,
+    id and group, lookalike ids and 120 distinct bad labels added."""
+    rows: list = []
+    for raw in open(src, "rb").read().split(b"\n"):  # the night's own bad rows (invalid UTF-8...) kept as they are
+        try:
+            rows.append(json.loads(raw))
+        except ValueError:
+            rows.append(raw)
+    good = [r for r in rows if isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("text"), str)]
+    if hostile:
+        unsafe = [r for r in good if r.get("label") == 1][:16]
+        for i, r in enumerate(unsafe):
+            r["text"] = HOSTILE_TEXTS[i % 4] + " " + r["text"]
+            r["group"] = HOSTILE_GROUPS[i % 4]
+            if i < 4:
+                r["id"] = HOSTILE_IDS[i]
+        rows += [{"id": x, "text": "hello there"} for x in LOOKALIKES]
+        rows += [{"id": f"bad-label-{i}", "text": "hello", "label": i + 2} for i in range(120)]
+    with open(dst, "wb") as f:
+        f.writelines((r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode()) + b"\n" for r in rows)
+
+
+def scenario_attacks(d: dict, work: str) -> dict:
+    """Issue #27's attacks against the deployed demo: two audited nights (one benign, one carrying
+    the hostile rows) into a local output, then the tools, the config loader and the readers."""
+    import gzip
+    import http.server
+    import io
+    import threading
+    import tracemalloc
+    import urllib.error
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctd.audit.run import run_audit
+    from ctd.pipeline.corpus import MAX_ROW_BYTES, _split_lines, list_corpus_files, local_rows, stream_rows
+    from ctd.runs.folder import read_run_table, run_file
+    from ctd.runs.history import history
+    from ctd.testing.browser import check_page, chromium
+    from ctd.web import post_json
+
+    cases: list[dict] = []
+
+    def case(item: int, name: str, fn) -> None:
+        t = time.perf_counter()
+        try:
+            held, detail = fn()
+        except Exception as e:  # an attack that raises where it should be refused did not hold
+            held, detail = False, f"raised {e!r}"[:300]
+        cases.append(
+            {"item": item, "case": name, "held": bool(held), "detail": detail, "seconds": round(time.perf_counter() - t, 2)}
+        )
+        log(f"  #{item} {name}: {'held' if held else 'DID NOT HOLD'} ({detail})")
+
+    out = os.path.join(work, "attacks", "out")
+    os.makedirs(os.path.join(work, "attacks"), exist_ok=True)
+    over = {"audit.output": out, "audit.review_rows": 25, "audit.excerpt_chars": 300, "audit.resume": False}
+    nights = {}
+    for day, hostile in (("2026-11-23", False), ("2026-11-24", True)):
+        corpus = os.path.join(work, "attacks", f"{day}.jsonl")
+        _hostile_corpus(d["corpus"]["audit"], corpus, hostile)
+        nights[hostile] = run_audit(
+            load_config(d["config_path"], {**over, "audit.corpus": corpus}), run_id=f"night-{day}", date=day
+        )
+    runs = {h: RunLayout(out, r.run_id) for h, r in nights.items()}
+    file_of = lambda h, name: run_file(out, runs[h].run_id, name)  # noqa: E731
+
+    def report_whole():
+        body = json.load(open(file_of(True, "report.json")))
+        if chromium() is None:
+            return False, "chromium is not installed"
+        a, b = check_page(file_of(False, "report.html")), check_page(file_of(True, "report.html"))
+        page = open(file_of(True, "report.html"), encoding="utf-8").read()
+        ok = b["ok"] and a["headings"] == b["headings"] and "MIIEvQIBADAN" not in page and "<script>alert(1)" not in page
+        return (
+            ok,
+            f"report.json parses ({len(body['groups'])} groups); {len(b['headings'])} of {len(a['headings'])} sections in Chromium's DOM",
+        )
+
+    case(1, "PEM header with a tab, no END line, in a flagged row", report_whole)
+
+    def cells():
+        rows = pq.read_table(file_of(True, "review.parquet")).to_pylist()
+        shown = [r for r in rows if r["group"] in {"grp secret:", "password=", "</td></tr><b>x"} or r["id"] in HOSTILE_IDS]
+        b = check_page(file_of(True, "report.html"))
+        return b["ok"] and bool(shown), f"{len(shown)} hostile rows listed; {b['table_rows']} table rows rendered, no merged cell"
+
+    case(2, "key=value shapes at the end of an id, a group and a text", cells)
+    case(
+        3,
+        'a group token=a"b: report.json valid, the night in the history',
+        lambda: (
+            [n["run_id"] for n in history(out).nights] == [runs[False].run_id, runs[True].run_id],
+            f"history: {[n['run_id'] for n in history(out).nights]}",
+        ),
+    )
+
+    def redirect():
+        seen = []
+
+        class Elsewhere(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                seen.append(self.headers.get("Authorization"))
+                self.send_response(200)
+                self.end_headers()
+
+            do_POST = do_GET  # noqa: N815
+
+            def log_message(self, *a):
+                pass
+
+        class Redirector(Elsewhere):
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{srv2.server_address[1]}/")
+                self.end_headers()
+
+        srv2 = http.server.HTTPServer(("127.0.0.1", 0), Elsewhere)
+        srv = http.server.HTTPServer(("127.0.0.1", 0), Redirector)
+        for s in (srv, srv2):
+            threading.Thread(target=s.serve_forever, daemon=True).start()
+        try:
+            post_json(f"http://127.0.0.1:{srv.server_address[1]}/v1/completions", {}, 5, {"Authorization": "Bearer k"})
+            refused = False
+        except urllib.error.HTTPError as e:
+            refused = e.code == 302
+        srv.shutdown(), srv2.shutdown()
+        return refused and seen == [], f"redirect refused: {refused}; requests at the other host: {len(seen)}"
+
+    case(4, "the judge endpoint redirects to another host", redirect)
+
+    def parquet_row():
+        p = os.path.join(work, "attacks", "big.parquet")
+        pq.write_table(pa.table({"id": ["a", "b"], "text": ["fine", "y" * (50 << 20)]}), p, compression="zstd")
+        rows = local_rows(p).to_pylist()
+        return rows[1]["error"] == f"row larger than {MAX_ROW_BYTES} bytes", f"{os.path.getsize(p):,} B file: {rows[1]['error']}"
+
+    case(5, "a Parquet file with one 50 MB text", parquet_row)
+
+    def gzip_bomb():
+        line = json.dumps({"id": "b", "text": "a" * (MAX_ROW_BYTES - 100)}).encode()
+        bomb = gzip.compress(b"\n".join([line] * 400))
+        tracemalloc.start()
+        n = sum(len(b) for b in stream_rows(io.BytesIO(bomb), "b.jsonl.gz"))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return n == 400 and peak < 400 << 20, f"{len(bomb):,} B .gz of 400 rows of 4 MiB: {n} rows, peak {peak / 2**20:.0f} MiB"
+
+    case(6, "a gzip bomb of valid rows just under the size limit", gzip_bomb)
+    case(
+        7,
+        "120 distinct bad labels",
+        lambda: (
+            sum(k.startswith("label must be") for k in nights[True].quarantine_reasons) == 1,
+            f"reasons in the report: {len(nights[True].quarantine_reasons)}",
+        ),
+    )
+
+    def secret_path():
+        os.environ["AWS_SECRET_ACCESS_KEY_PLANTED"] = "planted-secret-value-123"
+        try:
+            load_config(d["config_path"], {"audit.corpus": "/data/${AWS_SECRET_ACCESS_KEY_PLANTED}/c.jsonl"})
+            return False, "accepted"
+        except ConfigError as e:
+            return "planted-secret-value" not in str(e), str(e)[:120]
+
+    case(8, "${AWS_SECRET_ACCESS_KEY} interpolated into audit.corpus", secret_path)
+
+    def laughs():
+        lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+        p = os.path.join(work, "attacks", "laughs.yaml")
+        open(p, "w").write("\n".join(lines) + "\n")
+        try:
+            load_config(p)
+            return False, "accepted"
+        except ConfigError as e:
+            return "aliases" in str(e), str(e)[-80:]
+
+    case(9, "a 'billion laughs' YAML config (10^9 nodes)", laughs)
+
+    def tools_confined():
+        import shutil
+
+        held, said = [], []
+        root = runs[True].root
+        for bad in ("../../../../etc/passwd", "/etc/hostname", 5):
+            copy = os.path.join(work, "attacks", f"copy-{abs(hash(str(bad)))}")
+            shutil.copytree(root, copy)
+            m = json.load(open(os.path.join(copy, "manifest.json")))
+            m["report"][0]["file"] = bad
+            json.dump(m, open(os.path.join(copy, "manifest.json"), "w"))
+            for args in (("fetch", copy, "--to", os.path.join(work, "attacks", "dst")), ("verify", copy)):
+                code, text = _cli("report", *args)
+                held.append(code in (1, 2) and "Traceback" not in text)
+                said.append(text.strip().splitlines()[-1][:80] if text.strip() else "")
+        copy = os.path.join(work, "attacks", "zero")
+        shutil.copytree(root, copy)
+        html_ = next(os.path.join(p, f) for p, _, fs in os.walk(copy) for f in fs if f == "report.html")
+        os.remove(html_)
+        os.symlink("/dev/zero", html_)
+        for args in (("fetch", copy, "--to", os.path.join(work, "attacks", "dst2")), ("verify", copy)):
+            code, text = _cli("report", *args)
+            held.append(code == 1 and "symbolic link" in text)
+        return all(held) and not os.path.exists(
+            os.path.join(work, "attacks", "dst")
+        ), f"{sum(held)} of {len(held)} refused; e.g. {said[0]}"
+
+    case(10, "fetch/verify of copies listing ../, /etc, a number, a link to /dev/zero", tools_confined)
+
+    def device():
+        folder = os.path.join(work, "attacks", "dev-corpus")
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, "a.jsonl"), "w").write('{"id": "a", "text": "b"}\n')
+        os.symlink("/dev/zero", os.path.join(folder, "zero.jsonl"))
+        try:
+            list_corpus_files(folder)
+            return False, "listed"
+        except ConfigError as e:
+            return True, str(e)[-90:]
+
+    case(11, "/dev/zero as a corpus file", device)
+
+    def run_id_dots():
+        code, text = _cli("report", "show", os.path.join(out, "runs", ".."))
+        from ctd.runs.job import expand_run_id
+
+        try:
+            expand_run_id("..", __import__("datetime").date(2026, 1, 1))
+            return False, "accepted"
+        except ConfigError as e:
+            return code != 0, str(e)
+
+    case(12, "--run-id ..", run_id_dots)
+
+    def gzip_edges():
+        empty = _split_lines({"path": "n.jsonl.gz", "bytes": gzip.compress(b"\n" * (64 << 20))})
+        lines = [json.dumps({"id": f"r{i}", "text": "hello " * 20}).encode() for i in range(2000)]
+        data = gzip.compress(b"\n".join(lines) + b"\n")
+        cut = _split_lines({"path": "t.jsonl.gz", "bytes": data[: len(data) // 2]})
+        kept = sum(r["error"] is None for r in cut)
+        return (
+            len(empty) == 1 and empty[0]["error"].startswith("empty file") and kept > 900,
+            f"64 MB of newlines: {empty[0]['error']}; a half-truncated 2,000-row file: {kept} rows kept + 1 entry",
+        )
+
+    case(13, "a .gz of newlines and a truncated .gz", gzip_edges)
+
+    def ranges():
+        refused = 0
+        for k, v in (
+            ("audit.lease_seconds", float("inf")),
+            ("activations.max_actors", 100_000),
+            ("model.max_length", 10**9),
+            ("activations.num_cpus", float("nan")),
+        ):
+            try:
+                load_config(d["config_path"], {k: v})
+            except ConfigError:
+                refused += 1
+        return refused == 4, f"{refused} of 4 refused by name"
+
+    case(14, "out-of-range settings (.inf lease, 100000 actors, 1e9 tokens, nan CPUs)", ranges)
+
+    def clean_exit():
+        r = subprocess.run(
+            [sys.executable, "-m", "jobs.audit", "--config", d["config_path"], "--set", "name.x=1"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
+        return r.returncode == 2 and "Traceback" not in r.stderr, f"--set name.x=1: exit {r.returncode}: {r.stderr.strip()[-90:]}"
+
+    case(15, "--set into a value that is not a section", clean_exit)
+
+    def lookalikes_and_csv():
+        q = read_run_table(out, runs[True].run_id, "quarantine", ["id", "error"]).to_pylist()
+        looked = [r for r in q if r["id"] in LOOKALIKES]
+        import csv
+
+        cells = [c for row in csv.reader(open(file_of(True, "review.csv"), encoding="utf-8")) for c in row]
+        formulas = [c for c in cells if c[:1] in ("=", "+", "@")]
+        return (
+            len(looked) == len(LOOKALIKES) and not formulas,
+            f"{len(looked)} of {len(LOOKALIKES)} lookalike ids quarantined; formula cells in review.csv: {len(formulas)}",
+        )
+
+    case(16, "lookalike ids; =HYPERLINK ids and excerpts in the review files", lookalikes_and_csv)
+    return {"tried": len(cases), "held": sum(c["held"] for c in cases), "cases": cases}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "reliability.json"))
+    ap.add_argument(
+        "--only",
+        choices=["attacks"],
+        help="run only this section (local files, a local Ray) and replace it in --out, keeping the others",
+    )
     args = ap.parse_args(argv)
+    if args.only == "attacks":
+        return attacks_only(args.out)
     t0 = time.time()
     work = tempfile.mkdtemp(prefix="ctd-reliability-")
     with SeaweedFS(os.path.join(work, "s3")) as s3, RayHead(num_cpus=4, log_dir=os.path.join(work, "ray")) as head:
@@ -434,6 +758,8 @@ def main(argv=None):
         failed = scenario_failed_job(d, corpus, out)
         log("5. hostile input")
         hostile = scenario_hostile(d, root)
+        log("8. attacks (issue #27)")
+        attacks = scenario_attacks(d, work)
         log("7. secrets")
         secrets_ = scenario_secrets(s3, work, [cap.pop("log")], t0)
     faults = kills["faults"] + [
@@ -457,6 +783,8 @@ def main(argv=None):
             + hostile["artifacts_refused"],
             "distinct_corpus_lines_fuzzed": hostile["distinct_corpus_lines"],
             "secret_occurrences_in_outputs": secrets_["occurrences"],
+            "attacks_tried": attacks["tried"],
+            "attacks_held": attacks["held"],
         },
         "actor_kills": kills,
         "driver_kill_and_resume": driver,
@@ -465,6 +793,7 @@ def main(argv=None):
         "failed_job": failed,
         "hostile_input": hostile,
         "secrets": secrets_,
+        "attacks": attacks,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -476,6 +805,34 @@ def main(argv=None):
         if result["summary"]["rows_lost"] == 0 and result["summary"]["duplicate_rows"] == 0 and cap["budget_cap_overruns"] == 0
         else 1
     )
+
+
+def attacks_only(path: str) -> int:
+    """Section 8 alone: the demo deployed into a local folder, the attacks, the result put into
+    ``path`` beside the other sections (which keep the run that measured them)."""
+    t0 = time.time()
+    work = tempfile.mkdtemp(prefix="ctd-attacks-")
+    with RayHead(num_cpus=4, log_dir=os.path.join(work, "ray")):
+        base = yaml.safe_load(open(os.path.join(ROOT, "configs", "demo.yaml")))
+        d = deploy(
+            os.path.join(work, "root"),
+            os.path.join(work, "deploy"),
+            base,
+            seed=3,
+            log=log,
+            sizes={"train": 300, "expert_train": 500, "dev": 400, "calibration": 500, "audit": 400},
+        )
+        attacks = scenario_attacks(d, work)
+    result = json.load(open(path)) if os.path.exists(path) else {"benchmark": "reliability", "summary": {}}
+    result["attacks"] = attacks | {
+        "command": "python benchmarks/reliability.py --only attacks",
+        "seconds": round(time.time() - t0),
+    }
+    result["summary"] |= {"attacks_tried": attacks["tried"], "attacks_held": attacks["held"]}
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    log(f"attacks: {attacks['held']} of {attacks['tried']} held; wrote {path}")
+    return 0 if attacks["held"] == attacks["tried"] else 1
 
 
 if __name__ == "__main__":
