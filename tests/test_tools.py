@@ -74,6 +74,9 @@ def test_one_identity_per_calibration(tmp_path):
     from ctd.calibration.artifact import load_calibration
 
     assert load_calibration(str(tmp_path / "cal")).hash == h
+    code, text, err = cli("report", "fetch", str(tmp_path / "cal"), "--to", str(tmp_path / "fetched"))  # into a new folder
+    assert code == 0, err
+    assert load_calibration(str(tmp_path / "fetched" / "cal")).hash == h
     out = str(tmp_path / "out")
     night(out, "n1", "2026-11-20", calibration=h)
     night(out, "n2", "2026-11-21", calibration="another")

@@ -28,6 +28,9 @@ MAX_CALIBRATION_FILE = 256 << 20
 def _write_local(root: str, rel: str, data: bytes) -> str:
     """Write ``data`` at ``root/rel`` (a local folder), refusing any symbolic link on the way."""
     root = os.path.abspath(root)
+    if os.path.islink(root):
+        raise RunError(root, "a symbolic link in the destination: refused (fetch never writes through a link)")
+    os.makedirs(root, exist_ok=True)
     path = os.path.join(root, *rel.split("/"))
     here = root
     for part in rel.split("/")[:-1]:
