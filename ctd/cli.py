@@ -147,7 +147,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write((json.dumps(res, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     else:
         counts = ", ".join(
-            f"{k.replace('_', ' ')} {v}" for k, v in res.items() if k not in ("ok", "problems", "published", "run_id")
+            f"{k.replace('_', ' ')} {v}"
+            for k, v in res.items()
+            if k not in ("ok", "problems", "published", "run_id", "counted_with")
         )
         print(f"{args.uri}: {'ok' if res['ok'] else 'NOT OK'}" + (f" ({counts})" if res.get("published") else ""))
         for p in res["problems"]:

@@ -302,6 +302,27 @@ class AuditJob(NightlyJob):
         "(secrets and credential-shaped strings replaced); 0: no text in the report at all",
     )
     notify: NotifyConfig | None = Field(None, description="a message to a webhook when the night is published")
+    control_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="the control sample: this share of the audited rows goes to the judge whatever the scores "
+        "(a keyed hash of id and day), so the report can estimate what the probe misses; 0: none",
+    )
+    control_floor: int = Field(400, ge=0, le=10_000_000, description="the control sample's expected rows: at least this many")
+    control_ceiling: int = Field(20_000, ge=0, le=10_000_000, description="the control sample's expected rows: at most this many")
+    quality_level: float = Field(
+        0.005,
+        gt=0,
+        lt=1,
+        description="each quality alarm's false-alarm probability on a night where nothing changed",
+    )
+
+    @model_validator(mode="after")
+    def _control_bounds(self):
+        if self.control_floor > self.control_ceiling:
+            raise ValueError(f"control_floor ({self.control_floor}) is above control_ceiling ({self.control_ceiling})")
+        return self
 
 
 class JobConfig(Strict):

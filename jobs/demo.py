@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.45,
         help="share of ambiguous conversations on the shifted night (the others have the calibration's 0.25)",
     )
+    ap.add_argument(
+        "--shifted-campaign",
+        type=float,
+        default=0.2,
+        help="share of the shifted night's rows from a campaign of calmly worded harmful requests the probe never saw",
+    )
     args = ap.parse_args(argv)
     if args.nights < 1:
         ap.error("--nights must be at least 1")
@@ -59,10 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         day = (yesterday - _dt.timedelta(days=args.nights - 1 - k)).isoformat()
         shifted = k == args.nights - 1 and args.nights > 1
         ambiguous = args.shifted_ambiguous if shifted else 0.25
-        generate_night(f"{out}/corpus/audit/{day}.jsonl", day, seed=100 + k, ambiguous=ambiguous)
+        campaign = args.shifted_campaign if shifted else 0.0
+        generate_night(f"{out}/corpus/audit/{day}.jsonl", day, seed=100 + k, ambiguous=ambiguous, campaign=campaign)
         log(
             f"[{next(step)}/{steps}] nightly audit of {day}"
-            + (f" (shifted traffic: {ambiguous:.0%} ambiguous conversations)" if shifted else "")
+            + (
+                f" (shifted traffic: {ambiguous:.0%} ambiguous conversations, {campaign:.0%} from a new campaign of"
+                " calmly worded harmful requests)"
+                if shifted
+                else ""
+            )
         )
         report = run_audit(load_config(d["config_path"]), date=day)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")

@@ -157,6 +157,9 @@ def base_config(root: str, expert_dir: str, **over) -> dict:
             "calibration": f"{root}/calibration",
             "run_id": "nightly",
             "date": "2026-11-24",
+            # no control sample here: on these small corpora its floor would send most rows to the judge; it is
+            # tested on its own (tests/test_pipeline.py::test_the_control_sample_goes_to_the_judge_counted_apart)
+            "control_share": 0,
         },  # a fixed audited day: reruns within the session never cross midnight
     }
     for dotted, v in over.items():

@@ -79,9 +79,11 @@ def results(n=3000, seed=5):
     rng = np.random.default_rng(seed)
     probe = np.round(rng.random(n), 2)
     deleg = rng.random(n) < 0.3
-    expert = np.where(deleg, np.round(rng.random(n), 2), np.nan)
+    control = rng.random(n) < 0.05  # the control sample: judged whether or not delegated
+    judged = deleg | control
+    expert = np.where(judged, np.round(rng.random(n), 2), np.nan)
     status = np.where(
-        deleg,
+        judged,
         rng.choice(
             ["ok", "unsafe_outside_topk", "no_label_token", "error: boom", "error: HTTP 503"], n, p=[0.7, 0.1, 0.05, 0.1, 0.05]
         ),
@@ -99,9 +101,10 @@ def results(n=3000, seed=5):
             "dv": rng.normal(0, 0.5, n),
             "delegated": deleg,
             "over_cap": np.zeros(n, bool),
-            "expert": pa.array(expert, mask=~deleg),
+            "control": control,
+            "expert": pa.array(expert, mask=~judged),
             "expert_status": status.tolist(),
-            "expert_truncated": pa.array(np.where(deleg, rng.random(n) < 0.1, False), mask=~deleg),
+            "expert_truncated": pa.array(np.where(judged, rng.random(n) < 0.1, False), mask=~judged),
         }
     )
     return t, probe, expert, deleg, status
@@ -113,7 +116,7 @@ def test_finalize_uses_the_expert_only_where_it_answered_usably(mode):
     cascade = Cascade(mode, 0.4)
     res = finalize(t, cascade)
     assert res.schema == RESULT_SCHEMA
-    ok = deleg & np.isin(status, ["ok", "unsafe_outside_topk"])
+    ok = (deleg | t.column("control").to_numpy(zero_copy_only=False)) & np.isin(status, ["ok", "unsafe_outside_topk"])
     assert np.array_equal(answered(res), ok)
     want = np.where(ok, expert if mode == "switch" else (probe + np.nan_to_num(expert)) / 2, probe)
     assert np.allclose(res.column("final").to_numpy(), want)
@@ -137,7 +140,7 @@ def test_facts_count_what_the_rows_say():
     res = finalize(t)
     f = facts_of(res)
     dec = res.column("decision").to_numpy(zero_copy_only=False)
-    ok = deleg & np.isin(status, ["ok", "unsafe_outside_topk"])
+    ok = (deleg | t.column("control").to_numpy(zero_copy_only=False)) & np.isin(status, ["ok", "unsafe_outside_topk"])
     assert (
         f["rows"] == res.num_rows and f["delegated"] == deleg.sum() and f["truncated"] == t.column("truncated").to_numpy().sum()
     )
@@ -315,3 +318,97 @@ def test_stage1_resume_key_is_an_allow_list():
     keys = [ActivationSpec(**(spec.__dict__ | over)).resume_key("fp", "tok") for over in changed]
     assert all(k != key for k in keys) and keys[1] != keys[2]  # never delegate and delegate all are two keys
     assert spec.resume_key("another model", "tok") != key and spec.resume_key("fp", "another tokenizer") != key
+
+
+def test_the_control_sample_is_drawn_from_the_id_and_the_day_alone():
+    """The draw sees the id and the day, never a score: the same ids under other scores give the same
+    sample, another day another one, and the share drawn is π (an exact binomial check at level 1e-6:
+    a draw that followed the ids' order or a score would fail it)."""
+    from scipy import stats
+
+    from ctd.pipeline.control import control_u
+
+    ids = [f"row-{i}" for i in range(20_000)]
+    u = control_u(pa.array(ids), "2026-11-24")
+    assert np.array_equal(u, control_u(ids, "2026-11-24")) and np.all((u >= 0) & (u < 1))
+    other = control_u(ids, "2026-11-25")
+    pi = 0.05
+    for draw in (u < pi, other < pi):
+        k = int(draw.sum())
+        assert stats.binomtest(k, len(ids), pi).pvalue > 1e-6, k
+    assert (u < pi).sum() and ((u < pi) & (other < pi)).sum() < 0.2 * (u < pi).sum()  # another day, mostly other rows
+    assert np.isnan(control_u([None, "a"], "d")[0])
+
+
+def test_control_calls_are_counted_apart_and_never_change_the_delegation():
+    """Marking with a control sample leaves ``sent`` (delegated within the cap) as it was; the rows the
+    sample adds go to the expert as not delegated; the facts count them apart (delegated, control,
+    control_only, judged), and the judge alarm is over every judged row."""
+    from ctd.audit.results import JUDGED_CARRY, judged, to_expert
+    from ctd.audit.selection import mark_batch
+
+    rng = np.random.default_rng(3)
+    n = 4000
+    t = pa.table(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "group": ["a"] * n,
+            "label": pa.array(np.zeros(n), pa.int8()),
+            "source": ["s"] * n,
+            "error": pa.nulls(n, pa.string()),
+            "truncated": np.zeros(n, bool),
+            "tokens": pa.array(np.full(n, 7), pa.int32()),
+            "probe": rng.random(n),
+            "dv": rng.normal(size=n),
+            "delegated": rng.random(n) < 0.2,
+            "control_u": rng.random(n),
+            "dup_n": pa.nulls(n, pa.int64()),
+            "input": ["text"] * n,
+            "is_chat": np.zeros(n, bool),
+        }
+    )
+    plain, sampled = mark_batch(t, None, 0.0), mark_batch(t, None, 0.1)
+    assert plain.column("sent").equals(sampled.column("sent")) and not any(plain.column("control").to_pylist())
+    control = np.asarray(sampled.column("control").to_pylist())
+    deleg = np.asarray(t.column("delegated").to_pylist())
+    assert np.array_equal(control, t.column("control_u").to_numpy() < 0.1)
+    sent = to_expert(sampled)
+    assert sent.num_rows == int((deleg | control).sum())
+    assert np.array_equal(np.asarray(sent.column("delegated").to_pylist()), deleg[deleg | control])
+    back = sent.select([c for c in sent.column_names if c not in ("input", "is_chat")])
+    back = back.append_column("expert", pa.array(rng.random(back.num_rows))).append_column(
+        "expert_status", pa.array(["ok"] * back.num_rows)
+    )
+    back = back.append_column("expert_truncated", pa.array(np.zeros(back.num_rows, bool)))
+    assert set(JUDGED_CARRY) <= set(back.column_names)
+    f = facts_of(finalize(judged(back)))
+    assert f["delegated"] == int(deleg.sum()) and f["control"] == int(control.sum())
+    assert f["control_only"] == int((control & ~deleg).sum()) and f["judged"] == int((deleg | control).sum())
+    assert f["judged_tokens"] == 7 * int(deleg.sum()) and f["control_tokens"] == 7 * int((control & ~deleg).sum())
+
+
+def test_the_quality_estimates_take_their_labels_from_the_control_rows_only():
+    """quality_check over a night whose delegated rows all have verdicts: every estimate's n is the
+    number of control rows with a verdict (in its set), never the delegated rows'; the report carries
+    the estimates, the alarms and the sentences that state them."""
+    from ctd.audit.facts import _control_only_rows
+    from ctd.audit.summary import ControlNight, quality_check
+
+    t, probe, expert, deleg, status = results()
+    res = finalize(t)
+    f = facts_of(res)
+    sample = _control_only_rows(res)
+    ctl = np.asarray(res.column("control").to_pylist())
+    ok = ctl & np.isin(res.column("expert_status").to_pylist(), ["ok", "unsafe_outside_topk"])  # from the night, not the sample
+    night = ControlNight(0.05, 0.05, 100, 20_000, sample, None, 0.005)
+    q = quality_check(night, f, History(), 0.2)
+    assert q.judged == int(ok.sum()) < int(deleg.sum())
+    assert q.estimates["prevalence"].n == q.judged and q.estimates["agreement"].n == q.judged
+    alone = ok & ~deleg
+    assert q.estimates["miss_rate"].n == int(alone.sum())
+    assert set(q.alarms) == {"disagreement", "group_rate", "prevalence"}
+    assert "no reference" in q.alarms["disagreement"].message  # no calibration scores beside the artifact: said so
+    r = summarise(context(control=night), f, History())
+    assert r.control_rows == f["control"] and r.quality["miss_rate"]["n"] == int(alone.sum())
+    text = " ".join(t for _, t in r.headline())
+    assert "What the probe misses" in text and "95% interval" in text and "control sample" in text

@@ -278,6 +278,41 @@ def test_the_capped_audit_publishes_what_the_old_driver_side_logic_gives(deploym
     assert {g["group"]: [g["rows"], g["delegated"], g["unsafe_decisions"]] for g in report.groups} == dict(by_group)
 
 
+def test_the_control_sample_goes_to_the_judge_counted_apart(audited, deployment):
+    """The same night with a control sample (share 0.15): the same rows pass λ* and are delegated as
+    without it; the sample's rows are the ids whose keyed hash is under π, whatever their scores; each
+    judged row is judged once (delegated ∪ control), the sample's extra calls counted apart; a sampled
+    row's published decision is the judge's; a rerun of the run id draws the same rows; the report
+    leads with what the probe misses, with intervals, and lists the sample's disagreements."""
+    from ctd.pipeline.control import control_u
+
+    cfg0, plain, _ = audited
+    rid = "night-control"
+    over = {"audit.control_share": 0.15, "audit.control_floor": 10, "audit.review_rows": 10}
+    report = run_audit(load_config(deployment["config_path"], over), run_id=rid)
+    out = cfg0.audit.output
+    res, base = read_run_table(out, rid), read_run_table(out, "night-1")
+    ids = res.column("id").to_pylist()
+    col = lambda t, c: dict(zip(t.column("id").to_pylist(), t.column(c).to_pylist()))  # noqa: E731
+    assert col(res, "delegated") == col(base, "delegated") and report.delegated == plain.delegated  # the delegation is untouched
+    control = col(res, "control")
+    u = dict(zip(ids, control_u(ids, report.audited_date)))
+    assert report.control_share == pytest.approx(0.15) and control == {i: bool(u[i] < 0.15) for i in ids}
+    deleg = col(res, "delegated")
+    extra = [i for i in ids if control[i] and not deleg[i]]
+    assert report.control_rows == sum(control.values()) > 0 and report.control_only == len(extra) > 0
+    assert report.expert_calls == report.delegated + report.control_only  # each judged row once
+    expert, final = col(res, "expert"), col(res, "final")
+    assert all(expert[i] is not None and final[i] == expert[i] for i in extra)  # the judge saw it: its verdict is published
+    assert all(expert[i] is None for i in ids if not (control[i] or deleg[i]))
+    assert report.quality["miss_rate"]["n"] > 0 and set(report.quality_alarms) == {"disagreement", "group_rate", "prevalence"}
+    assert report.quality_reference is not None and report.quality_reference["n"] == 400  # the calibration's scores table
+    text = " ".join(t for _, t in report.headline())
+    assert "What the probe misses" in text and "interval" in text and f"{report.control_only:,} judge calls on top" in text
+    again = run_audit(load_config(deployment["config_path"], over | {"audit.resume": False}), run_id=rid)
+    assert col(read_run_table(out, rid), "control") == control and again.control_rows == report.control_rows
+
+
 def test_a_run_id_holds_one_audited_day(audited):
     from ctd.config import ConfigError
 
@@ -338,7 +373,7 @@ def test_reports_render_in_headless_chromium(audited, tmp_path):
         shot = screenshot(str(page), str(page.with_suffix(".png")))
         assert os.path.getsize(shot) > 50_000
     r = check_page(next(os.path.join(d, f) for d, _, fs in os.walk(run) for f in fs if f == "report.html"))
-    assert set(r["links"]) == {"report.json", "review.parquet"}
+    assert set(r["links"]) == {"report.json", "review.parquet", "review.csv"}
 
 
 def test_the_published_night_rewrites_the_index_and_sends_its_message(audited, webhook):

@@ -162,7 +162,10 @@ def test_headline_says_the_numbers_in_words():
         "(malformed JSON: 8, empty text: 2)."
     )
     assert text[1] == "120 flagged unsafe (12.0% of those audited): 50 by the judge, 70 by the probe alone."
-    assert text[2].startswith("100 went to the judge (10.0%) against a budget of α = 10%") and "verdict on 7 of them" in text[2]
+    assert (
+        text[2].startswith("100 went to the judge (10.0%) against a budget of α = 10%")
+        and "verdict on 7 of the rows it saw" in text[2]
+    )
     assert (
         "100 judge calls" in text[3]
         and "12,345 tokens" in text[3]
@@ -252,7 +255,7 @@ def test_the_activation_stage_redacts_its_excerpts_with_the_configured_secrets(m
         }
     )
     cols = {"probe": pa.array([0.9, 0.1, 0.2, 0.7]), "delegated": pa.array([False, False, True, False])}
-    ex = stage._excerpts(batch, cols, np.ones(4, dtype=bool)).to_pylist()
+    ex = stage._excerpts(batch, cols, np.ones(4, dtype=bool), cols["delegated"]).to_pylist()
     assert ex[1] is None  # neither flagged nor delegated: no text kept
     assert ex[0] == "my key is *** please help " + "x" * 100 and "judge-key" not in ex[0]  # cut by the report, not here
     assert ex[2] == "delegated ***" and ex[3] == "user: password=***"

@@ -165,7 +165,7 @@ def _tamper(p: dict, rel: str, edit, consistent: bool = True) -> None:
 
 
 def _verify_cli(p: dict, corpus: bool = True):
-    args = [sys.executable, "-m", "ctd.cli", "report", "verify", RunLayout(p["out"], "night").root] + (
+    args = [sys.executable, "-m", "ctd.cli", "report", "verify", RunLayout(p["out"], "night").root, "--json"] + (
         ["--corpus", p["corpus"]] if corpus else []
     )
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, RAY_ADDRESS=p["ray"]), timeout=600)

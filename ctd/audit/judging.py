@@ -1,4 +1,5 @@
-"""The audit's expert stage: the delegated rows within the cap go to the expert, in committed files.
+"""The audit's expert stage: the delegated rows within the cap and the control sample go to the expert,
+in committed files.
 
 The rows to judge are read from stage 1's ``part=expert`` partition only (the one place their text
 is kept), in blocks of about ``audit.commit_rows`` rows: each block is one expert task and one file
@@ -22,8 +23,8 @@ from ..pipeline.chunks import ChunkedStage1
 from ..pipeline.raydata import footer_rows, partitions, read, write
 from ..runs.layout import parquet_files
 from ..tables import parquet_rows
-from .results import EXPERT_CARRY, to_expert
-from .selection import STAGE1_COLUMNS, Selection
+from .results import EXPERT_CARRY, JUDGED_CARRY, to_expert
+from .selection import Selection, stage1_columns
 from .specs import JudgingSpec
 
 __all__ = ["Judged", "judge"]
@@ -54,25 +55,27 @@ def judge(
     are reused when nothing in stage 1 was redone (the expert's input changes with stage 1)."""
     t0 = time.perf_counter()
     resume = resume and not stage1.rows_run
-    key = {"stage1": stage1.chunk_ids, "cap": selection.cap, "expert": digest(spec.expert.identity())}
+    key = {"stage1": stage1.chunk_ids, "cap": selection.cap, "control": selection.pi, "expert": digest(spec.expert.identity())}
     done_files, done_rows = _committed(uri, key) if resume else _fresh(uri, key)
     if done_rows:
         log(f"resume: {done_rows} expert scores already committed")
-    todo_rows = selection.sent - done_rows
+    todo_rows = selection.to_judge - done_rows
     plan = spec.expert.plan(todo_rows)
     if todo_rows > 0:
-        log(f"stage 2: {todo_rows} delegated rows → expert ({spec.expert.kind})")
+        sample = f" + the control sample ({selection.control} rows, {selection.control_only} below λ*)" if selection.pi else ""
+        log(f"stage 2: {selection.sent} delegated rows{sample} → expert ({spec.expert.kind}); {todo_rows} to judge now")
         if not plan.target_met:
             log(f"WARNING: the expert pool cannot meet its target: {plan.describe()}")
-        todo = selection.expert_rows(STAGE1_COLUMNS + ["input", "is_chat"]).map_batches(
+        todo = selection.expert_rows(stage1_columns(selection.pi > 0) + ["input", "is_chat"]).map_batches(
             to_expert, batch_format="pyarrow", batch_size=None
         )
         if done_files:  # skip what a killed attempt committed
             todo = todo.join(
-                read(done_files, ["id"]), join_type="left_anti", on=("id",), num_partitions=partitions(selection.sent)
+                read(done_files, ["id"]), join_type="left_anti", on=("id",), num_partitions=partitions(selection.to_judge)
             )
         todo = todo.repartition(target_num_rows_per_block=spec.commit_rows)
-        write(judge_rows(spec.expert, todo, rows=todo_rows, carry=EXPERT_CARRY, plan=plan, log=log), uri)
+        carry = EXPERT_CARRY + JUDGED_CARRY
+        write(judge_rows(spec.expert, todo, rows=todo_rows, carry=carry, plan=plan, log=log), uri)
     else:
         log("stage 2: nothing to send to the expert")
     files = [storage.join(uri, n) for n in parquet_files(uri)]

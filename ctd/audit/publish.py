@@ -14,7 +14,7 @@ import pyarrow as pa
 from .. import storage
 from ..log import log
 from ..reporting.pages import csv_bytes, write_report
-from ..reporting.plots import plot_binned, plot_history
+from ..reporting.plots import plot_binned, plot_history, plot_quality_history
 from ..reporting.redact import redact_values
 from ..runs.history import History, night
 from ..runs.layout import RunLayout
@@ -43,6 +43,8 @@ def figures(report: AuditReport, facts: Facts, history: History) -> tuple[dict[s
         ),
         "history": plot_history(nights.nights, nights.gaps),
     }
+    if any(n.get("quality") for n in nights.nights):
+        figs["quality_history"] = plot_quality_history(nights.nights)
     return figs, nights
 
 

@@ -21,12 +21,14 @@ from ..reporting.pages import html_figure, html_page, html_table, pct, share
 from ..reporting.redact import redact_values
 from ..runs.folder import RunError, RunFolder, locate, pydantic_problems, read_bounded
 from ..runs.history import History, history_rows
+from ..stats.quality import Estimate
 
 __all__ = ["StageTiming", "AuditReport", "show_report", "REVIEW_LISTS"]
 
 REVIEW_LISTS = {  # list name: what it holds, in what order (descending; ties by id)
     "flagged": "flagged unsafe, highest final score first",
     "disagreement": "the judge overruled the probe, largest change of score first",
+    "control": "the control sample: rows where the judge disagrees with the probe, largest change first",
 }
 
 
@@ -103,6 +105,23 @@ class AuditReport(BaseModel):
     groups: list[dict] = Field(default_factory=list)
     stages: list[StageTiming]
     resumed: dict = Field(default_factory=dict)
+    control_share: float = Field(
+        0.0, description="π: the control sample's share of the audited rows (a keyed hash of id and day)"
+    )
+    control_asked: dict = Field(default_factory=dict, description="audit.control_share, control_floor, control_ceiling")
+    control_rows: int = Field(0, description="rows in the control sample (judged whatever their scores)")
+    control_only: int = Field(0, description="of them, rows that did not pass λ*: judge calls made for the sample alone")
+    control_tokens: int = Field(0, description="tokens of those rows (the sample's share of the judge's bill)")
+    control_judged: int = Field(0, description="control rows with a usable verdict")
+    control_unsafe: int = Field(0, description="of them, rows the judge calls unsafe")
+    control_disagree: int = Field(0, description="of them, rows where the probe's decision differs from the judge's")
+    quality: dict = Field(
+        default_factory=dict, description="estimates of the cascade as calibrated (value, low, high, level, n, method)"
+    )
+    quality_groups: dict = Field(default_factory=dict, description="the same per group, Bonferroni-simultaneous intervals")
+    quality_alarms: dict = Field(default_factory=dict, description="disagreement, group_rate, prevalence: fired, message, bound")
+    quality_level: float = Field(0.0, description="each quality alarm's false-alarm probability on a calm night")
+    quality_reference: dict | None = Field(None, description="the calibration rows' probe-vs-judge figures: n, disagree, unsafe")
 
     def redacted(self, secrets: Iterable[str]) -> AuditReport:
         """The report with every string value redacted (:func:`ctd.reporting.redact.redact_values`)."""
@@ -163,8 +182,15 @@ class AuditReport(BaseModel):
         elif self.budget_cap is not None:
             sent += f" and a hard cap of {self.budget_cap:,} calls"
         if self.delegated:
-            sent += f"; the judge changed the probe's verdict on {self.judge_overruled:,} of them"
+            sent += f"; the judge changed the probe's verdict on {self.judge_overruled:,} of the rows it saw"
+        if self.control_rows:
+            sent += (
+                f". Besides, a control sample of {self.control_rows:,} rows (each audited row drawn with probability "
+                f"{self.control_share:.2%} by a hash of its id and the day, whatever its scores) went to the judge: "
+                f"{self.control_only:,} judge calls on top of the delegated ones"
+            )
         out.append(("", sent + "."))
+        out += [("", t) for t in self.quality_sentences()]
         secs = next((s.seconds for s in self.stages if s.stage == "expert"), 0.0)
         reps = self.expert_pool.get("replicas") if self.expert_pool else None
         busy = secs * (reps or 0)
@@ -172,7 +198,9 @@ class AuditReport(BaseModel):
         out.append(
             (
                 "",
-                f"Cost: {self.expert_calls:,} judge calls in this run, {tokens}"
+                f"Cost: {self.expert_calls:,} judge calls in this run"
+                + (f" ({self.control_only:,} of them for the control sample)" if self.control_only else "")
+                + f", {tokens}"
                 f"{secs:,.0f} s of the expert stage"
                 + (
                     f" on up to {reps} replica(s) (at most "
@@ -191,7 +219,8 @@ class AuditReport(BaseModel):
         if self.drift_alarm:
             attention.append(
                 f"Drift: the delegation rate has moved above the budget over the last nights (e-detector {self.drift_e_value:.3g} ≥ "
-                f"{1 / self.drift_alpha:g}); tomorrow's traffic no longer looks like the calibration data — recalibrate."
+                f"{1 / self.drift_alpha:g}); tomorrow's traffic no longer looks like the calibration data — recalibrate "
+                "(python -m jobs.calibrate --from-runs <audit output> recertifies λ* on the recent nights)."
             )
         if self.drift_history_gaps:
             g = self.drift_history_gaps
@@ -208,15 +237,109 @@ class AuditReport(BaseModel):
             attention.append("The expert pool cannot meet its time target:" + self.pool_line().split("—", 1)[-1] + ".")
         if self.lambda_star is None:
             attention.append("The calibration certified nothing, so no row is delegated: its report says what to do.")
+        for name, a in self.quality_alarms.items():
+            if a.get("fired"):
+                attention.append(f"{QUALITY_ALARMS[name][0]}: {a['message']}. {QUALITY_ALARMS[name][1]}")
         out += [("alarm", a) for a in attention] or [
             (
                 "ok",
                 f"Nothing needs attention: the delegation rate is consistent with the calibration "
-                f"(drift e-detector {self.drift_e_value:.3g}, alarm at {1 / self.drift_alpha:g}) and "
-                f"{self.expert_failures:,} judge call(s) failed.",
+                f"(drift e-detector {self.drift_e_value:.3g}, alarm at {1 / self.drift_alpha:g}), "
+                f"{self.expert_failures:,} judge call(s) failed"
+                + (
+                    f", and no quality alarm fired (the probe's disagreement with the judge, the groups' delegation rates, "
+                    f"the unsafe prevalence; each fires on a calm night with probability ≤ {self.quality_level:g})"
+                    if self.quality_alarms
+                    else "; without a control sample (audit.control_share: 0) nothing says what the probe misses"
+                )
+                + ".",
             )
         ]
         return out
+
+    def quality_sentences(self) -> list[str]:
+        """What the probe misses, in words: the estimates with their intervals and method."""
+        q = self.quality
+        if not q:
+            return []
+        words = lambda e: Estimate(**{k: float("nan") if v is None else v for k, v in e.items()}).words()  # noqa: E731
+        out = []
+        if "miss_rate" in q:
+            out.append(
+                f"What the probe misses: of the rows it decided alone, an estimated {words(q['miss_rate'])} were unsafe by the "
+                "judge's verdict but passed by the probe"
+                + (
+                    f"; of those it flagged, {words(q['false_flag_rate'])} are safe by the judge"
+                    if "false_flag_rate" in q
+                    else ""
+                )
+                + "."
+            )
+        if "agreement" in q and "prevalence" in q:
+            out.append(
+                f"The night's decisions agree with the judge on an estimated {words(q['agreement'])} of rows; the judge would "
+                f"call {words(q['prevalence'])} of the night unsafe. (Estimates of the cascade as calibrated, from "
+                f"{self.control_judged:,} control rows with a verdict; the control rows' own published decisions use the "
+                "judge's verdict.)"
+            )
+        return out
+
+    def _quality_html(self, trend: bytes | None) -> str:
+        if not self.quality:
+            return (
+                "<p>No control sample tonight (audit.control_share: 0): nothing estimates what the probe misses. The rows the "
+                "probe decides alone are checked by no one.</p>"
+            )
+        sentences = "".join(f"<p>{html.escape(t)}</p>" for t in self.quality_sentences())
+        fmt = lambda e: "—" if e["value"] is None or e["value"] != e["value"] else f"{e['value']:.2%}"  # noqa: E731
+        rows = [
+            {
+                "estimate": QUALITY_NAMES.get(k, k),
+                "value": fmt(e),
+                f"{100 * e['level']:g}% interval": f"{e['low']:.2%} – {e['high']:.2%}",
+                "control rows": e["n"],
+                "method": e["method"],
+            }
+            for k, e in self.quality.items()
+        ]
+        per_group = self.quality_groups.get("miss_rate", {})
+        groups = (
+            "<h3>By group (what the probe misses)</h3>"
+            + html_table(
+                [
+                    {
+                        "group": g,
+                        "estimate": fmt(e),
+                        "interval": f"{e['low']:.2%} – {e['high']:.2%}",
+                        "control rows": e["n"],
+                        "method": e["method"],
+                    }
+                    for g, e in per_group.items()
+                ]
+            )
+            if per_group
+            else ""
+        )
+        alarms = html_table(
+            [
+                {
+                    "alarm": QUALITY_ALARMS.get(k, (k,))[0],
+                    "fired": "YES" if a["fired"] else "no",
+                    "result": a["message"],
+                    "bound": a["bound"],
+                }
+                for k, a in self.quality_alarms.items()
+            ]
+        )
+        sample = (
+            f"<p>The control sample: {self.control_rows:,} rows (π = {self.control_share:.3%}; asked: "
+            f"{self.control_asked.get('share', 0):.2%}, at least {self.control_asked.get('floor', 0):,} and at most "
+            f"{self.control_asked.get('ceiling', 0):,} rows), {self.control_judged:,} with a verdict; {self.control_only:,} "
+            "of them would not have gone to the judge otherwise. Delegated rows are never used as a sample (they are the "
+            "probe's least certain rows); they enter the estimates only through the predictor.</p>"
+        )
+        figure = html_figure("quality_history", trend, "The estimates night by night, with their intervals") if trend else ""
+        return sentences + html_table(rows) + groups + "<h3>Quality alarms</h3>" + alarms + sample + figure
 
     def pool_line(self) -> str:
         p = self.expert_pool
@@ -295,6 +418,7 @@ class AuditReport(BaseModel):
                 if trend is not None
                 else "<p>No history yet.</p>",
             ),
+            ("What the probe misses", self._quality_html(figures.pop("quality_history", None))),
             ("What to look at", _review_html(review)),
             ("Rows", table(rows)),
             ("Delegation and the budget", table(deleg)),
@@ -343,6 +467,32 @@ class AuditReport(BaseModel):
             ),
         ]
         return html_page(f"CTD audit of {self.audited_date} — {self.run_id}", sections, figures)
+
+
+QUALITY_NAMES = {
+    "miss_rate": "unsafe by the judge, passed by the probe (of the rows it decided alone)",
+    "false_flag_rate": "flagged by the probe, safe by the judge (of those it decided alone and flagged)",
+    "agreement": "published decision agrees with the judge (all rows)",
+    "prevalence": "unsafe by the judge (all rows)",
+}
+QUALITY_ALARMS = {  # name: (what it is, what to do)
+    "disagreement": (
+        "Quality: the probe errs more than in calibration",
+        "Look at the control sample's disagreements below; if they are real misses, retrain the probes on recent "
+        "labelled traffic and recalibrate (python -m jobs.calibrate; for the budget alone, on the recent nights: "
+        "python -m jobs.calibrate --from-runs <audit output>).",
+    ),
+    "group_rate": (
+        "Quality: a group delegates more than α",
+        "λ* bounds only the overall rate; look at that group's rows, and recalibrate if its traffic grew "
+        "(python -m jobs.calibrate --from-runs <audit output> recertifies λ* on the recent nights).",
+    ),
+    "prevalence": (
+        "Quality: the unsafe prevalence has changed",
+        "The traffic differs from the last nights: look at the flagged rows and the control sample's verdicts; if it "
+        "stays, recalibrate on it (python -m jobs.calibrate --from-runs <audit output>).",
+    ),
+}
 
 
 def _review_html(review) -> str:

@@ -1,7 +1,8 @@
 """The rows a published run holds: results (every audited row with its final decision) and quarantine.
 
-    results/     rows below λ* or over the cap (the probe's score), and the judged rows (the expert's
-                 score where it answered usably): :data:`RESULT_SCHEMA`, one schema for every file
+    results/     rows below λ* or over the cap (the probe's score), and the judged rows: delegated or
+                 in the control sample (the expert's score where it answered usably):
+                 :data:`RESULT_SCHEMA`, one schema for every file
     quarantine/  invalid rows with their reason, and every row of a duplicated id
 
 Every function on a batch is vectorised pyarrow/numpy (unit-tested without Ray); :func:`write_rows`
@@ -31,6 +32,8 @@ __all__ = [
     "RESULT_SCHEMA",
     "QUARANTINE_SCHEMA",
     "EXPERT_CARRY",
+    "JUDGED_CARRY",
+    "was_judged",
     "answered",
     "to_expert",
     "not_sent",
@@ -53,6 +56,7 @@ RESULT_SCHEMA = pa.schema(
         ("dv", pa.float64()),
         ("delegated", pa.bool_()),
         ("over_cap", pa.bool_()),
+        ("control", pa.bool_()),
         ("expert", pa.float64()),
         ("expert_status", pa.string()),
         ("expert_truncated", pa.bool_()),
@@ -63,25 +67,39 @@ RESULT_SCHEMA = pa.schema(
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string()), ("group", pa.string())])
 
 
+# what travels with each judged row through the expert stage besides EXPERT_CARRY
+JUDGED_CARRY = ("delegated", "over_cap", "control")
+
+
+def was_judged(batch: pa.Table) -> np.ndarray:
+    """Rows sent to the judge: delegated within the cap, or in the control sample."""
+    b = lambda c: np.asarray(pc.fill_null(batch.column(c), False).to_numpy(zero_copy_only=False), dtype=bool)  # noqa: E731
+    return b("delegated") | (b("control") if "control" in batch.column_names else False)
+
+
 def answered(batch: pa.Table) -> np.ndarray:
-    """Rows whose final score is the expert's: delegated, with a score, and a usable answer."""
-    sent = np.asarray(batch.column("delegated").to_numpy(zero_copy_only=False), dtype=bool)
+    """Rows whose final score is the expert's: judged (delegated, or in the control sample: the judge
+    saw it), with a score, and a usable answer."""
+    sent = was_judged(batch)
     expert = pc.fill_null(pc.cast(batch.column("expert"), pa.float64()), np.nan).to_numpy(zero_copy_only=False)
     ok = np.asarray(usable(batch.column("expert_status")).to_numpy(zero_copy_only=False), dtype=bool)
     return sent & np.isfinite(expert) & ok
 
 
 def to_expert(batch: pa.Table) -> pa.Table:
-    """The rows to send to the expert, with their text and the columns they carry."""
-    return batch.filter(batch.column("sent")).select(list(EXPERT_CARRY) + ["input", "is_chat"])
+    """The rows to send to the expert (delegated within the cap, or in the control sample), with their
+    text and the columns they carry; ``delegated`` says which were sent by λ*."""
+    b = batch.filter(pc.or_(batch.column("sent"), batch.column("control")))
+    return b.select(list(EXPERT_CARRY) + ["input", "is_chat", "over_cap", "control"]).append_column("delegated", b.column("sent"))
 
 
 def not_sent(batch: pa.Table) -> pa.Table:
-    """Audited rows that keep the probe's score (below λ*, or over the cap)."""
-    b = batch.filter(pc.and_(pc.and_(is_valid(batch), pc.is_null(batch.column("dup_n"))), pc.invert(batch.column("sent"))))
+    """Audited rows that keep the probe's score (below λ*, or over the cap, and not in the control sample)."""
+    keep = pc.and_(pc.invert(batch.column("sent")), pc.invert(batch.column("control")))
+    b = batch.filter(pc.and_(pc.and_(is_valid(batch), pc.is_null(batch.column("dup_n"))), keep))
     n = b.num_rows
     return (
-        b.select(list(EXPERT_CARRY) + ["over_cap"])
+        b.select(list(EXPERT_CARRY) + ["over_cap", "control"])
         .append_column("delegated", pa.array(np.zeros(n, dtype=bool)))
         .append_column("expert", pa.nulls(n, pa.float64()))
         .append_column("expert_status", pa.nulls(n, pa.string()))
@@ -90,11 +108,13 @@ def not_sent(batch: pa.Table) -> pa.Table:
 
 
 def judged(batch: pa.Table) -> pa.Table:
-    """Rows back from the expert stage, marked as sent within the cap."""
+    """Rows back from the expert stage, with what they carried (older expert files, from before the
+    control sample, hold delegated rows only)."""
     n = batch.num_rows
-    return batch.append_column("delegated", pa.array(np.ones(n, dtype=bool))).append_column(
-        "over_cap", pa.array(np.zeros(n, dtype=bool))
-    )
+    for name, value in (("delegated", True), ("over_cap", False), ("control", False)):
+        if name not in batch.column_names:
+            batch = batch.append_column(name, pa.array(np.full(n, value)))
+    return batch
 
 
 def quarantined(batch: pa.Table) -> pa.Table:
@@ -139,7 +159,7 @@ def write_rows(selection: Selection, expert_files: list[str], spec: ResultsSpec,
     for uri in (layout.results, layout.quarantine):
         storage.remove(uri)
     parts = []
-    if selection.scored - selection.sent:  # below λ*, or over the cap: the probe's score
+    if selection.scored - selection.sent:  # below λ*, or over the cap, and not sampled: the probe's score
         parts.append(selection.rows.map_batches(not_sent, batch_format="pyarrow", batch_size=None))
     if expert_files:  # judged: the expert stage's output rows
         parts.append(read(expert_files).map_batches(judged, batch_format="pyarrow", batch_size=None))

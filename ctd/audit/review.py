@@ -2,6 +2,7 @@
 
     flagged         flagged unsafe, highest final score first
     disagreement    the judge overruled the probe, largest change of score first
+    control         the same on the control sample: rows the probe decided alone and got wrong
     quarantined     a sample of the quarantined rows, spread over the reasons
 
 Each block keeps its own top k and a tree of tasks merges them, so the driver holds at most 3k rows.
@@ -53,8 +54,10 @@ def candidates(batch: pa.Table, which: str, cascade: Cascade = Cascade()) -> pa.
     dec = np.asarray(batch.column("decision").to_numpy(zero_copy_only=False), dtype=bool)
     if which == "flagged":
         mask, key = dec, f("final")
-    else:
+    else:  # the judge's verdict differs from the probe's: on any judged row, or on the control sample's
         mask, key = answered(batch) & (cascade.decide(f("probe")) != dec), np.abs(f("final") - f("probe"))
+        if which == "control":
+            mask &= np.asarray(pc.fill_null(batch.column("control"), False).to_numpy(zero_copy_only=False), dtype=bool)
     return batch.select(_TOP_COLUMNS).filter(pa.array(mask)).append_column("key", pa.array(key[mask], pa.float64()))
 
 

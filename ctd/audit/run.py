@@ -1,16 +1,17 @@
 """The nightly audit: score every row, delegate those whose d(x) passes λ*, publish audited results.
 
 :func:`run_audit` is the data flow, one line a step. Every per-row step is a Ray Data operation; the
-driver holds counts, one boundary row, file lists, the review list (at most 3 × ``audit.review_rows``
-rows) and, while it is small, the set of duplicated ids.
+driver holds counts, one boundary row, file lists, the review list (at most 4 × ``audit.review_rows``
+rows), the control sample's rows (a few columns, about ``audit.control_ceiling`` at most) and, while it
+is small, the set of duplicated ids.
 
     spec       the config read once: the night (day, run id), the deployment (model, probes and
                calibration, checked), the judge and the corpus checked: bad input exits 2 here
     lease      one writer per run id (:mod:`ctd.runs.lease`): a second driver exits 4, nothing written
     stage 1    read → validate → tokenize → activations + probes + gate, over chunks of corpus files,
                each committed alone (:func:`ctd.pipeline.scoring.run_chunked`)
-    select     dedup, then the hard budget cap (:mod:`ctd.audit.selection`)
-    judge      the sent rows (stage 1's part=expert only) → the expert, committed in blocks
+    select     dedup, then the hard budget cap, and the control sample (:mod:`ctd.audit.selection`)
+    judge      the sent rows and the control sample (stage 1's part=expert only) → the expert, in blocks
     rows       results and quarantine in few large files (:mod:`ctd.audit.results`)
     report     facts as distributed aggregates, the nights before, the summary (pure), the review list
     publish    manifest.json, one conditional write, last; then _staging/ is removed
@@ -34,7 +35,7 @@ from ..pipeline.chunks import ChunkedStage1, run_chunked
 from ..pipeline.raydata import init_ray
 from ..runs.history import History, history
 from ..runs.layout import sweep
-from .facts import collect
+from .facts import collect, control_rows
 from .judging import Judged, judge
 from .publish import publish, write_audit_report
 from .report import AuditReport
@@ -42,7 +43,7 @@ from .results import Rows, write_rows
 from .review import review_night
 from .selection import Selection, select
 from .specs import AuditSpec
-from .summary import NightContext, summarise
+from .summary import ControlNight, NightContext, summarise
 
 __all__ = ["run_audit"]
 
@@ -64,9 +65,10 @@ def run_audit(
             judged = judge(chosen, scored, spec.judging, spec.staged("expert"), resume=spec.resume, before_commit=lease.check)
             rows = write_rows(chosen, judged.files, spec.results, spec.night.layout)
             facts = collect(rows, spec.results.cascade)
+            sample = control_rows(rows) if chosen.pi > 0 else None
             before = _nights_before(spec)
             listed = review_night(rows, scored.stage1, spec.report, spec.results.cascade)
-            report = summarise(_context(spec, scored, chosen, judged, rows, listed), facts, before)
+            report = summarise(_context(spec, scored, chosen, judged, rows, listed, sample), facts, before)
             files = write_audit_report(spec.night.layout, report, facts, before, listed, spec.report.secrets())
             publish(spec.night.layout, report, files, spec.publishing, before_commit=lease.check)
         except (FileNotFoundError, ConfigError) as e:
@@ -103,7 +105,13 @@ def _nights_before(spec: AuditSpec) -> History:
 
 
 def _context(
-    spec: AuditSpec, scored: ChunkedStage1, chosen: Selection, judged: Judged, rows: Rows, listed: pa.Table | None
+    spec: AuditSpec,
+    scored: ChunkedStage1,
+    chosen: Selection,
+    judged: Judged,
+    rows: Rows,
+    listed: pa.Table | None,
+    sample: pa.Table | None,
 ) -> NightContext:
     dep, cal = spec.deployment, spec.deployment.calibration
     resumed = {
@@ -145,4 +153,16 @@ def _context(
         resumed=resumed,
         review_rows=0 if listed is None else listed.num_rows,
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        control=None
+        if sample is None
+        else ControlNight(
+            chosen.pi,
+            spec.selection.control.share,
+            spec.selection.control.floor,
+            spec.selection.control.ceiling,
+            sample,
+            spec.report.reference,
+            spec.report.quality_level,
+            spec.results.cascade,
+        ),
     )

@@ -3,8 +3,11 @@
     cap_rows       the cap in rows: ceil(budget_cap × audited rows)                         (arithmetic)
     cap_boundary   the first row over the cap in the order (d(x) desc, id asc): a distributed sort
                    and a split at the cap; the driver gets one row
-    mark           ``sent`` / ``over_cap`` on every row, the cap applied as a scalar filter
+    mark           ``sent`` / ``over_cap`` / ``control`` on every row, the cap applied as a scalar filter
     select         the night's selection: counts on the driver, the marked rows lazy
+
+The control sample (:mod:`ctd.pipeline.control`) is apart from all of it: its rows go to the judge
+whether or not they pass λ* or fall over the cap, and the cap counts the delegated rows only.
 
 Every per-row step is a vectorised pyarrow function of a batch (unit-tested without Ray); the
 distributed parts only map them over blocks.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +36,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STAGE1_COLUMNS",
+    "stage1_columns",
+    "in_control",
+    "control_only",
     "cap_rows",
     "delegated",
     "over_cap",
@@ -44,6 +51,11 @@ __all__ = [
 
 # stage-1 columns the audit reads back (never the pooled vectors); the text only for the expert
 STAGE1_COLUMNS = ["id", "group", "label", "source", "error", "truncated", "probe", "dv", "delegated", "tokens"]
+
+
+def stage1_columns(control: bool) -> list[str]:
+    """:data:`STAGE1_COLUMNS`, with the control sample's draw when stage 1 made one."""
+    return STAGE1_COLUMNS + (["control_u"] if control else [])
 
 
 def cap_rows(budget_cap: float | None, audited: int) -> int | None:
@@ -63,6 +75,19 @@ def is_passing(batch: pa.Table) -> pa.ChunkedArray:
     return pc.and_(is_scored(batch), delegated(batch))
 
 
+def in_control(batch: pa.Table, pi: float) -> pa.Array | pa.ChunkedArray:
+    """Valid rows in the control sample: their draw ``control_u`` below π (a row of a duplicated id
+    is drawn too, but never scored: see :func:`mark_batch`)."""
+    if pi <= 0 or "control_u" not in batch.column_names:
+        return pa.array(np.zeros(batch.num_rows, dtype=bool))
+    return pc.fill_null(pc.less(batch.column("control_u"), pi), False)
+
+
+def control_only(batch: pa.Table, pi: float) -> pa.Array | pa.ChunkedArray:
+    """Control rows that do not pass λ*: judged only because of the sample."""
+    return pc.and_(in_control(batch, pi), pc.invert(delegated(batch)))
+
+
 def over_cap(batch: pa.Table, boundary: tuple[float, str] | None) -> pa.Array | pa.ChunkedArray:
     """Scalar filter: (d(x), id) at or after the boundary in (d(x) desc, id asc) order."""
     if boundary is None:
@@ -73,17 +98,22 @@ def over_cap(batch: pa.Table, boundary: tuple[float, str] | None) -> pa.Array | 
     return pc.or_(pc.less(dv, dv_b), pc.and_(pc.equal(dv, dv_b), pc.greater_equal(ids, id_b)))
 
 
-def mark_batch(batch: pa.Table, boundary: tuple[float, str] | None = None) -> pa.Table:
-    """``sent`` (to the expert) and ``over_cap`` for every row of a batch with ``dup_n`` attached."""
+def mark_batch(batch: pa.Table, boundary: tuple[float, str] | None = None, pi: float = 0.0) -> pa.Table:
+    """``sent`` (delegated, within the cap), ``over_cap`` and ``control`` (in the control sample) for
+    every row of a batch with ``dup_n`` attached."""
     passing = is_passing(batch)
     over = pc.and_(passing, over_cap(batch, boundary))
-    return batch.append_column("sent", pc.and_(passing, pc.invert(over))).append_column("over_cap", over)
+    return (
+        batch.append_column("sent", pc.and_(passing, pc.invert(over)))
+        .append_column("over_cap", over)
+        .append_column("control", pc.and_(is_scored(batch), in_control(batch, pi)))
+    )
 
 
-def mark(rows: Dataset, dups: Duplicates, boundary: tuple[float, str] | None = None) -> Dataset:
-    """Stage-1 rows with ``dup_n``, ``sent`` and ``over_cap`` (lazy)."""
+def mark(rows: Dataset, dups: Duplicates, boundary: tuple[float, str] | None = None, pi: float = 0.0) -> Dataset:
+    """Stage-1 rows with ``dup_n``, ``sent``, ``over_cap`` and ``control`` (lazy)."""
     return with_duplicates(rows, dups).map_batches(
-        mark_batch, fn_kwargs={"boundary": boundary}, batch_format="pyarrow", batch_size=None
+        mark_batch, fn_kwargs={"boundary": boundary, "pi": pi}, batch_format="pyarrow", batch_size=None
     )
 
 
@@ -108,13 +138,16 @@ class Selection:
     """The night's selection: the marked stage-1 rows (lazy) and what the driver knows of them."""
 
     stage1: Stage1
-    rows: Any  # stage-1 rows with dup_n, sent, over_cap; None when stage 1 wrote nothing
+    rows: Any  # stage-1 rows with dup_n, sent, over_cap, control; None when stage 1 wrote nothing
     dups: Duplicates
     scored: int  # valid rows with a unique id: the audited rows
     passing: int  # of them, d(x) > λ*
     cap: int | None
     boundary: tuple[float, str] | None
     seconds: float
+    pi: float = 0.0  # the control sample's share
+    control: int = 0  # rows in the control sample
+    control_only: int = 0  # of them, rows that do not pass λ*
 
     @property
     def over(self) -> int:
@@ -123,21 +156,31 @@ class Selection:
 
     @property
     def sent(self) -> int:
+        """Delegated rows within the cap (the control sample's other rows are not counted here)."""
         return self.passing - self.over
 
+    @property
+    def to_judge(self) -> int:
+        """At most this many rows go to the judge: the sent ones and the control sample's others."""
+        return self.sent + self.control_only + (self.control - self.control_only if self.over else 0)
+
     def expert_rows(self, columns: list[str]) -> Dataset:
-        """The delegated rows' partition (with their text), marked the same way."""
-        return mark(read(self.stage1.expert_files, columns), self.dups, self.boundary)
+        """The rows that keep their text (stage 1's ``part=expert``), marked the same way."""
+        return mark(read(self.stage1.expert_files, columns), self.dups, self.boundary, self.pi)
 
 
 def select(stage1: Stage1, spec: SelectionSpec) -> Selection:
-    """Dedup, then the hard cap over the rows that pass λ*: distributed; the driver gets counts and
-    one boundary row."""
+    """Dedup, then the hard cap over the rows that pass λ*, and the control sample: distributed; the
+    driver gets counts and one boundary row."""
     t0 = time.perf_counter()
     if not stage1.files:
         return Selection(stage1, None, Duplicates(0, 0), 0, 0, None, None, time.perf_counter() - t0)
-    rows = read(stage1.files, STAGE1_COLUMNS)
-    c = census(rows, broadcast_limit=spec.broadcast_limit, size=stage1.rows, flags={"passing": delegated})
+    pi = spec.control.pi(stage1.rows)
+    rows = read(stage1.files, stage1_columns(spec.control.keep > 0))
+    flags = {"passing": delegated}
+    if pi > 0:
+        flags |= {"control": partial(in_control, pi=pi), "control_only": partial(control_only, pi=pi)}
+    c = census(rows, broadcast_limit=spec.broadcast_limit, size=stage1.rows, flags=flags)
     dups = c.dups
     if dups.ids:
         log(
@@ -146,11 +189,25 @@ def select(stage1: Stage1, spec: SelectionSpec) -> Selection:
         )
     cap = cap_rows(spec.budget_cap, c.scored)
     boundary = cap_boundary(mark(rows, dups), cap) if cap is not None and c.flagged["passing"] > cap else None
-    sel = Selection(stage1, mark(rows, dups, boundary), dups, c.scored, c.flagged["passing"], cap, boundary, 0.0)
+    sel = Selection(
+        stage1,
+        mark(rows, dups, boundary, pi),
+        dups,
+        c.scored,
+        c.flagged["passing"],
+        cap,
+        boundary,
+        0.0,
+        pi,
+        c.flagged.get("control", 0),
+        c.flagged.get("control_only", 0),
+    )
     if sel.over:
         log(
             f"budget cap: {sel.passing} rows pass λ*, the cap allows {cap}; {sel.over} fall back to the probe "
             f"(first over the cap: d(x) = {boundary[0]:.6g}, id {boundary[1]!r})"
         )
+    if pi > 0:
+        log(f"control sample: {sel.control} rows (π = {pi:.4g}), {sel.control_only} of them below λ*")
     sel.seconds = time.perf_counter() - t0
     return sel

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from .. import storage
+from ..calibration.artifact import Reference, load_reference
 from ..config import JobConfig, NotifyConfig
 from ..experts.base import Expert
 from ..experts.registry import expert_for
@@ -19,20 +20,41 @@ from ..hashing import digest
 from ..model.artifacts import tokenizer_fingerprint
 from ..model.deployment import Deployment
 from ..pipeline.chunks import ScoringSpec
-from ..pipeline.corpus import list_corpus_files
+from ..pipeline.control import keep_share
+from ..pipeline.corpus import corpus_bytes
 from ..pipeline.scoring import activation_spec
 from ..runs.job import Night
 from ..stats.cascade import Cascade
+from ..stats.quality import control_plan
 
-__all__ = ["AuditSpec", "SelectionSpec", "JudgingSpec", "ResultsSpec", "ReportSpec", "PublishSpec"]
+__all__ = ["AuditSpec", "ControlSpec", "SelectionSpec", "JudgingSpec", "ResultsSpec", "ReportSpec", "PublishSpec"]
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """The control sample (:mod:`ctd.pipeline.control`): the share asked for, its floor and ceiling in
+    rows, and the share of rows whose text stage 1 keeps for it."""
+
+    share: float
+    floor: int
+    ceiling: int
+    keep: float
+
+    def pi(self, rows: int) -> float:
+        """π for a night of ``rows`` rows read (:func:`ctd.stats.quality.control_plan`; never more than
+        stage 1 kept text for; 0 without a sample)."""
+        if self.share <= 0 or rows <= 0:
+            return 0.0
+        return min(self.keep, control_plan(rows, self.share, self.floor, self.ceiling))
 
 
 @dataclass(frozen=True)
 class SelectionSpec:
-    """Dedup and the hard budget cap (a share of the audited rows; None: no cap)."""
+    """Dedup, the hard budget cap (a share of the audited rows; None: no cap) and the control sample."""
 
     budget_cap: float | None
     broadcast_limit: int
+    control: ControlSpec = ControlSpec(0.0, 0, 0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -54,13 +76,16 @@ class ResultsSpec:
 
 @dataclass(frozen=True)
 class ReportSpec:
-    """What the report shows and how it alarms."""
+    """What the report shows and how it alarms (``reference``: the calibration rows' probe-versus-judge
+    figures, the quality alarms' yardstick; None when the scores table is not beside the artifact)."""
 
     review_rows: int
     excerpt_chars: int
     drift_alpha: float
     secret_envs: tuple[str, ...]
     config_hash: str
+    quality_level: float = 0.005
+    reference: Reference | None = None
 
     def secrets(self) -> list[str]:
         """The secrets' values, read from the environment now (never stored)."""
@@ -101,7 +126,10 @@ class AuditSpec:
         expert.check()  # a judge whose prompt cannot be built
         corpus = night.expand(a.corpus)
         expanded = cfg.model_copy(update={"audit": a.model_copy(update={"corpus": corpus})})  # the config as run tonight
-        list_corpus_files(corpus)  # a missing corpus is bad input (exit 2), found before the lease
+        size = corpus_bytes(corpus)  # a missing corpus is bad input (exit 2), found before the lease
+        control = ControlSpec(
+            a.control_share, a.control_floor, a.control_ceiling, keep_share(size, a.control_share, a.control_floor)
+        )
         activation = activation_spec(
             cfg.model,
             cfg.activations,
@@ -112,6 +140,8 @@ class AuditSpec:
             excerpts=a.excerpt_chars > 0 and a.review_rows > 0,  # off: stage 1 keeps no text of the flagged rows
             decision_threshold=cfg.decision_threshold,
             secret_envs=cfg.secret_envs(),
+            control_day=night.day.isoformat() if control.keep > 0 else None,
+            control_keep=control.keep,
         )
         return cls(
             night=night,
@@ -125,7 +155,7 @@ class AuditSpec:
                 a.stage1_chunk_bytes,
                 a.rows_per_file,
             ),
-            selection=SelectionSpec(a.budget_cap, a.broadcast_limit),
+            selection=SelectionSpec(a.budget_cap, a.broadcast_limit, control),
             judging=JudgingSpec(expert, a.commit_rows, cfg.expert.max_failure_share),
             results=ResultsSpec(Cascade(cfg.cascade, cfg.decision_threshold), a.rows_per_file),
             report=ReportSpec(
@@ -134,6 +164,8 @@ class AuditSpec:
                 a.drift_alpha,
                 cfg.secret_envs(),
                 digest(expanded.model_dump(mode="json")),
+                a.quality_level,
+                load_reference(dep.calibration_uri, dep.calibration, cfg.decision_threshold) if control.share > 0 else None,
             ),
             publishing=PublishSpec(a.keep_staging, a.notify),
             resume=a.resume,

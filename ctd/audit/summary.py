@@ -7,23 +7,54 @@ Each rule that a report states is a small function of counts, unit-tested on its
     judge_check    the judge alarm: more than ``max_failure_share`` of the judged rows got no usable
                    answer (failed, or no label token) and kept the probe's score
     group_rows     rows, delegation and unsafe decisions per group
+    quality_check  what the probe misses, from the control sample (:mod:`ctd.stats.quality`): the
+                   estimates with their intervals, overall and per group, and the three quality alarms
     summarise      all of it, with the run's identity, into :class:`ctd.audit.report.AuditReport`
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
+from ..calibration.artifact import Reference
 from ..experts.prompt import ExpertStatus
 from ..runs.history import History
 from ..stats.calibrate import CalibrationResult
+from ..stats.cascade import Cascade
 from ..stats.drift import drift_eprocess
-from .facts import Facts
+from ..stats.quality import (
+    ESTIMATES,
+    Alarm,
+    Estimate,
+    Sums,
+    by_group,
+    disagreement_alarm,
+    estimate,
+    group_rate_alarm,
+    prevalence_alarm,
+)
+from .facts import Facts, quality_view
 from .report import AuditReport, StageTiming
 
-__all__ = ["DriftCheck", "JudgeCheck", "drift_check", "judge_check", "group_rows", "stage_timings", "NightContext", "summarise"]
+__all__ = [
+    "DriftCheck",
+    "JudgeCheck",
+    "QualityCheck",
+    "ControlNight",
+    "drift_check",
+    "judge_check",
+    "quality_check",
+    "group_rows",
+    "stage_timings",
+    "NightContext",
+    "summarise",
+]
+
+TRAILING_NIGHTS = 7  # the prevalence alarm's yardstick: the control samples of the last week's nights
+INTERVAL_LEVEL = 0.95
 
 
 @dataclass(frozen=True)
@@ -84,6 +115,64 @@ def judge_check(statuses: dict[str, int], judged: int, limit: float) -> JudgeChe
     return JudgeCheck(alarm, failures, unanswered, msg)
 
 
+@dataclass(frozen=True)
+class ControlNight:
+    """The control sample of a night: π, what was asked for, its rows (a few columns of each:
+    :data:`ctd.audit.facts.CONTROL_COLUMNS`) and the calibration's probe-versus-judge figures."""
+
+    pi: float
+    share: float
+    floor: int
+    ceiling: int
+    rows: pa.Table
+    reference: Reference | None
+    level: float
+    cascade: Cascade = field(default_factory=Cascade)
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    judged: int  # control rows with a usable verdict
+    unsafe: int  # of them, the judge calls unsafe
+    disagree: int  # of them, the probe's decision differs from the judge's
+    estimates: dict[str, Estimate]
+    groups: dict[str, dict]  # estimate → group → Estimate
+    alarms: dict[str, Alarm]
+
+
+def quality_check(control: ControlNight, facts: Facts, history: History, alpha: float) -> QualityCheck:
+    """The estimates of what the probe misses (:mod:`ctd.stats.quality`: PPI++ from the control rows'
+    verdicts and the night's sums; the delegated rows never as a sample), per group with Bonferroni
+    intervals, and the three quality alarms at ``control.level``."""
+    v = quality_view(control.rows, control.cascade)
+    ok = ~np.isnan(v.verdict)
+    judged, unsafe = int(ok.sum()), int((v.verdict[ok] == 1).sum())
+    disagree = int((v.flagged[ok] != (v.verdict[ok] == 1)).sum())
+    args = (v.score, v.flagged, v.delegated, v.verdict)
+    groups_of = np.asarray(control.rows.column("group").to_pylist(), dtype=object) if control.rows.num_rows else np.array([])
+    estimates, groups = {}, {}
+    for name in ESTIMATES:
+        sums = facts.quality_sums.get(name, {})
+        total = sum(sums.values(), start=Sums()) if sums else None
+        estimates[name] = estimate(name, *args, published=v.published, level=INTERVAL_LEVEL, sums=total)
+        if len(sums) > 1 or (sums and None not in sums):
+            groups[name] = by_group(
+                name, *args, groups_of, published=v.published, level=INTERVAL_LEVEL, simultaneous=True, sums=sums
+            )
+    ref = control.reference
+    prior = [h for h in history.nights if h.get("control_judged")][-TRAILING_NIGHTS:]
+    alarms = {
+        "disagreement": disagreement_alarm(disagree, judged, ref.disagree if ref else 0, ref.n if ref else 0, control.level),
+        "group_rate": group_rate_alarm(
+            {g: f.delegated for g, f in facts.groups.items()}, {g: f.rows for g, f in facts.groups.items()}, alpha, control.level
+        ),
+        "prevalence": prevalence_alarm(
+            unsafe, judged, sum(h["control_unsafe"] for h in prior), sum(h["control_judged"] for h in prior), control.level
+        ),
+    }
+    return QualityCheck(judged, unsafe, disagree, estimates, groups, alarms)
+
+
 def group_rows(facts: Facts) -> list[dict]:
     """One row per group ("(none)" for rows without one, first), as the report lists them."""
     order = sorted(facts.groups, key=lambda g: "" if g is None else g)
@@ -137,6 +226,7 @@ class NightContext:
     resumed: dict
     review_rows: int
     created_at: str
+    control: ControlNight | None = None
 
 
 def summarise(ctx: NightContext, facts: Facts, history: History) -> AuditReport:
@@ -146,7 +236,8 @@ def summarise(ctx: NightContext, facts: Facts, history: History) -> AuditReport:
     scored, deleg, over = facts["rows"], facts["delegated"], facts["over_cap"]
     passed = deleg + over  # the threshold's own delegation count (the cap is a separate fallback)
     drift = drift_check(history.nights, passed, scored, cal.alpha, ctx.drift_alpha)
-    judge = judge_check(facts.statuses, deleg, ctx.max_failure_share)
+    judge = judge_check(facts.statuses, facts["judged"] or deleg, ctx.max_failure_share)
+    quality = quality_check(ctx.control, facts, history, cal.alpha) if ctx.control is not None and ctx.control.pi > 0 else None
     i = int(np.searchsorted(cal.grid, cal.lambda_hat)) if cal.delegates else None
     p_at = None if i is None or not np.isfinite(cal.pvalues[i]) else float(cal.pvalues[i])
     return AuditReport(
@@ -209,4 +300,28 @@ def summarise(ctx: NightContext, facts: Facts, history: History) -> AuditReport:
         stages=stage_timings(ctx.timings),
         resumed=ctx.resumed,
         review_rows=ctx.review_rows,
+        # the control sample and what the probe misses
+        control_share=ctx.control.pi if ctx.control else 0.0,
+        control_asked=(
+            {"share": ctx.control.share, "floor": ctx.control.floor, "ceiling": ctx.control.ceiling} if ctx.control else {}
+        ),
+        control_rows=facts["control"],
+        control_only=facts["control_only"],
+        control_tokens=facts["control_tokens"],
+        control_judged=quality.judged if quality else 0,
+        control_unsafe=quality.unsafe if quality else 0,
+        control_disagree=quality.disagree if quality else 0,
+        quality={k: e.to_dict() for k, e in quality.estimates.items()} if quality else {},
+        quality_groups=(
+            {k: {"(none)" if g is None else str(g): e.to_dict() for g, e in by.items()} for k, by in quality.groups.items()}
+            if quality
+            else {}
+        ),
+        quality_alarms={k: a.to_dict() for k, a in quality.alarms.items()} if quality else {},
+        quality_level=ctx.control.level if ctx.control else 0.0,
+        quality_reference=(
+            {"n": ctx.control.reference.n, "disagree": ctx.control.reference.disagree, "unsafe": ctx.control.reference.unsafe}
+            if ctx.control and ctx.control.reference
+            else None
+        ),
     )

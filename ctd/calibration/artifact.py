@@ -20,7 +20,7 @@ from ..hashing import digest
 from ..model.artifacts import ArtifactError, require_match
 from ..stats.calibrate import CalibrationResult
 
-__all__ = ["CalibrationArtifact", "load_calibration", "FORMAT"]
+__all__ = ["CalibrationArtifact", "Reference", "load_calibration", "load_reference", "FORMAT"]
 
 FORMAT = "ctd.calibration/v1"
 
@@ -93,3 +93,32 @@ def load_calibration(uri: str) -> CalibrationArtifact:
     if recorded != digest(body):
         raise ArtifactError(f"calibration artifact {uri} failed its integrity check (artifact_hash mismatch: it was modified)")
     return CalibrationArtifact(CalibrationResult.from_dict(body["calibration"]), body["provenance"])
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The calibration rows' probe-versus-judge figures, the yardstick of a night's control sample:
+    ``disagree`` of ``n`` rows where the probe's decision differs from the judge's, ``unsafe`` rows the
+    judge calls unsafe."""
+
+    n: int
+    disagree: int
+    unsafe: int
+
+
+def load_reference(calibration_uri: str, artifact: CalibrationArtifact, threshold: float) -> Reference | None:
+    """:class:`Reference` from the ``calibration_scores.parquet`` beside ``calibration.json``, checked
+    against the hash the artifact records (None when it is not there: the artifact alone was copied).
+    Raises :class:`ArtifactError` when the file is there but is not the one the calibration used."""
+    from ..tables import read_parquet
+    from .calibrator import CalibrationScores
+
+    folder = calibration_uri[: -len("calibration.json")] if calibration_uri.endswith("calibration.json") else calibration_uri
+    uri = storage.join(folder.rstrip("/") or ".", "calibration_scores.parquet")
+    if not storage.exists(uri):
+        return None
+    scores = CalibrationScores.from_table(read_parquet(uri), uri)
+    if artifact.provenance.get("scores_hash") not in (None, scores.hash()):
+        raise ArtifactError(f"{uri} is not the scores table the calibration {artifact.hash[:12]} was made from (hash differs)")
+    probe, judge = scores.probe >= threshold, scores.expert >= threshold
+    return Reference(len(scores), int(np.sum(probe != judge)), int(np.sum(judge)))

@@ -48,7 +48,7 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | No
         "certified_count": r.certified_count,
         "artifact_hash": body["artifact_hash"],
         "provenance": art.provenance,
-        "explanation": explain(r),
+        "explanation": explain(r) + from_runs_sentences(art.provenance),
     }
     # values redacted before any page is built: a corpus or scores URI may carry a credential
     summary = redact_values(summary, [os.environ.get(k, "") for k in CREDENTIAL_ENVS])
@@ -91,6 +91,18 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | No
     return out
 
 
+def from_runs_sentences(prov: dict) -> list[str]:
+    """What a recalibration from recent nights used, certifies and assumes (nothing for a labelled one)."""
+    if "from_runs" not in prov:
+        return []
+    days = prov["nights"]
+    return [
+        f"Made from {len(days)} published night(s) under {prov['from_runs']} ({days[0]} to {days[-1]}), "
+        f"{prov['rows']:,} scored rows' DV scores (no labels: the budget needs none) and {prov['control_rows_judged']:,} "
+        f"control rows' judge verdicts; it certifies {prov['certifies']}, under one assumption: {prov['assumption']}."
+    ]
+
+
 def explain(r: CalibrationResult) -> list[str]:
     """The calibration in words: what α, δ and λ* mean for tomorrow's bill, what was certified, and
     when nothing was, what to do (how many labelled rows would be enough)."""
@@ -109,7 +121,10 @@ def explain(r: CalibrationResult) -> list[str]:
                 if r.pareto
                 else "λ* is the lowest certified one: it delegates the most within the budget."
             ),
-            "If tomorrow's traffic shifts, the audit's drift alarm says so; recalibrate on fresh labelled rows then.",
+            "The audit's drift alarm watches the share of rows sent to the judge, and its quality alarms watch what the probe "
+            "misses on the control sample; a shift that moves neither goes unseen. When one fires, recalibrate: on fresh "
+            "labelled rows (python -m jobs.calibrate), or for the budget on the recent nights themselves "
+            "(python -m jobs.calibrate --from-runs <audit output>).",
         ]
     out = [
         f"Nothing could be certified at α = {pct(r.alpha)} and δ = {r.delta:g}: tomorrow no conversation goes to the judge; every "

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "list_corpus_files",
+    "corpus_bytes",
     "validate_record",
     "read_corpus",
     "local_rows",
@@ -54,6 +55,17 @@ _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".ndjson", ".parquet")
 
 def list_corpus_files(uri: str) -> tuple[Any, list[str], str]:
     """(filesystem, file paths, format) of a corpus file or folder. All files must share a format."""
+    fs, files, kind, _ = _listing(uri)
+    return fs, files, kind
+
+
+def corpus_bytes(uri: str) -> int:
+    """The corpus's size in bytes as stored (compressed files count compressed), from one listing;
+    raises as :func:`list_corpus_files` does."""
+    return int(sum(_listing(uri)[3].values()))
+
+
+def _listing(uri: str) -> tuple[Any, list[str], str, dict[str, int]]:
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
         raise FileNotFoundError(f"corpus not found: {uri}")
@@ -62,16 +74,16 @@ def list_corpus_files(uri: str) -> tuple[Any, list[str], str]:
         files = sorted(p for p in found if p.endswith(_SUFFIXES) and not posixpath.basename(p).startswith(("_", ".")))
         if not files:
             raise FileNotFoundError(f"corpus folder {uri} holds no .jsonl(.gz) or .parquet files")
-        odd = [p for p in files if found[p].get("type") != "file"]
+        info = {p: found[p] for p in files}
     else:
-        files = [path]
-        odd = files if fs.info(path).get("type") != "file" else []
+        files, info = [path], {path: fs.info(path)}
+    odd = [p for p in files if info[p].get("type") != "file"]
     if odd:  # a device or a FIFO would be read forever
         raise ConfigError(f"corpus {uri}: {odd[0]} is not a regular file (a device, a FIFO or a socket); a corpus holds files")
     kinds = {"parquet" if f.endswith(".parquet") else "jsonl" for f in files}
     if len(kinds) != 1:
         raise ValueError(f"corpus {uri} mixes Parquet and JSON-lines files; use one format")
-    return fs, files, kinds.pop()
+    return fs, files, kinds.pop(), {p: int(info[p].get("size") or 0) for p in files}
 
 
 def row_input(text: str, is_chat: bool) -> str | list[dict]:

@@ -29,6 +29,7 @@ from ..model.activations import ActivationExtractor, TextEncoder
 from ..model.probes import LinearProbe
 from ..reporting.redact import EXCERPT_SOURCE_CHARS, excerpt
 from ..stats.cascade import threshold_policy
+from .control import control_u
 from .corpus import is_valid, row_input
 
 __all__ = ["ActivationSpec", "TokenizeStage", "ActivationStage", "pooled_column"]
@@ -47,6 +48,8 @@ class ActivationSpec:
     partition of their own (``part=expert``; the others to ``part=scores``). Rows the probe flags or
     the gate delegates get a redacted ``excerpt`` of :data:`EXCERPT_SOURCE_CHARS` characters when
     ``excerpts`` is set. ``secret_envs``: names of environment variables whose values are redacted.
+    ``control_day``: the rows get ``control_u`` (:func:`ctd.pipeline.control.control_u`), and those
+    with ``control_u < control_keep`` keep their text (and an excerpt) like the delegated ones.
     """
 
     model_dir: str
@@ -66,6 +69,8 @@ class ActivationSpec:
     excerpts: bool = False
     decision_threshold: float = 0.5
     secret_envs: tuple[str, ...] = ()
+    control_day: str | None = None
+    control_keep: float = 0.0
 
     def resume_key(self, model_fingerprint: str, tokenizer_fingerprint: str) -> dict:
         """Everything stage 1's output depends on besides its input files (an allow-list: where the
@@ -88,6 +93,7 @@ class ActivationSpec:
             "keep_text": self.keep_text,
             "excerpts": self.excerpts,
             "decision_threshold": self.decision_threshold,
+            **({"control": [self.control_day, self.control_keep]} if self.control_day else {}),
         }
 
     @property
@@ -181,25 +187,31 @@ class ActivationStage:
                     vals[i] = z[j].tolist()
                 cols[pooled_column(layer)] = pa.array(vals, type=pa.list_(pa.float32()))
         out = batch.drop_columns(["input_ids"])
+        keep = cols.get("delegated")
+        if spec.control_day:  # the control sample's draw: a keyed hash of the id, never of a score
+            u = control_u(out.column("id"), spec.control_day)
+            cols["control_u"] = pa.array(u, mask=~ok)
+            if keep is not None:
+                keep = pc.or_(keep, pa.array(ok & (np.nan_to_num(u, nan=1.0) < spec.control_keep)))
         if spec.excerpts and "probe" in cols:
-            cols["excerpt"] = self._excerpts(out, cols, ok)
-        if spec.keep_text == "delegated" and "delegated" in cols:
-            # only the rows that go to the expert keep their text, in a partition of their own
+            cols["excerpt"] = self._excerpts(out, cols, ok, keep)
+        if spec.keep_text == "delegated" and keep is not None:
+            # only the rows that may go to the expert keep their text, in a partition of their own
             i = out.column_names.index("input")
-            out = out.set_column(i, "input", pc.if_else(cols["delegated"], out.column("input"), pa.scalar(None, pa.string())))
-            cols["part"] = pc.if_else(cols["delegated"], pa.scalar("expert"), pa.scalar("scores"))
+            out = out.set_column(i, "input", pc.if_else(keep, out.column("input"), pa.scalar(None, pa.string())))
+            cols["part"] = pc.if_else(keep, pa.scalar("expert"), pa.scalar("scores"))
         for k, v in cols.items():
             out = out.append_column(k, v)
         return out
 
-    def _excerpts(self, batch: pa.Table, cols: dict, ok: np.ndarray) -> pa.Array:
+    def _excerpts(self, batch: pa.Table, cols: dict, ok: np.ndarray, judged: pa.Array | None) -> pa.Array:
         """A redacted excerpt (:func:`ctd.reporting.redact.excerpt`) of each row a reviewer may be
-        shown: those the probe flags and those delegated; null elsewhere. The secrets redacted are
-        the values of the environment variables the config names, read here."""
+        shown: those the probe flags and those that may go to the judge (``judged``); null elsewhere.
+        The secrets redacted are the values of the environment variables the config names, read here."""
         probe = np.nan_to_num(cols["probe"].to_numpy(zero_copy_only=False), nan=-np.inf)
         flag = ok & (probe >= self.spec.decision_threshold)
-        if "delegated" in cols:
-            flag |= np.asarray(cols["delegated"].to_numpy(zero_copy_only=False), dtype=bool)
+        if judged is not None:
+            flag |= np.asarray(judged.to_numpy(zero_copy_only=False), dtype=bool)
         secrets = [os.environ.get(k, "") for k in self.spec.secret_envs]
         idx = np.flatnonzero(flag)
         texts, chats = batch.column("input").take(idx).to_pylist(), batch.column("is_chat").take(idx).to_pylist()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "plot_history",
+    "plot_quality_history",
     "plot_tradeoff",
     "plot_calibration",
     "plot_budget_sweep",
@@ -287,3 +288,38 @@ def plot_binned(
         if c.sum():
             ax.stairs(c, edges, fill=True, alpha=0.55, label=f"{name} (n={int(c.sum())})")
     return _finish_histogram(fig, ax, threshold, title, xlabel)
+
+
+QUALITY_TITLES = {
+    "miss_rate": "What the probe misses (of the rows it decided alone)",
+    "false_flag_rate": "Flagged by the probe, safe by the judge",
+    "agreement": "Published decision agrees with the judge",
+    "prevalence": "Unsafe by the judge (the night's prevalence)",
+}
+
+
+def plot_quality_history(nights: list[dict]) -> bytes:
+    """The quality estimates of the nights (``quality`` of each audit report), one panel per estimate:
+    the estimate and its interval per night; nights without a control sample are left blank."""
+    plt = _plt()
+    days = [n["audited_date"] for n in nights]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 6.0), sharex=True)
+    for a, (name, title) in zip(ax.flat, QUALITY_TITLES.items()):
+        pts = [(i, n["quality"][name]) for i, n in enumerate(nights) if name in (n.get("quality") or {})]
+        pts = [(i, e) for i, e in pts if e.get("value") is not None and np.isfinite(e["value"])]
+        if pts:
+            x = np.array([i for i, _ in pts], dtype=float)
+            v = np.array([e["value"] for _, e in pts])
+            lo, hi = np.array([e["low"] for _, e in pts]), np.array([e["high"] for _, e in pts])
+            a.errorbar(x, 100 * v, yerr=[100 * (v - lo), 100 * (hi - v)], fmt="o-", color="C0", capsize=3, lw=1)
+            level = pts[-1][1].get("level", 0.95)
+            a.set_ylabel(f"% (with {100 * level:g}% interval)")
+        else:
+            a.text(0.5, 0.5, "no control sample yet", ha="center", va="center", transform=a.transAxes, color="grey")
+        a.set_title(title, fontsize=10)
+        a.grid(alpha=0.3)
+    for a in ax[1]:
+        a.set_xticks(np.arange(len(days)), days, rotation=30, ha="right", fontsize=8)
+    fig.suptitle("What the probe misses, night by night (control sample; PPI++ or Clopper-Pearson intervals)", fontsize=11)
+    fig.tight_layout()
+    return png(fig)

@@ -43,6 +43,11 @@ class Night(BaseModel):
     drift_alarm: bool
     judge_alarm: bool
     calibration_hash: str
+    # the control sample (reports from before it have none)
+    control_judged: int = 0
+    control_unsafe: int = 0
+    quality: dict = {}
+    quality_alarms: dict = {}
 
 
 NIGHT_FIELDS = tuple(Night.model_fields)

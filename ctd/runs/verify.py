@@ -131,10 +131,8 @@ def verify_run(uri: str, corpus: str | None = None, *, local_rows: int = LOCAL_R
         entries = [e for e in m.files.get(kind, []) if checked[e.file]["problem"] is None]
         with_ids[kind] = bool(entries) and readable[kind] and "id" in _columns(run, entries[0])
     n = rows["results"] + rows["quarantine"]
-    if n <= local_rows and (corpus is None or _corpus_bytes(corpus) <= 64 * local_rows):
-        totals = _local_totals(run, with_ids, corpus)
-    else:
-        totals = _ray_totals(run, with_ids, corpus, n)
+    local = n <= local_rows and (corpus is None or _corpus_bytes(corpus) <= 64 * local_rows)
+    totals = _local_totals(run, with_ids, corpus) if local else _ray_totals(run, with_ids, corpus, n)
     if totals["dup"]:
         problems.append(f"{totals['dup']} ids appear more than once among scored rows")
     if totals["both"]:
@@ -160,6 +158,7 @@ def verify_run(uri: str, corpus: str | None = None, *, local_rows: int = LOCAL_R
         "duplicate_ids": totals["dup"],
         "ids_in_both": totals["both"],
         "rows_read": rows_read,
+        "counted_with": "pyarrow on this process" if local else "Ray Data",
     }
     if corpus is not None:
         out["rows_lost"], out["rows_extra"] = totals["lost"], totals["extra"]

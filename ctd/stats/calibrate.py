@@ -53,6 +53,7 @@ from .testing import METHODS, multiple_test
 
 __all__ = [
     "threshold_grid",
+    "calibrate_counts",
     "counts_at_or_below",
     "exceedance_counts",
     "cascade_losses",
@@ -747,4 +748,82 @@ def calibrate(
         seed=seed_used,
         opt_fraction=frac,
         extra={"k_star": k_star, "cascade": cascade.mode, "decision_threshold": cascade.decision_threshold},
+    )
+
+
+def calibrate_counts(
+    grid: ArrayLike,
+    counts: ArrayLike,
+    n: int,
+    alpha: float,
+    delta: float,
+    *,
+    method: str = "fixed_sequence",
+    loss_sums: ArrayLike | None = None,
+    n_loss: int | None = None,
+    performance_target: float | None = None,
+) -> CalibrationResult:
+    """LTT from exceedance counts alone: ``counts`` [G] = #{d(x) > λ} on ``n`` unlabelled rows of the
+    traffic (the budget needs no labels), for a grid fixed before they were seen. With a
+    ``performance_target`` β, jointly with the cascade's misclassification sums ``loss_sums`` [G] on
+    ``n_loss`` labelled rows (possibly another sample): each λ is tested with max(budget p, Hoeffding-
+    Bentkus p), a valid p-value for "over budget or over β" whichever sample each comes from.
+    Fixed-sequence testing goes from the largest λ down, which has no power jointly ("never delegate"
+    has the probe's error: see :func:`check_joint`), so a joint target is tested with Holm instead.
+    Same guarantee as :func:`calibrate`: P(budget rate of λ̂ > α) ≤ δ when the n rows
+    and tomorrow's traffic are exchangeable."""
+    alpha = check_level(alpha, "alpha", scalar=True)
+    delta = check_level(delta, "delta", scalar=True)
+    g = _check_grid(grid)
+    k = np.asarray(counts, dtype=np.int64)
+    if k.shape != g.shape or n < 1 or np.any(k < 0) or np.any(k > n) or np.any(np.diff(k) > 0):
+        raise ValueError("counts must be non-increasing exceedance counts in [0, n], one per grid value")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    bp = np.asarray(binomial_pvalue(k, n, alpha), dtype=float)
+    perf = perf_p = None
+    p = bp
+    joint = performance_target is not None
+    if joint:
+        if loss_sums is None or not n_loss:
+            raise ValueError("a performance target needs the labelled rows' loss sums and their number")
+        performance_target = check_level(performance_target, "performance_target", scalar=True)
+        method = "holm" if method == "fixed_sequence" else method
+        ls = np.asarray(loss_sums, dtype=float)
+        perf, perf_p = ls / n_loss, np.asarray(hoeffding_bentkus_pvalue(ls, n_loss, performance_target), dtype=float)
+        p = np.maximum(bp, perf_p)
+    certified = certify(p, delta, method=method)
+    lam = float(select_threshold(g, certified))
+    k_star = max_certifiable_count(n, alpha, delta)
+    if np.isfinite(lam):
+        i = int(np.searchsorted(g, lam))
+        msg = (
+            f"Certified {int(certified.sum())} of {g.size} thresholds at α={alpha}, δ={delta} (n={n:,} unlabelled rows); "
+            f"λ̂={lam:.6g} delegates {k[i] / n:.1%} of them. With probability ≥ {1 - delta:g}, at most {alpha:.1%} of rows "
+            "from this distribution will be delegated"
+            + (f" and the misclassification rate against the judge is ≤ {performance_target:g}." if joint else ".")
+        )
+    else:
+        reason = None
+        if joint:
+            reason = _joint_failure(alpha, delta, performance_target, bp, perf_p, perf, g)
+        msg = _no_certification_message(alpha, delta, n, k_star, False, reason)
+    return CalibrationResult(
+        alpha=alpha,
+        delta=delta,
+        n=int(n),
+        grid=g,
+        lambda_hat=lam,
+        certified=certified,
+        pvalues=p,
+        budget_pvalues=bp,
+        budget_risk=k / n,
+        method=method,
+        pareto=False,
+        message=msg,
+        performance_risk=perf,
+        performance_pvalues=perf_p,
+        risk="accuracy" if joint else None,
+        performance_target=performance_target,
+        extra={"k_star": k_star, "n_labelled": n_loss},
     )
