@@ -1,6 +1,7 @@
 """The README's demo figures from a finished demo run (``python -m jobs.demo --out <out>``): per night,
 the probe's and the final score's AUROC and accuracy on the published results, the share sent to the
-judge and the drift e-detector; per group on the calibration rows (expert on every row), probe and
+judge and the drift e-detector; the report's estimate of what the probe misses and
+the quality alarms that fired; per group on the calibration rows (expert on every row), probe and
 expert accuracy and the mean DV score. Reads only published files; writes JSON.
 
     python benchmarks/demo_figures.py --out out/demo2 --json benchmarks/results/demo_figures.json
@@ -47,6 +48,11 @@ def main(argv=None) -> int:
                 "probe_scores_in_0.1_0.9": round(float(((p > 0.1) & (p < 0.9)).mean()), 3),
                 "drift_e_value": rep["drift_e_value"],
                 "drift_alarm": rep["drift_alarm"],
+                # what the probe misses, as the report estimates it from the control sample (PPI++, 95%)
+                "miss_rate": {k: (rep.get("quality") or {}).get("miss_rate", {}).get(k) for k in ("value", "low", "high", "n")},
+                "quality_alarms_fired": sorted(k for k, a in (rep.get("quality_alarms") or {}).items() if a.get("fired")),
+                # the truth the estimate aims at (the demo's labels stand in for the judge's verdicts here)
+                "probe_passed_label_unsafe": round(float(y[p < 0.5].mean()), 3),
             }
         )
     c = read_parquet(os.path.join(args.out, "calibration", "calibration_scores.parquet")).to_pydict()

@@ -198,6 +198,11 @@ class RayConfig(Strict):
     address: str | None = Field(None, description="None: start a local Ray instance; 'auto' inside ray job submit")
     num_cpus: int | None = Field(None, ge=1)
     preserve_order: bool = False
+    node_types_from: str | None = Field(
+        None,
+        description="a RayCluster manifest whose worker groups the autoscaler can add: the pre-flight check counts their "
+        "shapes as available (the alive nodes and the autoscaler's reported node types always are)",
+    )
 
 
 class TrainJob(Strict):

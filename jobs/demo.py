@@ -34,14 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--shifted-ambiguous",
         type=float,
-        default=0.45,
-        help="share of ambiguous conversations on the shifted night (the others have the calibration's 0.25)",
+        default=0.25,
+        help="share of ambiguous conversations on the shifted night (the calibration's is 0.25; 0.8 moves the "
+        "delegation rate enough for the drift alarm)",
     )
     ap.add_argument(
         "--shifted-campaign",
         type=float,
-        default=0.2,
-        help="share of the shifted night's rows from a campaign of calmly worded harmful requests the probe never saw",
+        default=0.3,
+        help="share of the shifted night's rows from a campaign of harmful requests shaped like everyday questions",
     )
     args = ap.parse_args(argv)
     if args.nights < 1:
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"[{next(step)}/{steps}] nightly audit of {day}"
             + (
-                f" (shifted traffic: {ambiguous:.0%} ambiguous conversations, {campaign:.0%} from a new campaign of"
-                " calmly worded harmful requests)"
+                f" (shifted traffic: {ambiguous:.0%} ambiguous conversations, {campaign:.0%} from a campaign of harmful"
+                " requests shaped like everyday questions)"
                 if shifted
                 else ""
             )

@@ -356,3 +356,32 @@ def test_readme_walkthrough_names_the_versions_and_the_feature_gate():
     assert {"name": "RayCronJob", "enabled": True} in values["featureGates"]
     for needle in ("RayCronJob", "feature gate", "v1.7.0", "2.60.0", "0.29.0", "kuberay-operator-values.yaml", "ctd-models"):
         assert needle in section, needle
+
+
+# ------------------------------------------------------------------ pre-flight: a night no node can run fails fast
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_preflight_places_the_production_requests_on_the_manifests_groups(name, monkeypatch):
+    """The production config's requests fit the groups the manifest declares, each on the group meant for
+    it; a misspelt resource, a TP size no node has, or a group removed are refused, naming what is missing."""
+    from ctd.config import load_config
+    from ctd.pipeline.preflight import Request, manifest_shapes, requests, unschedulable
+
+    monkeypatch.setenv("CTD_BUCKET", "b")
+    cfg = load_config(PRODUCTION)
+    shapes = manifest_shapes(os.path.join(CLUSTER, name))
+    groups = {w.rsplit(" ", 1)[-1]: s for w, s in shapes}
+    assert groups["activations"] == {"CPU": 12, "GPU": 1, "activations": 1} and groups["expert"]["GPU"] == 2
+    reqs = requests(cfg)
+    assert [r.bundles for r in reqs] == [1, 2] and reqs[1].on_one_node == {"CPU": 2, "GPU": 2, "expert": 2}
+    assert unschedulable(reqs, shapes) == []
+    for r in reqs:  # each fits exactly one group: the one named by its custom resource
+        assert [g for g, s in groups.items() if unschedulable([r], [("", s)]) == []] == [
+            next(iter(set(r.bundle) - {"CPU", "GPU"}))
+        ]
+    typo = Request("an activation actor (activations.*)", {"CPU": 4, "GPU": 1, "activation": 1})
+    (p,) = unschedulable([typo], shapes)
+    assert "activation 1 (no such resource)" in p and "activations" in p and "expert" in p  # the known resources listed
+    tp4 = Request("a judge replica", {"CPU": 1, "GPU": 1, "expert": 1}, 4)
+    (p,) = unschedulable([tp4], shapes)
+    assert "GPU 4 (has 2)" in p and "expert 4 (has 2)" in p and "worker group expert" in p
+    assert unschedulable(reqs[:1], [(w, s) for w, s in shapes if "activations" not in w])  # the group gone: refused

@@ -313,6 +313,69 @@ def test_the_control_sample_goes_to_the_judge_counted_apart(audited, deployment)
     assert col(read_run_table(out, rid), "control") == control and again.control_rows == report.control_rows
 
 
+def test_recalibration_from_the_published_nights(audited, deployment, tmp_path):
+    """`jobs.calibrate --from-runs`: λ* recertified on the published night's d(x) alone (no labels, no judge
+    call), the same λ* as the counts of the rows read back give; the artifact names the night, verifies,
+    and an audit accepts it; bad usage is exit 2."""
+    from ctd.calibration.artifact import load_calibration
+    from ctd.calibration.from_runs import recalibrate_from_runs
+    from ctd.model.deployment import Deployment
+    from ctd.stats.calibrate import calibrate_counts, exceedance_counts
+
+    cfg = load_config(deployment["config_path"])
+    out, dest = cfg.audit.output, str(tmp_path / "recal")
+    art = recalibrate_from_runs(cfg, out, nights=3, dest=dest)
+    prov = art.provenance
+    assert (
+        prov["nights"] == ["2026-11-24"]
+        and len(prov["run_ids"]) == 1
+        and prov["previous_calibration"] == audited[1].calibration_hash
+    )
+    dv = read_run_table(out, prov["run_ids"][0], columns=["dv"]).column("dv").to_numpy()
+    grid = art.result.grid
+    oracle = calibrate_counts(grid, exceedance_counts(dv, grid), dv.size, cfg.calibration.alpha, cfg.calibration.delta)
+    assert prov["rows"] == dv.size == 300 and art.result.lambda_hat == oracle.lambda_hat
+    assert load_calibration(dest).hash == art.hash
+    assert Deployment.load(cfg.model, cfg.probes, dest).calibration.hash == art.hash  # the audit would take it
+    page = open(os.path.join(dest, "calibration_report.html"), encoding="utf-8").read()
+    assert "Made from 1 published night(s)" in page and "exchangeable" in page
+    bad = subprocess.run(
+        [sys.executable, "-m", "jobs.calibrate", "--config", deployment["config_path"], "--from-runs", out, "--nights", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 2 and "--nights must be at least 1" in bad.stderr
+
+
+def test_a_night_that_cannot_be_scheduled_fails_fast_before_its_lease(deployment, ray_head):
+    """The production config's `activations.resources: {activations: 1}` on a cluster that has no such
+    resource (before the check, the job waited forever, logging "No available node types can fulfill
+    resource request" and holding its lease): exit 2 in seconds, naming the request and what is missing;
+    no lease taken, nothing written. The same through `python -m jobs.audit`."""
+    from ctd.pipeline.preflight import Unschedulable
+
+    over = {"activations.resources": {"activations": 1}}
+    cfg = load_config(deployment["config_path"], over)
+    with pytest.raises(
+        Unschedulable, match=r"an activation actor \(activations\.\*\) asks for .*activations 1 \(no such resource\)"
+    ):
+        run_audit(cfg, run_id="never-scheduled")
+    assert not storage.exists(RunLayout(cfg.audit.output, "never-scheduled").root)  # no lease, no attempt
+    env = dict(ray_head["env"], RAY_ADDRESS=ray_head["address"])
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"], "--run-id", "never-scheduled"]
+        + ["--set", 'activations.resources={"activations": 1}'],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,  # before the check: no exit at all
+    )
+    assert r.returncode == 2 and "this night cannot be scheduled" in r.stderr and "activations 1" in r.stderr, r.stderr[-2000:]
+    assert not storage.exists(RunLayout(cfg.audit.output, "never-scheduled").root)
+
+
 def test_a_run_id_holds_one_audited_day(audited):
     from ctd.config import ConfigError
 

@@ -439,3 +439,30 @@ def test_control_plan_and_interval_width():
     w = q.control_interval_width([400, 10_000, 20_000], 0.05)
     assert round(w[0], 3) == 0.023 and round(w[1], 3) == 0.004 and round(w[2], 3) == 0.003
     assert round(q.control_interval_width(400), 2) == 0.05
+
+
+def test_group_rate_alarm_with_a_calibration_reference():
+    """A group the DV probe rightly sends more of (30% in calibration and tonight, α = 0.2) is not news
+    with the calibration's per-group rates as the reference: over simulation_draws(0.05) calm nights
+    (calibration groups of 400/200/100 rows drawn afresh each time, tonight's of 4,000/2,000/1,000),
+    P(fire) <= level 0.05. Without the reference the same nights fire almost always (the old rule).
+    A group that rises to 45% (from 30%) is flagged on the first night in > 95% of 300 nights."""
+    rng = np.random.default_rng(21)
+    rates = np.array([0.3, 0.15, 0.2])
+    cal_rows, rows = np.array([400, 200, 100]), np.array([4000, 2000, 1000])
+    m = simulation_draws(0.05)
+    ref = rng.binomial(cal_rows, rates, size=(m, 3))
+    d = rng.binomial(rows, rates, size=(m, 3))
+    keys = ("a", "b", "c")
+
+    def alarm(x, r, level=0.05):
+        return q.group_rate_alarm(
+            dict(zip(keys, x)), dict(zip(keys, rows)), 0.2, level, {k: (int(k_), int(n)) for k, k_, n in zip(keys, r, cal_rows)}
+        )
+
+    check_rate(sum(alarm(x, r).fired for x, r in zip(d, ref)), m, 0.05)
+    assert np.mean([q.group_rate_alarm(list(x), list(rows), 0.2, 0.05).fired for x in d[:200]]) > 0.95
+    up = rng.binomial(rows, [0.45, 0.15, 0.2], size=(300, 3))
+    fired = [alarm(x, r, 0.005) for x, r in zip(up, ref[:300])]
+    assert np.mean([a.fired and a.flagged == ("a",) for a in fired]) > 0.95
+    assert "calibration rate" in fired[0].bound and "against" in fired[0].message

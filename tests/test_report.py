@@ -19,7 +19,7 @@ from ctd.reporting.redact import excerpt, redact
 from ctd.runs.history import History, history, history_text
 from ctd.runs.layout import RunLayout
 from ctd.stats.calibrate import threshold_grid
-from ctd.stats.pvalues import binomial_pvalue, min_certifiable_n, rows_to_certify
+from ctd.stats.pvalues import binomial_pvalue, min_certifiable_n, rows_to_certify, simulation_draws
 
 
 def report_body(
@@ -164,7 +164,7 @@ def test_headline_says_the_numbers_in_words():
     assert text[1] == "120 flagged unsafe (12.0% of those audited): 50 by the judge, 70 by the probe alone."
     assert (
         text[2].startswith("100 went to the judge (10.0%) against a budget of α = 10%")
-        and "verdict on 7 of the rows it saw" in text[2]
+        and "verdict on 7 of the 100 rows it saw" in text[2]
     )
     assert (
         "100 judge calls" in text[3]
@@ -188,7 +188,8 @@ def test_headline_says_the_numbers_in_words():
     )
     alarms = [t for k, t in r.headline() if k == "alarm"]
     assert len(alarms) == 3 and alarms[0].startswith("Drift") and "30 of 100" in alarms[1] and "12 rows" in alarms[2]
-    assert "hard cap of 100 calls" in r.headline()[2][1]
+    assert [k for k, _ in r.headline()[:3]] == ["alarm"] * 3  # a night that needs someone leads with why
+    assert "hard cap of 100 calls" in r.headline()[5][1]
     html = r.html({}, None, None)
     assert html.index("The night in brief") < html.index("Rows") and "30 of 100 judged rows failed" in html
     assert "review.parquet" not in html  # no review list: no link to it
@@ -295,6 +296,37 @@ def test_rows_to_certify_is_where_the_binomial_test_starts_to_pass_for_good():
     for alpha, delta in [(0.1, 0.1), (0.05, 0.01), (0.3, 0.2)]:
         assert rows_to_certify(0.0, alpha, delta) == min_certifiable_n(alpha, delta)
         assert rows_to_certify(alpha, alpha, delta) is None and rows_to_certify(1.5 * alpha, alpha, delta) is None
+    # past n_max the answer is unknown: None, not n_max (84 values of n in [1377, 1546] fail)
+    assert rows_to_certify(0.09, 0.1, 0.1, n_max=1377) is None and rows_to_certify(0.09, 0.1, 0.1) == 1546
+    # a tie is decided exactly: (1 - 0.3)^1 = 0.7 <= 0.7
+    assert min_certifiable_n(0.3, 0.7) == 1 and min_certifiable_n(0.5, 0.25) == 2
+
+
+def test_rows_to_certify_with_a_stated_chance():
+    """With ``chance`` c, n rows certify a threshold of true rate r with probability >= c over the draw
+    of the rows (exactly: P(Binom(n, r) <= k*(n)) from every n on, and not at n - 1), and a simulation
+    of calibrations agrees. The expected-count answer (chance None) certifies only ~60% of the time:
+    rate 0.1 at α 0.2, δ 0.1 gives 32 rows, which certify with probability 0.600."""
+    from scipy import stats as st
+
+    from ctd.stats.pvalues import certifiable_counts, max_certifiable_count
+
+    assert rows_to_certify(0.1, 0.2, 0.1) == 32
+    assert st.binom.cdf(max_certifiable_count(32, 0.2, 0.1), 32, 0.1) == pytest.approx(0.600, abs=5e-4)
+    rng = np.random.default_rng(5)
+    for alpha, delta, frac, c in zip(
+        rng.uniform(0.05, 0.4, 25), rng.uniform(0.01, 0.3, 25), rng.uniform(0, 0.8, 25), rng.uniform(0.5, 0.95, 25)
+    ):
+        rate = frac * alpha
+        n = rows_to_certify(rate, alpha, delta, chance=c)
+        ns = np.arange(max(1, n - 1), n + 400)
+        power = st.binom.cdf(certifiable_counts(ns, alpha, delta), ns, rate)
+        assert (power[(ns >= n)] >= c).all() and (n == 1 or power[0] < c), (alpha, delta, rate, c, n)
+    n = rows_to_certify(0.1, 0.2, 0.1, chance=0.9)
+    draws = 20_000
+    counts = rng.binomial(n, 0.1, draws)
+    certified = np.mean(binomial_pvalue(counts, n, 0.2) <= 0.1)
+    assert certified >= 0.9 - 3 * np.sqrt(0.09 / draws)  # within 3 standard errors of the stated chance, or above
 
 
 def synthetic_scores(n, seed=0):
@@ -315,11 +347,10 @@ def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
     art = fit(synthetic_scores(3000), alpha=0.2, delta=0.1)
     words = explain(art.result)
     assert words[0].startswith(f"Tomorrow's threshold is λ* = {art.result.lambda_hat:.4g}")
-    assert (
-        "at most α = 20% of conversations go to the judge (at most 2,000 judge calls per 10,000" in words[1]
-        and "at least 1 − δ = 90%" in words[1]
-    )
-    assert f"{art.result.certified_count:,} of the 1,001 thresholds" in words[2]
+    assert "the rate at which conversations go to the judge is at most α = 20%, with probability at least 1 − δ = 90%" in words[1]
+    assert "a night of 10,000 conversations sends at most 2,066 to the judge with probability at least 85%" in words[2]
+    assert "Only audit.budget_cap bounds a night's bill outright" in words[2]
+    assert f"{art.result.certified_count:,} of the 1,001 thresholds" in words[3]
     # too few rows: nothing certified, and how many would do
     small = fit(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1)
     assert not small.result.delegates
@@ -329,14 +360,17 @@ def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
     rates = np.asarray(small.result.budget_risk)
     rate = min(rates[rates < 0.2], key=lambda r: abs(r - 0.1))  # the threshold nearest half the budget
     assert f"sends {rate:.1%} of the rows" in words[1]
-    assert need == int(np.ceil(rows_to_certify(rate, 0.2, 0.1) / 0.7)) > 12  # Pareto tests on 70% of the rows
+    assert need == int(np.ceil(rows_to_certify(rate, 0.2, 0.1, chance=0.9) / 0.7)) > 12  # Pareto tests on 70% of the rows
+    assert "with a 90% chance" in words[1]
     # Holm's first test runs at δ/m: the count is for that level
     holm = fit(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1, pareto=False, method="holm")
     words = explain(holm.result)
     rates = np.asarray(holm.result.budget_risk)
     rate = min(rates[rates < 0.2], key=lambda r: abs(r - 0.1))
     m = len(holm.result.grid)
-    assert f"about {rows_to_certify(rate, 0.2, 0.1 / m):,} labelled" in words[1] and f"holm tests at δ/{m:,}" in words[1]
+    assert (
+        f"about {rows_to_certify(rate, 0.2, 0.1 / m, chance=0.9):,} labelled" in words[1] and f"holm tests at δ/{m:,}" in words[1]
+    )
 
 
 def test_the_browser_check_sees_a_broken_image_a_missing_link_and_a_script_error(tmp_path):
@@ -362,3 +396,41 @@ def test_the_browser_check_sees_a_broken_image_a_missing_link_and_a_script_error
     logged.write_text("<!doctype html><html><body><p>x</p><script>console.error('a plot failed');</script></body></html>")
     r = check_page(str(logged))
     assert not r["ok"] and "a plot failed" in r["console_errors"]
+
+
+def test_a_nights_count_is_bounded_as_the_calibration_report_says():
+    """The calibration report's night-level sentence, by simulation of whole calibrations: 800 calibration
+    rows (d ~ U(-1, 1), so the true rate at λ is (1 - λ)/2), α 0.2, δ 0.1, then a night of 1,000 rows at the
+    certified λ̂'s true rate. P(count > q) <= δ + 0.05 holds; the old claim, "at most α·N judge calls per N
+    conversations with probability at least 90%", fails (the count passes 200 in about 16% of calibrations)."""
+    from test_stats import check_rate
+
+    from ctd.calibration.report import night_count_bound
+    from ctd.stats.calibrate import calibrate_counts, exceedance_counts
+
+    assert night_count_bound(0.2, 10_000, 0.05) == 2066
+    q = night_count_bound(0.2, 1000, 0.05)
+    draws = simulation_draws(0.1)
+    rng = np.random.default_rng(17)
+    g = threshold_grid(size=1001)
+    counts = exceedance_counts(rng.uniform(-1, 1, (draws, 800)), g)
+    lam = np.array([calibrate_counts(g, c, 800, 0.2, 0.1).lambda_hat for c in counts])
+    rate = np.where(np.isfinite(lam), (1 - lam) / 2, 0.0)
+    night = rng.binomial(1000, rate)
+    check_rate(int((night > q).sum()), draws, 0.15)
+    with pytest.raises(AssertionError, match="significantly above"):
+        check_rate(int((night > 200).sum()), draws, 0.1)
+
+
+def test_the_holm_failure_message_counts_at_the_level_holm_tests():
+    """50 rows, α 0.05, δ 0.1, 1,001 thresholds: Holm's first test runs at δ/1001, where even a threshold
+    that delegates none of the 50 rows fails ((0.95)^50 = 0.077 > 1e-4). The message says so (and how
+    many rows would do), not "no threshold delegates at most k* = 0" while such thresholds exist."""
+    from ctd.stats.calibrate import calibrate, exceedance_counts
+
+    d = np.random.default_rng(0).uniform(-1, 1, 50)
+    g = threshold_grid(size=1001)
+    r = calibrate(d, g, 0.05, 0.1, method="holm")
+    assert not r.delegates and (exceedance_counts(d, g) == 0).any()
+    assert "(1-α)^n > δ/1001" in r.message and f"at least {min_certifiable_n(0.05, 0.1 / 1001)} are needed" in r.message
+    assert min_certifiable_n(0.05, 0.1 / 1001) == 180

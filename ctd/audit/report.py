@@ -182,7 +182,10 @@ class AuditReport(BaseModel):
         elif self.budget_cap is not None:
             sent += f" and a hard cap of {self.budget_cap:,} calls"
         if self.delegated:
-            sent += f"; the judge changed the probe's verdict on {self.judge_overruled:,} of the rows it saw"
+            sent += (
+                f"; the judge changed the probe's verdict on {self.judge_overruled:,} of the {self.expert_calls:,} rows it saw"
+                + (" (delegated and control)" if self.control_only else "")
+            )
         if self.control_rows:
             sent += (
                 f". Besides, a control sample of {self.control_rows:,} rows (each audited row drawn with probability "
@@ -190,7 +193,8 @@ class AuditReport(BaseModel):
                 f"{self.control_only:,} judge calls on top of the delegated ones"
             )
         out.append(("", sent + "."))
-        out += [("", t) for t in self.quality_sentences()]
+        quality = [("", t) for t in self.quality_sentences()]
+        out += quality
         secs = next((s.seconds for s in self.stages if s.stage == "expert"), 0.0)
         reps = self.expert_pool.get("replicas") if self.expert_pool else None
         busy = secs * (reps or 0)
@@ -240,7 +244,9 @@ class AuditReport(BaseModel):
         for name, a in self.quality_alarms.items():
             if a.get("fired"):
                 attention.append(f"{QUALITY_ALARMS[name][0]}: {a['message']}. {QUALITY_ALARMS[name][1]}")
-        out += [("alarm", a) for a in attention] or [
+        if attention:  # a night that needs someone leads with why, then what the probe misses, then the rest
+            return [("alarm", a) for a in attention] + quality + [x for x in out if x not in quality]
+        return out + [
             (
                 "ok",
                 f"Nothing needs attention: the delegation rate is consistent with the calibration "
@@ -255,7 +261,6 @@ class AuditReport(BaseModel):
                 + ".",
             )
         ]
-        return out
 
     def quality_sentences(self) -> list[str]:
         """What the probe misses, in words: the estimates with their intervals and method."""

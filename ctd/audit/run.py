@@ -32,6 +32,7 @@ from .. import storage
 from ..config import ConfigError, JobConfig
 from ..log import log
 from ..pipeline.chunks import ChunkedStage1, run_chunked
+from ..pipeline.preflight import check_schedulable
 from ..pipeline.raydata import init_ray
 from ..runs.history import History, history
 from ..runs.layout import sweep
@@ -57,6 +58,7 @@ def run_audit(
     this one is published."""
     spec = AuditSpec.from_config(cfg, run_id=run_id, date=date, now=now)
     init_ray(cfg.ray)
+    check_schedulable(cfg)  # a request no node can ever meet: exit 2 now, not a night-long wait holding the lease
     with spec.night.lease() as lease:
         try:
             _prepare(spec)

@@ -164,7 +164,11 @@ def quality_check(control: ControlNight, facts: Facts, history: History, alpha: 
     alarms = {
         "disagreement": disagreement_alarm(disagree, judged, ref.disagree if ref else 0, ref.n if ref else 0, control.level),
         "group_rate": group_rate_alarm(
-            {g: f.delegated for g, f in facts.groups.items()}, {g: f.rows for g, f in facts.groups.items()}, alpha, control.level
+            {g: f.delegated for g, f in facts.groups.items()},
+            {g: f.rows for g, f in facts.groups.items()},
+            alpha,
+            control.level,
+            ref.groups if ref else None,
         ),
         "prevalence": prevalence_alarm(
             unsafe, judged, sum(h["control_unsafe"] for h in prior), sum(h["control_judged"] for h in prior), control.level

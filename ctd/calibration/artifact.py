@@ -11,7 +11,7 @@ hash does not verify or whose provenance differs from the configured model and p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -104,6 +104,7 @@ class Reference:
     n: int
     disagree: int
     unsafe: int
+    groups: dict = field(default_factory=dict)  # group: (rows with d(x) > λ*, rows), when the rows have groups
 
 
 def load_reference(calibration_uri: str, artifact: CalibrationArtifact, threshold: float) -> Reference | None:
@@ -121,4 +122,10 @@ def load_reference(calibration_uri: str, artifact: CalibrationArtifact, threshol
     if artifact.provenance.get("scores_hash") not in (None, scores.hash()):
         raise ArtifactError(f"{uri} is not the scores table the calibration {artifact.hash[:12]} was made from (hash differs)")
     probe, judge = scores.probe >= threshold, scores.expert >= threshold
-    return Reference(len(scores), int(np.sum(probe != judge)), int(np.sum(judge)))
+    groups = {}
+    if scores.group is not None:
+        sent = scores.dv > artifact.gate
+        for g in sorted(set(scores.group.tolist())):
+            member = scores.group == g
+            groups[g or None] = (int(np.sum(sent & member)), int(np.sum(member)))
+    return Reference(len(scores), int(np.sum(probe != judge)), int(np.sum(judge)), groups)

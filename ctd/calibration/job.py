@@ -20,6 +20,7 @@ from ..hashing import digest
 from ..log import log
 from ..model.deployment import Deployment
 from ..pipeline.labelled import judge_labelled, read_to_driver
+from ..pipeline.preflight import check_schedulable
 from ..pipeline.raydata import init_ray
 from ..pipeline.scoring import activation_spec, run_stage1
 from ..stats.cascade import Cascade
@@ -37,6 +38,7 @@ def run_calibration(cfg: JobConfig) -> CalibrationArtifact:
     c = cfg.calibrate
     dep = Deployment.load(cfg.model, cfg.probes)
     init_ray(cfg.ray)
+    check_schedulable(cfg)
     staging = storage.join(c.output, "_staging")
     storage.remove(staging)
     spec = activation_spec(cfg.model, cfg.activations, safety=dep.safety, dv=dep.dv)

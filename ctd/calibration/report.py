@@ -91,6 +91,20 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | No
     return out
 
 
+NIGHT_ROWS, NIGHT_EPSILON = 10_000, 0.05  # the night-level statement: a night of this size, a quantile at 1 - ε
+
+
+def night_count_bound(alpha: float, rows: int, epsilon: float) -> int:
+    """q with P(Binom(rows, p) > q) <= epsilon for every rate p <= alpha (the binomial is stochastically
+    increasing in p): with the rate guarantee, a night's count exceeds q with probability <= δ + epsilon."""
+    from scipy import stats
+
+    return int(stats.binom.ppf(1 - epsilon, rows, alpha))
+
+
+CHANCE = 0.9  # "N rows would be needed": N certifies the threshold with this probability over the draw of the rows
+
+
 def from_runs_sentences(prov: dict) -> list[str]:
     """What a recalibration from recent nights used, certifies and assumes (nothing for a labelled one)."""
     if "from_runs" not in prov:
@@ -106,15 +120,19 @@ def from_runs_sentences(prov: dict) -> list[str]:
 def explain(r: CalibrationResult) -> list[str]:
     """The calibration in words: what α, δ and λ* mean for tomorrow's bill, what was certified, and
     when nothing was, what to do (how many labelled rows would be enough)."""
-    per = 10_000
     if r.delegates:
         i = int(np.searchsorted(r.grid, r.lambda_hat))
         cert = r.grid[np.asarray(r.certified, dtype=bool)]
+        q = night_count_bound(r.alpha, NIGHT_ROWS, NIGHT_EPSILON)
         return [
             f"Tomorrow's threshold is λ* = {r.lambda_hat:.4g} on the DV score: a conversation goes to the judge when its DV score is above it.",
-            f"On traffic like these {r.n:,} calibration rows, at most α = {pct(r.alpha)} of conversations go to the judge "
-            f"(at most {r.alpha * per:,.0f} judge calls per {per:,} conversations), and this holds with probability at least "
-            f"1 − δ = {pct(1 - r.delta)} over the draw of the calibration rows; on the calibration rows λ* sent {r.budget_risk[i]:.1%}.",
+            f"On traffic like these {r.n:,} calibration rows, the rate at which conversations go to the judge is at most "
+            f"α = {pct(r.alpha)}, with probability at least 1 − δ = {pct(1 - r.delta)} over the draw of the calibration rows; "
+            f"on the calibration rows λ* sent {r.budget_risk[i]:.1%}.",
+            f"That bounds a rate, not a night's count, which can exceed α·N by chance: a night of {NIGHT_ROWS:,} conversations "
+            f"sends at most {q:,} to the judge with probability at least {pct(1 - r.delta - NIGHT_EPSILON)} (1 − δ − "
+            f"{NIGHT_EPSILON:g}: the rate guarantee and the {pct(1 - NIGHT_EPSILON)} binomial quantile, conversations drawn "
+            "independently). Only audit.budget_cap bounds a night's bill outright.",
             f"{r.certified_count:,} of the {len(r.grid):,} thresholds on the grid were certified (from {cert.min():.4g} to {cert.max():.4g}); "
             + (
                 "λ* is the certified one that does best on the performance risk (" + str(r.risk) + ")."
@@ -143,7 +161,7 @@ def explain(r: CalibrationResult) -> list[str]:
     # the level the first test runs at: δ for fixed-sequence testing, δ/m for Bonferroni and Holm
     level = r.delta if r.method == "fixed_sequence" else r.delta / len(r.grid)
     j = below[np.argmin(np.abs(rate[below] - r.alpha / 2))]  # a useful threshold: about half the budget
-    need = rows_to_certify(float(rate[j]), r.alpha, level)
+    need = rows_to_certify(float(rate[j]), r.alpha, level, chance=CHANCE)
     if need is None:
         return out + [
             f"The threshold nearest half the budget sends {rate[j]:.1%} of the rows, too close to α for any feasible calibration set."
@@ -153,8 +171,9 @@ def explain(r: CalibrationResult) -> list[str]:
         return out + [f"Why: {r.message}"]
     zero = int(np.ceil(min_certifiable_n(r.alpha, level) / test_share))
     return out + [
-        f"To certify a threshold that sends {rate[j]:.1%} of the rows (the one nearest half the budget), about {total:,} labelled "
-        f"calibration rows are needed{' (' + format(need, ',') + ' in the testing split of Pareto testing)' if r.pareto else ''}"
+        f"To certify a threshold that sends {rate[j]:.1%} of the rows (the one nearest half the budget) with a "
+        f"{CHANCE:.0%} chance, about {total:,} labelled calibration rows are needed"
+        f"{' (' + format(need, ',') + ' in the testing split of Pareto testing)' if r.pareto else ''}"
         f"{'' if level == r.delta else ' (' + r.method + ' tests at δ/' + format(len(r.grid), ',') + ')'}; "
-        f"there were {r.n:,}. A threshold that sends none needs {zero:,}."
+        f"there were {r.n:,}. A threshold that sends none needs {zero:,} (for certain: its count is 0)."
     ]

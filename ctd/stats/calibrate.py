@@ -567,13 +567,15 @@ def _joint_failure(alpha, delta, beta, budget_p, perf_p, perf_risk, grid, tested
     )
 
 
-def _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint_reason=None) -> str:
+def _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint_reason=None, grid_size=None) -> str:
+    """``grid_size``: Bonferroni/Holm test one threshold at δ/G (k* was computed at that level)."""
     if joint_reason is not None:
         return f"Nothing certified jointly at α={alpha}, δ={delta}: {joint_reason}. The policy never delegates (λ̂ = +inf)."
+    level, at = (delta, "δ") if grid_size is None else (delta / grid_size, f"δ/{grid_size}")
     if k_star < 0:
         reason = (
             f"with n={n_eff} {'testing-split ' if pareto else ''}calibration rows even a threshold that "
-            f"delegates none of them has p-value (1-α)^n > δ; at least {min_certifiable_n(alpha, delta)} are needed"
+            f"delegates none of them has p-value (1-α)^n > {at}; at least {min_certifiable_n(alpha, level)} are needed"
         )
     else:
         reason = f"no tested threshold delegates at most k*={k_star} of the {n_eff} {'testing-split ' if pareto else ''}calibration rows"
@@ -670,7 +672,8 @@ def calibrate(
             details=True,
         )
         n_opt = n_test = seed_used = frac = None
-        k_star = max_certifiable_count(n, alpha, delta)
+        # the level a single threshold is tested at: δ for a fixed sequence, δ/G for Bonferroni and Holm
+        k_star = max_certifiable_count(n, alpha, delta if method == "fixed_sequence" else delta / g.size)
         n_eff = n
     else:
         opt, test = pareto_split(n, opt_fraction, seed)
@@ -723,7 +726,9 @@ def calibrate(
                 g,
                 tested_split=pareto,
             )
-        msg = _no_certification_message(alpha, delta, n_eff, k_star, pareto, reason)
+        msg = _no_certification_message(
+            alpha, delta, n_eff, k_star, pareto, reason, None if method == "fixed_sequence" else g.size
+        )
 
     return CalibrationResult(
         alpha=alpha,

@@ -24,6 +24,7 @@ __all__ = [
     "hoeffding_bentkus_pvalue",
     "max_certifiable_count",
     "min_certifiable_n",
+    "certifiable_counts",
     "rows_to_certify",
     "clopper_pearson",
     "binomial_ucb",
@@ -166,28 +167,59 @@ def max_certifiable_count(n: int, alpha: float, delta: float) -> int:
 
 def min_certifiable_n(alpha: float, delta: float) -> int:
     """Smallest calibration size n for which a policy that never delegates on it is certifiable:
-    (1 - alpha)^n <= delta."""
+    (1 - alpha)^n <= delta (exactly: no rounding of the logarithms decides a tie)."""
     check_level(alpha, "alpha")
     check_level(delta, "delta")
-    return int(np.ceil(np.log(delta) / np.log1p(-alpha)))
+    n = max(1, int(np.floor(np.log(delta) / np.log1p(-alpha))))
+    while (1 - alpha) ** n > delta:
+        n += 1
+    while n > 1 and (1 - alpha) ** (n - 1) <= delta:
+        n -= 1
+    return n
 
 
-def rows_to_certify(rate: float, alpha: float, delta: float, n_max: int = 10_000_000) -> int | None:
-    """Calibration rows needed for a threshold that delegates a share ``rate`` of them to pass the
-    binomial test P(Binom(n, alpha) <= floor(n * rate)) <= delta: the smallest n from which on it
-    always passes. The p-value is a sawtooth in n (the floor), so every n is scanned up to the
-    Hoeffding bound ceil(log(1/delta) / (2 (alpha - rate)^2)), beyond which it passes for certain
-    (P(X <= n rate) <= exp(-2 n (alpha - rate)^2)). None when that bound exceeds ``n_max`` (and always
-    for rate >= alpha). ``rate`` 0 gives :func:`min_certifiable_n`."""
+def certifiable_counts(n: ArrayLike, alpha: float, delta: float) -> np.ndarray:
+    """k*(n) = max{k : BinomCDF(k; n, alpha) <= delta} for every n (vectorised), -1 where none is."""
+    n = np.asarray(n, dtype=np.int64)
+    k = stats.binom.ppf(delta, n, alpha)  # the smallest k with CDF >= delta
+    k = np.where(stats.binom.cdf(k, n, alpha) <= delta, k, k - 1)
+    return k.astype(np.int64)
+
+
+def rows_to_certify(
+    rate: float, alpha: float, delta: float, *, chance: float | None = None, n_max: int = 10_000_000
+) -> int | None:
+    """Calibration rows needed to certify a threshold that delegates a share ``rate`` of the traffic:
+    the smallest n from which on (every larger n too: the binomial test is a sawtooth in n) ...
+
+    - ``chance`` None: ... its count on the calibration rows, taken as exactly floor(n · rate), passes
+      P(Binom(n, alpha) <= count) <= delta. That is where the *expected* count passes: a calibration
+      set of that size certifies the threshold only about half the time.
+    - ``chance`` c: ... its count, drawn Binom(n, rate) as a calibration set's count is, passes with
+      probability >= c (P(Binom(n, rate) <= k*(n)) >= c, :func:`certifiable_counts`).
+
+    Every n is scanned up to a Hoeffding bound past which the condition holds for certain; None
+    when that bound exceeds ``n_max``, and always for rate >= alpha. ``rate`` 0 with ``chance`` None
+    gives :func:`min_certifiable_n`."""
     check_level(alpha, "alpha")
     check_level(delta, "delta")
     if not 0 <= rate < alpha:
         return None
-    bound = int(np.ceil(np.log(1 / delta) / (2 * (alpha - rate) ** 2)))
-    n = np.arange(1, min(bound, n_max) + 1)
-    fails = np.flatnonzero(stats.binom.cdf(np.floor(n * rate + 1e-9), n, alpha) > delta)
-    if fails.size and fails[-1] + 1 == n[-1] and bound > n_max:
-        return None  # still failing at n_max
+    gap = alpha - rate
+    if chance is None:
+        bound = int(np.ceil(np.log(1 / delta) / (2 * gap**2)))
+    else:
+        check_level(chance, "chance")
+        # K <= n·rate + t w.p. >= c with t = sqrt(n ln(1/(1-c))/2); k*(n) >= n·alpha - sqrt(n ln(1/δ)/2) - 1
+        s = np.sqrt(np.log(1 / (1 - chance)) / 2) + np.sqrt(np.log(1 / delta) / 2)
+        bound = int(np.ceil(((s + np.sqrt(s * s + 4 * gap)) / (2 * gap)) ** 2))
+    if bound > n_max:
+        return None
+    n = np.arange(1, bound + 1)
+    if chance is None:
+        fails = np.flatnonzero(stats.binom.cdf(np.floor(n * rate + 1e-9), n, alpha) > delta)
+    else:
+        fails = np.flatnonzero(stats.binom.cdf(certifiable_counts(n, alpha, delta), n, rate) < chance)
     return int(fails[-1]) + 2 if fails.size else 1  # (index i is n = i + 1)
 
 

@@ -784,9 +784,15 @@ def group_rate_alarm(
     rows_by_group: Mapping[Hashable, int] | ArrayLike,
     alpha: float,
     level: float = DEFAULT_LEVEL,
+    reference: Mapping[Hashable, tuple[int, int]] | None = None,
 ) -> Alarm:
-    """Groups delegating significantly more than α of their rows tonight: exact one-sided binomial
-    p-values P(Binom(rows, α) >= delegated), Holm across the groups with rows. ``statistic`` is the
+    """Groups delegating significantly more than their yardstick tonight: exact one-sided binomial
+    p-values P(Binom(rows, r_g) >= delegated), Holm across the groups with rows. The yardstick r_g is
+    α, or, given the calibration rows' (delegated, rows) per group in ``reference``, max(α, the
+    group's calibration rate's Clopper-Pearson upper bound): λ* bounds only the overall rate, so a
+    group the DV probe rightly sends more of (one the probe errs on) is not news; a group that sends
+    more than α *and* more than it did in calibration is. With a reference the level is split: level/2
+    for the bounds (Bonferroni over the groups), level/2 for Holm tonight. ``statistic`` is the
     smallest Holm-adjusted p-value (m · smallest p); ``flagged`` the groups Holm rejects."""
     alpha = check_level(alpha, "alpha", scalar=True)
     level = check_level(level, "level", scalar=True)
@@ -804,30 +810,45 @@ def group_rate_alarm(
     if np.any(d < 0) or np.any(d > n):
         raise ValueError("delegated counts must lie in [0, rows] per group")
     has = n > 0
+    m = int(has.sum())
+    ref = {k: v for k, v in (reference or {}).items() if v[1] > 0}
+    test_level = level / 2 if ref else level
+    yard = np.full(d.shape, alpha)
+    for i, k in enumerate(keys):
+        if k in ref and m:
+            yard[i] = max(alpha, float(binomial_ucb(int(ref[k][0]), int(ref[k][1]), level / (2 * m))))
     bound = (
-        f"When every group's delegation rate is at most α = {alpha:g}, this fires with probability <= {level:g} per night "
-        "(family-wise over the groups, Holm; rows independent within a group)."
+        f"When every group's delegation rate is at most α = {alpha:g}"
+        + (" or its calibration rate, whichever is larger" if ref else "")
+        + f", this fires with probability <= {level:g} per night (family-wise over the groups, Holm; rows independent "
+        "within a group" + ("; the calibration rows a uniform sample of their groups" if ref else "") + ")."
     )
     if not has.any():
         return Alarm(False, 1.0, level, "no rows in any group: nothing to test", bound)
-    pv = np.asarray(binomial_upper_pvalue(d[has], n[has], alpha), dtype=float)
-    rej = holm(pv, level)
-    m = int(has.sum())
+    hy = yard[has]
+    pv = np.asarray(binomial_upper_pvalue(d[has], n[has], hy), dtype=float)
+    rej = holm(pv, test_level)
     stat = float(min(1.0, m * pv.min()))
     hk = [k for k, h in zip(keys, has) if h]
     flagged = tuple(hk[i] for i in np.flatnonzero(rej))
     hd, hn = d[has], n[has]
+    than = "α" + (" and its calibration rate" if ref else "")
     if flagged:
         parts = ", ".join(
-            f"{k} ({hd[i] / hn[i]:.1%} of {hn[i]:,} rows, p = {pv[i]:.2g})" for i, k in enumerate(hk) if k in set(flagged)
+            f"{k} ({hd[i] / hn[i]:.1%} of {hn[i]:,} rows against {hy[i]:.1%}, p = {pv[i]:.2g})"
+            for i, k in enumerate(hk)
+            if k in set(flagged)
         )
         msg = (
-            f"{len(flagged)} of {m} groups delegate more than α = {alpha:.1%}: {parts}. λ* certifies only the overall rate, "
-            "so a group may legitimately exceed α: this flags the group for a look, not a broken guarantee"
+            f"{len(flagged)} of {m} groups delegate more than {than} (α = {alpha:.1%}): {parts}. λ* certifies only the "
+            "overall rate, so this flags the group for a look, not a broken guarantee"
         )
     else:
-        msg = f"no group delegates significantly more than α = {alpha:.1%} (smallest Holm-adjusted p = {stat:.2g} > {level:g})"
-    return Alarm(bool(flagged), stat, level, msg, bound, flagged)
+        msg = (
+            f"no group delegates significantly more than {than} (α = {alpha:.1%}; smallest Holm-adjusted p = {stat:.2g} > "
+            f"{test_level:g})"
+        )
+    return Alarm(bool(flagged), stat, test_level, msg, bound, flagged)
 
 
 def prevalence_alarm(k_night: int, n_night: int, k_trailing: int, n_trailing: int, level: float = DEFAULT_LEVEL) -> Alarm:
