@@ -174,8 +174,10 @@ def synthetic_results(n=4000, seed=5):
     rng = np.random.default_rng(seed)
     probe = np.round(rng.random(n), 2)  # ties, broken by id
     deleg = rng.random(n) < 0.3
-    expert = np.where(deleg, np.round(rng.random(n), 2), np.nan)
-    status = np.where(deleg, np.where(rng.random(n) < 0.1, "error: boom", "ok"), None)
+    control = rng.random(n) < 0.05  # the control sample: judged whatever the scores, some rows delegated too
+    judged = deleg | control
+    expert = np.where(judged, np.round(rng.random(n), 2), np.nan)
+    status = np.where(judged, np.where(rng.random(n) < 0.1, "error: boom", "ok"), None)
     t = pa.table(
         {
             "id": [f"r{i:05d}" for i in rng.permutation(n)],
@@ -188,9 +190,10 @@ def synthetic_results(n=4000, seed=5):
             "dv": rng.normal(0, 0.5, n),
             "delegated": deleg,
             "over_cap": np.zeros(n, bool),
-            "expert": pa.array(expert, mask=~deleg),
+            "control": control,
+            "expert": pa.array(expert, mask=~judged),
             "expert_status": status.tolist(),
-            "expert_truncated": pa.array(np.zeros(n, bool), mask=~deleg),
+            "expert_truncated": pa.array(np.zeros(n, bool), mask=~judged),
         }
     )
     return finalize(t)

@@ -347,9 +347,12 @@ def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
     art = fit(synthetic_scores(3000), alpha=0.2, delta=0.1)
     words = explain(art.result)
     assert words[0].startswith(f"Tomorrow's threshold is λ* = {art.result.lambda_hat:.4g}")
-    assert "the rate at which conversations go to the judge is at most α = 20%, with probability at least 1 − δ = 90%" in words[1]
-    assert "a night of 10,000 conversations sends at most 2,066 to the judge with probability at least 85%" in words[2]
-    assert "Only audit.budget_cap bounds a night's bill outright" in words[2]
+    assert (
+        "conversations are delegated to the judge (DV score above λ*) is at most α = 20%, with probability at least 1 − δ = 90%"
+        in words[1]
+    )
+    assert "a night of 10,000 conversations delegates at most 2,066 with probability at least 85%" in words[2]
+    assert "Only audit.budget_cap bounds a night's delegated calls outright" in words[2] and "control sample" in words[2]
     assert f"{art.result.certified_count:,} of the 1,001 thresholds" in words[3]
     # too few rows: nothing certified, and how many would do
     small = fit(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1)

@@ -198,7 +198,11 @@ class AuditReport(BaseModel):
         secs = next((s.seconds for s in self.stages if s.stage == "expert"), 0.0)
         reps = self.expert_pool.get("replicas") if self.expert_pool else None
         busy = secs * (reps or 0)
-        tokens = f"{self.expert_tokens:,} tokens of conversation sent (as the monitored model counts them), "
+        tokens = (
+            f"{self.expert_tokens + self.control_tokens:,} tokens of conversation sent (as the monitored model counts them"
+            + (f"; {self.control_tokens:,} of them for the control sample" if self.control_tokens else "")
+            + "), "
+        )
         out.append(
             (
                 "",
@@ -236,7 +240,10 @@ class AuditReport(BaseModel):
         if self.judge_alarm:
             attention.append(f"Judge failures: {self.judge_message}.")
         if self.over_cap:
-            attention.append(f"Budget cap reached: {self.over_cap:,} rows passed λ* but kept the probe's score.")
+            attention.append(
+                f"Budget cap reached: {self.over_cap:,} rows passed λ* but were not delegated (they kept the probe's score, "
+                "unless the control sample sent them to the judge)."
+            )
         if self.expert_pool and not self.expert_pool.get("target_met", True):
             attention.append("The expert pool cannot meet its time target:" + self.pool_line().split("—", 1)[-1] + ".")
         if self.lambda_star is None:
@@ -380,7 +387,7 @@ class AuditReport(BaseModel):
             ("passed λ*", self.delegated_by_threshold),
             ("sent to the judge", self.delegated),
             ("share sent", f"{self.delegated / n:.2%}"),
-            ("over the hard cap (kept the probe's score)", self.over_cap),
+            ("over the hard cap (not delegated; the probe's score unless in the control sample)", self.over_cap),
             ("hard cap", self.budget_cap),
             ("judge changed the verdict", self.judge_overruled),
         ]
@@ -388,7 +395,8 @@ class AuditReport(BaseModel):
             ("expert", self.expert_kind),
             ("calls this run", self.expert_calls),
             ("failed calls", self.expert_failures),
-            ("tokens of conversation sent (monitored model's count)", self.expert_tokens),
+            ("tokens of conversation sent (monitored model's count), delegated rows", self.expert_tokens),
+            ("the same, control-sample rows", self.control_tokens),
             ("cut to the judge's context", self.expert_truncated),
         ]
         drift = [

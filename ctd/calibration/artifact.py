@@ -109,17 +109,18 @@ class Reference:
 
 def load_reference(calibration_uri: str, artifact: CalibrationArtifact, threshold: float) -> Reference | None:
     """:class:`Reference` from the ``calibration_scores.parquet`` beside ``calibration.json``, checked
-    against the hash the artifact records (None when it is not there: the artifact alone was copied).
+    against the hash the artifact records (None when it is not there, the artifact alone was copied, or
+    when the artifact records no hash).
     Raises :class:`ArtifactError` when the file is there but is not the one the calibration used."""
     from ..tables import read_parquet
     from .calibrator import CalibrationScores
 
     folder = calibration_uri[: -len("calibration.json")] if calibration_uri.endswith("calibration.json") else calibration_uri
     uri = storage.join(folder.rstrip("/") or ".", "calibration_scores.parquet")
-    if not storage.exists(uri):
-        return None
+    if not storage.exists(uri) or artifact.provenance.get("scores_hash") is None:
+        return None  # the artifact alone was copied, or it records no scores table: no yardstick to trust
     scores = CalibrationScores.from_table(read_parquet(uri), uri)
-    if artifact.provenance.get("scores_hash") not in (None, scores.hash()):
+    if artifact.provenance.get("scores_hash") != scores.hash():
         raise ArtifactError(f"{uri} is not the scores table the calibration {artifact.hash[:12]} was made from (hash differs)")
     probe, judge = scores.probe >= threshold, scores.expert >= threshold
     groups = {}

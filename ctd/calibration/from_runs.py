@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
+from ..audit.results import answered
 from ..config import ConfigError, JobConfig
 from ..hashing import digest
 from ..log import log
@@ -43,6 +44,7 @@ ASSUMPTION = (
     "nights that differ from each other, or a trend across them, break it"
 )
 _CONTROL = ["id", "group", "probe", "dv", "expert"]
+_READ = [*_CONTROL, "control", "delegated", "expert_status"]
 
 
 def _exceed(batch: pa.Table, grid: np.ndarray) -> pa.Table:
@@ -51,9 +53,20 @@ def _exceed(batch: pa.Table, grid: np.ndarray) -> pa.Table:
     return pa.table({"n": [d.size], "k": pa.array([k.tolist()], pa.list_(pa.int64()))})
 
 
-def _judged_control(batch: pa.Table) -> pa.Table:
-    keep = pc.and_(pc.fill_null(batch.column("control"), False), pc.is_valid(batch.column("expert")))
-    return batch.filter(keep).select(_CONTROL)
+def _judged_control(batch: pa.Table, day: str) -> pa.Table:
+    """The control rows with a usable verdict (a failed call or one without a label token is no verdict),
+    their ids prefixed by the day (an id may recur on another night)."""
+    keep = np.asarray(pc.fill_null(batch.column("control"), False).to_numpy(zero_copy_only=False), dtype=bool)
+    t = batch.filter(pa.array(keep & answered(batch))).select(_CONTROL)
+    return t.set_column(0, "id", pc.binary_join_element_wise(pa.scalar(day), t.column("id"), "/"))
+
+
+def _has_control(uri: str) -> bool:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return "control" in pq.read_schema(f).names
 
 
 def recalibrate_from_runs(cfg: JobConfig, output: str, nights: int = 7, dest: str | None = None) -> CalibrationArtifact:
@@ -76,8 +89,9 @@ def recalibrate_from_runs(cfg: JobConfig, output: str, nights: int = 7, dest: st
     for g in h.gaps:
         log(f"recalibration: night {g.audited_date or '?'} ({g.run_id}) cannot be read and is left out: {g.reason}")
     runs = [RunFolder.open(run_folder(output, n["run_id"])) for n in h.nights]
-    files = [r.path(e) for r in runs for e in r.manifest.files.get("results", [])]
     days = [n["audited_date"] for n in h.nights]
+    by_day = {d: [r.path(e) for e in r.manifest.files.get("results", [])] for d, r in zip(days, runs)}
+    files = [f for fs in by_day.values() for f in fs]
     log(f"recalibration: d(x) of every scored row of {len(days)} night(s) ({days[0]} … {days[-1]}), {len(files)} file(s)")
     init_ray(cfg.ray)
     grid = np.asarray(current.result.grid, dtype=float)
@@ -86,8 +100,12 @@ def recalibrate_from_runs(cfg: JobConfig, output: str, nights: int = 7, dest: st
     for row in per_block.iter_rows():  # one row per block, never per conversation
         n += int(row["n"])
         k += np.asarray(row["k"], dtype=np.int64)
-    control = read(files, [*_CONTROL, "control"]).map_batches(_judged_control, batch_format="pyarrow", batch_size=None)
-    parts = [t for t in control.iter_batches(batch_format="pyarrow") if t.num_rows]  # π × N rows at most
+    parts = []  # the control rows: about π × N a night (nights from before the control sample have none)
+    for day, fs in by_day.items():
+        fs = [f for f in fs if _has_control(f)]
+        if fs:
+            ds = read(fs, _READ).map_batches(_judged_control, fn_kwargs={"day": day}, batch_format="pyarrow", batch_size=None)
+            parts += [t for t in ds.iter_batches(batch_format="pyarrow") if t.num_rows]
     ctrl = pa.concat_tables(parts) if parts else None
     cal = cfg.calibration
     cascade = Cascade(cfg.cascade, cfg.decision_threshold)
@@ -135,6 +153,7 @@ def recalibrate_from_runs(cfg: JobConfig, output: str, nights: int = 7, dest: st
         prov["scores_hash"] = scores.hash()
     art = CalibrationArtifact(result, prov)
     dest = dest or storage.join(output, "calibration-from-runs")
+    storage.remove(storage.join(dest, "calibration_scores.parquet"))  # never a stale yardstick beside a new artifact
     uris = write_calibration(dest, art, scores.dv if scores is not None else None)
     if scores is not None:  # the quality alarms' reference: the control rows, the judge's verdict as the label
         write_parquet(storage.join(dest, "calibration_scores.parquet"), scores.table())

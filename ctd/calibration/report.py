@@ -126,13 +126,14 @@ def explain(r: CalibrationResult) -> list[str]:
         q = night_count_bound(r.alpha, NIGHT_ROWS, NIGHT_EPSILON)
         return [
             f"Tomorrow's threshold is λ* = {r.lambda_hat:.4g} on the DV score: a conversation goes to the judge when its DV score is above it.",
-            f"On traffic like these {r.n:,} calibration rows, the rate at which conversations go to the judge is at most "
-            f"α = {pct(r.alpha)}, with probability at least 1 − δ = {pct(1 - r.delta)} over the draw of the calibration rows; "
-            f"on the calibration rows λ* sent {r.budget_risk[i]:.1%}.",
+            f"On traffic like these {r.n:,} calibration rows, the rate at which conversations are delegated to the judge (DV "
+            f"score above λ*) is at most α = {pct(r.alpha)}, with probability at least 1 − δ = {pct(1 - r.delta)} over the draw "
+            f"of the calibration rows; on the calibration rows λ* delegated {r.budget_risk[i]:.1%}.",
             f"That bounds a rate, not a night's count, which can exceed α·N by chance: a night of {NIGHT_ROWS:,} conversations "
-            f"sends at most {q:,} to the judge with probability at least {pct(1 - r.delta - NIGHT_EPSILON)} (1 − δ − "
+            f"delegates at most {q:,} with probability at least {pct(1 - r.delta - NIGHT_EPSILON)} (1 − δ − "
             f"{NIGHT_EPSILON:g}: the rate guarantee and the {pct(1 - NIGHT_EPSILON)} binomial quantile, conversations drawn "
-            "independently). Only audit.budget_cap bounds a night's bill outright.",
+            "independently). Only audit.budget_cap bounds a night's delegated calls outright; the audit's control sample "
+            "(audit.control_share, at most audit.control_ceiling rows) goes to the judge on top of them.",
             f"{r.certified_count:,} of the {len(r.grid):,} thresholds on the grid were certified (from {cert.min():.4g} to {cert.max():.4g}); "
             + (
                 "λ* is the certified one that does best on the performance risk (" + str(r.risk) + ")."

@@ -312,7 +312,10 @@ def ppi_mean_from_sums(
         return _empty(level, "no rows: nothing to estimate")
     mean_f = float(sum_f) / big_n
     var_f = float(sum_f2) / big_n - mean_f**2
-    if not (-1e-9 <= mean_f <= 1 + 1e-9 and var_f >= -1e-9 and float(sum_f2) <= float(sum_f) * (1 + 1e-9) + 1e-9):
+    # the sums may come from a fixed-point tally (1e-6, rounded once per block: ctd/audit/facts.py), so each is
+    # off by at most 0.5e-6 per block, at most n_all blocks: the mean by ≤ 0.5e-6 and the variance by ≤ 1.5e-6
+    tol = 1e-6
+    if not (-tol <= mean_f <= 1 + tol and var_f >= -2 * tol and float(sum_f2) <= float(sum_f) + tol * big_n + 1e-9):
         raise ValueError("sum_f and sum_f2 are not the sums of values in [0, 1] over n_all rows")
     var_f = max(var_f, 0.0) * big_n / (big_n - 1) if big_n > 1 else 0.0
     k = int(y.sum())
@@ -786,14 +789,15 @@ def group_rate_alarm(
     level: float = DEFAULT_LEVEL,
     reference: Mapping[Hashable, tuple[int, int]] | None = None,
 ) -> Alarm:
-    """Groups delegating significantly more than their yardstick tonight: exact one-sided binomial
-    p-values P(Binom(rows, r_g) >= delegated), Holm across the groups with rows. The yardstick r_g is
-    α, or, given the calibration rows' (delegated, rows) per group in ``reference``, max(α, the
-    group's calibration rate's Clopper-Pearson upper bound): λ* bounds only the overall rate, so a
-    group the DV probe rightly sends more of (one the probe errs on) is not news; a group that sends
-    more than α *and* more than it did in calibration is. With a reference the level is split: level/2
-    for the bounds (Bonferroni over the groups), level/2 for Holm tonight. ``statistic`` is the
-    smallest Holm-adjusted p-value (m · smallest p); ``flagged`` the groups Holm rejects."""
+    """Groups delegating significantly more than α tonight: exact one-sided binomial p-values
+    P(Binom(rows, α) >= delegated), Holm across the groups with rows. Given the calibration rows'
+    (delegated, rows) per group in ``reference``, a group must also delegate significantly more than
+    it did in calibration: its p-value is the larger of the binomial one and the one-sided Fisher exact
+    p-value against its calibration count (an intersection-union test, valid when its rate is at most
+    α *or* at most its calibration rate). λ* bounds only the overall rate, so a group the DV probe
+    rightly sends more of (one the probe errs on) is not news; one that sends more than both is.
+    ``statistic`` is the smallest Holm-adjusted p-value (m · smallest p); ``flagged`` the groups Holm
+    rejects."""
     alpha = check_level(alpha, "alpha", scalar=True)
     level = check_level(level, "level", scalar=True)
     if isinstance(delegated_by_group, Mapping):
@@ -812,43 +816,40 @@ def group_rate_alarm(
     has = n > 0
     m = int(has.sum())
     ref = {k: v for k, v in (reference or {}).items() if v[1] > 0}
-    test_level = level / 2 if ref else level
-    yard = np.full(d.shape, alpha)
-    for i, k in enumerate(keys):
-        if k in ref and m:
-            yard[i] = max(alpha, float(binomial_ucb(int(ref[k][0]), int(ref[k][1]), level / (2 * m))))
     bound = (
         f"When every group's delegation rate is at most α = {alpha:g}"
-        + (" or its calibration rate, whichever is larger" if ref else "")
+        + (" or at most its calibration rate" if ref else "")
         + f", this fires with probability <= {level:g} per night (family-wise over the groups, Holm; rows independent "
         "within a group" + ("; the calibration rows a uniform sample of their groups" if ref else "") + ")."
     )
     if not has.any():
         return Alarm(False, 1.0, level, "no rows in any group: nothing to test", bound)
-    hy = yard[has]
-    pv = np.asarray(binomial_upper_pvalue(d[has], n[has], hy), dtype=float)
-    rej = holm(pv, test_level)
-    stat = float(min(1.0, m * pv.min()))
+    pv = np.asarray(binomial_upper_pvalue(d[has], n[has], alpha), dtype=float)
     hk = [k for k, h in zip(keys, has) if h]
-    flagged = tuple(hk[i] for i in np.flatnonzero(rej))
     hd, hn = d[has], n[has]
-    than = "α" + (" and its calibration rate" if ref else "")
+    cal = [ref.get(k) for k in hk]
+    for i, c in enumerate(cal):
+        if c is not None:
+            pv[i] = max(pv[i], float(fisher_greater_pvalue(hd[i], hn[i], c[0], c[1])))
+    rej = holm(pv, level)
+    stat = float(min(1.0, m * pv.min()))
+    flagged = tuple(hk[i] for i in np.flatnonzero(rej))
+    than = "α" + (" and than in calibration" if ref else "")
+
+    def said(i: int) -> str:
+        c = cal[i]
+        was = f", {c[0] / c[1]:.1%} of {c[1]:,} in calibration" if c is not None else ""
+        return f"{hk[i]} ({hd[i] / hn[i]:.1%} of {hn[i]:,} rows{was}, p = {pv[i]:.2g})"
+
     if flagged:
-        parts = ", ".join(
-            f"{k} ({hd[i] / hn[i]:.1%} of {hn[i]:,} rows against {hy[i]:.1%}, p = {pv[i]:.2g})"
-            for i, k in enumerate(hk)
-            if k in set(flagged)
-        )
+        parts = ", ".join(said(i) for i, k in enumerate(hk) if k in set(flagged))
         msg = (
             f"{len(flagged)} of {m} groups delegate more than {than} (α = {alpha:.1%}): {parts}. λ* certifies only the "
             "overall rate, so this flags the group for a look, not a broken guarantee"
         )
     else:
-        msg = (
-            f"no group delegates significantly more than {than} (α = {alpha:.1%}; smallest Holm-adjusted p = {stat:.2g} > "
-            f"{test_level:g})"
-        )
-    return Alarm(bool(flagged), stat, test_level, msg, bound, flagged)
+        msg = f"no group delegates significantly more than {than} (α = {alpha:.1%}; smallest Holm-adjusted p = {stat:.2g} > {level:g})"
+    return Alarm(bool(flagged), stat, level, msg, bound, flagged)
 
 
 def prevalence_alarm(k_night: int, n_night: int, k_trailing: int, n_trailing: int, level: float = DEFAULT_LEVEL) -> Alarm:
