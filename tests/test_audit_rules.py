@@ -253,8 +253,14 @@ def test_review_candidates_and_order():
     final, ids = res.column("final").to_numpy(), np.array(res.column("id").to_pylist())
     dec = res.column("decision").to_numpy(zero_copy_only=False)
     ok = answered(res)
-    for which, mask, key in (("flagged", dec, final), ("disagreement", ok & ((probe >= 0.5) != dec), np.abs(final - probe))):
-        want = ids[mask][np.lexsort((ids[mask], -key[mask]))][:25].tolist()
+    lists = (
+        ("flagged", dec, final),
+        ("missed", ok & (probe < 0.5) & dec, np.abs(final - probe)),
+        ("false_alarm", ok & (probe >= 0.5) & ~dec, np.abs(final - probe)),
+    )
+    for which, mask, key in lists:
+        assert mask.sum() > 25, which
+        want = ids[mask][np.lexsort((ids[mask], -probe[mask], -key[mask]))][:25].tolist()
         halves = [rv.top(25, rv.candidates(res.slice(k, 1500), which)) for k in (0, 1500)]
         assert rv.top(25, *halves).column("id").to_pylist() == want, which  # merged per-block tops = the full sort
     q = pa.table(

@@ -220,9 +220,14 @@ def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
     d = res.to_pydict()
     final, probe, ids = np.array(d["final"]), np.array(d["probe"]), np.array(d["id"])
     dec = np.array(d["decision"])
-    usable = np.array(d["delegated"]) & np.array([s == "ok" for s in d["expert_status"]])
-    for which, mask, key in (("flagged", dec, final), ("disagreement", usable & ((probe >= 0.5) != dec), np.abs(final - probe))):
-        order = np.lexsort((ids[mask], -key[mask]))[:30]
+    usable = (np.array(d["delegated"]) | np.array(d["control"])) & np.array([s == "ok" for s in d["expert_status"]])
+    lists = (
+        ("flagged", dec, final),
+        ("missed", usable & (probe < 0.5) & dec, np.abs(final - probe)),
+        ("false_alarm", usable & (probe >= 0.5) & ~dec, np.abs(final - probe)),
+    )
+    for which, mask, key in lists:
+        order = np.lexsort((ids[mask], -probe[mask], -key[mask]))[:30]
         want = ids[mask][order].tolist()
         assert len(want) == 30
         local = ray.data.read_parquet(files, override_num_blocks=100).map_batches(
@@ -232,8 +237,8 @@ def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
         assert got == want, which
     r = rv.review(files, [str(q)], [], 30, Cascade(), excerpt_chars=0)
     assert r.schema == rv.REVIEW_SCHEMA
-    counts = {w: r.filter(pc.equal(r.column("list"), w)).num_rows for w in ("flagged", "disagreement", "quarantined")}
-    assert counts == {"flagged": 30, "disagreement": 30, "quarantined": 2}
+    counts = {w: r.filter(pc.equal(r.column("list"), w)).num_rows for w in ("flagged", "missed", "false_alarm", "quarantined")}
+    assert counts == {"flagged": 30, "missed": 30, "false_alarm": 30, "quarantined": 2}
     assert sorted(r.filter(pc.equal(r.column("list"), "quarantined")).column("reason").to_pylist()) == [
         "empty text",
         "malformed JSON (x)",
@@ -250,7 +255,8 @@ def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
         e.startswith(f"text of {i}") and len(e) == 20 and e.endswith("…")
         for i, e in zip(fl.column("id").to_pylist(), fl.column("excerpt").to_pylist())
     )
-    assert rv.review(files, [], [str(s1)], 5, Cascade(), excerpt_chars=0).column("excerpt").null_count == 10  # excerpts off
+    off = rv.review(files, [], [str(s1)], 5, Cascade(), excerpt_chars=0)  # excerpts off: 5 rows in each of the 4 lists
+    assert off.num_rows == 20 and off.column("excerpt").null_count == 20
 
 
 def test_facts_reduce_many_blocks_as_a_tree(ray_head):

@@ -142,7 +142,8 @@ def test_report_leads_with_the_answer_and_lists_what_to_review(audited):
     rv = read_parquet(run_file(out, "night-1", "review.parquet"))
     assert report.review_rows == rv.num_rows
     flagged = rv.filter(pc.equal(rv.column("list"), "flagged"))
-    top = np.lexsort((d["id"][d["decision"]], -d["final"][d["decision"]]))[: cfg.audit.review_rows]
+    m = d["decision"]  # the final score first, then the probe's (the judge's scores tie at 0 and 1), then the id
+    top = np.lexsort((d["id"][m], -d["probe"][m], -d["final"][m]))[: cfg.audit.review_rows]
     assert flagged.column("id").to_pylist() == d["id"][d["decision"]][top].tolist() and flagged.num_rows == cfg.audit.review_rows
     ex = flagged.column("excerpt").to_pylist()
     assert all(e and len(e) <= cfg.audit.excerpt_chars for e in ex)

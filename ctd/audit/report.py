@@ -26,8 +26,10 @@ from ..stats.quality import Estimate
 __all__ = ["StageTiming", "AuditReport", "show_report", "REVIEW_LISTS"]
 
 REVIEW_LISTS = {  # list name: what it holds, in what order (descending; ties by id)
-    "flagged": "flagged unsafe, highest final score first",
-    "disagreement": "the judge overruled the probe, largest change of score first",
+    "flagged": "flagged unsafe, highest final score first (the judge's P(unsafe) where it judged, else the probe's), "
+    "then the probe's score",
+    "missed": "the judge calls unsafe what the probe alone would have passed, largest change of score first",
+    "false_alarm": "the probe flagged what the judge calls safe, largest change of score first",
     "control": "the control sample: rows where the judge disagrees with the probe, largest change first",
 }
 
@@ -101,7 +103,7 @@ class AuditReport(BaseModel):
         description="tokens of the delegated rows as the monitored model counts them, up to its "
         "context: a lower bound of what the judge reads"
     )
-    review_rows: int = Field(0, description="rows in review.parquet (flagged, disagreements, quarantined)")
+    review_rows: int = Field(0, description="rows in review.parquet (flagged, misses, false alarms, control, quarantined)")
     groups: list[dict] = Field(default_factory=list)
     stages: list[StageTiming]
     resumed: dict = Field(default_factory=dict)
@@ -509,7 +511,8 @@ QUALITY_ALARMS = {  # name: (what it is, what to do)
 
 
 def _review_html(review) -> str:
-    """The review list as tables: flagged rows, disagreements, quarantined rows."""
+    """The review list as tables: flagged rows, the probe's misses, its false alarms, the control sample's
+    disagreements, quarantined rows."""
     if review is None or not review.num_rows:
         return (
             "<p>Nothing to review (no row was flagged, judged against the probe or quarantined), or the review list is off "

@@ -1,7 +1,8 @@
 """The review list: the rows a person should look at first, found by a distributed top-k.
 
-    flagged         flagged unsafe, highest final score first
-    disagreement    the judge overruled the probe, largest change of score first
+    flagged         flagged unsafe, highest final score first, then the probe's score
+    missed          the judge calls unsafe what the probe alone would have passed, largest change first
+    false_alarm     the probe flagged what the judge calls safe, largest change first
     control         the same on the control sample: rows the probe decided alone and got wrong
     quarantined     a sample of the quarantined rows, spread over the reasons
 
@@ -49,22 +50,29 @@ _TOP_COLUMNS = ["id", "group", "probe", "dv", "expert", "final", "decision", "de
 
 
 def candidates(batch: pa.Table, which: str, cascade: Cascade = Cascade()) -> pa.Table:
-    """The rows of a batch of results that belong in list ``which``, with their sort ``key``."""
+    """The rows of a batch of results that belong in list ``which``, with their sort keys ``key`` and
+    ``key2`` (the probe's score: it varies where the judge's scores tie, e.g. at 1)."""
     f = lambda c: pc.fill_null(pc.cast(batch.column(c), pa.float64()), np.nan).to_numpy(zero_copy_only=False)  # noqa: E731
     dec = np.asarray(batch.column("decision").to_numpy(zero_copy_only=False), dtype=bool)
+    probe_says = cascade.decide(f("probe"))
     if which == "flagged":
         mask, key = dec, f("final")
     else:  # the judge's verdict differs from the probe's: on any judged row, or on the control sample's
-        mask, key = answered(batch) & (cascade.decide(f("probe")) != dec), np.abs(f("final") - f("probe"))
-        if which == "control":
+        mask, key = answered(batch) & (probe_says != dec), np.abs(f("final") - f("probe"))
+        if which == "missed":
+            mask &= dec
+        elif which == "false_alarm":
+            mask &= ~dec
+        elif which == "control":
             mask &= np.asarray(pc.fill_null(batch.column("control"), False).to_numpy(zero_copy_only=False), dtype=bool)
-    return batch.select(_TOP_COLUMNS).filter(pa.array(mask)).append_column("key", pa.array(key[mask], pa.float64()))
+    t = batch.select(_TOP_COLUMNS).filter(pa.array(mask)).append_column("key", pa.array(key[mask], pa.float64()))
+    return t.append_column("key2", pa.array(f("probe")[mask], pa.float64()))
 
 
 def top(k: int, *tables: pa.Table) -> pa.Table:
-    """The first ``k`` rows by ``key`` descending, ties by id."""
+    """The first ``k`` rows by ``key`` descending, then ``key2`` descending, then id."""
     t = pa.concat_tables(tables)
-    return t.take(pc.sort_indices(t, sort_keys=[("key", "descending"), ("id", "ascending")])[:k])
+    return t.take(pc.sort_indices(t, sort_keys=[("key", "descending"), ("key2", "descending"), ("id", "ascending")])[:k])
 
 
 def top_per_list(k: int, *tables: pa.Table) -> pa.Table:
@@ -102,7 +110,7 @@ def _top_rows(results: list[str], k: int, cascade: Cascade) -> pa.Table | None:
         _candidates_of_every_list, fn_kwargs={"k": k, "cascade": cascade}, batch_format="pyarrow", batch_size=None
     )
     t = tree_reduce(local.to_arrow_refs(), lambda *ts: top_per_list(k, *ts))
-    return t.drop_columns(["key"]) if t is not None else None
+    return t.drop_columns(["key", "key2"]) if t is not None else None
 
 
 def _lookup(batch: pa.Table, ids: list[str]) -> pa.Table:
