@@ -392,7 +392,15 @@ def write(kind: str, r: dict, out: str) -> None:
         ("AUROC by budget (mean over splits)", html_table(rows)),
         ("Claims", f"<pre>{json.dumps(c, indent=2)}</pre>"),
     ]
-    write_report(out, f"replication_{kind}", r, html_page(f"CTD replication: {kind} expert{tag}", sections, figs), figs)
+    captions = {
+        f"replication_{kind}_auroc": "The cascade's AUROC on the test rows at each budget α, per method (mean ± sd over the splits)",
+        f"replication_{kind}_accuracy": "The cascade's accuracy on the test rows at each budget α, per method (mean ± sd over the splits)",
+        f"replication_{kind}_rate": "The share of test rows each calibrated method actually sent to the expert, against the budget α",
+        f"replication_{kind}_violations": "How often a calibration sent more than α of the population to the expert, against δ",
+        f"replication_{kind}_topk_value": "The mean delegation value v of the rows each signal ranks first, by the share delegated",
+    }
+    page = html_page(f"CTD replication: {kind} expert{tag}", sections, figs, captions)
+    write_report(out, f"replication_{kind}", r, page, figs)
     log(f"wrote {out}/replication_{kind}.json and .html")
 
 

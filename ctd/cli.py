@@ -5,6 +5,8 @@
     ctd report show URI_OR_DIR             print a report's summary
     ctd report verify RUN_URI [--corpus URI]   check a published run (manifest, files, counts, duplicates, every corpus id once)
     ctd monitor calibrate ...              calibrate an online alarm threshold (see `ctd monitor calibrate -h`)
+    ctd plan --rows N [--config C] [--calibration URI] [--budget-gpu-hours B | --budget-money M]
+                                           the judge pool a night needs, and the largest α a budget allows
 
 Bad input (unreadable or malformed files, missing columns, NaN, labels not 0/1, probabilities
 outside [0, 1], levels outside (0, 1), a config error) prints one line starting with "error:" and
@@ -107,6 +109,114 @@ def _cmd_calibrate(args) -> int:
     print(f"calibration artifact: {uris['artifact']}")
     print(f"report: {uris['html']}")
     return 0
+
+
+def _positive_float(name):
+    def parse(s: str) -> float:
+        try:
+            v = float(s[:-1]) * {"h": 3600, "m": 60, "s": 1}[s[-1]] if s and s[-1] in "hms" else float(s)
+        except ValueError:
+            v = float("nan")
+        if not v > 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a positive number, got {s!r}")
+        return v
+
+    return parse
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Print (or --json) the night's plan at the calibrated α; exit 1 when the quota cannot meet it."""
+    import json
+
+    from .calibration.artifact import load_calibration
+    from .calibration.plan import EPSILON, Pool, largest_alpha, plan_night
+
+    v = None
+    control_share, calibration = 0.0, args.calibration
+    if args.config:
+        from .config import load_config
+
+        cfg = load_config(args.config)
+        v = cfg.expert.vllm if cfg.expert.kind == "vllm" else None
+        if cfg.audit is not None:
+            control_share, calibration = cfg.audit.control_share, calibration or cfg.audit.calibration
+    if calibration is None:
+        raise UsageError("ctd plan needs --calibration (or --config with audit.calibration)")
+
+    def pick(flag, from_config, what):
+        if flag is not None:
+            return flag
+        if from_config is not None:
+            return from_config
+        raise UsageError(f"ctd plan needs {what} (or --config with a vllm expert that sets it)")
+
+    pool = Pool(
+        rows_per_second=pick(args.rows_per_second, v and v.rows_per_second_per_replica, "--rows-per-second"),
+        gpus_per_replica=pick(args.gpus_per_replica, v and v.tensor_parallel_size * v.num_gpus_per_replica, "--gpus-per-replica"),
+        window_s=pick(args.window, v and v.target_wall_seconds, "--window"),
+        quota=args.quota if args.quota is not None else (v.max_replicas if v is not None else None),
+        gpu_hour_price=args.gpu_hour_price if args.gpu_hour_price is not None else (v.gpu_hour_price if v else None),
+    )
+    if args.control_share is not None:
+        control_share = args.control_share
+    art = load_calibration(calibration)
+    cal = art.result
+    plan = plan_night(args.rows, cal.alpha, cal.delta, pool, control_share=control_share, cal=cal, lambda_star=art.threshold)
+    calls_for = lambda gpu_hours: gpu_hours / pool.gpus_per_replica * 3600 * pool.rows_per_second  # noqa: E731
+    limit = None
+    if args.budget_money is not None:
+        if pool.gpu_hour_price is None:
+            raise UsageError("--budget-money needs a price: --gpu-hour-price, or expert.vllm.gpu_hour_price in the config")
+        limit = ("the budget " + _money(args.budget_money), calls_for(args.budget_money / pool.gpu_hour_price))
+    elif args.budget_gpu_hours is not None:
+        limit = (f"the budget of {args.budget_gpu_hours:,.1f} GPU-hours", calls_for(args.budget_gpu_hours))
+    elif pool.quota is not None:
+        limit = (f"the quota of {pool.quota} replicas in the {pool.window_s / 3600:g} h window", pool.calls_in(pool.quota))
+    inverse = largest_alpha(args.rows, limit[1], cal.delta, pool, control_share=control_share, cal=cal) if limit else None
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "limit": limit and limit[0], "largest_alpha": inverse and inverse.to_dict()}))
+    else:
+        print("\n".join(_plan_lines(plan, pool, art, inverse, limit and limit[0], EPSILON)))
+    return 0 if plan.fits else 1
+
+
+def _money(x: float) -> str:
+    return f"{x:,.2f}"
+
+
+def _plan_lines(plan, pool, art, inverse, limit: str | None, eps: float) -> list[str]:
+    cal = art.result
+    lam = "never delegate" if art.threshold is None else f"{art.threshold:.4g}"
+    perf = lambda p: "" if p.performance is None else f"; {cal.risk or 'performance'} {p.performance:.3f} on the calibration set"  # noqa: E731
+    price = pool.gpu_hour_price
+    cost = lambda gh, c: f"{gh:,.1f} GPU-hours" + ("" if c is None else f", {_money(c)} at {price:g} a GPU-hour")  # noqa: E731
+    out = [
+        f"A night of {plan.rows:,} conversations with calibration {art.hash[:12]} (α {cal.alpha:g}, δ {cal.delta:g}, "
+        f"λ* {lam}{perf(plan)}):",
+        f"  judge calls: with probability ≥ {1 - cal.delta:.0%} the traffic's delegated rate is at most {cal.alpha:g} (if the "
+        f"night's traffic is like the calibration rows), so the night sends at most {plan.delegated_bound:,} delegated "
+        f"rows with probability ≥ {1 - cal.delta - eps:.0%}, plus "
+        f"{plan.control_calls:,} control rows: {plan.calls:,} calls (only audit.budget_cap bounds a night outright)",
+        f"  pool: {plan.replicas} replica(s) of {pool.gpus_per_replica:g} GPU(s) at {pool.rows_per_second:g} rows/s each "
+        f"judge them in the {pool.window_s / 3600:g} h window",
+        f"  cost: {cost(plan.gpu_hours, plan.cost)} of busy replicas (start-up not counted); every row to the judge "
+        f"instead: {cost(plan.all_judge_gpu_hours, plan.all_judge_cost)}",
+    ]
+    if not plan.fits:
+        out.append(
+            f"REFUSED: the quota is {pool.quota} replicas, {plan.short_by} short of the {plan.replicas} needed; on "
+            f"{pool.quota} the judge stage would take {plan.hours:.1f} h instead of {pool.window_s / 3600:g} h"
+        )
+    if limit and inverse is None:
+        out.append(f"Within {limit}: no α fits (the control sample alone needs {plan.control_calls:,} calls)")
+    elif limit and inverse is not None:
+        lam2 = "never delegates (nothing certified at that α)" if inverse.lambda_star is None else f"λ* {inverse.lambda_star:.4g}"
+        out.append(
+            f"Within {limit}: the largest α is {inverse.alpha:.4f} ({inverse.calls:,} calls, {inverse.replicas} replica(s), "
+            f"{cost(inverse.gpu_hours, inverse.cost)}); recertified on the calibration's {cal.n:,} rows by budget-only "
+            f"LTT it gives {lam2}{perf(inverse)}"
+        )
+    return out
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -253,6 +363,28 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("output", help="the audit output (audit.output)")
     ix.set_defaults(fn=_cmd_index)
 
+    pl = sub.add_parser(
+        "plan", help="the judge pool, GPU-hours and cost a night needs, and the largest α a budget or quota allows"
+    )
+    pl.add_argument("--rows", required=True, type=_positive("--rows"), help="conversations a night")
+    pl.add_argument("--config", default=None, help="a job config: the vllm expert's throughput, GPUs, window, quota, price")
+    pl.add_argument("--calibration", default=None, help="calibration folder or calibration.json (default: audit.calibration)")
+    pl.add_argument(
+        "--rows-per-second", type=_positive_float("--rows-per-second"), default=None, help="one replica's measured rows/s"
+    )
+    pl.add_argument("--gpus-per-replica", type=_positive_float("--gpus-per-replica"), default=None)
+    pl.add_argument(
+        "--window", type=_positive_float("--window"), default=None, help="the judge stage's time: seconds, or 90m, 2h"
+    )
+    pl.add_argument("--quota", type=_positive("--quota"), default=None, help="replicas the cluster can give")
+    pl.add_argument("--gpu-hour-price", type=_positive_float("--gpu-hour-price"), default=None)
+    pl.add_argument("--control-share", type=float, default=None, help="the control sample's share (default: the config's)")
+    budget = pl.add_mutually_exclusive_group()
+    budget.add_argument("--budget-gpu-hours", type=_positive_float("--budget-gpu-hours"), default=None)
+    budget.add_argument("--budget-money", type=_positive_float("--budget-money"), default=None)
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=_cmd_plan)
+
     m = sub.add_parser("monitor", help="online monitoring of step-wise verifier scores")
     ms = m.add_subparsers(dest="monitor_cmd", required=True, parser_class=_Parser)
     mc = ms.add_parser("calibrate", help="calibrate an alarm threshold on labelled trajectories")
@@ -345,6 +477,7 @@ def job_main(
 ) -> int:
     from .config import ConfigError, load_config
     from .model.artifacts import ArtifactError
+    from .pipeline.watchdog import Stopped
     from .runs.lease import EXIT_LEASE_HELD, LeaseHeld, LeaseLost
     from .tables import TableError
 
@@ -363,6 +496,9 @@ def job_main(
     except (LeaseHeld, LeaseLost) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_LEASE_HELD
+    except Stopped as e:  # stuck waiting for resources (1) or past the deadline (6): committed work kept
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     return int(code or 0)
 
 

@@ -108,6 +108,9 @@ class VLLMExpertConfig(Strict):
         None, ge=1, le=MAX_ACTORS, description="the quota: the pool never grows past it (None: no cap)"
     )
     rows_per_second_per_replica: float = Field(20.0, gt=0, description="measured throughput of one replica")
+    gpu_hour_price: float | None = Field(
+        None, gt=0, description="price of one GPU-hour of the judge's pool (optional): `ctd plan` gives costs in it"
+    )
     target_wall_seconds: float = Field(3600.0, gt=0, description="the pool is sized to judge the rows left within this time")
     batch_size: int = Field(16, ge=1, le=1 << 20)
     prompt_actors: int = Field(2, ge=1, le=MAX_ACTORS, description="CPU actors that tokenise and cut the prompts")
@@ -269,6 +272,20 @@ class AuditJob(NightlyJob):
     )
     budget_cap: float | None = Field(None, gt=0, le=1, description="hard cap: at most ceil(cap x rows) expert calls")
     resume: bool = True
+    unschedulable_wait_minutes: float | None = Field(
+        15,
+        gt=0,
+        le=24 * 60,
+        description="a stage whose every actor has waited this long for resources (a full cluster, a node group at "
+        "its quota) stops the night: exit 1, the lease released, a retry resumes (None: wait forever)",
+    )
+    deadline: str | None = Field(
+        None,
+        pattern=r"^(([01][0-9]|2[0-3]):[0-5][0-9]|[0-9]+(\.[0-9]+)?[mh])$",
+        description="stop the night when it has not published by then: a clock time HH:MM in timezone (the next one "
+        "after the job starts) or a duration after the start such as 90m or 2.5h; exit 6, the lease released, "
+        "what was committed kept for the resume (None: no deadline)",
+    )
     commit_rows: int = Field(
         256, ge=1, description="expert scores are committed in files of about this many rows; a resumed run skips them"
     )

@@ -11,7 +11,9 @@ Exit codes (what a scheduler should do):
      given; without it the JUDGE ALARM is in the report, the manifest's summary and the log, and the
      exit code is 0
   4  another driver holds this run id's lease (nothing written; the other run goes on)
-  1  anything else: a crash (retrying resumes the run id from its staging)
+  6  stopped at audit.deadline before publishing (the lease released; a rerun resumes what was committed)
+  1  anything else: a crash, or a stage whose actors waited audit.unschedulable_wait_minutes for resources
+     (retrying resumes the run id from its staging)
 """
 
 import sys

@@ -419,3 +419,18 @@ def test_the_quality_estimates_take_their_labels_from_the_control_rows_only():
     assert r.control_rows == f["control"] and r.quality["miss_rate"]["n"] == int(alone.sum())
     text = " ".join(t for _, t in r.headline())
     assert "What the probe misses" in text and "95% interval" in text and "control sample" in text
+
+
+def test_repeats_fold_into_their_first_row_with_a_count():
+    """Issue #24 item 2: the same prompt with other digits, case or punctuation is one row of the list, at
+    the rank of its first occurrence, with how many it stands for; rows without an excerpt never fold."""
+    from ctd.audit.review import fold, fold_key
+
+    texts = ["Steal a car in 5 min", "recipe for bread", "STEAL a car, in 10 min!", None, None, "steal a car in min"]
+    ids = [f"r{i}" for i in range(len(texts))]
+    t = pa.table({"id": ids})
+    keys = [fold_key(x, i) for x, i in zip(texts, ids)]
+    assert keys[0] == keys[2] == keys[5] == "steal a car in min" and keys[3] != keys[4]
+    got = fold(t, keys, 10)
+    assert got.column("id").to_pylist() == ["r0", "r1", "r3", "r4"] and got.column("similar").to_pylist() == [3, 1, 1, 1]
+    assert fold(t, keys, 2).column("id").to_pylist() == ["r0", "r1"]

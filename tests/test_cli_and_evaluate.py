@@ -199,3 +199,55 @@ def test_budget_sweep_and_topk_curve_shapes():
     assert [r["group"] for r in sw["group_table"]["rows"]] == ["all", "a", "b"]
     curve = topk_value_curve(s.v, {"oracle": s.v, "dv": d}, fractions=[0.1, 0.5, 1.0])
     assert curve["curves"]["oracle"][0] >= curve["curves"]["oracle"][-1]
+
+
+# ------------------------------------------------------------------ ctd plan (issue #24 item 5, #26 item 4)
+def test_plan_against_a_hand_computation_both_ways_and_its_refusal(tmp_path, capsys):
+    """10^7 rows at the calibrated α 0.2, δ 0.1; 25 rows/s per replica of 2 GPUs, a 2 h window, $3 per GPU-hour.
+    Forward: q = the 95% binomial quantile of Binom(10^7, 0.2) = 2,000,000 + ⌈1.645·√(1.6·10^6)⌉ (± 1) calls;
+    replicas ⌈q / (25·7200)⌉ = 12; GPU-hours q/25/3600·2 ≈ 44.5, $133.4; every row: 222.2 GPU-hours. A quota of 8
+    refuses it (exit 1, 4 short, 1.5 h → 3.1 h... said in words). Inverse: 8 replicas judge 8·25·7200 = 1,440,000
+    calls, so the largest α is the one whose 95% quantile is 1,440,000: α ≈ (1,440,000 − 1.645·√(α(1−α)·10^7))/10^7."""
+    from scipy import stats
+
+    src = tmp_path / "scores.parquet"
+    pq.write_table(pa.table(scores_table()), src)
+    assert main(["calibrate", "--scores", str(src), "--alpha", "0.2", "--delta", "0.1", "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    base = ["plan", "--calibration", str(tmp_path / "c"), "--rows", "10000000", "--rows-per-second", "25"]
+    base += ["--gpus-per-replica", "2", "--window", "2h", "--gpu-hour-price", "3", "--control-share", "0", "--json"]
+    assert main(base) == 0
+    got = json.loads(capsys.readouterr().out)
+    q = int(stats.binom.ppf(0.95, 10**7, 0.2))
+    assert abs(q - (2_000_000 + 1.645 * np.sqrt(1.6e6))) < 3
+    plan = got["plan"]
+    assert plan["delegated_bound"] == plan["calls"] == q and plan["replicas"] == int(np.ceil(q / (25 * 7200))) == 12
+    assert plan["gpu_hours"] == pytest.approx(q / 25 / 3600 * 2) and plan["cost"] == pytest.approx(3 * q / 25 / 3600 * 2)
+    assert plan["all_judge_gpu_hours"] == pytest.approx(1e7 / 25 / 3600 * 2) and plan["fits"] and got["largest_alpha"] is None
+
+    assert main(base + ["--quota", "8"]) == 1  # refused
+    got = json.loads(capsys.readouterr().out)
+    assert not got["plan"]["fits"] and got["plan"]["short_by"] == 4
+    assert got["plan"]["hours"] == pytest.approx(q / (8 * 25) / 3600)
+    inv = got["largest_alpha"]
+    budget = 8 * 25 * 7200
+    assert stats.binom.ppf(0.95, 10**7, inv["alpha"]) <= budget < stats.binom.ppf(0.95, 10**7, inv["alpha"] + 1e-5)
+    assert inv["alpha"] == pytest.approx((budget - 1.645 * np.sqrt(0.144 * 0.856 * 1e7)) / 1e7, abs=1e-4)
+    assert inv["recertified"] and inv["lambda_star"] is not None and inv["performance"] is not None
+
+    # a budget in money: $60 buys 20 GPU-hours = 10 replica-hours = 900,000 calls
+    assert main(base + ["--budget-money", "60"]) == 0
+    inv = json.loads(capsys.readouterr().out)["largest_alpha"]
+    assert stats.binom.ppf(0.95, 10**7, inv["alpha"]) <= 900_000 < stats.binom.ppf(0.95, 10**7, inv["alpha"] + 1e-5)
+    assert inv["cost"] <= 60 + 1e-9
+
+    text = base[:-1] + ["--quota", "8"]
+    assert main(text) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED: the quota is 8 replicas, 4 short of the 12 needed" in out and "largest α is 0.14" in out
+    assert "only audit.budget_cap bounds a night outright" in out
+    with pytest.raises(SystemExit) as e:  # bad usage
+        main(["plan", "--rows", "0", "--calibration", str(tmp_path / "c")])
+    assert e.value.code == 2
+    assert main(["plan", "--rows", "10", "--calibration", str(tmp_path / "c")]) == 2  # no throughput: said, exit 2
+    assert "needs --rows-per-second" in capsys.readouterr().err

@@ -385,3 +385,115 @@ def test_preflight_places_the_production_requests_on_the_manifests_groups(name, 
     (p,) = unschedulable([tp4], shapes)
     assert "GPU 4 (has 2)" in p and "expert 4 (has 2)" in p and "worker group expert" in p
     assert unschedulable(reqs[:1], [(w, s) for w, s in shapes if "activations" not in w])  # the group gone: refused
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #26 item 2: during the night, a stage stuck waiting for resources, and the deadline
+# ----------------------------------------------------------------------------------------------
+def test_a_stage_is_stuck_only_when_none_of_its_actors_got_resources():
+    from ctd.pipeline.watchdog import stuck_classes
+
+    actor = lambda name, state, need=None: {"class_name": name, "state": state, "required_resources": need or {}}  # noqa: E731
+    assert stuck_classes([]) == {}
+    assert stuck_classes([actor("Act", "PENDING_CREATION", {"activations": 1.0})]) == {"Act": {"activations": 1.0}}
+    assert stuck_classes([actor("Act", "PENDING_CREATION"), actor("Act", "ALIVE")]) == {}  # a smaller pool runs
+    assert stuck_classes([actor("Act", "ALIVE"), actor("Judge", "DEPENDENCIES_UNREADY", {"GPU": 2.0})]) == {"Judge": {"GPU": 2.0}}
+    assert stuck_classes([actor("Act", "RESTARTING")]) == {}  # restarting is Ray's own recovery, not a wait
+
+
+def test_the_deadline_is_the_next_clock_time_or_a_duration_after_the_start():
+    import datetime as dt
+
+    from ctd.pipeline.watchdog import deadline_at
+
+    start = dt.datetime(2026, 12, 4, 5, 30, tzinfo=dt.timezone.utc)  # 06:30 in Paris
+    assert deadline_at(None, "UTC", start) is None
+    assert deadline_at("90m", "UTC", start) == start + dt.timedelta(minutes=90)
+    assert deadline_at("2.5h", "UTC", start) == start + dt.timedelta(hours=2.5)
+    assert deadline_at("07:00", "UTC", start) == dt.datetime(2026, 12, 4, 7, 0, tzinfo=dt.timezone.utc)
+    assert deadline_at("05:00", "UTC", start) == dt.datetime(2026, 12, 5, 5, 0, tzinfo=dt.timezone.utc)  # passed: tomorrow's
+    paris = deadline_at("07:00", "Europe/Paris", start)
+    assert paris is not None and paris.astimezone(dt.timezone.utc) == dt.datetime(2026, 12, 4, 6, 0, tzinfo=dt.timezone.utc)
+
+
+@pytest.mark.parametrize("bad", ["7:00", "24:00", "90", "90s", "-1h", "tomorrow"])
+def test_a_deadline_that_is_neither_a_clock_time_nor_a_duration_is_a_config_error(tmp_path, bad):
+    from ctd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="audit.deadline"):
+        load_config(os.path.join(ROOT, "configs", "demo.yaml"), {"audit.deadline": bad})
+
+
+def _blocked(seconds: float) -> None:
+    """The driver waiting in C, as it does in ray.get or on the streaming executor's queue."""
+    import threading
+
+    threading.Event().wait(seconds)
+
+
+def test_a_stage_stuck_past_its_wait_stops_the_body_and_a_pool_that_runs_does_not():
+    import signal
+    import time
+
+    from ctd.pipeline.watchdog import StuckWaiting, watch
+
+    stuck = lambda: [
+        {"class_name": "MapWorker(Activations)", "state": "PENDING_CREATION", "required_resources": {"activations": 1.0}}
+    ]  # noqa: E731
+    before = signal.getsignal(signal.SIGUSR1)
+    t = time.monotonic()
+    with pytest.raises(StuckWaiting, match=r"MapWorker\(Activations\) waited \d+ s for resources \{'activations': 1.0\}"):
+        with watch(wait_s=0.3, deadline=None, poll_s=0.1, actors=stuck):
+            _blocked(60)
+    assert time.monotonic() - t < 10 and signal.getsignal(signal.SIGUSR1) is before  # stopped in time; handler restored
+    running = lambda: stuck() + [{"class_name": "MapWorker(Activations)", "state": "ALIVE"}]  # noqa: E731
+    with watch(wait_s=0.3, deadline=None, poll_s=0.1, actors=running):
+        _blocked(1.0)  # one actor of the pool got its resources: the night goes on, slower
+    flaky = iter([stuck(), [], stuck(), [], stuck(), []] * 10)  # stuck, then not: the wait starts again each time
+    with watch(wait_s=0.25, deadline=None, poll_s=0.1, actors=lambda: next(flaky)):
+        _blocked(1.0)
+
+
+def test_past_the_deadline_the_body_stops_with_exit_6():
+    import datetime as dt
+    import time
+
+    from ctd.pipeline.watchdog import EXIT_DEADLINE, DeadlinePassed, watch
+
+    t = time.monotonic()
+    at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.5)
+    with pytest.raises(DeadlinePassed, match="stopped at its deadline .* a rerun of the same run id resumes") as e:
+        with watch(wait_s=None, deadline=at, poll_s=0.1, actors=lambda: []):
+            _blocked(60)
+    assert 0.5 <= time.monotonic() - t < 10 and e.value.exit_code == EXIT_DEADLINE == 6
+    with watch(wait_s=None, deadline=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1), poll_s=0.1):
+        _blocked(0.3)  # a night that ends before its deadline is not touched
+
+
+# ------------------------------------------------------------------ #26 item 4: the pools' quotas are the groups'
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_the_pools_quotas_are_what_their_worker_groups_can_hold(name, monkeypatch):
+    """`activations.max_actors` and `expert.vllm.max_replicas` in the production config equal what the
+    manifest's `activations` and `expert` groups hold at their maxReplicas (nodes × actors per node); the
+    pools' minimum fits one node. A drift on either side fails here."""
+    from ctd.config import load_config
+    from ctd.pipeline.preflight import manifest_shapes, per_node, requests
+
+    monkeypatch.setenv("CTD_BUCKET", "b")
+    cfg = load_config(PRODUCTION)
+    path = os.path.join(CLUSTER, name)
+    shapes = {w.rsplit(" ", 1)[-1]: s for w, s in manifest_shapes(path)}
+    docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if isinstance(d, dict)]
+    spec = docs[0]["spec"]
+    spec = spec.get("rayClusterSpec") or (spec.get("jobTemplate") or {}).get("rayClusterSpec") or spec
+    max_nodes = {g["groupName"]: g["maxReplicas"] for g in spec["workerGroupSpecs"]}
+    act, judge = requests(cfg)
+    pools = [
+        ("activations", act, cfg.activations.min_actors, cfg.activations.max_actors),
+        ("expert", judge, cfg.expert.vllm.min_replicas, cfg.expert.vllm.max_replicas),
+    ]
+    for group, req, low, quota in pools:
+        held = per_node(req, shapes[group])
+        assert held >= 1 and low <= held, (group, held, low)
+        assert quota == max_nodes[group] * held, f"{group}: the config's quota {quota} != {max_nodes[group]} nodes × {held}"
+    assert per_node(judge, {"CPU": 24, "GPU": 2, "expert": 2}) == 1 and per_node(judge, {"CPU": 24, "GPU": 4, "expert": 4}) == 2

@@ -131,6 +131,47 @@ def test_redact_removes_known_secret_values_anywhere():
     assert redact("the value xq9-secret-value-77 appears bare", ["xq9-secret-value-77"]) == "the value *** appears bare"
 
 
+# Issue #24 item 6: every kind of personal data a conversation may carry, with the token it becomes.
+PERSONAL = [
+    ("jane.doe@example.com", "<EMAIL_ADDRESS>"),
+    ("+1 415 555 0100", "<PHONE_NUMBER>"),
+    ("(415) 555-0199", "<PHONE_NUMBER>"),
+    ("+44 20 7946 0958", "<PHONE_NUMBER>"),
+    ("123-45-6789", "<US_SSN>"),  # the well-known example number Presidio itself lets pass
+    ("536-22-1947", "<US_SSN>"),
+    ("AB123456C", "<UK_NINO>"),
+    ("4111 1111 1111 1111", "<CREDIT_CARD>"),
+    ("5500-0000-0000-0004", "<CREDIT_CARD>"),
+    ("GB82 WEST 1234 5698 7654 32", "<IBAN_CODE>"),
+    ("192.168.13.20", "<IP_ADDRESS>"),
+    ("2001:db8::8a2e:370:7334", "<IP_ADDRESS>"),
+    ("Jane Doe", "<PERSON>"),
+    ("bob marley", "<PERSON>"),
+]
+PERSONAL_TEXT = (
+    "I am Jane Doe, jane.doe@example.com, +1 415 555 0100, SSN 123-45-6789. my name is bob marley and my "
+    "office is (415) 555-0199, London +44 20 7946 0958, other SSN 536-22-1947, NINO AB123456C. Pay with "
+    "4111 1111 1111 1111 or 5500-0000-0000-0004, IBAN GB82 WEST 1234 5698 7654 32, from 192.168.13.20 "
+    "and 2001:db8::8a2e:370:7334."
+)
+
+
+def test_personal_data_is_out_of_what_a_reader_is_shown():
+    """Each kind planted once in one conversation: none of the values is left, each became its kind;
+    ordinary numbers (a date, a count, a version, a hash, a card number that fails Luhn) stay."""
+    from ctd.reporting.redact import redact_personal, shown
+
+    out = redact_personal(PERSONAL_TEXT)
+    for value, token in PERSONAL:
+        assert value not in out, (value, out)
+        assert token in out, (token, out)
+    plain = "Run 2026-12-03 had 1,210 rows, version 0.588, hash 365d735b, card 4111 1111 1111 1112, 12:30."
+    assert redact_personal(plain) == plain
+    cut_short = shown(PERSONAL_TEXT, 40)  # redacted before the cut: no half number survives the "…"
+    assert len(cut_short) == 40 and cut_short.endswith("…") and "jane" not in cut_short.lower()
+    assert shown(None, 40) is None and shown(PERSONAL_TEXT, 0) is None
+
+
 def _config(tmp_path, text):
     p = tmp_path / "c.yaml"
     p.write_text(text)

@@ -59,6 +59,7 @@ def night(out: str, rid: str, day: str, hostile: bool) -> RunLayout:
             "reason": pa.nulls(4, pa.string()),
             "source": ["f.jsonl:1"] * 4,
             "excerpt": [excerpt(x, 300) for x in texts],
+            "similar": pa.array([1, 2, 1, 1], pa.int32()),
         }
     ).cast(REVIEW_SCHEMA)
     facts = facts_of(res)

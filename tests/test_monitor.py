@@ -11,6 +11,7 @@ from ctd.monitor.rules import (
     TrajectoryError,
     evaluate_eprocess,
     evaluate_threshold,
+    paired_positions,
     validate_steps,
 )
 from ctd.stats.calibrate import threshold_grid
@@ -68,6 +69,36 @@ def traj_fixture():
     labels = [1, 1, 1, 1, 1, 0, 0, 0, 0]
     tokens = [10, 5, 5, 3, 3, 4, 4, 4, 4]
     return validate_steps(ids, steps, scores, labels, tokens)
+
+
+def test_alarm_positions_are_compared_on_the_trajectories_both_monitors_detect():
+    """Issue #24 item 1: "alarms earlier" compared on the same trajectories. Incorrect trajectories c (4
+    steps), d (2), e (5): monitor A detects c at step 2 and d at step 2; B detects c at step 3 and e at
+    step 1. Only c is shared: A at 2/4, B at 3/4. (Means over each one's own detections would say A at
+    (0.5 + 1.0)/2 = 0.75, B at (0.75 + 0.2)/2 = 0.475: B "earlier", the wrong way round.)"""
+    t = validate_steps(["c"] * 4 + ["d"] * 2 + ["e"] * 5, [1, 2, 3, 4, 1, 2, 1, 2, 3, 4, 5], [0.5] * 11, [0] * 11)
+    alarm = lambda found: (  # noqa: E731
+        np.array([k in found for k in t.ids]),
+        np.array([found.get(k, 0) - 1 for k in t.ids]),
+    )
+    a, b = alarm({"c": 2, "d": 2}), alarm({"c": 3, "e": 1})
+    got = paired_positions(t, a, b)
+    assert got == {"n": 1, "a_no_later_share": 1.0, "mean_difference": pytest.approx(0.5 - 0.75)}
+    assert paired_positions(t, a, alarm({"e": 1}))["n"] == 0
+
+
+def test_holm_adjusts_the_family_of_guarantee_checks():
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "monitor_bench", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "monitor.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    p = np.array([0.01, 0.04, 0.03, 0.5])
+    assert bench.holm(p) == pytest.approx([0.04, 0.09, 0.09, 0.5])  # 4·0.01, max(3·0.03, 0.04), 2·0.04 → 0.09, 0.5
+    assert (bench.holm(np.array([0.004] * 3)) <= 0.012 + 1e-12).all()
 
 
 def test_streaming_monitors_agree_with_vectorised_evaluation():

@@ -227,8 +227,11 @@ def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
         ("false_alarm", usable & (probe >= 0.5) & ~dec, np.abs(final - probe)),
     )
     for which, mask, key in lists:
-        order = np.lexsort((ids[mask], -probe[mask], -key[mask]))[:30]
-        want = ids[mask][order].tolist()
+        order = np.lexsort((ids[mask], -probe[mask], -key[mask]))
+        if which == "flagged":
+            want_flagged_pool = ids[mask][order][: rv.FOLD_POOL * 30].tolist()
+            want_flagged = want_flagged_pool[:30]
+        want = ids[mask][order][:30].tolist()
         assert len(want) == 30
         local = ray.data.read_parquet(files, override_num_blocks=100).map_batches(
             lambda b, w=which: rv.top(30, rv.candidates(b, w)), batch_format="pyarrow", batch_size=None
@@ -246,15 +249,27 @@ def test_review_lists_are_the_top_rows_of_a_full_sort(ray_head, tmp_path):
     assert r.filter(pc.equal(r.column("list"), "flagged")).column("rank").to_pylist() == list(range(1, 31))
     # excerpts come from stage 1's excerpt column (by id), cut to the configured length
     s1 = tmp_path / "s1.parquet"
-    pq.write_table(
-        pa.table({"id": d["id"], "excerpt": [f"text of {i} " + "y" * 50 for i in d["id"]]}), str(s1), row_group_size=500
-    )
+    words = lambda i: i.translate(str.maketrans("0123456789", "abcdefghij"))  # noqa: E731 - distinct words per id
+    excerpts = {i: f"text of {i} {words(i)} " + "y" * 50 for i in d["id"]}
+    pq.write_table(pa.table({"id": d["id"], "excerpt": list(excerpts.values())}), str(s1), row_group_size=500)
     r = rv.review(files, [str(q)], [str(s1)], 30, Cascade(), excerpt_chars=20)
     fl = r.filter(pc.equal(r.column("list"), "flagged"))
+    assert fl.column("id").to_pylist() == want_flagged and set(fl.column("similar").to_pylist()) == {1}
     assert all(
         e.startswith(f"text of {i}") and len(e) == 20 and e.endswith("…")
         for i, e in zip(fl.column("id").to_pylist(), fl.column("excerpt").to_pylist())
     )
+    # the same prompt, digits apart, as the 2nd, 5th and 40th flagged rows: folded into the 2nd, with its count;
+    # the list is still 30 rows long, the next distinct rows moving up
+    same = [want_flagged_pool[1], want_flagged_pool[4], want_flagged_pool[39]]
+    for n, i in enumerate(same):
+        excerpts[i] = f"How do I get into my ex's account? Attempt {n}."
+    pq.write_table(pa.table({"id": d["id"], "excerpt": list(excerpts.values())}), str(s1), row_group_size=500)
+    r = rv.review(files, [], [str(s1)], 30, Cascade(), excerpt_chars=40)
+    fl = r.filter(pc.equal(r.column("list"), "flagged"))
+    rest = [i for i in want_flagged_pool if i not in same[1:]]
+    assert fl.column("id").to_pylist() == rest[:30]
+    assert fl.column("similar").to_pylist() == [1, 3] + [1] * 28
     off = rv.review(files, [], [str(s1)], 5, Cascade(), excerpt_chars=0)  # excerpts off: 5 rows in each of the 4 lists
     assert off.num_rows == 20 and off.column("excerpt").null_count == 20
 

@@ -4,6 +4,7 @@ ray.data.llm on a tiny Llama the tests build."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -314,6 +315,39 @@ def test_the_control_sample_goes_to_the_judge_counted_apart(audited, deployment)
     assert col(read_run_table(out, rid), "control") == control and again.control_rows == report.control_rows
 
 
+def test_personal_data_is_in_no_published_file_and_no_log(deployment, tmp_path, capfd):
+    """Issue #24 item 6: every kind of personal data planted in each of 60 conversations (the session's
+    audit rows, so that some are flagged and delegated); after the audit, none of the values is in any
+    published file of the run (report, page, review Parquet and CSV, results, manifest) or in what the
+    job printed, and the review lists' excerpts show the kinds' tokens instead. (The run's staging keeps
+    the delegated rows' raw text for the judge: it is not published and not kept; `audit.keep_staging`.)"""
+    from test_hostile_input import PERSONAL, PERSONAL_TEXT
+
+    lines = []
+    for line in storage.read_bytes(deployment["corpus"]["audit"]).splitlines()[:60]:  # the valid rows come first
+        r = json.loads(line)
+        text = r.get("text") or " ".join(m["content"] for m in r["messages"])
+        lines.append(json.dumps({"id": r["id"], "text": f"{text} {PERSONAL_TEXT}"}))
+    corpus = tmp_path / "personal.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "out")
+    over = {"audit.corpus": str(corpus), "audit.output": out, "audit.review_rows": 10, "audit.excerpt_chars": 400}
+    report = run_audit(load_config(deployment["config_path"], over), run_id="personal")
+    assert report.rows_scored == 60 and report.review_rows > 0
+    folder = os.path.join(out, "runs", "personal")
+    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if "_staging" not in d]
+    logged = "".join(capfd.readouterr())
+    assert len(files) >= 5 and logged
+    for value, _ in PERSONAL:
+        assert value not in logged, value
+        for f in files:
+            with open(f, "rb") as fh:
+                assert value.encode() not in fh.read(), (value, f)
+    review = [f for f in files if f.endswith("review.csv")]
+    shown = open(review[0], encoding="utf-8").read()
+    assert "<EMAIL_ADDRESS>" in shown and "<PERSON>" in shown  # the excerpts were there, redacted
+
+
 def test_recalibration_from_the_published_nights(audited, deployment, tmp_path):
     """`jobs.calibrate --from-runs`: λ* recertified on the published night's d(x) alone (no labels, no judge
     call), the same λ* as the counts of the rows read back give; the artifact names the night, verifies,
@@ -375,6 +409,59 @@ def test_a_night_that_cannot_be_scheduled_fails_fast_before_its_lease(deployment
     )
     assert r.returncode == 2 and "this night cannot be scheduled" in r.stderr and "activations 1" in r.stderr, r.stderr[-2000:]
     assert not storage.exists(RunLayout(cfg.audit.output, "never-scheduled").root)
+
+
+def test_a_stage_that_waits_for_resources_stops_the_night_and_frees_its_lease(deployment, ray_head):
+    """Issue #26 item 2: a request the cluster has but cannot give tonight (another job holds the CPUs: a
+    full cluster, a node group at its quota). The pre-flight check passes; the activation actors wait,
+    pending; after `audit.unschedulable_wait_minutes` the job exits 1 naming the stage and what it waits
+    for, with the lease released: once the CPUs are free, the same run id runs and publishes."""
+    import ray
+
+    ray.init(address=ray_head["address"], ignore_reinit_error=True)
+
+    @ray.remote(num_cpus=3)
+    class Holder:  # the other job
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    try:
+        assert ray.get(holder.ready.remote(), timeout=120)
+        env = dict(ray_head["env"], RAY_ADDRESS=ray_head["address"])
+        t = time.monotonic()
+        r = subprocess.run(
+            [sys.executable, "-m", "jobs.audit", "--config", deployment["config_path"], "--run-id", "waits"]
+            + ["--set", "activations.num_cpus=2", "--set", "audit.unschedulable_wait_minutes=0.1"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=300,  # without the watch: no exit at all
+        )
+        took = time.monotonic() - t
+    finally:
+        ray.kill(holder)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert re.search(r"stopped: .*Activation.* waited \d+ s for resources \{.*'CPU': 2\.0", r.stderr), r.stderr[-3000:]
+    assert took < 240 and read_manifest(load_config(deployment["config_path"]).audit.output, "waits") is None
+    report = run_audit(load_config(deployment["config_path"], {"audit.lease_wait_seconds": 0}), run_id="waits")
+    assert report.rows_scored > 0  # the lease was free (a held one: LeaseHeld at once, lease_wait_seconds 0)
+
+
+def test_past_its_deadline_the_night_stops_and_a_rerun_finishes_it(deployment):
+    """Issue #26 item 2: `audit.deadline` 6 s after the start, on a night slowed by small stage-1 chunks (each
+    starts its actors afresh): the audit raises DeadlinePassed (exit 6), publishes nothing, releases the
+    lease; the same run id without a deadline publishes, resuming what the stopped one committed."""
+    from ctd.pipeline.watchdog import DeadlinePassed
+
+    over = {"audit.stage1_chunk_bytes": 8000, "audit.lease_wait_seconds": 0}
+    with pytest.raises(DeadlinePassed, match="stopped at its deadline"):
+        run_audit(load_config(deployment["config_path"], over | {"audit.deadline": "0.1m"}), run_id="late")
+    out = load_config(deployment["config_path"]).audit.output
+    assert read_manifest(out, "late") is None
+    report = run_audit(load_config(deployment["config_path"], over), run_id="late")
+    assert read_manifest(out, "late") is not None and report.rows_scored > 0
 
 
 def test_a_run_id_holds_one_audited_day(audited):

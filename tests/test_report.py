@@ -143,7 +143,8 @@ def test_report_history_in_the_terminal(nights, capsys):
     assert out[1].split()[:2] == ["night", "run"]
     rows = out[2:]
     assert len(rows) == 2 and rows[0].startswith("2026-11-21") and "9.70%" in rows[0] and "97" in rows[0].split()
-    assert rows[1].startswith("2026-11-23") and "14.00%" in rows[1] and rows[1].endswith("150 / 100 ALARM")
+    assert rows[1].startswith("2026-11-23") and "14.00%" in rows[1]
+    assert rows[1].endswith("ALARM: the delegation rate has drifted up (e-detector 150, alarm at 100)")
     assert history_text(History()) == "no published audit runs"
 
 
@@ -354,6 +355,15 @@ def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
     assert "a night of 10,000 conversations delegates at most 2,066 with probability at least 85%" in words[2]
     assert "Only audit.budget_cap bounds a night's delegated calls outright" in words[2] and "control sample" in words[2]
     assert f"{art.result.certified_count:,} of the 1,001 thresholds" in words[3]
+    # the probe alone, the judge alone and the cascade in one sentence, read off the calibration's own curve
+    r = art.result
+    perf = 1 - np.asarray(r.performance_risk)
+    i = int(np.searchsorted(r.grid, r.lambda_hat))
+    (compare,) = [w for w in words if w.startswith("On the calibration rows, accuracy")]
+    assert f"the cascade at λ* {perf[i]:.3f} with {r.budget_risk[i]:.1%} of rows sent" in compare
+    assert f"{perf[-1]:.3f}" in compare and f"{perf[0]:.3f}" in compare
+    worse = "worse" if perf[0] < perf[-1] else "better" if perf[0] > perf[-1] else "no better"
+    assert f"The judge alone is {worse} than the probe alone" in compare
     # too few rows: nothing certified, and how many would do
     small = fit(synthetic_scores(12, seed=1), alpha=0.2, delta=0.1)
     assert not small.result.delegates
@@ -437,3 +447,24 @@ def test_the_holm_failure_message_counts_at_the_level_holm_tests():
     assert not r.delegates and (exceedance_counts(d, g) == 0).any()
     assert "(1-α)^n > δ/1001" in r.message and f"at least {min_certifiable_n(0.05, 0.1 / 1001)} are needed" in r.message
     assert min_certifiable_n(0.05, 0.1 / 1001) == 180
+
+
+def test_every_figure_on_a_page_has_a_caption_in_words():
+    """Issue #24 item 3: a page refuses a figure without a caption (no file name such as "dv_histogram" under
+    a plot); the calibration report's and the audit report's figures all have one."""
+    from ctd.audit.report import FIGURE_CAPTIONS
+    from ctd.reporting.pages import html_page
+
+    with pytest.raises(ValueError, match="figures without a caption: \\['dv_histogram'\\]"):
+        html_page("t", [], {"dv_histogram": b"x"})
+    page = html_page("t", [], {"dv_histogram": b"x"}, {"dv_histogram": "How the values spread"})
+    assert "<figcaption>How the values spread</figcaption>" in page
+    assert set(FIGURE_CAPTIONS) == {"dv_histogram", "score_histogram"} and all(" " in c for c in FIGURE_CAPTIONS.values())
+
+
+def test_the_drift_statistic_is_said_in_words_first():
+    from ctd.reporting.pages import drift_words
+
+    assert drift_words(4.3e-14, 0.01) == "no evidence of drift (e-detector 4.3e-14, alarm at 100)"
+    assert drift_words(25.0, 0.01).startswith("some evidence of a higher rate, 25% of the way to the alarm")
+    assert drift_words(150.0, 0.01).startswith("ALARM: the delegation rate has drifted up")

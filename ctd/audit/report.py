@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import storage
-from ..reporting.pages import html_figure, html_page, html_table, pct, share
+from ..reporting.pages import drift_words, html_figure, html_page, html_table, pct, share
 from ..reporting.redact import redact_values
 from ..runs.folder import RunError, RunFolder, locate, pydantic_problems, read_bounded
 from ..runs.history import History, history_rows
@@ -39,6 +39,14 @@ class StageTiming(BaseModel):
     seconds: float
     rows: int
     rows_per_second: float
+
+
+FIGURE_CAPTIONS = {
+    "dv_histogram": "How tonight's delegation values d(x) spread (rows per bin): rows right of λ*, the red line, went "
+    "to the judge",
+    "score_histogram": "The probe's P(unsafe) and the published final score (the judge's where it judged), rows per bin: "
+    "a row is flagged unsafe at 0.5 or more",
+}
 
 
 class AuditReport(BaseModel):
@@ -403,7 +411,7 @@ class AuditReport(BaseModel):
         ]
         drift = [
             ("nights in the history (this calibration)", len(self.drift_history_runs) + 1),
-            ("e-detector (alarm at 1/level)", f"{self.drift_e_value:.3g} (alarm at {1 / self.drift_alpha:g})"),
+            ("drift", drift_words(self.drift_e_value, self.drift_alpha)),
             ("this night alone: binomial p-value (information)", f"{self.rate_pvalue:.3g}"),
             ("alarm", "YES" if self.drift_alarm else "no"),
         ]
@@ -481,7 +489,7 @@ class AuditReport(BaseModel):
                 ),
             ),
         ]
-        return html_page(f"CTD audit of {self.audited_date} — {self.run_id}", sections, figures)
+        return html_page(f"CTD audit of {self.audited_date} — {self.run_id}", sections, figures, FIGURE_CAPTIONS)
 
 
 QUALITY_NAMES = {
@@ -538,13 +546,19 @@ def _review_html(review) -> str:
                         "judge": fmt(r["expert"]),
                         "final": fmt(r["final"]),
                         "unsafe": "yes" if r["decision"] else "no",
+                        "rows like it": r.get("similar") or 1,
                         "excerpt (redacted)": r["excerpt"],
                     }
                     for r in sel
                 ]
             )
         out.append(f"<h3>{html.escape(what.capitalize())} ({len(sel)})</h3>{body}")
-    files = "<p>These lists as files: <a href='review.csv'>review.csv</a> (for a spreadsheet) · <a href='review.parquet'>review.parquet</a></p>"
+    files = (
+        "<p>Rows with the same words (case, digits, punctuation and spacing aside) are folded into the first of "
+        "them: <em>rows like it</em> counts them among each list's top rows. Excerpts have credentials and personal "
+        "data replaced by their kind, e.g. &lt;EMAIL_ADDRESS&gt;. These lists as files: "
+        "<a href='review.csv'>review.csv</a> (for a spreadsheet) · <a href='review.parquet'>review.parquet</a></p>"
+    )
     return files + "".join(out)
 
 

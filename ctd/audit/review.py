@@ -6,12 +6,16 @@
     control         the same on the control sample: rows the probe decided alone and got wrong
     quarantined     a sample of the quarantined rows, spread over the reasons
 
-Each block keeps its own top k and a tree of tasks merges them, so the driver holds at most 3k rows.
-Excerpts come from stage 1 (redacted there, for the rows the probe flags or delegates), cut here to
-the report's length.
+Each block keeps its own top 4k and a tree of tasks merges them, so the driver holds at most 4k rows a
+list. Excerpts come from stage 1 (credentials redacted there, for the rows the probe flags or
+delegates); here repeats are folded into one row with a count (the same words, ignoring case, digits,
+punctuation and spacing), personal data is taken out and the excerpt cut to the report's length.
 """
 
 from __future__ import annotations
+
+import re
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -19,14 +23,25 @@ import pyarrow.compute as pc
 
 from ..pipeline.raydata import read, tree_reduce
 from ..pipeline.scoring import Stage1
-from ..reporting.redact import cut
+from ..reporting.redact import shown
 from ..stats.cascade import Cascade
 from .facts import short_reason
 from .report import REVIEW_LISTS
 from .results import Rows, answered
 from .specs import ReportSpec
 
-__all__ = ["REVIEW_SCHEMA", "REVIEW_LISTS", "candidates", "top", "spread", "review", "review_night"]
+__all__ = [
+    "REVIEW_SCHEMA",
+    "REVIEW_LISTS",
+    "FOLD_POOL",
+    "candidates",
+    "top",
+    "spread",
+    "fold_key",
+    "fold",
+    "review",
+    "review_night",
+]
 
 REVIEW_SCHEMA = pa.schema(
     [
@@ -44,6 +59,7 @@ REVIEW_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("source", pa.string()),
         ("excerpt", pa.string()),
+        ("similar", pa.int32()),  # rows of this list's top ones folded into this one (itself included)
     ]
 )
 _TOP_COLUMNS = ["id", "group", "probe", "dv", "expert", "final", "decision", "delegated", "expert_status"]
@@ -117,35 +133,54 @@ def _lookup(batch: pa.Table, ids: list[str]) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("id"), value_set=pa.array(ids, pa.string())))
 
 
+# each list's top FOLD_POOL × k rows are read, repeats folded into their first row, and the first k kept
+FOLD_POOL = 4
+_WORDS = re.compile(r"[^\W\d_]+")
+
+
+def fold_key(excerpt: str | None, rid: str) -> str:
+    """Rows whose excerpts have the same words, case, digits, punctuation and spacing ignored, fold into
+    one; a row without an excerpt folds with none."""
+    return " ".join(_WORDS.findall(excerpt.lower())) if excerpt else "\x00" + rid
+
+
+def fold(t: pa.Table, keys: list[str], k: int) -> pa.Table:
+    """The first row of each key in ``t``'s order (its rank order), with ``similar``: how many rows of
+    ``t`` have that key (itself included); the first ``k`` of them."""
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    counts = Counter(keys)
+    keep = sorted(first.values())[:k]
+    return t.take(pa.array(keep, pa.int64())).append_column("similar", pa.array([counts[keys[i]] for i in keep], pa.int32()))
+
+
 def review(
     results: list[str], quarantine: list[str], stage1: list[str], k: int, cascade: Cascade, excerpt_chars: int
 ) -> pa.Table:
     """The review list (:data:`REVIEW_SCHEMA`): the top ``k`` rows of each :data:`REVIEW_LISTS` list
-    with their excerpt (stage 1's, cut to ``excerpt_chars``; none when it is 0), and up to ``k``
-    quarantined rows with their reason and source, spread over the reasons."""
+    with their excerpt (stage 1's, personal data out, cut to ``excerpt_chars``; none when it is 0),
+    repeats among the list's top :data:`FOLD_POOL` × ``k`` folded into one row with their count
+    (:func:`fold`), and up to ``k`` quarantined rows with their reason and source, spread over the reasons."""
     import ray
 
-    parts = []
-    tops = _top_rows(results, k, cascade) if results else None
-    for which in REVIEW_LISTS if tops is not None else ():
-        t = tops.filter(pc.equal(tops.column("list"), which))
-        if t.num_rows:
-            parts.append(t.append_column("rank", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int32))))
-    ids = sorted({i for t in parts for i in t.column("id").to_pylist()})
-    text: dict[str, str] = {}
+    tops = _top_rows(results, FOLD_POOL * k, cascade) if results else None
+    lists = [tops.filter(pc.equal(tops.column("list"), which)) for which in REVIEW_LISTS] if tops is not None else []
+    ids = sorted({i for t in lists for i in t.column("id").to_pylist()})
+    raw: dict[str, str] = {}
     if ids and excerpt_chars > 0 and stage1:
         found = read(stage1, ["id", "excerpt"]).map_batches(
             _lookup, fn_kwargs={"ids": ids}, batch_format="pyarrow", batch_size=None
         )
         for t in ray.get(found.to_arrow_refs()):
-            text.update(
-                {
-                    i: cut(e, excerpt_chars)
-                    for i, e in zip(t.column("id").to_pylist(), t.column("excerpt").to_pylist())
-                    if e is not None
-                }
-            )
-    out = [t.append_column("excerpt", pa.array([text.get(i) for i in t.column("id").to_pylist()], pa.string())) for t in parts]
+            raw.update({i: e for i, e in zip(t.column("id").to_pylist(), t.column("excerpt").to_pylist()) if e is not None})
+    out = []
+    for t in lists:
+        t = fold(t, [fold_key(raw.get(i), i) for i in t.column("id").to_pylist()], k)
+        if t.num_rows:
+            excerpts = [shown(raw.get(i), excerpt_chars) for i in t.column("id").to_pylist()]
+            t = t.append_column("rank", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int32)))
+            out.append(t.append_column("excerpt", pa.array(excerpts, pa.string())))
     if quarantine and k:
         local = read(quarantine, ["id", "source", "group", "error"]).map_batches(
             lambda b: spread(k, b), batch_format="pyarrow", batch_size=None

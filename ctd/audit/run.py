@@ -34,6 +34,7 @@ from ..log import log
 from ..pipeline.chunks import ChunkedStage1, run_chunked
 from ..pipeline.preflight import check_schedulable
 from ..pipeline.raydata import init_ray
+from ..pipeline.watchdog import watch
 from ..runs.history import History, history
 from ..runs.layout import sweep
 from .facts import collect, control_rows
@@ -59,7 +60,10 @@ def run_audit(
     spec = AuditSpec.from_config(cfg, run_id=run_id, date=date, now=now)
     init_ray(cfg.ray)
     check_schedulable(cfg)  # a request no node can ever meet: exit 2 now, not a night-long wait holding the lease
-    with spec.night.lease() as lease:
+    with (
+        spec.night.lease() as lease,
+        watch(wait_s=spec.watch.wait_s, deadline=spec.watch.deadline, what=f"audit {spec.night.run_id}"),
+    ):
         try:
             _prepare(spec)
             scored = run_chunked(spec.scoring, spec.staged("stage1"), resume=spec.resume, before_commit=lease.check)

@@ -23,6 +23,7 @@ from ..pipeline.chunks import ScoringSpec
 from ..pipeline.control import keep_share
 from ..pipeline.corpus import corpus_bytes
 from ..pipeline.scoring import activation_spec
+from ..pipeline.watchdog import deadline_at
 from ..runs.job import Night
 from ..stats.cascade import Cascade
 from ..stats.quality import control_plan
@@ -101,6 +102,14 @@ class PublishSpec:
 
 
 @dataclass(frozen=True)
+class WatchSpec:
+    """How long a stage may wait for resources, and when the night must stop (:mod:`ctd.pipeline.watchdog`)."""
+
+    wait_s: float | None
+    deadline: _dt.datetime | None
+
+
+@dataclass(frozen=True)
 class AuditSpec:
     night: Night
     deployment: Deployment
@@ -112,6 +121,7 @@ class AuditSpec:
     publishing: PublishSpec
     resume: bool
     retention_days: float | None
+    watch: WatchSpec
 
     @classmethod
     def from_config(
@@ -170,6 +180,10 @@ class AuditSpec:
             publishing=PublishSpec(a.keep_staging, a.notify),
             resume=a.resume,
             retention_days=a.staging_retention_days,
+            watch=WatchSpec(
+                None if a.unschedulable_wait_minutes is None else a.unschedulable_wait_minutes * 60,
+                deadline_at(a.deadline, a.timezone, _dt.datetime.now(_dt.timezone.utc)),  # the wall clock, not `now`
+            ),
         )
 
     @property

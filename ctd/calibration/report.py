@@ -85,6 +85,14 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | No
             ("Provenance", f"<pre>{html.escape(json.dumps(summary['provenance'], indent=2, ensure_ascii=False))}</pre>"),
         ],
         {k: v for k, v in figures.items() if k != "tradeoff"},
+        {
+            "calibration": 'Left: each threshold\'s p-value for "it sends more than α of the traffic to the judge" (log '
+            "scale); thresholds tested below δ, the dashed line, are certified (green span). Right: the share of calibration "
+            "rows each threshold sends to the judge, and the cascade's performance risk (orange, right axis). The red line "
+            "is λ*, tomorrow's threshold",
+            "dv_histogram": "How the calibration rows' delegation values d(x) spread (rows per bin): rows right of λ*, the "
+            "red line, go to the judge",
+        },
     )
     out = write_report(out_dir, "calibration_report", summary, page, figures)
     out["artifact"] = uri
@@ -117,6 +125,31 @@ def from_runs_sentences(prov: dict) -> list[str]:
     ]
 
 
+def _compare(r: CalibrationResult, i: int) -> list[str]:
+    """One sentence: the probe alone, the judge alone and the cascade at λ* on the calibration rows (the grid's
+    two ends and λ*, on the performance the calibration measured)."""
+    if r.performance_risk is None:
+        return []
+    perf, rate = 1.0 - np.asarray(r.performance_risk, dtype=float), np.asarray(r.budget_risk, dtype=float)
+    name = {"accuracy": "accuracy", "auroc": "AUROC"}.get(str(r.risk), "performance")
+    probe, judge, cascade = perf[-1], perf[0], perf[i]
+    alone = "the probe alone" if rate[-1] == 0 else f"the probe with {rate[-1]:.1%} of rows judged (the grid's top)"
+    judged = "the judge on every row" if rate[0] == 1 else f"the judge on {rate[0]:.1%} of rows (the grid's lowest threshold)"
+    verdict = "better" if judge > probe else "worse" if judge < probe else "no better"
+    best = max(probe, judge)
+    versus = (
+        "the cascade beats both"
+        if cascade > best
+        else "the cascade matches the better of the two"
+        if cascade == best
+        else f"the cascade is {best - cascade:.3f} below the better of the two"
+    )
+    return [
+        f"On the calibration rows, {name}: {alone} {probe:.3f}, {judged} {judge:.3f}, the cascade at λ* {cascade:.3f} with "
+        f"{rate[i]:.1%} of rows sent to the judge. The judge alone is {verdict} than the probe alone, and {versus}."
+    ]
+
+
 def explain(r: CalibrationResult) -> list[str]:
     """The calibration in words: what α, δ and λ* mean for tomorrow's bill, what was certified, and
     when nothing was, what to do (how many labelled rows would be enough)."""
@@ -140,6 +173,7 @@ def explain(r: CalibrationResult) -> list[str]:
                 if r.pareto
                 else "λ* is the lowest certified one: it delegates the most within the budget."
             ),
+            *_compare(r, i),
             "The audit's drift alarm watches the share of rows sent to the judge, and its quality alarms watch what the probe "
             "misses on the control sample; a shift that moves neither goes unseen. When one fires, recalibrate: on fresh "
             "labelled rows (python -m jobs.calibrate), or for the budget on the recent nights themselves "

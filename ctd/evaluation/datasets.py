@@ -29,8 +29,8 @@ def default_data_dir() -> str:
     env = os.environ.get("CTD_DATA_DIR")
     if env:
         return env
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.normpath(os.path.join(here, "..", "shared", "data"))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ctd/evaluation/ → the repository
+    return os.path.normpath(os.path.join(repo, "..", "shared", "data"))
 
 
 def parse_input(x: str) -> str | list[dict[str, str]]:

@@ -138,7 +138,10 @@ def _monitor(cfg: MonitorConfig, cal: dict, lam, files: list[str], night: Night,
     }
     summary = redact_values(summary, [os.environ.get(k, "") for k in CREDENTIAL_ENVS])  # values, before any page is built
     page = html_page(
-        f"CTD monitor {rid}", [("Summary", html_table([{"quantity": k, "value": str(v)} for k, v in summary.items()]))], fig
+        f"CTD monitor {rid}",
+        [("Summary", html_table([{"quantity": k, "value": str(v)} for k, v in summary.items()]))],
+        fig,
+        {"alarm_position": "How many steps of a trajectory had been seen when its alarm fired (trajectories per bin)"},
     )
     files_written = write_report(layout.attempt_root, "report", summary, page, fig)
     layout.publish(

@@ -48,6 +48,8 @@ __all__ = [
     "DensityRatio",
     "evaluate_threshold",
     "evaluate_eprocess",
+    "eprocess_alarms",
+    "paired_positions",
     "calibrate_monitor",
     "load_monitor",
     "MONITOR_FORMAT",
@@ -312,13 +314,31 @@ def evaluate_threshold(t: Trajectories, lam: float) -> dict:
     return _metrics(t, alarmed, first)
 
 
-def evaluate_eprocess(t: Trajectories, ratio: DensityRatio, epsilon: float) -> dict:
+def eprocess_alarms(t: Trajectories, ratio: DensityRatio, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """(alarmed, first alarm step) per trajectory of the e-process alarming at 1/``epsilon``."""
     seg = np.repeat(np.arange(len(t)), t.lengths)
     lr = ratio(t.scores)
     cum = np.cumsum(lr)
     before = np.concatenate([[0.0], cum])[t.offsets[:-1]]
     log_e = cum - before[seg]
-    return _metrics(t, *t.first_true(log_e >= np.log(1.0 / epsilon)))
+    return t.first_true(log_e >= np.log(1.0 / epsilon))
+
+
+def evaluate_eprocess(t: Trajectories, ratio: DensityRatio, epsilon: float) -> dict:
+    return _metrics(t, *eprocess_alarms(t, ratio, epsilon))
+
+
+def paired_positions(t: Trajectories, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Two monitors' alarm positions (share of the trajectory seen) compared on the same trajectories:
+    the incorrect ones that both detect. ``a``, ``b``: (alarmed, first) as :meth:`Trajectories.first_alarm`
+    gives them. Returns the count, the share where ``a`` alarms no later than ``b``, and the mean of
+    ``a``'s position minus ``b``'s (negative: ``a`` earlier)."""
+    both = (t.label == 0) & a[0] & b[0]
+    n = int(both.sum())
+    if n == 0:
+        return {"n": 0, "a_no_later_share": float("nan"), "mean_difference": float("nan")}
+    pa_, pb = (a[1][both] + 1) / t.lengths[both], (b[1][both] + 1) / t.lengths[both]
+    return {"n": n, "a_no_later_share": float((pa_ <= pb).mean()), "mean_difference": float((pa_ - pb).mean())}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 
 from ..config import ConfigError, JobConfig
 
-__all__ = ["Request", "Unschedulable", "requests", "node_shapes", "manifest_shapes", "unschedulable", "check_schedulable"]
+__all__ = [
+    "Request",
+    "Unschedulable",
+    "requests",
+    "node_shapes",
+    "manifest_shapes",
+    "per_node",
+    "unschedulable",
+    "check_schedulable",
+]
 
 
 class Unschedulable(ConfigError):
@@ -127,6 +136,12 @@ def manifest_shapes(path: str) -> list[tuple[str, dict[str, float]]]:
 
 def _fits(need: dict[str, float], shape: dict[str, float]) -> bool:
     return all(shape.get(k, 0.0) >= v - 1e-9 for k, v in need.items())
+
+
+def per_node(r: Request, shape: dict[str, float]) -> int:
+    """How many of request ``r`` (its bundles packed on one node) one node of ``shape`` holds at once."""
+    need = r.on_one_node
+    return int(min((shape.get(k, 0.0) + 1e-9) // v for k, v in need.items())) if need else 0
 
 
 def _lacking(need: dict[str, float], shape: dict[str, float]) -> dict[str, float]:

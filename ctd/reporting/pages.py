@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import storage
 
-__all__ = ["html_table", "html_figure", "html_page", "write_report", "csv_bytes", "pct", "share"]
+__all__ = ["html_table", "html_figure", "html_page", "write_report", "csv_bytes", "pct", "share", "drift_words"]
 
 
 def pct(x: float) -> str:
@@ -49,6 +49,16 @@ def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def drift_words(e_value: float, level: float) -> str:
+    """The drift e-detector in words first, then its number against the alarm at 1/level."""
+    at = 1 / level
+    if e_value >= at:
+        return f"ALARM: the delegation rate has drifted up (e-detector {e_value:.3g}, alarm at {at:g})"
+    if e_value >= 1:
+        return f"some evidence of a higher rate, {e_value / at:.0%} of the way to the alarm (e-detector {e_value:.3g}, alarm at {at:g})"
+    return f"no evidence of drift (e-detector {e_value:.2g}, alarm at {at:g})"
+
+
 def html_figure(name: str, png: bytes, caption: str | None = None) -> str:
     """A figure embedded as base64 PNG (the page stays one self-contained file)."""
     return (
@@ -57,8 +67,15 @@ def html_figure(name: str, png: bytes, caption: str | None = None) -> str:
     )
 
 
-def html_page(title: str, sections: list[tuple[str, str]], figures: dict[str, bytes] | None = None) -> str:
-    """A self-contained page: sections of (heading, HTML) and figures embedded as base64 PNG."""
+def html_page(
+    title: str, sections: list[tuple[str, str]], figures: dict[str, bytes] | None = None, captions: dict[str, str] | None = None
+) -> str:
+    """A self-contained page: sections of (heading, HTML) and figures embedded as base64 PNG, each with its
+    caption in words (``captions``, by figure name: a figure without one is refused, so no page shows a
+    file name under a plot)."""
+    missing = sorted(set(figures or {}) - set(captions or {}))
+    if missing:
+        raise ValueError(f"figures without a caption: {missing}")
     css = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}"
@@ -72,7 +89,7 @@ def html_page(title: str, sections: list[tuple[str, str]], figures: dict[str, by
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     for name, png in (figures or {}).items():
-        parts.append(html_figure(name, png))
+        parts.append(html_figure(name, png, (captions or {})[name]))
     parts.append("</body></html>")
     return "".join(parts)
 

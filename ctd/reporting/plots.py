@@ -72,25 +72,30 @@ def plot_calibration(result: dict) -> bytes:
     cert = np.array(result["certified"], dtype=bool)
     if cert.any():
         ax[0].axvspan(grid[cert].min(), grid[cert].max(), color="C2", alpha=0.12, label="certified span")
-    ax[0].set_xlabel("threshold λ")
-    ax[0].set_ylabel("p-value")
-    ax[0].legend(fontsize=8)
+    ax[0].set_ylabel("p-value (log scale)")
     risk = np.array(result["budget_risk"], dtype=float)
-    ax[1].plot(grid, risk, color="C0", label="empirical delegation rate")
+    ax[1].plot(grid, risk, color="C0", label="share sent to the judge")
     ax[1].axhline(result["alpha"], color="k", ls="--", lw=1, label="α")
+    extra: list = []
     if result.get("performance_risk") is not None:
         ax2 = ax[1].twinx()
-        ax2.plot(grid, np.array(result["performance_risk"], dtype=float), color="C1", lw=1, label="performance risk")
-        ax2.set_ylabel(f"performance risk ({result.get('risk')})", color="C1")
+        risk_name = {"accuracy": "1 − accuracy", "auroc": "1 − AUROC"}.get(result.get("risk"), "performance risk")
+        extra += ax2.plot(
+            grid, np.array(result["performance_risk"], dtype=float), color="C1", lw=1, label=f"cascade's {risk_name}"
+        )
+        ax2.set_ylabel(f"cascade's {risk_name} on the calibration rows", color="C1")
     if result.get("lambda_hat") is not None:
         for a in ax:
-            a.axvline(result["lambda_hat"], color="C3", lw=1)
-    ax[1].set_xlabel("threshold λ")
-    ax[1].set_ylabel("share of calibration rows delegated")
-    ax[1].legend(fontsize=8, loc="upper right")
+            a.axvline(result["lambda_hat"], color="C3", lw=1, label=f"λ* = {result['lambda_hat']:.4g}")
+    ax[0].legend(fontsize=8)
+    ax[1].set_xlabel("threshold λ on the delegation value d(x)")
+    ax[0].set_xlabel("threshold λ on the delegation value d(x)")
+    ax[1].set_ylabel("share of calibration rows sent to the judge")
+    handles, labels = ax[1].get_legend_handles_labels()
+    ax[1].legend(handles + extra, labels + [h.get_label() for h in extra], fontsize=8, loc="upper right")
     fig.suptitle(
         f"Calibration: α={result['alpha']}, δ={result['delta']}, n={result['n']}, "
-        f"λ̂={'never delegate' if result.get('lambda_hat') is None else format(result['lambda_hat'], '.4g')}"
+        f"λ*={'never delegate' if result.get('lambda_hat') is None else format(result['lambda_hat'], '.4g')}"
     )
     return png(fig)
 
@@ -185,23 +190,24 @@ def plot_history(nights: list[dict], gaps: list | None = None) -> bytes:
     a.set_title("Delegation rate against the budget", fontsize=10)
     a = ax[0, 1]
     a.bar(x, g("expert_calls"), color="C1")
-    a.set_ylabel("calls")
+    a.set_ylabel("judge calls (delegated + control)")
     a.set_title("Expert (judge) calls", fontsize=10)
     a = ax[1, 0]
     a.plot(x, 100 * g("decisions_unsafe") / scored, "o-", color="C3", label="flagged unsafe")
     a.plot(x, 100 * g("rows_quarantined") / np.maximum(g("rows_read"), 1), "s-", color="grey", label="quarantined (of rows read)")
-    a.set_ylabel("%")
+    a.set_ylabel("% of rows")
     a.legend(fontsize=7)
     a.set_title("Unsafe and quarantine shares", fontsize=10)
     a = ax[1, 1]
     e = np.maximum(g("drift_e_value"), 1e-300)  # calm nights drive it far below 1: drawn as it is, on a log scale
     a.semilogy(x, e, "o-", color="C4", label="e-detector")
-    a.semilogy(x, 1 / level, "k--", lw=1, label="alarm level 1/drift_alpha")
+    a.semilogy(x, 1 / level, "k--", lw=1, label="alarm level (1 / drift level)")
     alarms = np.array([bool(n["drift_alarm"]) for n in nights])
     if alarms.any():
         a.semilogy(x[alarms], e[alarms], "o", ms=9, mfc="none", color="C3", label="alarm")
     a.legend(fontsize=7)
-    a.set_title("Drift statistic", fontsize=10)
+    a.set_ylabel("e-detector (log scale)")
+    a.set_title("Drift statistic: evidence the delegation rate rose", fontsize=10)
     for a in ax.flat:
         for k, d in enumerate(dated):
             a.axvspan(

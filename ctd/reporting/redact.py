@@ -1,4 +1,5 @@
-"""What a report, a log or a review file may show of a conversation: credentials out, cut short.
+"""What a report, a log or a review file may show of a conversation: credentials and personal data out,
+cut short.
 
 Redaction works on values (a string, or every string in a JSON-like object), never on finished HTML
 or JSON text: a pattern over a rendered page could eat its markup. Nothing here imports matplotlib,
@@ -12,7 +13,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["redact", "redact_values", "excerpt", "cut", "EXCERPT_SOURCE_CHARS"]
+__all__ = ["redact", "redact_values", "redact_personal", "excerpt", "shown", "cut", "EXCERPT_SOURCE_CHARS"]
 
 # Stage 1 keeps excerpts this long (the longest audit.excerpt_chars allows); a report cuts them to its
 # own length, so the excerpt length is a presentation setting, not part of what stage 1 computes.
@@ -68,6 +69,98 @@ def cut(text: str | None, chars: int) -> str | None:
     if text is None:
         return None
     return text if len(text) <= chars else text[: max(chars - 1, 0)].rstrip() + "…"
+
+
+# A name said as such ("my name is Jane Doe", "I'm Jane", "Name: Jane Doe", "Dr. Doe", "signed, Jane"): one to
+# three capitalised words after the cue. Presidio finds names only with a spaCy NER model, which the package
+# registries do not carry (spaCy's models come from GitHub), so a name that no cue introduces passes.
+_NAME = re.compile(r"(?i:\b(?:i am|i'm|im|this is|signed,?|regards,|sincerely,?|from:?)\s+)|\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?\s+")
+_CAPITALISED = re.compile(r"(?:[A-Z][a-z'\-]+)(?:\s+[A-Z][a-z'\-]+){0,2}\b")
+# after a cue that can only introduce a name, any two words are taken as one ("my name is bob smith")
+_NAMED = re.compile(r"(?i)\b(?:my name is|name is|call me|name\s*:)\s+([a-z'\-]+(?:\s+[a-z'\-]+)?)")
+# Presidio's recognizers: a match below this score is a bare digit run (e.g. any 9 digits as an SSN)
+_MIN_SCORE = 0.3
+_recognizers: list | None = None
+
+
+def _presidio() -> list:
+    """Presidio's pattern and checksum recognizers for the kinds of personal data an excerpt must not show,
+    built once per process (importing Presidio takes ~2 s: it imports spaCy). No NLP model is loaded."""
+    global _recognizers
+    if _recognizers is None:
+        import tldextract
+        from presidio_analyzer.predefined_recognizers import (
+            CreditCardRecognizer,
+            EmailRecognizer,
+            IbanRecognizer,
+            IpRecognizer,
+            NhsRecognizer,
+            PhoneRecognizer,
+            UkNinoRecognizer,
+            UsItinRecognizer,
+            UsSsnRecognizer,
+        )
+
+        offline = tldextract.TLDExtract(suffix_list_urls=())  # the public suffix list shipped with tldextract
+
+        class Email(EmailRecognizer):  # Presidio's check fetches the suffix list from the web; a night does not
+            def validate_result(self, pattern_text: str) -> bool:
+                return offline(pattern_text).fqdn != ""
+
+        class Ssn(UsSsnRecognizer):  # Presidio passes the well-known example numbers; an excerpt does not show them
+            def invalidate_result(self, pattern_text: str) -> bool:
+                digits = "".join(c for c in pattern_text if c.isdigit())
+                return False if digits in ("123456789", "987654320", "078051120") else super().invalidate_result(pattern_text)
+
+        _recognizers = [  # the more specific first: where two find the same span, the first names it
+            Email(),
+            Ssn(),
+            UsItinRecognizer(),
+            UkNinoRecognizer(),
+            NhsRecognizer(),
+            CreditCardRecognizer(),
+            IbanRecognizer(),
+            IpRecognizer(),
+            PhoneRecognizer(),  # also matches an IP address or an NHS number
+        ]
+    return _recognizers
+
+
+def redact_personal(text: str) -> str:
+    """Personal data replaced by its kind in angle brackets: e-mail addresses, phone numbers, national ids
+        (US SSN and ITIN, UK NINO and NHS number), card numbers (Luhn checksum), IBANs (checksum) and IP
+        addresses, found by Presidio's recognizers; and names a cue introduces (``_NAME``), e.g.
+        "I am Jane Doe" → "I am <PERSON>". Overlapping finds are merged into one span, named by the find that
+    starts first (the longer, then the more specific recognizer, on a tie)."""
+    spans: list[tuple[int, int, int, str]] = []  # start, end, priority, kind
+    for k, rec in enumerate(_presidio()):
+        found = rec.analyze(text, rec.supported_entities, None)
+        spans += [(r.start, r.end, k, r.entity_type) for r in found if r.score >= _MIN_SCORE]
+    for m in _NAME.finditer(text):
+        name = _CAPITALISED.match(text, m.end())
+        if name:
+            spans.append((name.start(), name.end(), -1, "PERSON"))
+    spans += [(m.start(1), m.end(1), -1, "PERSON") for m in _NAMED.finditer(text)]
+    merged: list[list] = []
+    for start, stop, _, kind in sorted(spans, key=lambda s: (s[0], -s[1], s[2])):
+        if merged and start < merged[-1][1]:  # overlaps the previous find: one span, the first find's kind
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop, kind])
+    out, at = [], 0
+    for start, stop, kind in merged:
+        out += [text[at:start], f"<{kind}>"]
+        at = stop
+    return "".join(out) + text[at:]
+
+
+def shown(text: str | None, chars: int) -> str | None:
+    """An excerpt as a reader is shown it: personal data out (:func:`redact_personal`), then cut to
+    ``chars``. Only the first ``chars`` + 256 characters are searched (a find that starts within the cut
+    is caught whole unless longer than 256 characters), so the cost does not grow with the text."""
+    if text is None or chars <= 0:
+        return None
+    return cut(redact_personal(text[: chars + 256]), chars)
 
 
 def excerpt(text: str | None, chars: int, secrets: Iterable[str] = (), is_chat: bool = False) -> str | None:

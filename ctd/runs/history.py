@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..reporting.pages import drift_words
 from .folder import RunError, RunFolder, list_runs, pydantic_problems, run_folder
 
 __all__ = ["Night", "Gap", "History", "night", "history", "history_rows", "history_text"]
@@ -168,8 +169,7 @@ def history_rows(h: History) -> list[dict]:
                 "judge calls": n["expert_calls"],
                 "unsafe": f"{n['decisions_unsafe'] / scored:.2%}",
                 "quarantined": f"{n['rows_quarantined'] / read:.2%}",
-                "drift e-detector": f"{n['drift_e_value']:.3g} / {1 / n['drift_alpha']:g}"
-                + (" ALARM" if n["drift_alarm"] else ""),
+                "drift": drift_words(n["drift_e_value"], n["drift_alpha"]),
             }
         )
     for g in h.gaps:
@@ -191,7 +191,7 @@ def history_text(h: History) -> str:
         last = h.nights[-1]
         out += [
             f"{len(h.nights)} audited night(s) with calibration {last['calibration_hash'][:12]}… "
-            f"(α = {last['alpha']:.2%}, δ = {last['delta']}); drift e-detector / alarm level",
+            f"(α = {last['alpha']:.2%}, δ = {last['delta']})",
             line({c: c for c in cols}),
             *(line(r) for r in rows),
         ]

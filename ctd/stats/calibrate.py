@@ -570,7 +570,7 @@ def _joint_failure(alpha, delta, beta, budget_p, perf_p, perf_risk, grid, tested
 def _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint_reason=None, grid_size=None) -> str:
     """``grid_size``: Bonferroni/Holm test one threshold at δ/G (k* was computed at that level)."""
     if joint_reason is not None:
-        return f"Nothing certified jointly at α={alpha}, δ={delta}: {joint_reason}. The policy never delegates (λ̂ = +inf)."
+        return f"Nothing certified jointly at α={alpha}, δ={delta}: {joint_reason}. The policy never delegates (λ* = +inf)."
     level, at = (delta, "δ") if grid_size is None else (delta / grid_size, f"δ/{grid_size}")
     if k_star < 0:
         reason = (
@@ -579,7 +579,7 @@ def _no_certification_message(alpha, delta, n_eff, k_star, pareto, joint_reason=
         )
     else:
         reason = f"no tested threshold delegates at most k*={k_star} of the {n_eff} {'testing-split ' if pareto else ''}calibration rows"
-    return f"Nothing certified at α={alpha}, δ={delta}: {reason}. The policy never delegates (λ̂ = +inf)."
+    return f"Nothing certified at α={alpha}, δ={delta}: {reason}. The policy never delegates (λ* = +inf)."
 
 
 def calibrate(
@@ -708,7 +708,7 @@ def calibrate(
         i = int(np.searchsorted(g, lam))
         msg = (
             f"Certified {int(certified.sum())} of {g.size} thresholds at α={alpha}, δ={delta} (n={n}); "
-            f"λ̂={lam:.6g} delegates {budget_risk[i]:.1%} of the calibration rows. With probability ≥ {1 - delta:g}, "
+            f"λ*={lam:.6g} delegates {budget_risk[i]:.1%} of the calibration rows. With probability ≥ {1 - delta:g}, "
             f"at most {alpha:.1%} of rows from this distribution will be delegated"
             + (f" and the misclassification rate is ≤ {performance_target:g}." if joint else ".")
         )
@@ -804,7 +804,7 @@ def calibrate_counts(
         i = int(np.searchsorted(g, lam))
         msg = (
             f"Certified {int(certified.sum())} of {g.size} thresholds at α={alpha}, δ={delta} (n={n:,} unlabelled rows); "
-            f"λ̂={lam:.6g} delegates {k[i] / n:.1%} of them. With probability ≥ {1 - delta:g}, at most {alpha:.1%} of rows "
+            f"λ*={lam:.6g} delegates {k[i] / n:.1%} of them. With probability ≥ {1 - delta:g}, at most {alpha:.1%} of rows "
             "from this distribution will be delegated"
             + (f" and the misclassification rate against the judge is ≤ {performance_target:g}." if joint else ".")
         )
