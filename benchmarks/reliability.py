@@ -18,7 +18,10 @@ classifier expert, probes, calibration) into S3, then:
 7. scans every object and file written, the job logs and the Ray session logs for the S3 keys;
 8. plants issue #27's attacks (hostile rows in a night, a redirecting judge, bombs, traversing run
    copies, out-of-range settings...) and counts them tried and held
-   (``--only attacks`` runs this section alone, on local files, ~5 min).
+   (``--only attacks`` runs this section alone, on local files, ~5 min);
+9. on a local multi-node cluster of cluster/raycluster.yaml's shape (benchmarks/cluster_shape.py), loses
+   a whole activation node during stage 1 and a whole expert node during the judge stage, and counts
+   the rows published (``--only node_loss``, ~6 min; not part of the full run).
 """
 
 from __future__ import annotations
@@ -714,12 +717,14 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results", "reliability.json"))
     ap.add_argument(
         "--only",
-        choices=["attacks"],
+        choices=["attacks", "node_loss"],
         help="run only this section (local files, a local Ray) and replace it in --out, keeping the others",
     )
     args = ap.parse_args(argv)
     if args.only == "attacks":
         return attacks_only(args.out)
+    if args.only == "node_loss":
+        return node_loss_only(args.out)
     t0 = time.time()
     work = tempfile.mkdtemp(prefix="ctd-reliability-")
     with SeaweedFS(os.path.join(work, "s3")) as s3, RayHead(num_cpus=4, log_dir=os.path.join(work, "ray")) as head:
@@ -833,6 +838,54 @@ def attacks_only(path: str) -> int:
         json.dump(result, f, indent=2, default=str)
     log(f"attacks: {attacks['held']} of {attacks['tried']} held; wrote {path}")
     return 0 if attacks["held"] == attacks["tried"] else 1
+
+
+def node_loss_only(path: str) -> int:
+    """Section 9 alone: the night on a local cluster of cluster/raycluster.yaml's shape
+    (benchmarks/cluster_shape.py), first whole, then losing a whole activation node during stage 1 and a
+    whole expert node during the judge stage; the result put into ``path`` beside the other sections."""
+    from cluster_shape import run as run_on_cluster  # benchmarks/ is this script's folder
+
+    t0 = time.time()
+    work = tempfile.mkdtemp(prefix="ctd-node-loss-")
+    calm = run_on_cluster(None, [], work)
+    lost = run_on_cluster(os.path.join(work, "deploy", "config.yaml"), ["activations", "expert"], work)
+
+    def figures(r: dict) -> dict:
+        v = (r.get("published") or {}).get("verify", {})
+        stages = [a for a in r["placement"]["actors"] if "Stage" in a["class"]]
+        return {
+            "nodes_lost": [x["group"] for x in r["lost"]],
+            "attempts": r["attempts"],
+            "errors": r["errors"],
+            "published": bool(r.get("published")),
+            "rows_read": v.get("rows_read"),
+            "rows_published": (v.get("results_rows") or 0) + (v.get("quarantine_rows") or 0),
+            "rows_lost": v.get("rows_lost"),
+            "rows_extra": v.get("rows_extra"),
+            "duplicate_ids": v.get("duplicate_ids"),
+            "verify_ok": v.get("ok"),
+            "stage_actor_restarts": {a["class"]: a["restarts"] for a in stages},
+            "placement_violations": r["violations"],
+            "wall_s": r["wall_s"],
+        }
+
+    result = json.load(open(path)) if os.path.exists(path) else {"benchmark": "reliability", "summary": {}}
+    result["node_loss"] = {
+        "command": "python benchmarks/reliability.py --only node_loss",
+        "cluster": calm["nodes"],
+        "cluster_when_losing": lost["nodes"],
+        "whole_night": figures(calm),
+        "nodes_lost_mid_stage": figures(lost),
+        "seconds": round(time.time() - t0),
+    }
+    n = result["node_loss"]["nodes_lost_mid_stage"]
+    survived = int(n["published"] and n["verify_ok"] and not n["placement_violations"])
+    result["summary"] |= {"nodes_lost": len(n["nodes_lost"]), "node_loss_runs_published_whole": survived}
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    log(f"node loss: {n['nodes_lost']} lost, published whole: {bool(survived)}; wrote {path}")
+    return 0 if survived else 1
 
 
 if __name__ == "__main__":

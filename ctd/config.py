@@ -69,12 +69,23 @@ class PoolConfig(Strict):
     num_cpus: float = Field(1.0, gt=0, le=1024)
     batch_size: int = Field(64, ge=1, le=1 << 20)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor (pins a worker group)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the actor computes: auto = cuda when the pool asks for GPUs, else cpu"
+    )
+    gpu_hour_price: float | None = Field(
+        None, gt=0, description="price of one GPU-hour on this pool's nodes (optional): the report gives the night's cost in it"
+    )
 
     @model_validator(mode="after")
     def _bounds(self):
         if self.max_actors < self.min_actors:
             raise ValueError("max_actors must be >= min_actors")
         return self
+
+    @property
+    def torch_device(self) -> str:
+        """The device the pool's actors compute on (``device``, with auto resolved by the GPU request)."""
+        return self.device if self.device != "auto" else ("cuda" if self.num_gpus > 0 else "cpu")
 
 
 class LabelTokens(Strict):
@@ -109,7 +120,7 @@ class VLLMExpertConfig(Strict):
     )
     rows_per_second_per_replica: float = Field(20.0, gt=0, description="measured throughput of one replica")
     gpu_hour_price: float | None = Field(
-        None, gt=0, description="price of one GPU-hour of the judge's pool (optional): `ctd plan` gives costs in it"
+        None, gt=0, description="price of one GPU-hour of the judge's pool (optional): `ctd plan` and the report give costs in it"
     )
     target_wall_seconds: float = Field(3600.0, gt=0, description="the pool is sized to judge the rows left within this time")
     batch_size: int = Field(16, ge=1, le=1 << 20)
@@ -142,6 +153,9 @@ class HTTPExpertConfig(Strict):
     max_retries: int = Field(5, ge=0, le=100)
     requests_per_second: float = Field(10.0, ge=0.001, le=1e6, description="across the whole pool")
     timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    price_per_1k_tokens: float | None = Field(
+        None, gt=0, description="the endpoint's price per 1,000 prompt tokens (optional): the report gives the judge's cost in it"
+    )
     circuit_breaker_failures: int = Field(
         5, ge=1, description="consecutive failed rows after which an actor declares the endpoint down"
     )
@@ -205,6 +219,11 @@ class RayConfig(Strict):
         None,
         description="a RayCluster manifest whose worker groups the autoscaler can add: the pre-flight check counts their "
         "shapes as available (the alive nodes and the autoscaler's reported node types always are)",
+    )
+    cpu_nodes: dict[str, str] = Field(
+        default_factory=dict,
+        description="node labels that mark the nodes for CPU-only work (e.g. {ctd/pool: cpu}): when set, every task and "
+        "actor that asks for no GPU and no custom resource runs on such nodes only, never on a GPU node",
     )
 
 
@@ -271,6 +290,9 @@ class AuditJob(NightlyJob):
         "other run ids abandoned longer than this (None: never)",
     )
     budget_cap: float | None = Field(None, gt=0, le=1, description="hard cap: at most ceil(cap x rows) expert calls")
+    currency: str = Field(
+        "USD", pattern=r"^[A-Za-z$€£¥]{1,8}$", description="what the prices (gpu_hour_price, price_per_1k_tokens) are in"
+    )
     resume: bool = True
     unschedulable_wait_minutes: float | None = Field(
         15,

@@ -78,7 +78,7 @@ class CountingTokenizer:
 
 
 def test_a_huge_row_is_tokenised_only_as_far_as_its_kept_tokens(minilm_dir, tiny_llama):
-    """The ids of a 4 MiB text are exactly the tokenizer's own truncation of it (an encoder with
+    """The ids of a 512 KiB text are exactly the tokenizer's own truncation of it (an encoder with
     [SEP], a decoder without), and the tokenizer never sees more than max_length x MAX_TOKEN_CHARS
     characters of it; a text of tokens longer than that on average is still cut exactly."""
     from ctd.model.activations import MAX_TOKEN_CHARS
@@ -86,7 +86,7 @@ def test_a_huge_row_is_tokenised_only_as_far_as_its_kept_tokens(minilm_dir, tiny
     for model, n in ((minilm_dir, 32), (tiny_llama, 64)):
         enc = TextEncoder(model, max_length=n)
         tok = enc.tokenizer
-        huge = "a much longer text w1 w2 " * ((4 << 20) // 25)
+        huge = "a much longer text w1 w2 " * ((512 << 10) // 25)
         odd = ("x" * 120 + " ") * (n * 2)  # words longer than MAX_TOKEN_CHARS, each one token
         seen = []
 

@@ -434,3 +434,52 @@ def test_repeats_fold_into_their_first_row_with_a_count():
     got = fold(t, keys, 10)
     assert got.column("id").to_pylist() == ["r0", "r1", "r3", "r4"] and got.column("similar").to_pylist() == [3, 1, 1, 1]
     assert fold(t, keys, 2).column("id").to_pylist() == ["r0", "r1"]
+
+
+# ------------------------------------------------------------------ #24 item 4: the night's cost in the reader's terms
+def test_the_bill_against_a_hand_computation_with_and_without_prices():
+    """Pool time × workers × GPUs = GPU-hours; × the price per GPU-hour = money; every row to the judge =
+    judge money per judged row × rows; no total while a GPU pool has no price; CPU pools in actor-hours."""
+    from ctd.audit.cost import Bill, PoolUse
+    from ctd.audit.report import cost_sentences
+
+    act = PoolUse("activations", 1800.0, 4, 1.0, 3.0)  # 4 GPUs for half an hour: 2 GPU-hours, 6.00
+    judge = PoolUse("judge", 3600.0, 2, 2.0, 4.0)  # 2 replicas × 2 GPUs for an hour: 4 GPU-hours, 16.00
+    b = Bill("EUR", act, judge, judged_rows=1000, rows=50_000, latency={"n": 1000, "p50": 0.5, "p95": 2.0})
+    assert (act.gpu_hours, act.money, judge.gpu_hours, judge.money) == (2.0, 6.0, 4.0, 16.0)
+    assert b.total == 22.0 and b.all_to_judge == 16.0 / 1000 * 50_000 == 800.0
+    words = " ".join(cost_sentences(b.to_dict()))
+    for s in ("2.00 GPU-hours, 6.00 EUR at 3 EUR per GPU-hour", "4.00 GPU-hours, 16.00 EUR", "about 22.00 EUR"):
+        assert s in words, s
+    assert "all 50,000 audited rows to the judge instead would cost about 800.00 EUR" in words
+    assert "median 0.5 s, 95th percentile 2 s, over 1,000 judged rows" in words
+    unpriced = Bill("EUR", PoolUse("activations", 1800.0, 4, 1.0), judge, 1000, 50_000)
+    assert unpriced.total is None and unpriced.all_to_judge == 800.0  # the judge is priced, stage 1 is not
+    assert "No price is configured" in " ".join(cost_sentences(unpriced.to_dict()))
+    cpu = Bill("USD", PoolUse("activations", 36.0, 1, 0.0), PoolUse("judge", 72.0, 1, 0.0), 10, 100)
+    assert cpu.total is None and cpu.all_to_judge is None and cpu.all_to_judge_gpu_hours is None
+    words = " ".join(cost_sentences(cpu.to_dict()))
+    assert "on CPU = 0.01 actor-hours" in words and "on CPU = 0.02 actor-hours" in words and "GPU-hours" not in words
+    assert "would take about 0.20 actor-hours" in words  # 72 s / 10 rows × 100 rows
+    http = Bill("USD", act, PoolUse("judge", 60.0, 2, 0.0), 100, 1000, judge_tokens=200_000, token_price=0.5, by_tokens=True)
+    assert http.judge_money == 100.0 and http.total == 106.0 and http.all_to_judge == 1000.0
+    assert "100.00 USD for the tokens sent at 0.5 USD per 1,000 (at least" in " ".join(cost_sentences(http.to_dict()))
+    assert Bill("USD", act, PoolUse("judge", 60.0, 2, 0.0), 100, 1000, by_tokens=True).total is None  # the endpoint unpriced
+
+
+def test_latency_quantiles_are_within_a_bin_of_the_exact_ones():
+    """The histogram's p50/p95 (a bin's upper edge) are ≥ the exact sample quantiles and < 12.3% above them,
+    summed over batches as the audit sums them; rows without a time are not counted."""
+    from ctd.audit.cost import latency_counts, latency_quantiles
+
+    rng = np.random.default_rng(2)
+    s = rng.lognormal(-1.0, 1.0, 20_000)
+    batches = [pa.table({"expert_seconds": s[i : i + 3000]}) for i in range(0, s.size, 3000)]
+    batches.append(pa.table({"expert_seconds": pa.array([None, float("nan")], pa.float64())}))
+    counts = np.sum([latency_counts(b).column("n").to_numpy() for b in batches], axis=0)
+    got = latency_quantiles(counts)
+    assert got["n"] == s.size
+    for q in (0.5, 0.95):
+        exact = float(np.quantile(s, q, method="inverted_cdf"))
+        assert exact <= got[f"p{round(q * 100)}"] < exact * 10 ** (1 / 20) * 1.001, q
+    assert latency_quantiles(latency_counts(pa.table({"x": [1]})).column("n").to_numpy()) == {"n": 0, "p50": None, "p95": None}

@@ -362,7 +362,8 @@ def test_readme_walkthrough_names_the_versions_and_the_feature_gate():
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_preflight_places_the_production_requests_on_the_manifests_groups(name, monkeypatch):
     """The production config's requests fit the groups the manifest declares, each on the group meant for
-    it; a misspelt resource, a TP size no node has, or a group removed are refused, naming what is missing."""
+    it (CPU-only work on the group labelled as ray.cpu_nodes says); a misspelt resource, a TP size no node
+    has, a group removed or a label lost are refused, naming what is missing."""
     from ctd.config import load_config
     from ctd.pipeline.preflight import Request, manifest_shapes, requests, unschedulable
 
@@ -372,12 +373,14 @@ def test_preflight_places_the_production_requests_on_the_manifests_groups(name, 
     groups = {w.rsplit(" ", 1)[-1]: s for w, s in shapes}
     assert groups["activations"] == {"CPU": 12, "GPU": 1, "activations": 1} and groups["expert"]["GPU"] == 2
     reqs = requests(cfg)
-    assert [r.bundles for r in reqs] == [1, 2] and reqs[1].on_one_node == {"CPU": 2, "GPU": 2, "expert": 2}
+    assert [r.bundles for r in reqs] == [1, 2, 1] and reqs[1].on_one_node == {"CPU": 2, "GPU": 2, "expert": 2}
+    assert reqs[2].on_one_node == {"CPU": 1, "label:ctd/pool=cpu": 1} and groups["cpu"]["label:ctd/pool=cpu"] == 1
     assert unschedulable(reqs, shapes) == []
-    for r in reqs:  # each fits exactly one group: the one named by its custom resource
-        assert [g for g, s in groups.items() if unschedulable([r], [("", s)]) == []] == [
-            next(iter(set(r.bundle) - {"CPU", "GPU"}))
-        ]
+    for r, group in zip(reqs, ("activations", "expert", "cpu")):  # each fits exactly one group: the one meant for it
+        assert [g for g, s in groups.items() if unschedulable([r], [("", s)]) == []] == [group]
+    unlabelled = [(w, {k: v for k, v in s.items() if not k.startswith("label:")}) for w, s in shapes]
+    (p,) = unschedulable(reqs, unlabelled)
+    assert p.startswith("CPU-only work (ray.cpu_nodes)") and "lacking label ctd/pool=cpu" in p
     typo = Request("an activation actor (activations.*)", {"CPU": 4, "GPU": 1, "activation": 1})
     (p,) = unschedulable([typo], shapes)
     assert "activation 1 (no such resource)" in p and "activations" in p and "expert" in p  # the known resources listed
@@ -487,7 +490,7 @@ def test_the_pools_quotas_are_what_their_worker_groups_can_hold(name, monkeypatc
     spec = docs[0]["spec"]
     spec = spec.get("rayClusterSpec") or (spec.get("jobTemplate") or {}).get("rayClusterSpec") or spec
     max_nodes = {g["groupName"]: g["maxReplicas"] for g in spec["workerGroupSpecs"]}
-    act, judge = requests(cfg)
+    act, judge, _ = requests(cfg)
     pools = [
         ("activations", act, cfg.activations.min_actors, cfg.activations.max_actors),
         ("expert", judge, cfg.expert.vllm.min_replicas, cfg.expert.vllm.max_replicas),

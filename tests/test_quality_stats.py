@@ -254,6 +254,7 @@ def covered():
     return {k: np.array(v, dtype=float) for k, v in out.items()}
 
 
+@pytest.mark.slow  # 4,400 simulated nights: ~30 s on 2 cores
 def test_ppi_intervals_cover_the_prevalence(covered):
     """P(the 95% interval misses) <= 0.05 over 4,400 nights (power 0.9 against a miss rate of 6.25%): PPI++
     for tonight's rows and for the traffic's rate (0.3), classic PPI, and Clopper-Pearson on the sample
@@ -268,6 +269,7 @@ def test_ppi_intervals_cover_the_prevalence(covered):
     check_rate(int((covered["groups"] == 0).sum()), len(covered["groups"]), 0.05)
 
 
+@pytest.mark.slow
 def test_ppi_intervals_cover_the_subset_rates(covered):
     """The same check for the estimates over a subset: the miss rate among the rows the probe decided alone
     (control rows in the subset as labels, f over every row of it; and Clopper-Pearson on those rows

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ctd import storage
+from ctd.audit.cost import Bill, PoolUse
 from ctd.audit.report import AuditReport
 from ctd.calibration.calibrator import CalibrationScores, Calibrator
 from ctd.calibration.report import explain
@@ -87,6 +88,14 @@ def report_body(
         judge_overruled=7,
         expert_tokens=12345,
         stages=[{"stage": "expert", "seconds": 90.0, "rows": passed, "rows_per_second": passed / 90}],
+        cost=Bill(
+            "USD",
+            PoolUse("activations", 30.0, 1, 1.0),
+            PoolUse("judge", 90.0, 2, 2.0, 4.0),
+            judged_rows=passed,
+            rows=scored,
+            latency={"n": passed, "p50": 0.25, "p95": 0.8},
+        ).to_dict(),
     )
     body.update(over)
     return AuditReport.model_validate(body).model_dump()
@@ -170,8 +179,11 @@ def test_headline_says_the_numbers_in_words():
     assert (
         "100 judge calls" in text[3]
         and "12,345 tokens" in text[3]
-        and "90 s" in text[3]
-        and "at most 180 replica-seconds" in text[3]
+        and "the judge 90 s × 2 replica(s), 2 GPU each = 0.10 GPU-hours, 0.40 USD at 4 USD per GPU-hour" in text[3]
+        and "stage 1 30 s × 1 actor(s), 1 GPU each = 0.0083 GPU-hours;" in text[3]
+        and "No price is configured for a pool with GPUs" in text[3]
+        and "would cost about 4.00 USD" in text[3]
+        and "median 0.25 s, 95th percentile 0.8 s" in text[3]
     )
     assert r.headline()[-1][0] == "ok" and text[-1].startswith("Nothing needs attention")
     # each attention item is its own alarm sentence

@@ -20,9 +20,10 @@ from ..experts.base import PoolPlan, judge_rows
 from ..hashing import digest
 from ..log import log
 from ..pipeline.chunks import ChunkedStage1
-from ..pipeline.raydata import footer_rows, partitions, read, write
+from ..pipeline.raydata import footer_rows, partitions, read, tree_reduce, write
 from ..runs.layout import parquet_files
 from ..tables import parquet_rows
+from .cost import latency_counts, latency_quantiles
 from .results import EXPERT_CARRY, JUDGED_CARRY, to_expert
 from .selection import Selection, stage1_columns
 from .specs import JudgingSpec
@@ -40,6 +41,7 @@ class Judged:
     resumed_rows: int
     plan: PoolPlan
     seconds: float
+    latency: dict  # the judged rows' latency quantiles (ctd.audit.cost.latency_quantiles)
 
 
 def judge(
@@ -82,9 +84,26 @@ def judge(
     rows = footer_rows(files)
     if before_commit is not None:
         before_commit()
-    out = Judged(files, rows, rows - done_rows, done_rows, plan, time.perf_counter() - t0)
+    out = Judged(files, rows, rows - done_rows, done_rows, plan, time.perf_counter() - t0, latency(files))
     log(f"stage 2 done: {rows} expert scores ({out.calls} new) in {out.seconds:.1f} s")
     return out
+
+
+def _bins_sum(*tables):
+    import numpy as np
+    import pyarrow as pa
+
+    n = np.sum([t.column("n").to_numpy() for t in tables], axis=0)
+    return pa.table({"bin": tables[0].column("bin"), "n": n})
+
+
+def latency(files: list[str]) -> dict:
+    """p50 and p95 of the judged rows' latency (``expert_seconds``), from per-bin counts summed in Ray."""
+    if not files:
+        return latency_quantiles([])
+    counts = read(files).map_batches(latency_counts, batch_format="pyarrow", batch_size=None)
+    t = tree_reduce(counts.to_arrow_refs(), _bins_sum)
+    return latency_quantiles(t.column("n").to_numpy() if t is not None else [])
 
 
 def _fresh(uri: str, key: dict) -> tuple[list[str], int]:

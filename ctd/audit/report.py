@@ -49,6 +49,67 @@ FIGURE_CAPTIONS = {
 }
 
 
+def _money(x: float, currency: str) -> str:
+    return f"{x:,.2f} {currency}" if x >= 0.01 else f"{x:.2g} {currency}"
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.2f}" if h >= 0.01 else f"{h:.2g}"
+
+
+def cost_sentences(c: dict) -> list[str]:
+    """The bill (:class:`ctd.audit.cost.Bill` as a dict) in words: each pool's time and GPU-hours (money
+    where priced), the night's total, every row to the judge for comparison, the judge's latency."""
+    if not c:
+        return []
+    cur, out, parts = c["currency"], [], []
+    for name, what, unit in (("activations", "stage 1", "actor"), ("judge", "the judge", "replica")):
+        u = c["pools"][name]
+        if u["gpus_each"] > 0:
+            use = f"{u['gpus_each']:g} GPU each = {_hours(u['gpu_hours'])} GPU-hours"
+            if u["money"] is not None:
+                use += f", {_money(u['money'], cur)} at {u['gpu_hour_price']:g} {cur} per GPU-hour"
+        else:
+            use = f"on CPU = {_hours(u['seconds'] * u['workers'] / 3600)} actor-hours"
+        parts.append(f"{what} {u['seconds']:,.0f} s × {u['workers']} {unit}(s), {use}")
+    out.append("Pool time, at most (each stage's wall time × its pool's largest size): " + "; ".join(parts) + ".")
+    if c.get("by_tokens"):
+        out.append(
+            f"The judge's endpoint: {_money(c['judge_tokens'] * c['token_price'] / 1000, cur)} for the tokens sent at "
+            f"{c['token_price']:g} {cur} per 1,000 (at least: its own tokenizer and the prompt add more)."
+            if c.get("token_price")
+            else "The judge's endpoint is billed by its provider: set expert.http.price_per_1k_tokens to see it here."
+        )
+    if c.get("total") is not None:
+        out.append(f"The night cost about {_money(c['total'], cur)}.")
+    elif any(c["pools"][p]["gpus_each"] > 0 for p in c["pools"]):
+        out.append("No price is configured for a pool with GPUs (gpu_hour_price): the cost is given in GPU-hours.")
+    n, k = c["rows"], c["judged_rows"]
+    if k and c.get("all_to_judge") is not None:
+        out.append(
+            f"Sending all {n:,} audited rows to the judge instead would cost about {_money(c['all_to_judge'], cur)} "
+            f"(tonight's judge cost per judged row × {n:,}, a linear extrapolation), against "
+            f"{_money(c['judge_money'], cur)} for the {k:,} it judged."
+        )
+    elif k and c.get("all_to_judge_gpu_hours") is not None:
+        out.append(
+            f"Sending all {n:,} audited rows to the judge instead would take about {_hours(c['all_to_judge_gpu_hours'])} "
+            f"GPU-hours (tonight's per judged row × {n:,}, a linear extrapolation)."
+        )
+    elif k and c.get("all_to_judge_worker_hours") is not None and not c.get("by_tokens"):
+        out.append(
+            f"Sending all {n:,} audited rows to the judge instead would take about "
+            f"{_hours(c['all_to_judge_worker_hours'])} actor-hours (tonight's per judged row × {n:,}, a linear extrapolation)."
+        )
+    lat = c.get("latency") or {}
+    if lat.get("n"):
+        out.append(
+            f"Judge latency per row: median {lat['p50']:.2g} s, 95th percentile {lat['p95']:.2g} s, over {lat['n']:,} "
+            "judged rows (the time of the call that judged the row; counted in bins 12% wide, each figure a bin's upper edge)."
+        )
+    return out
+
+
 class AuditReport(BaseModel):
     kind: str = "audit"
     run_id: str
@@ -110,6 +171,11 @@ class AuditReport(BaseModel):
     expert_tokens: int = Field(
         description="tokens of the delegated rows as the monitored model counts them, up to its "
         "context: a lower bound of what the judge reads"
+    )
+    cost: dict = Field(
+        default_factory=dict,
+        description="the night's bill (ctd.audit.cost.Bill.to_dict): pool time, GPU-hours, money where priced, every row "
+        "to the judge for comparison, judge latency p50/p95",
     )
     review_rows: int = Field(0, description="rows in review.parquet (flagged, misses, false alarms, control, quarantined)")
     groups: list[dict] = Field(default_factory=list)
@@ -205,28 +271,18 @@ class AuditReport(BaseModel):
         out.append(("", sent + "."))
         quality = [("", t) for t in self.quality_sentences()]
         out += quality
-        secs = next((s.seconds for s in self.stages if s.stage == "expert"), 0.0)
-        reps = self.expert_pool.get("replicas") if self.expert_pool else None
-        busy = secs * (reps or 0)
         tokens = (
             f"{self.expert_tokens + self.control_tokens:,} tokens of conversation sent (as the monitored model counts them"
             + (f"; {self.control_tokens:,} of them for the control sample" if self.control_tokens else "")
-            + "), "
+            + ")"
         )
         out.append(
             (
                 "",
                 f"Cost: {self.expert_calls:,} judge calls in this run"
                 + (f" ({self.control_only:,} of them for the control sample)" if self.control_only else "")
-                + f", {tokens}"
-                f"{secs:,.0f} s of the expert stage"
-                + (
-                    f" on up to {reps} replica(s) (at most "
-                    + (f"{busy / 3600:.2f} replica-hours)" if busy >= 360 else f"{busy:,.0f} replica-seconds)")
-                    if reps
-                    else ""
-                )
-                + ".",
+                + f", {tokens}. "
+                + " ".join(cost_sentences(self.cost)),
             )
         )
         attention = []

@@ -37,6 +37,7 @@ from ..pipeline.raydata import init_ray
 from ..pipeline.watchdog import watch
 from ..runs.history import History, history
 from ..runs.layout import sweep
+from .cost import PoolUse
 from .facts import collect, control_rows
 from .judging import Judged, judge
 from .publish import publish, write_audit_report
@@ -120,6 +121,7 @@ def _context(
     sample: pa.Table | None,
 ) -> NightContext:
     dep, cal = spec.deployment, spec.deployment.calibration
+    act, terms = spec.scoring.pool, spec.judging.expert.bill_terms()
     resumed = {
         k: v
         for k, v in (
@@ -148,6 +150,12 @@ def _context(
         expert_kind=spec.judging.expert.kind,
         expert_calls=judged.calls,
         expert_pool=judged.plan.to_dict(),
+        pools=(
+            PoolUse("activations", scored.stage1.seconds, act.max_actors, act.num_gpus, act.gpu_hour_price),
+            PoolUse("judge", judged.seconds, judged.plan.replicas, terms["gpus_each"], terms["gpu_hour_price"]),
+        ),
+        bill_terms=terms | {"currency": spec.report.currency},
+        latency=judged.latency,
         max_failure_share=spec.judging.max_failure_share,
         drift_alpha=spec.report.drift_alpha,
         timings={

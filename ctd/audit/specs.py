@@ -87,6 +87,7 @@ class ReportSpec:
     config_hash: str
     quality_level: float = 0.005
     reference: Reference | None = None
+    currency: str = "USD"
 
     def secrets(self) -> list[str]:
         """The secrets' values, read from the environment now (never stored)."""
@@ -176,6 +177,7 @@ class AuditSpec:
                 digest(expanded.model_dump(mode="json")),
                 a.quality_level,
                 load_reference(dep.calibration_uri, dep.calibration, cfg.decision_threshold) if control.share > 0 else None,
+                a.currency,
             ),
             publishing=PublishSpec(a.keep_staging, a.notify),
             resume=a.resume,

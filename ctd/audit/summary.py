@@ -36,6 +36,7 @@ from ..stats.quality import (
     group_rate_alarm,
     prevalence_alarm,
 )
+from .cost import Bill, PoolUse
 from .facts import Facts, quality_view
 from .report import AuditReport, StageTiming
 
@@ -231,6 +232,27 @@ class NightContext:
     review_rows: int
     created_at: str
     control: ControlNight | None = None
+    pools: tuple[PoolUse, PoolUse] | None = None  # activations, judge: their stages' time (ctd.audit.cost)
+    bill_terms: dict = field(default_factory=dict)  # the judge's Expert.bill_terms() and audit.currency
+    latency: dict | None = None  # the judged rows' latency quantiles
+
+
+def bill(ctx: NightContext, rows: int, judge_tokens: int) -> dict:
+    """The night's :class:`ctd.audit.cost.Bill` as the report keeps it ({} without pool timings)."""
+    if ctx.pools is None:
+        return {}
+    t = ctx.bill_terms
+    return Bill(
+        currency=t.get("currency", "USD"),
+        activations=ctx.pools[0],
+        judge=ctx.pools[1],
+        judged_rows=ctx.expert_calls,
+        rows=rows,
+        judge_tokens=judge_tokens,
+        token_price=t.get("token_price"),
+        by_tokens=bool(t.get("by_tokens")),
+        latency=ctx.latency,
+    ).to_dict()
 
 
 def summarise(ctx: NightContext, facts: Facts, history: History) -> AuditReport:
@@ -296,6 +318,7 @@ def summarise(ctx: NightContext, facts: Facts, history: History) -> AuditReport:
         judge_alarm=judge.alarm,
         judge_message=judge.message,
         expert_tokens=facts["judged_tokens"],
+        cost=bill(ctx, scored, facts["judged_tokens"] + facts["control_tokens"]),
         # the decisions
         decisions_unsafe=facts["unsafe"],
         unsafe_by_judge=facts["unsafe_by_judge"],

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Expert", "PoolPlan", "OUT_COLUMNS", "normalise", "judge_rows", "replicas_needed"]
 
-OUT_COLUMNS = ("expert", "expert_status", "expert_truncated")
+OUT_COLUMNS = ("expert", "expert_status", "expert_truncated", "expert_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +79,18 @@ class Expert(Protocol):
     def plan(self, rows: int) -> PoolPlan:
         """The pool for ``rows`` rows to judge."""
 
+    def bill_terms(self) -> dict:
+        """How the judge is paid: {"gpus_each": GPUs per replica, "gpu_hour_price", "token_price" (per
+        1,000 tokens), "by_tokens": billed by tokens} (see :class:`ctd.audit.cost.Bill`)."""
+
     def judge(self, ds: ray.data.Dataset, carry: tuple, plan: PoolPlan, log: Callable[[str], None]) -> ray.data.Dataset:
         """The expert's dataset over ``ds`` (columns ``input``, ``is_chat`` and ``carry``)."""
 
 
 def normalise(batch: pa.Table, carry: tuple) -> pa.Table:
     """One shape for every expert's output, whatever its stage returned: the carried columns,
-    ``expert``, ``expert_status`` and ``expert_truncated``. A row that failed inference inside
+    ``expert``, ``expert_status``, ``expert_truncated`` and ``expert_seconds`` (the time of the call that
+    judged the row; null where the expert did not time it). A row that failed inference inside
     ``ray.data.llm`` bypasses our postprocess and comes back as the processor's raw row with
     ``__inference_error__``; it becomes expert = null, expert_status = "error: <reason>" (a bounded
     reason, see :func:`ctd.experts.prompt.error_status`)."""
@@ -95,6 +100,7 @@ def normalise(batch: pa.Table, carry: tuple) -> pa.Table:
     expert = pc.cast(batch.column("expert"), pa.float64()) if "expert" in has else pa.nulls(n, pa.float64())
     status = pc.cast(batch.column("expert_status"), pa.string()) if "expert_status" in has else pa.nulls(n, pa.string())
     cut = pc.cast(batch.column("expert_truncated"), pa.bool_()) if "expert_truncated" in has else pa.nulls(n, pa.bool_())
+    secs = pc.cast(batch.column("expert_seconds"), pa.float64()) if "expert_seconds" in has else pa.nulls(n, pa.float64())
     if "__inference_error__" in has:
         err = pc.cast(batch.column("__inference_error__"), pa.string()).to_pylist()
         failed = pa.array([bool(e) for e in err])
@@ -105,7 +111,9 @@ def normalise(batch: pa.Table, carry: tuple) -> pa.Table:
         status = pc.if_else(pc.is_valid(perr), perr, status)
         expert = pc.if_else(pc.is_valid(perr), pa.scalar(None, pa.float64()), expert)
     status = pc.fill_null(status, "error: the expert returned no status")
-    return pa.table({**cols, "expert": expert, "expert_status": status, "expert_truncated": pc.fill_null(cut, False)})
+    return pa.table(
+        {**cols, "expert": expert, "expert_status": status, "expert_truncated": pc.fill_null(cut, False), "expert_seconds": secs}
+    )
 
 
 def judge_rows(

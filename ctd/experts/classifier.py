@@ -8,6 +8,7 @@ two-label model whose labels carry no names). Building one for an experiment or 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 from ..config import ClassifierExpertConfig, resolve_model_path
 from ..model.activations import TextEncoder, run_encoder
 from ..pipeline.corpus import row_input
+from ..pipeline.raydata import accelerated
 from .base import PoolPlan
 from .prompt import STATUS_OK, error_status
 
@@ -87,7 +89,7 @@ class ClassifierStage:
 
     def __init__(self, cfg: ClassifierExpertConfig):
         self.expert = SequenceClassifierExpert(
-            resolve_model_path(cfg.path), unsafe_label=cfg.unsafe_label, max_length=cfg.max_length
+            resolve_model_path(cfg.path), unsafe_label=cfg.unsafe_label, max_length=cfg.max_length, device=cfg.pool.torch_device
         )
 
     def _score(self, inputs) -> tuple[list, list, list]:
@@ -96,6 +98,7 @@ class ClassifierStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts, chats = batch.column("input").to_pylist(), batch.column("is_chat").to_pylist()
+        t0 = time.perf_counter()
         try:
             scores, status, cut = self._score([row_input(t, c) for t, c in zip(texts, chats)]) if texts else ([], [], [])
         except Exception:  # find the rows that fail; the others are scored
@@ -111,6 +114,8 @@ class ClassifierStage:
             .append_column("expert", pa.array(scores, type=pa.float64()))
             .append_column("expert_status", pa.array(status, type=pa.string()))
             .append_column("expert_truncated", pa.array(cut, type=pa.bool_()))
+            # a row's latency: the call that scored its whole batch
+            .append_column("expert_seconds", pa.array(np.full(len(texts), time.perf_counter() - t0), type=pa.float64()))
         )
 
 
@@ -128,6 +133,10 @@ class ClassifierExpert:
 
     def check(self) -> None:
         """Nothing to check before the actors load the model."""
+
+    def bill_terms(self) -> dict:
+        p = self.cfg.pool
+        return {"gpus_each": p.num_gpus, "gpu_hour_price": p.gpu_hour_price, "token_price": None, "by_tokens": False}
 
     def plan(self, rows: int) -> PoolPlan:
         p = self.cfg.pool
@@ -147,4 +156,5 @@ class ClassifierExpert:
             num_cpus=c.pool.num_cpus,
             resources=dict(c.pool.resources) or None,
             compute=ActorPoolStrategy(min_size=c.pool.min_actors, max_size=c.pool.max_actors),
+            **accelerated(c.pool.num_gpus, c.pool.resources),
         )

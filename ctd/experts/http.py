@@ -185,13 +185,19 @@ class HTTPJudgeStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = list(zip(batch.column("input").to_pylist(), batch.column("is_chat").to_pylist()))
+
+        def timed(r):  # a row's latency: its request, retries and rate-limit waits included
+            t0 = time.perf_counter()
+            return (*self._one(*r), time.perf_counter() - t0)
+
         with ThreadPoolExecutor(self.cfg.concurrency_per_actor) as pool:
-            res = list(pool.map(lambda r: self._one(*r), rows))
+            res = list(pool.map(timed, rows))
         return (
             batch.drop_columns(["input", "is_chat"])
             .append_column("expert", pa.array([r[0] for r in res], type=pa.float64()))
             .append_column("expert_status", pa.array([r[1] for r in res], type=pa.string()))
             .append_column("expert_truncated", pa.array([r[2] for r in res], type=pa.bool_()))
+            .append_column("expert_seconds", pa.array([r[3] for r in res], type=pa.float64()))
         )
 
 
@@ -207,6 +213,9 @@ class HTTPExpert:
 
     def check(self) -> None:
         check_llm_judge(self.cfg, self.kind)
+
+    def bill_terms(self) -> dict:
+        return {"gpus_each": 0.0, "gpu_hour_price": None, "token_price": self.cfg.price_per_1k_tokens, "by_tokens": True}
 
     def plan(self, rows: int) -> PoolPlan:
         h = self.cfg

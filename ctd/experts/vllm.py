@@ -78,6 +78,8 @@ def _vllm_processor(cfg, *, plan: PoolPlan, labels: dict, carry: tuple, log):
 
     def post(row):  # success rows only: ray.data.llm returns failed rows raw (see normalise)
         kept = {c: row.get(c) for c in keep}
+        took = row.get("time_taken_llm")  # the engine's time for this request (-1 where it failed)
+        kept["expert_seconds"] = float(took) if took is not None and took >= 0 else None
         lps = row.get("logprobs")
         if not lps:
             return kept | {"expert": None, "expert_status": "error: the engine returned no logprobs"}
@@ -96,6 +98,15 @@ class VLLMExpert:
     def identity(self) -> dict:
         c = self.cfg.model_dump(mode="json")
         return {"kind": self.kind, **{k: c[k] for k in LLM_JUDGE_IDENTITY}}
+
+    def bill_terms(self) -> dict:
+        c = self.cfg
+        return {
+            "gpus_each": c.num_gpus_per_replica * c.tensor_parallel_size,
+            "gpu_hour_price": c.gpu_hour_price,
+            "token_price": None,
+            "by_tokens": False,
+        }
 
     def check(self) -> None:
         check_llm_judge(self.cfg, self.kind)

@@ -67,18 +67,32 @@ def requests(cfg: JobConfig) -> list[Request]:
             else ")"
         )
         out.append(Request(what, bundle, v.tensor_parallel_size))
+    if cfg.ray.cpu_nodes:  # CPU-only work is held to nodes with these labels: one such node must exist or be addable
+        out.append(Request("CPU-only work (ray.cpu_nodes)", {"CPU": 1.0} | label_resources(cfg.ray.cpu_nodes)))
     return out
 
 
-def _resource_shape(raw: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in raw.items() if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+LABEL = "label:"  # a node label, counted as a resource of 1 in a shape (k=v): what a label selector needs
+
+
+def label_resources(labels: dict[str, str]) -> dict[str, float]:
+    return {f"{LABEL}{k}={v}": 1.0 for k, v in labels.items()}
+
+
+def _resource_shape(raw: dict, labels: dict | None = None) -> dict[str, float]:
+    shape = {k: float(v) for k, v in raw.items() if not k.startswith("node:") and k not in ("memory", "object_store_memory")}
+    return shape | label_resources({k: v for k, v in (labels or {}).items() if not k.startswith("ray.io/")})
 
 
 def node_shapes() -> list[tuple[str, dict[str, float]]]:
     """(where it comes from, shape) for the alive nodes and the autoscaler's node types."""
     import ray
 
-    shapes = [(f"node {n['NodeManagerAddress']}", _resource_shape(n["Resources"])) for n in ray.nodes() if n.get("Alive")]
+    shapes = [
+        (f"node {n['NodeManagerAddress']}", _resource_shape(n["Resources"], n.get("Labels")))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
     try:  # autoscaler v2 reports the node groups it can launch; a private API, so only a hint when present
         from ray._private.state import state
 
@@ -100,7 +114,8 @@ def manifest_shapes(path: str) -> list[tuple[str, dict[str, float]]]:
     """The worker groups of a RayCluster manifest (or a RayJob's or RayCronJob's embedded one) as
     Ray node shapes, the way KubeRay starts their pods: ``rayStartParams`` num-cpus, num-gpus and
     resources, else the first container's limits (cpu, nvidia.com/gpu). Groups with maxReplicas 0
-    and the head (it takes no work when num-cpus is 0) are left out unless they have resources."""
+    and the head (it takes no work when num-cpus is 0) are left out unless they have resources.
+    A group's ``labels`` are in its shape as ``label:k=v`` resources of 1 (see :func:`label_resources`)."""
     import yaml
 
     try:
@@ -130,6 +145,7 @@ def manifest_shapes(path: str) -> list[tuple[str, dict[str, float]]]:
                 custom = json.loads(custom)
             if isinstance(custom, dict):
                 shape |= {k: float(v) for k, v in custom.items()}
+            shape |= label_resources(g.get("labels") or {})
             out.append((f"{path} worker group {name}" if name != "head" else f"{path} head", shape))
     return out
 
@@ -149,7 +165,9 @@ def _lacking(need: dict[str, float], shape: dict[str, float]) -> dict[str, float
 
 
 def _fmt(d: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(d.items())) + "}"
+    return (
+        "{" + ", ".join(f"label {k[len(LABEL) :]}" if k.startswith(LABEL) else f"{k}: {v:g}" for k, v in sorted(d.items())) + "}"
+    )
 
 
 def unschedulable(reqs: list[Request], shapes: list[tuple[str, dict[str, float]]]) -> list[str]:
@@ -165,10 +183,14 @@ def unschedulable(reqs: list[Request], shapes: list[tuple[str, dict[str, float]]
 
         where, best = min(shapes, key=lambda x: (len(_lacking(need, x[1])), sum(_lacking(need, x[1]).values())))
         miss = ", ".join(
-            f"{k} {need[k]:g} (has {best.get(k, 0.0):g})" if k in best else f"{k} {need[k]:g} (no such resource)"
+            f"label {k[len(LABEL) :]}"
+            if k.startswith(LABEL)
+            else f"{k} {need[k]:g} (has {best.get(k, 0.0):g})"
+            if k in best
+            else f"{k} {need[k]:g} (no such resource)"
             for k in _lacking(need, best)
         )
-        known = sorted({k for _, s in shapes for k in s})
+        known = sorted({k.replace(LABEL, "label ", 1) for _, s in shapes for k in s})
         problems.append(
             f"{r.what} asks for {_fmt(need)} on one node; no node or node type the cluster has or can add provides it "
             f"(nearest: {where}, lacking {miss}; resources the cluster knows: {', '.join(known)})"

@@ -20,7 +20,7 @@ from ..config import ModelConfig, PoolConfig, resolve_model_path
 from ..log import log
 from ..model.probes import LinearProbe
 from .corpus import read_corpus
-from .raydata import footer_rows, write
+from .raydata import accelerated, footer_rows, write
 from .stages import ActivationSpec, ActivationStage, TokenizeStage
 
 __all__ = ["Stage1", "activation_spec", "run_stage1", "stage1_files", "EXPERT_PART", "EXPERT_CARRY"]
@@ -59,8 +59,8 @@ def activation_spec(
         token_budget=model.token_budget,
         compile=model.compile,
         dtype=model.dtype,
-        device="cuda" if pool.num_gpus > 0 else "cpu",
-        threads=None if pool.num_gpus > 0 else max(1, int(round(pool.num_cpus))),
+        device=pool.torch_device,
+        threads=None if pool.torch_device == "cuda" else max(1, int(round(pool.num_cpus))),
         safety=safety,
         dv=dv,
         **fields,
@@ -116,6 +116,7 @@ def run_stage1(
         num_cpus=pool.num_cpus,
         resources=dict(pool.resources) or None,
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        **accelerated(pool.num_gpus, pool.resources),
     )
     storage.remove(out_uri)
     write(act, out_uri, rows_per_file, partition_cols=["part"] if spec.partitioned else None)

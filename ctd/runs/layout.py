@@ -198,7 +198,9 @@ def describe_files(uris: list[str], rows: Callable[[str], bool] = lambda f: True
     if not uris:
         return {}
     if ray.is_initialized():
-        task = ray.remote(num_cpus=0.25, max_retries=3)(_describe)
+        from ..pipeline.raydata import cpu_task
+
+        task = cpu_task(_describe, num_cpus=0.25, max_retries=3)
         return dict(zip(uris, ray.get([task.remote(u, rows(u), strict) for u in uris])))
     from concurrent.futures import ThreadPoolExecutor
 
