@@ -8,8 +8,11 @@ benchmarks/results/cluster_shape.json.
 The cluster (ctd.testing.cluster.LocalCluster) is cluster/raycluster.yaml's shape: a head that takes
 no work (num-cpus 0), and nodes of the cpu, activations and expert worker groups with their custom
 resources and their GPUs declared as Ray resources (no real GPU: the stages run on CPU with tiny
-models). The config is configs/production.yaml with only model paths, devices and sizes overridden
-(ctd.testing.cluster.production_on_cpu). The audit runs as the nightly job would; then Ray's state
+models). The config is configs/production.yaml (its resource requests, labels and audit settings as
+production has them; overridden: paths, devices (CPU, fp32, no compile), sizes, and the judge (the
+demo's classifier on the pool production gives its vLLM replicas, one GPU bundle each: vLLM with
+tensor parallelism 2 needs two real GPUs); ctd.testing.cluster.production_on_cpu). The audit runs as
+the nightly job would; then Ray's state
 API says where each actor and task ran, and the checks below compare that with what the manifest
 promises: activation actors only on activation nodes, judge actors only on expert nodes, CPU-only
 tasks off the GPU-shaped nodes, nothing that asks for resources on the head.

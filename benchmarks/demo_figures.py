@@ -26,6 +26,36 @@ def accuracy(score, y) -> float:
     return float(((score >= 0.5) == (y == 1)).mean())
 
 
+def recall(score, y) -> float:
+    """Share of the labelled-unsafe rows flagged (score >= 0.5)."""
+    return float((score[y == 1] >= 0.5).mean()) if (y == 1).any() else float("nan")
+
+
+def corpus_stats(uri: str) -> dict:
+    """What the night's traffic looks like: rows, distinct texts, words per conversation, multi-turn share."""
+    texts, chats = [], 0
+    for line in open(uri, "rb"):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(r, dict) or r.get("label") not in (0, 1):
+            continue
+        msgs = r.get("messages")
+        if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs):
+            texts.append(" ".join(str(m.get("content", "")) for m in msgs))
+            chats += len(msgs) > 1
+        elif isinstance(r.get("text"), str):
+            texts.append(r["text"])
+    words = np.array([len(t.split()) for t in texts])
+    return {
+        "rows": len(texts),
+        "distinct_texts": round(len(set(texts)) / max(len(texts), 1), 3),
+        "median_words": float(np.median(words)) if len(words) else None,
+        "multi_turn": round(chats / max(len(texts), 1), 3),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/demo", help="the demo's output folder")
@@ -44,6 +74,9 @@ def main(argv=None) -> int:
                 "final_auroc": round(auroc(y, f), 3),
                 "probe_accuracy": round(accuracy(p, y), 3),
                 "final_accuracy": round(accuracy(f, y), 3),
+                "unsafe_prevalence": round(float(y.mean()), 4),
+                "probe_recall": round(recall(p, y), 3),
+                "final_recall": round(recall(f, y), 3),
                 "sent_to_judge": round(float(np.mean(t["delegated"])), 4),
                 "probe_scores_in_0.1_0.9": round(float(((p > 0.1) & (p < 0.9)).mean()), 3),
                 "drift_e_value": rep["drift_e_value"],
@@ -55,6 +88,9 @@ def main(argv=None) -> int:
                 "probe_passed_label_unsafe": round(float(y[p < 0.5].mean()), 3),
             }
         )
+        day_file = os.path.join(args.out, "corpus", "audit", f"{rep['audited_date']}.jsonl")
+        if os.path.exists(day_file):
+            nights[-1]["traffic"] = corpus_stats(day_file)
     c = read_parquet(os.path.join(args.out, "calibration", "calibration_scores.parquet")).to_pydict()
     y, p, e, d, g = (np.array(c[k]) for k in ("label", "probe", "expert", "dv", "group"))
     groups = {
@@ -66,10 +102,21 @@ def main(argv=None) -> int:
         }
         for k in sorted(set(g.tolist()))
     }
+    overall = {
+        "rows": int(len(y)),
+        "unsafe_prevalence": round(float(y.mean()), 4),
+        **{
+            f"{who}_{m}": round(fn(s_, y), 3)
+            for who, s_ in (("probe", p), ("expert", e))
+            for m, fn in (("auroc", lambda s_, y: auroc(y, s_)), ("accuracy", accuracy), ("recall", recall))
+        },
+        "expert_scores_in_0.05_0.95": round(float(((e > 0.05) & (e < 0.95)).mean()), 3),
+    }
     cal = storage.read_json(os.path.join(args.out, "calibration", "calibration_report.json"))
     result = {
         "command": "python benchmarks/demo_figures.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "nights": nights,
+        "calibration_overall": overall,
         "calibration_groups": groups,
         "calibration": cal["message"],
     }

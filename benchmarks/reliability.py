@@ -21,7 +21,7 @@ classifier expert, probes, calibration) into S3, then:
    (``--only attacks`` runs this section alone, on local files, ~5 min);
 9. on a local multi-node cluster of cluster/raycluster.yaml's shape (benchmarks/cluster_shape.py), loses
    a whole activation node during stage 1 and a whole expert node during the judge stage, and counts
-   the rows published (``--only node_loss``, ~6 min; not part of the full run).
+   the rows published (``--only node_loss``, ~6 min; not part of the full run, which keeps its section).
 """
 
 from __future__ import annotations
@@ -801,6 +801,11 @@ def main(argv=None):
         "attacks": attacks,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    if os.path.exists(args.out):  # the node-loss section is measured apart (--only node_loss): keep it
+        before = json.load(open(args.out))
+        if "node_loss" in before:
+            result["node_loss"] = before["node_loss"]
+            result["summary"] |= {k: before["summary"][k] for k in ("nodes_lost", "node_loss_runs_published_whole")}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, default=str)
     log(json.dumps(result["summary"], indent=2))
@@ -861,6 +866,9 @@ def node_loss_only(path: str) -> int:
             "published": bool(r.get("published")),
             "rows_read": v.get("rows_read"),
             "rows_published": (v.get("results_rows") or 0) + (v.get("quarantine_rows") or 0),
+            "results_rows": v.get("results_rows"),
+            "quarantine_rows": v.get("quarantine_rows"),
+            "expert_calls": (r.get("published") or {}).get("expert_calls"),
             "rows_lost": v.get("rows_lost"),
             "rows_extra": v.get("rows_extra"),
             "duplicate_ids": v.get("duplicate_ids"),

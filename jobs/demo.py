@@ -2,9 +2,10 @@
 
     python -m jobs.demo [--config configs/demo.yaml] [--out out/demo]
 
-generates a corpus, builds the classifier expert (MiniLM, head fine-tuned on its own split),
-trains the probes, calibrates λ* on a held-out shard, audits three nights (the last one with
-shifted traffic, so that the drift statistic moves), and prints where the reports are.
+generates realistic traffic (ctd/testing/traffic.py), builds the classifier expert (MiniLM, head
+fine-tuned on its own split), trains the probes, calibrates λ* on a held-out shard, audits three nights
+(the last one carries a campaign the probe passes, so that the quality alarms fire while the drift
+alarm stays quiet), and prints where the reports are.
 """
 
 import argparse
@@ -34,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--shifted-ambiguous",
         type=float,
-        default=0.25,
-        help="share of ambiguous conversations on the shifted night (the calibration's is 0.25; 0.8 moves the "
-        "delegation rate enough for the drift alarm)",
+        default=None,
+        help="share of conversations told against their label on the shifted night (default the traffic's own, 0.15; "
+        "0.8 moves the delegation rate enough for the drift alarm)",
     )
     ap.add_argument(
         "--shifted-campaign",
         type=float,
-        default=0.3,
+        default=0.2,
         help="share of the shifted night's rows from a campaign of harmful requests shaped like everyday questions",
     )
     args = ap.parse_args(argv)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(load_config(args.config).ray)
     steps = 4 + args.nights
     step = iter(range(1, steps + 1))
-    d = deploy(out, out, base, log=lambda m: log(f"[{next(step)}/{steps}] {m}"))
+    d = deploy(out, out, base, log=lambda m: log(f"[{next(step)}/{steps}] {m}"), traffic="realistic")
     # each night's traffic in a file of its own; the config names them by {date}, so that
     # `python -m jobs.audit --config <out>/config.yaml --date D` audits night D
     cfg = yaml.safe_load(open(d["config_path"]))
@@ -65,14 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(args.nights):
         day = (yesterday - _dt.timedelta(days=args.nights - 1 - k)).isoformat()
         shifted = k == args.nights - 1 and args.nights > 1
-        ambiguous = args.shifted_ambiguous if shifted else 0.25
+        ambiguous = args.shifted_ambiguous if shifted else None
         campaign = args.shifted_campaign if shifted else 0.0
-        generate_night(f"{out}/corpus/audit/{day}.jsonl", day, seed=100 + k, ambiguous=ambiguous, campaign=campaign)
+        generate_night(
+            f"{out}/corpus/audit/{day}.jsonl", day, seed=100 + k, ambiguous=ambiguous, campaign=campaign, traffic="realistic"
+        )
+        told = "" if ambiguous is None else f"{ambiguous:.0%} of conversations told against their label, "
         log(
             f"[{next(step)}/{steps}] nightly audit of {day}"
             + (
-                f" (shifted traffic: {ambiguous:.0%} ambiguous conversations, {campaign:.0%} from a campaign of harmful"
-                " requests shaped like everyday questions)"
+                f" (shifted traffic: {told}{campaign:.0%} from a campaign of harmful requests shaped like everyday questions)"
                 if shifted
                 else ""
             )

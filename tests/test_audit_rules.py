@@ -449,10 +449,11 @@ def test_the_bill_against_a_hand_computation_with_and_without_prices():
     assert (act.gpu_hours, act.money, judge.gpu_hours, judge.money) == (2.0, 6.0, 4.0, 16.0)
     assert b.total == 22.0 and b.all_to_judge == 16.0 / 1000 * 50_000 == 800.0
     words = " ".join(cost_sentences(b.to_dict()))
-    for s in ("2.00 GPU-hours, 6.00 EUR at 3 EUR per GPU-hour", "4.00 GPU-hours, 16.00 EUR", "about 22.00 EUR"):
+    for s in ("2.00 GPU-hours, 6.00 EUR at 3 EUR per GPU-hour", "4.00 GPU-hours, 16.00 EUR", "cost about 22.00 EUR (CPU"):
         assert s in words, s
     assert "all 50,000 audited rows to the judge instead would cost about 800.00 EUR" in words
     assert "median 0.5 s, 95th percentile 2 s, over 1,000 judged rows" in words
+    assert "This attempt resumed" in " ".join(cost_sentences(Bill("EUR", act, judge, 1, 2, resumed=True).to_dict()))
     unpriced = Bill("EUR", PoolUse("activations", 1800.0, 4, 1.0), judge, 1000, 50_000)
     assert unpriced.total is None and unpriced.all_to_judge == 800.0  # the judge is priced, stage 1 is not
     assert "No price is configured" in " ".join(cost_sentences(unpriced.to_dict()))
@@ -463,7 +464,8 @@ def test_the_bill_against_a_hand_computation_with_and_without_prices():
     assert "would take about 0.20 actor-hours" in words  # 72 s / 10 rows × 100 rows
     http = Bill("USD", act, PoolUse("judge", 60.0, 2, 0.0), 100, 1000, judge_tokens=200_000, token_price=0.5, by_tokens=True)
     assert http.judge_money == 100.0 and http.total == 106.0 and http.all_to_judge == 1000.0
-    assert "100.00 USD for the tokens sent at 0.5 USD per 1,000 (at least" in " ".join(cost_sentences(http.to_dict()))
+    words = " ".join(cost_sentences(http.to_dict()))
+    assert "100.00 USD for the tokens sent at 0.5 USD per 1,000 (at least" in words and "No price" not in words
     assert Bill("USD", act, PoolUse("judge", 60.0, 2, 0.0), 100, 1000, by_tokens=True).total is None  # the endpoint unpriced
 
 

@@ -177,3 +177,38 @@ def test_a_config_missing_from_a_ray_job_upload_says_how_to_fix_it(tmp_path, mon
     monkeypatch.chdir(tmp_path)  # anywhere else: the plain message
     with pytest.raises(ConfigError, match=r"^config file not found: out/demo/config.yaml$"):
         load_config("out/demo/config.yaml")
+
+
+def test_with_cpu_nodes_only_the_gpu_stages_escape_the_label_selector(tiny_llama):
+    """`ray.cpu_nodes` holds every task and actor of our datasets to the labelled nodes (Ray Data's
+    label_selector); the stages that ask for GPUs or custom resources (the activation and classifier pools,
+    the vLLM engine's replicas) carry the negated selector, so they can land on the GPU nodes, which lack
+    the label; CPU pools and the vLLM prompt stage keep it. Without cpu_nodes nothing is added."""
+    import ray.data
+
+    from ctd.config import VLLMExpertConfig
+    from ctd.experts.base import PoolPlan
+    from ctd.experts.vllm import _vllm_processor
+    from ctd.pipeline.raydata import accelerated, configure_data, cpu_task
+
+    ctx = ray.data.DataContext.get_current()
+    shuffle = ctx.shuffle_strategy
+    try:
+        configure_data(cpu_nodes={"ctd/pool": "cpu"})
+        assert ctx.execution_options.label_selector == {"ctd/pool": "cpu"}
+        assert accelerated(1, {}) == {"label_selector": {"ctd/pool": "!cpu"}} == accelerated(0, {"expert": 1})
+        assert accelerated(0, {}) == {} and hasattr(cpu_task(lambda: 0), "remote")
+        cfg = VLLMExpertConfig(model=tiny_llama, num_gpus_per_replica=1, resources={"expert": 1})
+        proc = _vllm_processor(cfg, plan=PoolPlan(10, 1, 1, None, None), labels={}, carry=("id",), log=lambda m: None)
+        kw = {name: s.map_batches_kwargs for name, s in proc.stages.items()}
+        engine = [k for name, k in kw.items() if name.startswith("vLLMEngineStage")]
+        assert len(engine) == 1 and engine[0]["label_selector"] == {"ctd/pool": "!cpu"}
+        assert all("label_selector" not in k for name, k in kw.items() if not name.startswith("vLLMEngineStage"))
+        assert ctx.shuffle_strategy.value == "hash_shuffle"  # shuffle v2 ignores the selector
+        configure_data()
+        assert ctx.execution_options.label_selector is None and accelerated(1, {"expert": 1}) == {}
+        assert ctx.shuffle_strategy == shuffle
+        assert hasattr(cpu_task(lambda: 0), "remote") and hasattr(cpu_task(lambda: 0, num_cpus=0.25), "remote")
+    finally:
+        configure_data()
+        ctx.shuffle_strategy = shuffle

@@ -3,7 +3,9 @@
 benchmarks/cluster_shape.py starts a local multi-node cluster whose nodes are read from
 cluster/raycluster.yaml (a head with no CPUs, then the cpu, activations and expert groups with their
 resources and labels; GPUs declared, not real) and audits the session's deployed night with
-configs/production.yaml, only paths, devices and sizes overridden. It runs in a process of its own:
+configs/production.yaml (its resource requests, labels and audit settings as production has them; overridden: paths,
+devices (CPU, fp32, no compile), sizes, and the judge (the demo's classifier on the pool production
+gives its vLLM replicas, one GPU bundle each: vLLM with tensor parallelism 2 needs two real GPUs)). It runs in a process of its own:
 a driver connects to one cluster, and the session's Ray head is another.
 """
 
@@ -34,8 +36,8 @@ def test_the_production_night_runs_where_the_manifest_says_and_survives_losing_w
     stage runs. The run publishes in one attempt and verifies: rows read = scored + quarantined, none
     lost, none twice, each stage's actor restarted on its group's other node. Ray's state API says the
     activation actors ran only on activation nodes, the judge actors only on expert nodes, every CPU-only
-    task on the cpu group's nodes (none on the GPU-shaped ones: without `ray.cpu_nodes` Ray Data spread
-    ~100 of ~300 tasks onto each), and nothing that asks for resources on the head. A misspelt resource in
+    task on the cpu group's nodes (none on the GPU-shaped ones: before `ray.cpu_nodes`, Ray Data spread about
+    a third of its tasks onto each), and nothing that asks for resources on the head. A misspelt resource in
     the production config exits 2 before any work, so nothing is published and this test fails."""
     got, log = shape_run(deployment, tmp_path, "--lose", "activations,expert")
     assert [x["group"] for x in got["lost"]] == ["activations", "expert"], log

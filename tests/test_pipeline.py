@@ -116,6 +116,11 @@ def test_audit_on_s3_row_invariant_quarantine_gate_and_expert_rows(audited, depl
     body = storage.read_json(run_file(out, rid, "report.json"))
     assert body["rows_read"] == 310 and body["alpha"] == 0.25 and 0 <= body["rate_pvalue"] <= 1
     assert {s["stage"] for s in body["stages"]} == {"activations", "select", "expert", "merge"}
+    # the bill: both pools on CPU (actor-hours), every judged row timed by the classifier's batch call
+    cost = body["cost"]
+    assert cost["pools"]["judge"]["workers"] == report.expert_pool["replicas"] and cost["judged_rows"] == report.expert_calls
+    assert cost["latency"]["n"] == report.expert_calls and 0 < cost["latency"]["p50"] <= cost["latency"]["p95"] < 600
+    assert "actor-hours" in " ".join(t for _, t in report.headline()) and cost["total"] is None
 
 
 def test_report_leads_with_the_answer_and_lists_what_to_review(audited):
@@ -644,6 +649,8 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama)
     assert read_manifest(cfg.audit.output, "vllm")["summary"]["judge_alarm"] is True
     cut = np.asarray(res.column("expert_truncated").to_numpy(zero_copy_only=False), dtype=bool)[deleg]
     assert report.expert_truncated == cut.sum()
+    lat = report.cost["latency"]  # vLLM's own time per request, for the rows it answered (failed rows have none)
+    assert ok.sum() <= lat["n"] <= deleg.sum() and 0 < lat["p50"] <= lat["p95"]
     # through the job entrypoint with --fail-on-judge-errors: stage 1 and the judged rows are committed
     # (keep_staging), so the rerun resumes without judging, publishes the same figures and exits 5
     sets = [

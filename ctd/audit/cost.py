@@ -89,6 +89,7 @@ class Bill:
     token_price: float | None = None  # per 1,000 tokens, for a judge behind a priced endpoint
     by_tokens: bool = False  # the judge is an endpoint billed by tokens (expert.kind http)
     latency: dict | None = None  # latency_quantiles of the judged rows
+    resumed: bool = False  # this attempt resumed a night: its pool time and calls are this attempt's only
 
     @property
     def judge_money(self) -> float | None:
@@ -140,4 +141,5 @@ class Bill:
             "all_to_judge_gpu_hours": self.all_to_judge_gpu_hours,
             "all_to_judge_worker_hours": self.all_to_judge_worker_hours,
             "latency": self.latency,
+            "resumed": self.resumed,
         }

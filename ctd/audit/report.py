@@ -81,9 +81,14 @@ def cost_sentences(c: dict) -> list[str]:
             else "The judge's endpoint is billed by its provider: set expert.http.price_per_1k_tokens to see it here."
         )
     if c.get("total") is not None:
-        out.append(f"The night cost about {_money(c['total'], cur)}.")
-    elif any(c["pools"][p]["gpus_each"] > 0 for p in c["pools"]):
-        out.append("No price is configured for a pool with GPUs (gpu_hour_price): the cost is given in GPU-hours.")
+        out.append(
+            f"The pools' GPU time and the judge's tokens cost about {_money(c['total'], cur)} (CPU nodes, the head and "
+            "nodes idling before the autoscaler removes them are not counted)."
+        )
+    elif any(u["gpus_each"] > 0 and u["money"] is None for u in c["pools"].values()):
+        out.append("No price is configured for a pool with GPUs (gpu_hour_price): its cost is given in GPU-hours.")
+    if c.get("resumed"):
+        out.append("This attempt resumed a night an earlier attempt had started: the pool time above is this attempt's only.")
     n, k = c["rows"], c["judged_rows"]
     if k and c.get("all_to_judge") is not None:
         out.append(

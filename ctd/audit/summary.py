@@ -252,6 +252,7 @@ def bill(ctx: NightContext, rows: int, judge_tokens: int) -> dict:
         token_price=t.get("token_price"),
         by_tokens=bool(t.get("by_tokens")),
         latency=ctx.latency,
+        resumed=bool(ctx.resumed),
     ).to_dict()
 
 

@@ -46,9 +46,11 @@ def train_head(
     weight_decay: float = 1e-2,
     seed: int = 0,
     init: dict[str, torch.Tensor] | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Train a BERT classification head (dense + tanh, then linear to 2 logits) on frozen [CLS]
-    features with full-batch AdamW for a fixed number of steps (no label-dependent early stopping).
+    features with full-batch AdamW for a fixed number of steps (no label-dependent early stopping);
+    ``label_smoothing`` > 0 keeps its probabilities off 0 and 1 (a judge that says how sure it is).
     Returns a dict of float32 tensors: pooler.dense.{weight,bias}, classifier.{weight,bias}."""
     import torch
 
@@ -65,7 +67,7 @@ def train_head(
     opt = torch.optim.AdamW([*dense.parameters(), *out.parameters()], lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(out(torch.tanh(dense(x))), y)
+        loss = torch.nn.functional.cross_entropy(out(torch.tanh(dense(x))), y, label_smoothing=label_smoothing)
         loss.backward()
         opt.step()
     return {

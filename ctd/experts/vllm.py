@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from ..config import VLLMExpertConfig, resolve_model_path
+from ..pipeline.raydata import accelerated
 from .base import PoolPlan, replicas_needed
 from .prompt import LLM_JUDGE_IDENTITY, check_llm_judge, judge_prompt, label_token_ids, p_unsafe_from_logprobs, render
 
@@ -86,7 +87,12 @@ def _vllm_processor(cfg, *, plan: PoolPlan, labels: dict, carry: tuple, log):
         p, status = p_unsafe_from_logprobs({int(t): v for t, v in lps[0].items()}, labels)
         return kept | {"expert": float(p), "expert_status": status}
 
-    return build_processor(proc_cfg, preprocess=pre, postprocess=post)
+    proc = build_processor(proc_cfg, preprocess=pre, postprocess=post)
+    # the engine's replicas go to the GPU bundles' nodes, never held to ray.cpu_nodes as its CPU stages are
+    for stage in proc.stages.values():
+        if type(stage).__name__ == "vLLMEngineStage":
+            stage.map_batches_kwargs = {**stage.map_batches_kwargs, **accelerated(cfg.num_gpus_per_replica, cfg.resources)}
+    return proc
 
 
 class VLLMExpert:

@@ -101,7 +101,8 @@ def node_shapes() -> list[tuple[str, dict[str, float]]]:
         config = None
     for g in getattr(config, "node_group_configs", None) or []:
         if g.max_count != 0 and g.resources:
-            shapes.append((f"autoscaler node type {g.name}", _resource_shape(dict(g.resources))))
+            labels = dict(getattr(g, "labels", None) or {})
+            shapes.append((f"autoscaler node type {g.name}", _resource_shape(dict(g.resources), labels)))
     return shapes
 
 

@@ -75,10 +75,10 @@ def configure_data(preserve_order: bool = False, cpu_nodes: dict[str, str] | Non
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.label_selector = dict(cpu_nodes) if cpu_nodes else None
-    if cpu_nodes:  # Ray 2.60's default shuffle (v2) places its map tasks without the selector; the hash shuffle keeps it
-        from ray.data.context import ShuffleStrategy
+    # Ray 2.60's default shuffle (v2) places its map tasks without the selector; the hash shuffle keeps it
+    from ray.data.context import DEFAULT_SHUFFLE_STRATEGY, ShuffleStrategy
 
-        ctx.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
+    ctx.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE if cpu_nodes else ShuffleStrategy(DEFAULT_SHUFFLE_STRATEGY)
     ctx.execution_options.preserve_order = preserve_order
     ctx.enable_operator_progress_bars = False
     # Ray 2.60's Parquet reader V2 starts 32 footer-reader actors for every read: measured 2-5 s per
@@ -105,7 +105,8 @@ def cpu_task(fn: Callable, **options: Any) -> Any:
     import ray
 
     held = _held_to()
-    return ray.remote(**options, **({"label_selector": held} if held else {}))(fn)
+    opts = {**options, **({"label_selector": held} if held else {})}
+    return ray.remote(**opts)(fn) if opts else ray.remote(fn)  # ray.remote() with no option is refused
 
 
 # ----------------------------------------------------------------------------------------------

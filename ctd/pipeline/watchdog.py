@@ -127,6 +127,7 @@ def watch(
 
     def loop() -> None:
         since: dict[str, float] = {}
+        said = -1e9  # when the last failed poll was logged: once every 5 minutes at most
         while not stop.wait(poll_s):
             if deadline is not None and _dt.datetime.now(deadline.tzinfo) >= deadline:
                 found.append(
@@ -139,7 +140,13 @@ def watch(
                 try:
                     stuck = stuck_classes(actors())
                 except Exception as e:  # noqa: BLE001 - the state API is a hint: a failed poll is not a stuck night
-                    log(f"warning: could not list the job's actors ({type(e).__name__}: {e}); retrying")
+                    if time.monotonic() - said >= 300:
+                        said = time.monotonic()
+                        log(
+                            f"warning: could not list the job's actors ({type(e).__name__}: {str(e)[:160]}): until it can, "
+                            "a stage stuck waiting for resources is not seen (a local Ray instance has no state API); "
+                            "retrying every few seconds, said again in 5 minutes"
+                        )
                     continue
                 now = time.monotonic()
                 since = {k: since.get(k, now) for k in stuck}

@@ -121,7 +121,7 @@ class LocalCluster:
 
 
 def production_on_cpu(deployed: dict, *, address: str, day: str, rows_per_file: int = 200) -> dict:
-    """``configs/production.yaml`` with only what this machine forces overridden: the model, probe,
+    """``configs/production.yaml`` with what this machine forces overridden: the model, probe,
     corpus, calibration and output paths of a deployment (``deployed``: a config dict the demo's
     ``deploy`` wrote), devices (cpu, fp32, no compile), sizes (actors, CPUs, batch and file sizes, the
     control sample's floor) and the cluster's address. The resource requests (``activations.resources``,

@@ -15,6 +15,12 @@ score is perfect. The audit shard also carries malformed rows of every kind the 
 show the quarantine.
 
 Splits: train (probe), expert_train (expert head), dev (layer choice, DV probe), calibration, audit.
+
+That is the *compact* traffic the tests audit in a few hundred rows (short templated rows, half of them
+unsafe). ``python -m jobs.demo`` deploys *realistic* traffic instead (``traffic="realistic"``,
+:mod:`ctd.testing.traffic`: 4% unsafe, distinct multi-turn conversations whose group is their topic),
+with the same story: a probe trained on an older mix, an expert taught more (blind on travel), hard
+rows told against their label, and a shifted night that carries a campaign.
 """
 
 from __future__ import annotations
@@ -193,13 +199,26 @@ SIZES = {"train": 500, "expert_train": 700, "dev": 600, "calibration": 800, "aud
 
 
 def generate_corpus(
-    out_dir: str, seed: int = 0, sizes: dict | None = None, ambiguous: float = 0.25, bad_rows: bool = True, noise: float = NOISE
+    out_dir: str,
+    seed: int = 0,
+    sizes: dict | None = None,
+    ambiguous: float = 0.25,
+    bad_rows: bool = True,
+    noise: float = NOISE,
+    traffic: str = "compact",
 ) -> dict[str, str]:
     """Write the demo splits as JSON lines under ``out_dir``; returns {split: uri}. ``ambiguous`` is
     the share of ambiguous rows outside the probe's training split (raise it to simulate a night
-    whose traffic has shifted)."""
+    whose traffic has shifted). ``traffic``: "compact" (short templated rows, half of them unsafe: what
+    the tests audit in a few hundred rows) or "realistic" (:mod:`ctd.testing.traffic`: what the demo shows;
+    ``ambiguous`` and ``noise`` are then its own)."""
     sizes = {**SIZES, **(sizes or {})}
     rng = np.random.default_rng(seed)
+    if traffic == "realistic":
+        return {
+            split: _write_realistic(storage.join(out_dir, f"{split}.jsonl"), rng, split, n, bad_rows and split == "audit", seed)
+            for split, n in sizes.items()
+        }
     uris = {}
     for split, n in sizes.items():
         extra = (
@@ -234,17 +253,63 @@ def _campaign_rows(rng, split: str, n: int, noise: float = NOISE, start: int = 0
 
 
 def generate_night(
-    uri: str, day: str, *, seed: int, ambiguous: float = 0.25, campaign: float = 0.0, rows: int = SIZES["audit"]
+    uri: str,
+    day: str,
+    *,
+    seed: int,
+    ambiguous: float | None = None,
+    campaign: float = 0.0,
+    rows: int = SIZES["audit"],
+    traffic: str = "compact",
 ) -> str:
     """One night's audit corpus at ``uri`` (ids ``<day>-NNNNN``, the malformed rows included): the
     same traffic as the calibration shard, or a shifted one, with a larger ``ambiguous`` share and/or
-    a ``campaign`` share of rows from :data:`CAMPAIGN` (the same total of rows)."""
+    a ``campaign`` share of rows from :data:`CAMPAIGN` (the same total of rows). ``ambiguous`` None: the
+    traffic's own share (0.25 compact, :data:`ctd.testing.traffic.AMBIGUOUS` realistic)."""
+    if traffic == "realistic":
+        return _write_realistic(uri, np.random.default_rng(seed), day, rows, True, seed, campaign=campaign, ambiguous=ambiguous)
     k = int(round(campaign * rows))
     extra = _campaign_rows(np.random.default_rng([seed, 7]), day, k) if k else []
-    return _write_split(uri, np.random.default_rng(seed), day, rows - k, ambiguous, True, extra=extra)
+    amb = 0.25 if ambiguous is None else ambiguous
+    return _write_split(uri, np.random.default_rng(seed), day, rows - k, amb, True, extra=extra)
 
 
-def build_demo_expert(corpus_uri: str, model_dir: str, out_dir: str, seed: int = 0) -> str:
+# realistic traffic (ctd.testing.traffic): which topics and how many unsafe rows each split has
+_REALISTIC = {  # split: (topics, enriched prevalence?, ambiguous rows?)
+    "train": (["everyday", "medical", "finance"], True, False),  # the probe's: an older mix, no hard rows
+    "expert_train": (None, True, True),
+    "dev": (None, True, True),
+}
+
+
+def _write_realistic(
+    uri: str, rng, split: str, n: int, bad_rows: bool, seed: int, *, campaign: float = 0.0, ambiguous: float | None = None
+) -> str:
+    from . import traffic as tr
+
+    topics, enriched, hard = _REALISTIC.get(split, (None, False, True))
+    topics = topics or list(tr.GROUPS)
+    amb = (tr.AMBIGUOUS if ambiguous is None else ambiguous) if hard else 0.0
+    rows = []
+    k = int(round(campaign * n))
+    for i in range(n - k):
+        g, label, fields = tr.conversation(
+            rng, prevalence=tr.ENRICHED if enriched else tr.PREVALENCE, ambiguous=amb, topics=topics
+        )
+        if split == "expert_train" and g in EXPERT_BLIND:
+            label = int(rng.integers(0, 2))  # the expert was never taught these groups
+        rows.append({"id": f"{split}-{i:05d}", "group": g, "label": label, **fields})
+    crng = np.random.default_rng([seed, 7])
+    extra = k + (int(CAMPAIGN_EXPERT_SHARE * n) if split == "expert_train" else 0)
+    for i in range(extra):
+        g, label, fields = tr.campaign_conversation(crng, list(tr.CAMPAIGN))
+        rows.append({"id": f"{split}-c{i:05d}", "group": g, "label": label, **fields})
+    lines = [json.dumps(r).encode() + b"\n" for r in rows]
+    storage.write_bytes(uri, b"".join(lines + (BAD_ROWS if bad_rows else [])))
+    return uri
+
+
+def build_demo_expert(corpus_uri: str, model_dir: str, out_dir: str, seed: int = 0, label_smoothing: float = 0.0) -> str:
     """Fine-tune the classification head of a MiniLM sequence classifier on the expert split and
     save it (safetensors) at ``out_dir``: the demo's expert, a real model computation."""
     from ..evaluation.classifier_head import build_classifier, cls_features
@@ -257,11 +322,18 @@ def build_demo_expert(corpus_uri: str, model_dir: str, out_dir: str, seed: int =
     ids, _ = TextEncoder(model_dir, max_length=256).encode(inputs)
     feats = cls_features(model_dir, ids)
     os.makedirs(out_dir, exist_ok=True)
-    return build_classifier(model_dir, feats, labels, out_dir, seed=seed)
+    return build_classifier(model_dir, feats, labels, out_dir, seed=seed, label_smoothing=label_smoothing)
 
 
 def deploy(
-    root: str, work_dir: str, base: dict, *, sizes: dict | None = None, seed: int = 0, log: Callable[[str], None] = print
+    root: str,
+    work_dir: str,
+    base: dict,
+    *,
+    sizes: dict | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    traffic: str = "compact",
 ) -> dict:
     """The whole set-up before a nightly audit, on the generated corpus: corpus under ``root``
     (any URI), the classifier expert in ``work_dir/expert``, the config (``base`` with every path
@@ -275,11 +347,14 @@ def deploy(
 
     os.makedirs(work_dir, exist_ok=True)
     log(f"generating the corpus under {root}/corpus")
-    corpus = generate_corpus(f"{root}/corpus", seed=seed, sizes=sizes)
+    corpus = generate_corpus(f"{root}/corpus", seed=seed, sizes=sizes, traffic=traffic)
     expert_dir = os.path.join(os.path.abspath(work_dir), "expert")
     if not os.path.exists(os.path.join(expert_dir, "config.json")):
         log("building the expert: MiniLM sequence classifier, head fine-tuned on the expert split")
-        build_demo_expert(corpus["expert_train"], resolve_model_path(base["model"]["path"]), expert_dir, seed=seed)
+        smooth = 0.3 if traffic == "realistic" else 0.0  # realistic: a judge whose P(unsafe) is continuous
+        build_demo_expert(
+            corpus["expert_train"], resolve_model_path(base["model"]["path"]), expert_dir, seed=seed, label_smoothing=smooth
+        )
     cfg = json.loads(json.dumps(base))
     cfg["probes"] = {"safety": f"{root}/probes/safety", "dv": f"{root}/probes/dv"}
     cfg["expert"]["classifier"]["path"] = expert_dir
