@@ -179,8 +179,9 @@ def test_a_config_missing_from_a_ray_job_upload_says_how_to_fix_it(tmp_path, mon
         load_config("out/demo/config.yaml")
 
 
-def test_with_cpu_nodes_only_the_gpu_stages_escape_the_label_selector(tiny_llama):
-    """`ray.cpu_nodes` holds every task and actor of our datasets to the labelled nodes (Ray Data's
+def test_with_cpu_nodes_only_the_gpu_stages_escape_the_label_selector(tiny_llama, ray_head):
+    """(On the session's Ray head: building a ray.data.llm processor connects to Ray.)
+    `ray.cpu_nodes` holds every task and actor of our datasets to the labelled nodes (Ray Data's
     label_selector); the stages that ask for GPUs or custom resources (the activation and classifier pools,
     the vLLM engine's replicas) carry the negated selector, so they can land on the GPU nodes, which lack
     the label; CPU pools and the vLLM prompt stage keep it. Without cpu_nodes nothing is added."""

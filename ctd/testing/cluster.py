@@ -76,6 +76,11 @@ class LocalCluster:
 
         from .localstack import free_port
 
+        self._address_file = os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray", "ray_current_cluster")
+        try:  # Cluster writes its address where `ray.init()` looks for one: put back what was there on exit
+            self._address_before = open(self._address_file).read()
+        except OSError:
+            self._address_before = None
         shapes = self.shapes()
         (hg, hres), workers = shapes[0], shapes[1:]
         assert hg == "head", f"{self.manifest}: no head group"
@@ -118,6 +123,14 @@ class LocalCluster:
         ray.shutdown()  # a driver connected to the head would stop the head's removal
         if self.cluster is not None:
             self.cluster.shutdown()
+        try:  # never leave the address of a cluster that is gone for the next `ray.init()` to wait on
+            if self._address_before is None:
+                os.remove(self._address_file)
+            else:
+                with open(self._address_file, "w") as f:
+                    f.write(self._address_before)
+        except (OSError, AttributeError):
+            pass
 
 
 def production_on_cpu(deployed: dict, *, address: str, day: str, rows_per_file: int = 200) -> dict:
