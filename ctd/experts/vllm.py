@@ -89,9 +89,11 @@ def _vllm_processor(cfg, *, plan: PoolPlan, labels: dict, carry: tuple, log):
 
     proc = build_processor(proc_cfg, preprocess=pre, postprocess=post)
     # the engine's replicas go to the GPU bundles' nodes, never held to ray.cpu_nodes as its CPU stages are
+    # (updated in place: assigning the field would run the stage's validator again, which pops its placement
+    # group config the first time and would then ask for a whole GPU per replica)
     for stage in proc.stages.values():
         if type(stage).__name__ == "vLLMEngineStage":
-            stage.map_batches_kwargs = {**stage.map_batches_kwargs, **accelerated(cfg.num_gpus_per_replica, cfg.resources)}
+            stage.map_batches_kwargs.update(accelerated(cfg.num_gpus_per_replica, cfg.resources))
     return proc
 
 
