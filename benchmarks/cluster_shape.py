@@ -121,7 +121,7 @@ def run(cfg_path: str, lose: list[str], work: str) -> dict:
             lc.add(g)  # a second node of the group: the one that survives the loss
         out["nodes"] = [{"group": n.group, "resources": n.resources} for n in lc.nodes]
         log("cluster: " + ", ".join(f"{n.group} {n.resources}" for n in lc.nodes))
-        cfg = production_on_cpu(deployed, address=lc.address, day=DAY)
+        cfg = production_on_cpu(deployed, address=lc.address, day=DAY, output=os.path.join(work, "audits"))
         path = os.path.join(work, "production-on-cpu.yaml")
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)

@@ -3,6 +3,7 @@ tools (``ctd/testing/``), the pure statistics import neither Ray, torch nor I/O,
 whose functions run inside Ray workers never load matplotlib (the plotting module is the driver's)."""
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -38,17 +39,42 @@ def imports_of(path: str, mod: str | None = None) -> set[str]:
     mod = mod or os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
     package = mod.rsplit(".", 1)[0] if not mod.endswith("__init__") else mod[: -len(".__init__")]
     out = set()
-    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
+    for kind, module, level, names in _import_nodes(path):
+        if kind == "import":
+            out |= set(names)
+        else:
+            base = module or ""
+            if level:
                 parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                base = ".".join(parts[: len(parts) - level + 1] + ([base] if base else []))
             out.add(base)
-            out |= {f"{base}.{a.name}" for a in node.names}
+            out |= {f"{base}.{n}" for n in names}
     return out
+
+
+_NODES = """import ast, json, sys
+t = ast.parse(open(sys.argv[1], encoding="utf-8").read())
+print(json.dumps([["import", None, 0, [a.name for a in n.names]] if isinstance(n, ast.Import)
+                  else ["from", n.module, n.level, [a.name for a in n.names]]
+                  for n in ast.walk(t) if isinstance(n, (ast.Import, ast.ImportFrom))]))"""
+
+
+def _import_nodes(path: str) -> list:
+    """(kind, module, level, names) of every import statement; parsed in a fresh interpreter when this
+    one's AST constructor is in a bad state (CPython 3.11 raises SystemError "AST constructor recursion
+    depth mismatch" after some libraries loaded earlier in the session touched the recursion limit)."""
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except SystemError:
+        r = subprocess.run([sys.executable, "-c", _NODES, path], capture_output=True, text=True, check=True)
+        return json.loads(r.stdout)
+    return [
+        ("import", None, 0, [a.name for a in n.names])
+        if isinstance(n, ast.Import)
+        else ("from", n.module, n.level, [a.name for a in n.names])
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    ]
 
 
 def production_files():

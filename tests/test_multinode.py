@@ -41,7 +41,8 @@ def test_the_production_night_runs_where_the_manifest_says_and_survives_losing_w
     the production config exits 2 before any work, so nothing is published and this test fails."""
     got, log = shape_run(deployment, tmp_path, "--lose", "activations,expert")
     assert [x["group"] for x in got["lost"]] == ["activations", "expert"], log
-    assert got["violations"] == [] and got["attempts"] == 1 and got["errors"] == [], log
+    assert got["violations"] == [], (got["violations"], got["placement"]["tasks"])
+    assert got["attempts"] == 1 and got["errors"] == [], log
     pub = got["published"]
     assert pub["verify"]["ok"] and pub["verify"]["rows_lost"] == 0 and pub["verify"]["rows_extra"] == 0, pub
     assert pub["verify"]["duplicate_ids"] == 0 and pub["rows_read"] == pub["rows_scored"] + pub["rows_quarantined"]

@@ -133,11 +133,12 @@ class LocalCluster:
             pass
 
 
-def production_on_cpu(deployed: dict, *, address: str, day: str, rows_per_file: int = 200) -> dict:
+def production_on_cpu(deployed: dict, *, address: str, day: str, output: str, rows_per_file: int = 200) -> dict:
     """``configs/production.yaml`` with what this machine forces overridden: the model, probe,
     corpus, calibration and output paths of a deployment (``deployed``: a config dict the demo's
     ``deploy`` wrote), devices (cpu, fp32, no compile), sizes (actors, CPUs, batch and file sizes, the
-    control sample's floor) and the cluster's address. The resource requests (``activations.resources``,
+    control sample's floor), the cluster's address and ``output`` (a folder of its own: the deployment's
+    nights are not joined by this one). The resource requests (``activations.resources``,
     the judge's per-replica GPUs and ``expert`` resource) and ``ray.node_types_from`` stay as production
     has them. The judge is the deployment's classifier on the pool production gives its vLLM replicas
     (one bundle each: vLLM with tensor parallelism 2 needs two real GPUs)."""
@@ -171,7 +172,7 @@ def production_on_cpu(deployed: dict, *, address: str, day: str, rows_per_file: 
     cfg["ray"] = {**prod["ray"], "address": address, "node_types_from": MANIFEST}
     cfg["train"], cfg["calibrate"] = dict(deployed["train"]), dict(deployed["calibrate"])
     au = cfg["audit"]
-    au.update({k: deployed["audit"][k] for k in ("corpus", "output", "calibration")})
+    au.update({k: deployed["audit"][k] for k in ("corpus", "calibration")} | {"output": output})
     au.update({"date": day, "rows_per_file": rows_per_file, "commit_rows": 64, "control_floor": 20, "control_ceiling": 60})
     return cfg
 
