@@ -36,7 +36,8 @@ def test_the_production_night_runs_where_the_manifest_says_and_survives_losing_w
     stage runs. The run publishes in one attempt and verifies: rows read = scored + quarantined, none
     lost, none twice, each stage's actor restarted on its group's other node. Ray's state API says the
     activation actors ran only on activation nodes, the judge actors only on expert nodes, every CPU-only
-    task on the cpu group's nodes (none on the GPU-shaped ones: before `ray.cpu_nodes`, Ray Data spread about
+    task on the cpu group's nodes but Ray Data's block splits, which Ray 2.60 places without the selector
+    (none on the GPU-shaped ones: before `ray.cpu_nodes`, Ray Data spread about
     a third of its tasks onto each), and nothing that asks for resources on the head. A misspelt resource in
     the production config exits 2 before any work, so nothing is published and this test fails."""
     got, log = shape_run(deployment, tmp_path, "--lose", "activations,expert")
@@ -55,4 +56,8 @@ def test_the_production_night_runs_where_the_manifest_says_and_survives_losing_w
     assert all(not any(v > 0 for k, v in a["resources"].items() if k != "memory") for a in actors if a["group"] == "head")
     tasks = got["placement"]["tasks"]
     assert tasks["cpu"]["cpu_only"] > 0
-    assert all(tasks.get(g, {}).get("cpu_only", 0) == 0 for g in ("head", "activations", "expert")), tasks
+    # every CPU-only task off the cpu group is one of Ray Data's block splits, which Ray 2.60 places without
+    # the label selector (benchmarks/cluster_shape.py UNHELD); none of ours, none of the stages'
+    for g in ("head", "activations", "expert"):
+        names = tasks.get(g, {}).get("names", {})
+        assert set(names) <= {"_split_single_block"}, (g, names)
