@@ -37,7 +37,7 @@ def test_the_production_night_runs_where_the_manifest_says_and_survives_losing_w
     lost, none twice, each stage's actor restarted on its group's other node. Ray's state API says the
     activation actors ran only on activation nodes, the judge actors only on expert nodes, every CPU-only
     task on the cpu group's nodes but Ray Data's block splits, which Ray 2.60 places without the selector
-    (none on the GPU-shaped ones: before `ray.cpu_nodes`, Ray Data spread about
+    (no other on the GPU-shaped ones: before `ray.cpu_nodes`, Ray Data spread about
     a third of its tasks onto each), and nothing that asks for resources on the head. A misspelt resource in
     the production config exits 2 before any work, so nothing is published and this test fails."""
     got, log = shape_run(deployment, tmp_path, "--lose", "activations,expert")
