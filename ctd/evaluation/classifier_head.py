@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["cls_features", "train_head", "head_scores", "pooler_init", "cross_fit_scores", "build_classifier"]
 
 
-def cls_features(model_dir: str, ids: Sequence[np.ndarray], token_budget: int = 8192) -> np.ndarray:
-    """Final-layer [CLS] states of a frozen encoder (the input of a BERT classification head)."""
+def cls_features(model_dir: str, ids: Sequence[np.ndarray], token_budget: int = 2048) -> np.ndarray:
+    """Final-layer [CLS] states of a frozen encoder (the input of a BERT classification head), on CPU
+    (``token_budget``: rows x padded length per forward pass; small batches stay in cache there)."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()

@@ -21,7 +21,7 @@ from ..experts.registry import expert_for
 from ..log import log
 from ..pipeline.labelled import judge_labelled, read_to_driver
 from ..pipeline.raydata import init_ray
-from ..pipeline.scoring import activation_spec, run_stage1
+from ..pipeline.scoring import activation_spec, run_stage1_splits
 from ..pipeline.stages import pooled_column
 from ..stats.calibrate import threshold_grid
 from ..stats.metrics import auroc, mse, spearman
@@ -58,8 +58,8 @@ def run_training(cfg: JobConfig) -> dict:
     init_ray(cfg.ray)
     staging = cfg.probes.safety + "_staging"  # beside the probe artifact, local or object storage
     spec = activation_spec(cfg.model, cfg.activations, layers=tuple(layers), return_pooled=True)
-    s_train = run_stage1(tr.train, storage.join(staging, "train"), spec, cfg.activations)
-    s_dev = run_stage1(tr.dev, storage.join(staging, "dev"), spec, cfg.activations)
+    s1 = run_stage1_splits({"train": tr.train, "dev": tr.dev}, storage.join(staging, "stage1"), spec, cfg.activations)
+    s_train, s_dev = s1["train"], s1["dev"]
     _, y_tr, f_tr, skipped_tr = _pooled(s_train, layers)
     dev_ids, y_dev, f_dev, skipped_dev = _pooled(s_dev, layers)
     if len(set(y_tr.tolist())) < 2 or len(set(y_dev.tolist())) < 2:

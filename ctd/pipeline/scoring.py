@@ -23,7 +23,7 @@ from .corpus import read_corpus
 from .raydata import accelerated, footer_rows, write
 from .stages import ActivationSpec, ActivationStage, TokenizeStage
 
-__all__ = ["Stage1", "activation_spec", "run_stage1", "stage1_files", "EXPERT_PART", "EXPERT_CARRY"]
+__all__ = ["Stage1", "activation_spec", "run_stage1", "run_stage1_splits", "stage1_files", "EXPERT_PART", "EXPERT_CARRY"]
 
 EXPERT_PART = "part=expert"  # the audit's stage-1 partition that holds the delegated rows and their text
 # stage-1 columns that travel through the expert stage with each judged row, so that the expert's output
@@ -90,14 +90,59 @@ def run_stage1(
 ) -> Stage1:
     """Stage 1 over a corpus (or ``files``, some of its listed files), written to ``out_uri`` in
     files of at least ``rows_per_file`` rows."""
-    from ray.data import ActorPoolStrategy
-
     t0 = time.perf_counter()
     log(
         f"stage 1: {corpus} → validate → tokenize → activations (layer {spec.score_layer}, "
         f"{pool.min_actors}..{pool.max_actors} actors, {pool.num_gpus:g} GPU each) → {out_uri}"
     )
-    ds = read_corpus(corpus, files=files)
+    storage.remove(out_uri)
+    write(
+        _activations(read_corpus(corpus, files=files), spec, pool),
+        out_uri,
+        rows_per_file,
+        partition_cols=["part"] if spec.partitioned else None,
+    )
+    s1 = _collect(out_uri, t0)
+    log(
+        f"stage 1 done: {s1.rows} rows in {s1.seconds:.1f} s ({s1.rows / max(s1.seconds, 1e-9):.1f} rows/s, {len(s1.files)} files)"
+    )
+    return s1
+
+
+def run_stage1_splits(corpora: dict[str, str], out_uri: str, spec: ActivationSpec, pool: PoolConfig) -> dict[str, Stage1]:
+    """Stage 1 over several corpora in one pass (one actor pool: its model loads once), each written
+    to ``out_uri``/split=NAME; e.g. training's train and dev corpora."""
+    import pyarrow as pa
+
+    t0 = time.perf_counter()
+    log(
+        f"stage 1: {', '.join(f'{k} {v}' for k, v in corpora.items())} → validate → tokenize → activations "
+        f"(layer {spec.score_layer}, {pool.min_actors}..{pool.max_actors} actors, {pool.num_gpus:g} GPU each) → {out_uri}"
+    )
+
+    def tagged(name: str):
+        return read_corpus(corpora[name]).map_batches(
+            lambda b: b.append_column("split", pa.array([name] * b.num_rows, pa.string())),
+            batch_format="pyarrow",
+            batch_size=None,
+        )
+
+    names = list(corpora)
+    ds = tagged(names[0]).union(*(tagged(n) for n in names[1:])) if len(names) > 1 else tagged(names[0])
+    storage.remove(out_uri)
+    write(_activations(ds, spec, pool), out_uri, None, partition_cols=["split"])
+    out = {n: _collect(storage.join(out_uri, f"split={n}"), t0) for n in names}
+    rows, dt = sum(x.rows for x in out.values()), time.perf_counter() - t0
+    log(
+        f"stage 1 done: {' + '.join(f'{x.rows} {n}' for n, x in out.items())} rows in {dt:.1f} s ({rows / max(dt, 1e-9):.1f} rows/s)"
+    )
+    return out
+
+
+def _activations(ds, spec: ActivationSpec, pool: PoolConfig):
+    """``ds`` through the activation stage on the pool's actors (tokenized ahead of it on an accelerator)."""
+    from ray.data import ActorPoolStrategy
+
     if spec.tokenize_apart:  # on an accelerator: a CPU pool tokenizes ahead of it
         ds = ds.map_batches(
             TokenizeStage,
@@ -107,7 +152,7 @@ def run_stage1(
             num_cpus=0.5,
             compute=ActorPoolStrategy(min_size=1, max_size=max(1, pool.max_actors)),
         )
-    act = ds.map_batches(
+    return ds.map_batches(
         ActivationStage,
         fn_constructor_kwargs={"spec": spec},
         batch_format="pyarrow",
@@ -118,10 +163,8 @@ def run_stage1(
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         **accelerated(pool.num_gpus, pool.resources),
     )
-    storage.remove(out_uri)
-    write(act, out_uri, rows_per_file, partition_cols=["part"] if spec.partitioned else None)
+
+
+def _collect(out_uri: str, t0: float) -> Stage1:
     written = stage1_files(out_uri)
-    rows = footer_rows(written)
-    dt = time.perf_counter() - t0
-    log(f"stage 1 done: {rows} rows in {dt:.1f} s ({rows / max(dt, 1e-9):.1f} rows/s, {len(written)} files)")
-    return Stage1(out_uri, rows, dt, written)
+    return Stage1(out_uri, footer_rows(written), time.perf_counter() - t0, written)

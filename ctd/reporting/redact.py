@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -81,49 +82,67 @@ _NAMED = re.compile(r"(?i)\b(?:my name is|name is|call me|name\s*:)\s+([a-z'\-]+
 # Presidio's recognizers: a match below this score is a bare digit run (e.g. any 9 digits as an SSN)
 _MIN_SCORE = 0.3
 _recognizers: list | None = None
+_building = threading.Lock()
+_warming: threading.Thread | None = None
+
+
+def warm() -> None:
+    """Build the recognizers in a background thread, for a job that will redact later: importing Presidio
+    takes ~9 s in a process that has not imported torch (its package imports spaCy, transformers'
+    pipelines and torch, though no NLP model is used here), and an audit's driver waits on stage 1
+    meanwhile. Not a daemon thread: an interpreter never exits in the middle of that import."""
+    global _warming
+    if _recognizers is None and _warming is None:
+        _warming = threading.Thread(target=_presidio, name="ctd-presidio-import")
+        _warming.start()
 
 
 def _presidio() -> list:
     """Presidio's pattern and checksum recognizers for the kinds of personal data an excerpt must not show,
-    built once per process (importing Presidio takes ~2 s: it imports spaCy). No NLP model is loaded."""
+    built once per process (see :func:`warm`). No NLP model is loaded."""
     global _recognizers
-    if _recognizers is None:
-        import tldextract
-        from presidio_analyzer.predefined_recognizers import (
-            CreditCardRecognizer,
-            EmailRecognizer,
-            IbanRecognizer,
-            IpRecognizer,
-            NhsRecognizer,
-            PhoneRecognizer,
-            UkNinoRecognizer,
-            UsItinRecognizer,
-            UsSsnRecognizer,
-        )
-
-        offline = tldextract.TLDExtract(suffix_list_urls=())  # the public suffix list shipped with tldextract
-
-        class Email(EmailRecognizer):  # Presidio's check fetches the suffix list from the web; a night does not
-            def validate_result(self, pattern_text: str) -> bool:
-                return offline(pattern_text).fqdn != ""
-
-        class Ssn(UsSsnRecognizer):  # Presidio passes the well-known example numbers; an excerpt does not show them
-            def invalidate_result(self, pattern_text: str) -> bool:
-                digits = "".join(c for c in pattern_text if c.isdigit())
-                return False if digits in ("123456789", "987654320", "078051120") else super().invalidate_result(pattern_text)
-
-        _recognizers = [  # the more specific first: where two find the same span, the first names it
-            Email(),
-            Ssn(),
-            UsItinRecognizer(),
-            UkNinoRecognizer(),
-            NhsRecognizer(),
-            CreditCardRecognizer(),
-            IbanRecognizer(),
-            IpRecognizer(),
-            PhoneRecognizer(),  # also matches an IP address or an NHS number
-        ]
+    with _building:
+        if _recognizers is None:
+            _recognizers = _build()
     return _recognizers
+
+
+def _build() -> list:
+    import tldextract
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        NhsRecognizer,
+        PhoneRecognizer,
+        UkNinoRecognizer,
+        UsItinRecognizer,
+        UsSsnRecognizer,
+    )
+
+    offline = tldextract.TLDExtract(suffix_list_urls=())  # the public suffix list shipped with tldextract
+
+    class Email(EmailRecognizer):  # Presidio's check fetches the suffix list from the web; a night does not
+        def validate_result(self, pattern_text: str) -> bool:
+            return offline(pattern_text).fqdn != ""
+
+    class Ssn(UsSsnRecognizer):  # Presidio passes the well-known example numbers; an excerpt does not show them
+        def invalidate_result(self, pattern_text: str) -> bool:
+            digits = "".join(c for c in pattern_text if c.isdigit())
+            return False if digits in ("123456789", "987654320", "078051120") else super().invalidate_result(pattern_text)
+
+    return [  # the more specific first: where two find the same span, the first names it
+        Email(),
+        Ssn(),
+        UsItinRecognizer(),
+        UkNinoRecognizer(),
+        NhsRecognizer(),
+        CreditCardRecognizer(),
+        IbanRecognizer(),
+        IpRecognizer(),
+        PhoneRecognizer(),  # also matches an IP address or an NHS number
+    ]
 
 
 def redact_personal(text: str) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats
+
+# scipy.stats is imported where it is used: importing it takes ~1 s, and Ray workers that load a probe
+# (which imports this module) never need it
 
 __all__ = ["auroc", "accuracy", "spearman", "spearman_permutation_pvalue", "paired_difference", "mse", "group_table"]
 
@@ -17,7 +19,9 @@ def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     n1, n0 = int(y.sum()), int((~y).sum())
     if n1 == 0 or n0 == 0:
         return float("nan")
-    ranks = stats.rankdata(s)
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s)
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
@@ -27,7 +31,9 @@ def accuracy(labels: ArrayLike, scores: ArrayLike, decision_threshold: float = 0
 
 
 def spearman(a: ArrayLike, b: ArrayLike) -> float:
-    return float(stats.spearmanr(a, b).statistic)
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
 
 
 def spearman_permutation_pvalue(a: ArrayLike, b: ArrayLike, max_items: int = 9) -> float:
@@ -41,7 +47,9 @@ def spearman_permutation_pvalue(a: ArrayLike, b: ArrayLike, max_items: int = 9) 
         raise ValueError("need two arrays of the same length >= 2")
     if a.size > max_items:
         raise ValueError(f"exact enumeration over {a.size}! orderings is too large (max {max_items} items)")
-    ra, rb = stats.rankdata(a), stats.rankdata(b)
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a), rankdata(b)
     rho = lambda x: float(np.corrcoef(ra, x)[0, 1]) if np.std(ra) > 0 and np.std(x) > 0 else float("nan")  # noqa: E731
     observed = rho(rb)
     if not np.isfinite(observed):  # a constant input: no association to test
@@ -58,6 +66,8 @@ def paired_difference(a: ArrayLike, b: ArrayLike, confidence: float = 0.95) -> d
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if d.shape[0] < 2:
         raise ValueError("at least two replicates are needed for an interval")
+    from scipy import stats
+
     t = float(stats.t.ppf(0.5 + confidence / 2, d.shape[0] - 1))
 
     def summary(x):

@@ -13,6 +13,7 @@ workers inherit them. ``RayHead`` runs ``ray start --head --block`` with token a
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -20,6 +21,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from ..pipeline.raydata import local_system_config
 
 __all__ = ["free_port", "stop_process", "SeaweedFS", "RayHead", "ray_session_logs", "find_secrets"]
 
@@ -208,6 +211,7 @@ class RayHead:
                 "--block",
                 f"--port={port}",
                 f"--num-cpus={self.num_cpus}",
+                f"--system-config={json.dumps(local_system_config(self.num_cpus))}",
                 "--node-ip-address=127.0.0.1",
                 "--disable-usage-stats",
                 "--dashboard-host=127.0.0.1",
