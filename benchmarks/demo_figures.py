@@ -120,6 +120,10 @@ def main(argv=None) -> int:
         "calibration_groups": groups,
         "calibration": cal["message"],
     }
+    timing = os.path.join(args.out, "timing.json")  # written by `python -m jobs.demo`: seconds per step, on this machine
+    if os.path.exists(timing):
+        with open(timing, encoding="utf-8") as fh:
+            result["demo_timing"] = json.load(fh)
     print(json.dumps(result, indent=1))
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=2)

@@ -10,6 +10,7 @@ alarm stays quiet), and prints where the reports are.
 
 import argparse
 import datetime as _dt
+import json
 import os
 import sys
 import time
@@ -54,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(load_config(args.config).ray)
     steps = 4 + args.nights
     step = iter(range(1, steps + 1))
-    d = deploy(out, out, base, log=lambda m: log(f"[{next(step)}/{steps}] {m}"), traffic="realistic")
+    started: list[tuple[str, float]] = []  # each step and when it began: where the demo's time goes
+
+    def begin(m: str) -> None:
+        started.append((m, time.perf_counter()))
+        log(f"[{next(step)}/{steps}] {m}")
+
+    d = deploy(out, out, base, log=begin, traffic="realistic")
     # each night's traffic in a file of its own; the config names them by {date}, so that
     # `python -m jobs.audit --config <out>/config.yaml --date D` audits night D
     cfg = yaml.safe_load(open(d["config_path"]))
@@ -72,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{out}/corpus/audit/{day}.jsonl", day, seed=100 + k, ambiguous=ambiguous, campaign=campaign, traffic="realistic"
         )
         told = "" if ambiguous is None else f"{ambiguous:.0%} of conversations told against their label, "
-        log(
-            f"[{next(step)}/{steps}] nightly audit of {day}"
+        begin(
+            f"nightly audit of {day}"
             + (
                 f" (shifted traffic: {told}{campaign:.0%} from a campaign of harmful requests shaped like everyday questions)"
                 if shifted
@@ -81,7 +88,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         report = run_audit(load_config(d["config_path"]), date=day)
-    log(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    t1 = time.perf_counter()
+    log(f"demo finished in {t1 - t0:.0f} s")
+    ends = [t for _, t in started[1:]] + [t1]
+    timing = {
+        "total_seconds": round(t1 - t0, 1),
+        "cpus": os.cpu_count(),
+        "note": "a step runs from its start to the next one's (a night includes writing its corpus file); "
+        "the total also counts starting Ray",
+        "steps": [{"step": m, "seconds": round(e - t, 1)} for (m, t), e in zip(started, ends)],
+    }
+    with open(os.path.join(out, "timing.json"), "w", encoding="utf-8") as f:  # benchmarks/demo_figures.py records it
+        json.dump(timing, f, indent=1, ensure_ascii=False)
     print(f"\nAudit report:        {run_file(out, report.run_id, 'report.html')}")
     print(f"Calibration report:  {out}/calibration/calibration_report.html")
     print(f"Show it here:        .venv/bin/ctd report show {out}/runs/{report.run_id}")

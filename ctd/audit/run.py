@@ -35,7 +35,6 @@ from ..pipeline.chunks import ChunkedStage1, run_chunked
 from ..pipeline.preflight import check_schedulable
 from ..pipeline.raydata import init_ray
 from ..pipeline.watchdog import watch
-from ..reporting import redact
 from ..runs.history import History, history
 from ..runs.layout import sweep
 from .cost import PoolUse
@@ -86,8 +85,7 @@ def run_audit(
 
 
 def _prepare(spec: AuditSpec) -> None:
-    """Say what runs; clear the staging of a run that is not resumed; sweep abandoned runs' staging; start
-    importing the redaction's recognizers, which the review lists need at the end (:func:`ctd.reporting.redact.warm`)."""
+    """Say what runs; clear the staging of a run that is not resumed; sweep abandoned runs' staging."""
     cal = spec.deployment.calibration
     lam = "never delegate" if cal.threshold is None else f"{cal.threshold:.6g}"
     log(
@@ -101,8 +99,6 @@ def _prepare(spec: AuditSpec) -> None:
             sweep(spec.night.job.output, spec.retention_days)
         except Exception as e:
             log(f"retention sweep failed ({e!r}); continuing")
-    if spec.report.excerpt_chars > 0 and spec.report.review_rows > 0:
-        redact.warm()
 
 
 def _nights_before(spec: AuditSpec) -> History:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from ..config import ClassifierExpertConfig, resolve_model_path
 from ..model.activations import TextEncoder, run_encoder
 from ..pipeline.corpus import row_input
-from ..pipeline.raydata import accelerated
+from ..pipeline.raydata import accelerated, in_actor
 from .base import PoolPlan
 from .prompt import STATUS_OK, error_status
 
@@ -90,10 +90,12 @@ class ClassifierStage:
     so one bad row fails alone."""
 
     def __init__(self, cfg: ClassifierExpertConfig):
-        if cfg.pool.torch_device == "cpu":  # torch's intra-op threads = the CPUs this actor holds (Ray's default is one)
+        if cfg.pool.torch_device == "cpu" and in_actor():
+            # torch's intra-op threads = the CPUs this actor holds (Ray derives OMP_NUM_THREADS from them only
+            # where the variable is unset); never in a driver that builds a stage to call it directly
             import torch
 
-            torch.set_num_threads(max(1, int(cfg.pool.num_cpus)))
+            torch.set_num_threads(max(1, int(round(cfg.pool.num_cpus))))
         self.expert = SequenceClassifierExpert(
             resolve_model_path(cfg.path), unsafe_label=cfg.unsafe_label, max_length=cfg.max_length, device=cfg.pool.torch_device
         )

@@ -111,8 +111,12 @@ def run_stage1(
 
 def run_stage1_splits(corpora: dict[str, str], out_uri: str, spec: ActivationSpec, pool: PoolConfig) -> dict[str, Stage1]:
     """Stage 1 over several corpora in one pass (one actor pool: its model loads once), each written
-    to ``out_uri``/split=NAME; e.g. training's train and dev corpora."""
+    to ``out_uri``/split=NAME; e.g. training's train and dev corpora. Each split's ``seconds`` is the
+    whole pass's. Not for an audit's stage 1, whose output is partitioned by ``part``."""
     import pyarrow as pa
+
+    if spec.partitioned:
+        raise ValueError("run_stage1_splits writes one partition per split; an audit's stage 1 uses run_stage1")
 
     t0 = time.perf_counter()
     log(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -82,28 +81,17 @@ _NAMED = re.compile(r"(?i)\b(?:my name is|name is|call me|name\s*:)\s+([a-z'\-]+
 # Presidio's recognizers: a match below this score is a bare digit run (e.g. any 9 digits as an SSN)
 _MIN_SCORE = 0.3
 _recognizers: list | None = None
-_building = threading.Lock()
-_warming: threading.Thread | None = None
-
-
-def warm() -> None:
-    """Build the recognizers in a background thread, for a job that will redact later: importing Presidio
-    takes ~9 s in a process that has not imported torch (its package imports spaCy, transformers'
-    pipelines and torch, though no NLP model is used here), and an audit's driver waits on stage 1
-    meanwhile. Not a daemon thread: an interpreter never exits in the middle of that import."""
-    global _warming
-    if _recognizers is None and _warming is None:
-        _warming = threading.Thread(target=_presidio, name="ctd-presidio-import")
-        _warming.start()
 
 
 def _presidio() -> list:
     """Presidio's pattern and checksum recognizers for the kinds of personal data an excerpt must not show,
-    built once per process (see :func:`warm`). No NLP model is loaded."""
+    built once per process. No NLP model is loaded, but importing Presidio takes ~9 s in a process that has
+    not imported torch (its package imports spaCy, transformers' pipelines and torch). Importing it in a
+    background thread while stage 1 runs was tried: the main thread's concurrent imports then failed
+    (``KeyError: 'pydantic.v1'`` in a resumed audit), so it is imported where it is first needed."""
     global _recognizers
-    with _building:
-        if _recognizers is None:
-            _recognizers = _build()
+    if _recognizers is None:
+        _recognizers = _build()
     return _recognizers
 
 
