@@ -77,8 +77,8 @@ def local_system_config(num_cpus: int | None) -> dict:
     """Ray settings for an instance of our own on one machine. Ray keeps at most ``num_cpus`` idle
     workers and kills the rest after a second; on a few cores an activation or judge actor holding
     half the CPUs pushes the task workers over that limit, so each small Ray Data step after a stage
-    started cold workers again. Measured on 2 cores: the duplicate census of 1,210 rows after an actor
-    stage took 2.9 s with Ray's limit and 0.6 s with twice as many workers kept."""
+    started cold workers again. Measured on 2 cores (benchmarks/worker_warmth.py → results/worker_warmth.json):
+    the duplicate census of 1,210 rows after an actor stage took 5.1 s with Ray's limit and 0.5 s with this one."""
     n = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     return {"num_workers_soft_limit": 2 * int(n)}
 
