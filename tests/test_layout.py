@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # modules whose functions and classes Ray ships to workers (stage classes, map_batches functions,
@@ -110,11 +112,27 @@ def test_the_statistics_import_no_ray_torch_or_io():
 
 
 def test_worker_modules_never_load_matplotlib_or_the_testing_tools():
+    """What a Ray worker running audit code imports loads no plotting, no testing tools and no SciPy
+    statistics (~1 s of every worker's start: imported where used)."""
     code = (
         "import sys\n"
         + "".join(f"import {m}\n" for m in WORKER_MODULES)
-        + "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m in ('ctd.reporting.plots',) "
-        "or m.startswith('ctd.testing'))\nprint(bad)\nsys.exit(1 if bad else 0)\n"
+        + "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m in ('ctd.reporting.plots', "
+        "'scipy.stats') or m.startswith('ctd.testing'))\nprint(bad)\nsys.exit(1 if bad else 0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow  # imports torch and transformers: ~4 s
+def test_model_loading_imports_no_scikit_learn():
+    """An activation or judge actor loads its model through ctd.model.activations.transformers_models,
+    which keeps transformers from importing scikit-learn (~2 s of every actor's start)."""
+    code = (
+        "import sys\nfrom ctd.model.activations import transformers_models\n"
+        "transformers_models().AutoModel, transformers_models().AutoModelForSequenceClassification\n"
+        "import transformers.modeling_utils, transformers.generation.candidate_generator\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn')\nprint(bad[:5])\nsys.exit(1 if bad else 0)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

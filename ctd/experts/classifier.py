@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ClassifierExpertConfig, resolve_model_path
-from ..model.activations import TextEncoder, run_encoder
+from ..model.activations import TextEncoder, run_encoder, transformers_models
 from ..pipeline.corpus import row_input
 from ..pipeline.raydata import accelerated, in_actor
 from .base import PoolPlan
@@ -59,10 +59,10 @@ class SequenceClassifierExpert:
         device: str = "auto",
     ):
         import torch
-        from transformers import AutoModelForSequenceClassification
 
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(dev).eval()
+        auto = transformers_models().AutoModelForSequenceClassification
+        self.model = auto.from_pretrained(model_dir).to(dev).eval()
         self.encoder = TextEncoder(model_dir, max_length=max_length)
         self.unsafe_index = _unsafe_index(self.model.config, unsafe_label)
         # rows x padded length per forward pass: on CPU small batches stay in cache (350 demo rows, 1 thread:

@@ -45,12 +45,12 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats
 
 from .cascade import Cascade
 from .pvalues import binomial_pvalue, check_level, hoeffding_bentkus_pvalue, max_certifiable_count, min_certifiable_n
 from .testing import METHODS, multiple_test
 
+# scipy.stats is imported in the functions that use it: ~1 s that every Ray worker running audit code would pay
 __all__ = [
     "threshold_grid",
     "calibrate_counts",
@@ -182,6 +182,8 @@ def delegation_loss_sums(scores: ArrayLike, loss_kept: ArrayLike, loss_delegated
 
 def _auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     # Mann-Whitney AUROC of each row of `scores` [U, n] against binary `labels` [n]; ties count 1/2.
+    from scipy import stats
+
     pos = labels.astype(bool)
     n1, n0 = pos.sum(), (~pos).sum()
     if n1 == 0 or n0 == 0:

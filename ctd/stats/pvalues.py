@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats
+
+# scipy.stats is imported in the functions that use it: ~1 s that every Ray worker running audit code would pay
 
 __all__ = [
     "check_level",
@@ -83,6 +84,8 @@ def binomial_pvalue(k: ArrayLike, n: ArrayLike, alpha: ArrayLike) -> np.ndarray 
     alpha : float array_like
         Risk levels in (0, 1).
     """
+    from scipy import stats
+
     k = _as_counts(k)
     _check_n(n)
     check_level(alpha, "alpha")
@@ -100,6 +103,8 @@ def binomial_upper_pvalue(k: ArrayLike, n: ArrayLike, alpha: ArrayLike) -> np.nd
     Used by the audit report: a realised delegation count that is implausibly large under the
     calibrated guarantee (distribution shift) gets a small p-value.
     """
+    from scipy import stats
+
     k = _as_counts(k)
     _check_n(n)
     check_level(alpha, "alpha")
@@ -132,6 +137,8 @@ def hoeffding_bentkus_pvalue(loss_sum: ArrayLike, n: ArrayLike, alpha: ArrayLike
     n : int array_like
     alpha : float array_like in (0, 1)
     """
+    from scipy import stats
+
     _check_n(n)
     check_level(alpha, "alpha")
     s = np.asarray(loss_sum)
@@ -158,6 +165,8 @@ def max_certifiable_count(n: int, alpha: float, delta: float) -> int:
     A threshold whose calibration count of delegated rows is at most k* has a binomial p-value
     <= delta, so it is certified by any of the tests in :mod:`ctd.stats.testing`.
     """
+    from scipy import stats
+
     _check_n(n)
     check_level(alpha, "alpha")
     check_level(delta, "delta")
@@ -180,6 +189,8 @@ def min_certifiable_n(alpha: float, delta: float) -> int:
 
 def certifiable_counts(n: ArrayLike, alpha: float, delta: float) -> np.ndarray:
     """k*(n) = max{k : BinomCDF(k; n, alpha) <= delta} for every n (vectorised), -1 where none is."""
+    from scipy import stats
+
     n = np.asarray(n, dtype=np.int64)
     k = stats.binom.ppf(delta, n, alpha)  # the smallest k with CDF >= delta
     k = np.where(stats.binom.cdf(k, n, alpha) <= delta, k, k - 1)
@@ -201,6 +212,8 @@ def rows_to_certify(
     Every n is scanned up to a Hoeffding bound past which the condition holds for certain; None
     when that bound exceeds ``n_max``, and always for rate >= alpha. ``rate`` 0 with ``chance`` None
     gives :func:`min_certifiable_n`."""
+    from scipy import stats
+
     check_level(alpha, "alpha")
     check_level(delta, "delta")
     if not 0 <= rate < alpha:
@@ -228,6 +241,8 @@ def clopper_pearson(k: ArrayLike, n: ArrayLike, confidence: float = 0.95) -> tup
 
     Returns ``(low, high)`` arrays.
     """
+    from scipy import stats
+
     k = _as_counts(k)
     _check_n(n)
     check_level(confidence, "confidence")
@@ -242,6 +257,8 @@ def clopper_pearson(k: ArrayLike, n: ArrayLike, confidence: float = 0.95) -> tup
 def binomial_ucb(k: ArrayLike, n: ArrayLike, delta: float) -> np.ndarray:
     """One-sided (1 - delta) upper confidence bound on a binomial proportion (Clopper-Pearson):
     the largest R with P(Binom(n, R) <= k) >= delta."""
+    from scipy import stats
+
     k = _as_counts(k)
     _check_n(n)
     check_level(delta, "delta")
@@ -258,6 +275,8 @@ def simulation_draws(bound: float, *, ratio: float = 1.25, level: float = 0.01, 
     (in steps of 50) with which a true violation rate of ``ratio * bound`` fails the check with
     probability >= ``power``; a correct method (rate <= bound) fails it with probability <= level.
     """
+    from scipy import stats
+
     check_level(bound, "bound")
     check_level(level, "level")
     check_level(power, "power")

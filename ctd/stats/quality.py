@@ -139,8 +139,7 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats
-from scipy.special import betaincinv, gammaln, stdtrit
+from scipy.special import betaincinv, gammaln, stdtrit  # scipy.stats: imported where used (~1 s in a Ray worker)
 
 from .pvalues import binomial_ucb, binomial_upper_pvalue, check_level
 from .testing import holm
@@ -685,6 +684,8 @@ def _tables(k1, n1, k2, n2):
 def fisher_greater_pvalue(k1: ArrayLike, n1: ArrayLike, k2: ArrayLike, n2: ArrayLike) -> np.ndarray:
     """One-sided Fisher exact p-value for "the first rate is higher" (k1 of n1 against k2 of n2):
     P(X >= k1), X hypergeometric given the margins. Vectorised; 1 where either sample is empty."""
+    from scipy import stats
+
     k1, n1, k2, n2 = _tables(k1, n1, k2, n2)
     p = stats.hypergeom.sf(k1 - 1, n1 + n2, k1 + k2, n1)
     return np.where((n1 == 0) | (n2 == 0), 1.0, np.minimum(p, 1.0))
@@ -713,6 +714,8 @@ def fisher_two_sided_pvalue(k1: ArrayLike, n1: ArrayLike, k2: ArrayLike, n2: Arr
     margins, of the tables no more likely than the observed one, within a relative 1e-7). Vectorised:
     the hypergeometric pmf is unimodal, so these tables are the observed tail and the far tail beyond
     the first table as unlikely, found by bisection. 1 where a sample is empty."""
+    from scipy import stats
+
     k1, n1, k2, n2 = _tables(k1, n1, k2, n2)
     shape = k1.shape
     k1, n1, k2, n2 = (x.ravel() for x in (k1, n1, k2, n2))
@@ -899,6 +902,8 @@ def control_plan(n_rows: int, share: float = 0.01, floor: int = 400, ceiling: in
 def control_interval_width(n: ArrayLike, p: float = 0.5, level: float = 0.95) -> np.ndarray | float:
     """Half-width of the two-sided Clopper-Pearson interval for a rate ``p`` on ``n`` rows, evaluated at
     the count round(n p) (vectorised over n): the precision a control sample of n rows buys."""
+    from scipy import stats
+
     level = check_level(level, "level", scalar=True)
     n = np.asarray(n, dtype=float)
     if np.any(n < 1):
