@@ -124,6 +124,18 @@ def test_worker_modules_never_load_matplotlib_or_the_testing_tools():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_redaction_loads_no_model_library():
+    """Presidio's recognizers are loaded without the NLP engines' packages (ctd/reporting/redact.py:_build):
+    the audit driver, which redacts the review excerpts, never imports torch or transformers for them."""
+    code = (
+        "import sys\nfrom ctd.reporting.redact import redact_personal\n"
+        "assert redact_personal('write to jane.doe@example.com') == 'write to <EMAIL_ADDRESS>'\n"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\nprint(bad)\nsys.exit(1 if bad else 0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.slow  # imports torch and transformers: ~4 s
 def test_model_loading_imports_no_scikit_learn():
     """An activation or judge actor loads its model through ctd.model.activations.transformers_models,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 __all__ = ["redact", "redact_values", "redact_personal", "excerpt", "shown", "cut", "EXCERPT_SOURCE_CHARS"]
@@ -85,29 +87,49 @@ _recognizers: list | None = None
 
 def _presidio() -> list:
     """Presidio's pattern and checksum recognizers for the kinds of personal data an excerpt must not show,
-    built once per process. No NLP model is loaded, but importing Presidio takes ~9 s in a process that has
-    not imported torch (its package imports spaCy, transformers' pipelines and torch). Importing it in a
-    background thread while stage 1 runs was tried: the main thread's concurrent imports then failed
-    (``KeyError: 'pydantic.v1'`` in a resumed audit), so it is imported where it is first needed."""
+    built once per process (no NLP model is loaded; see :func:`_build` for what its import costs)."""
     global _recognizers
     if _recognizers is None:
         _recognizers = _build()
     return _recognizers
 
 
+@contextmanager
+def _unimportable(names: Iterable[str]) -> Iterator[None]:
+    """Those of ``names`` not imported yet cannot be imported inside the block (``import`` raises
+    ImportError, as for a package that is not installed); afterwards they can be again."""
+    blocked = [n for n in names if n not in sys.modules]
+    for n in blocked:
+        sys.modules[n] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for n in blocked:
+            if n in sys.modules and sys.modules[n] is None:
+                del sys.modules[n]
+
+
 def _build() -> list:
+    """Presidio's package imports every NLP engine it supports, and with them the optional packages they
+    would use: transformers' pipelines and torch (through spaCy's thinc), ~7 of the ~9 s its import took in
+    a fresh audit driver, for recognizers that use neither. While it loads they are made unimportable (if
+    not imported already), so Presidio and thinc take them as absent: 8.6 s -> 1.4 s (measured in a fresh
+    process), and a driver that loads no model never imports torch. This runs in the calling thread: an
+    earlier attempt imported Presidio in a background thread and the main thread's own imports failed."""
     import tldextract
-    from presidio_analyzer.predefined_recognizers import (
-        CreditCardRecognizer,
-        EmailRecognizer,
-        IbanRecognizer,
-        IpRecognizer,
-        NhsRecognizer,
-        PhoneRecognizer,
-        UkNinoRecognizer,
-        UsItinRecognizer,
-        UsSsnRecognizer,
-    )
+
+    with _unimportable(("torch", "transformers", "transformers.pipelines")):
+        from presidio_analyzer.predefined_recognizers import (
+            CreditCardRecognizer,
+            EmailRecognizer,
+            IbanRecognizer,
+            IpRecognizer,
+            NhsRecognizer,
+            PhoneRecognizer,
+            UkNinoRecognizer,
+            UsItinRecognizer,
+            UsSsnRecognizer,
+        )
 
     offline = tldextract.TLDExtract(suffix_list_urls=())  # the public suffix list shipped with tldextract
 
