@@ -473,6 +473,30 @@ def test_past_the_deadline_the_body_stops_with_exit_6():
         _blocked(0.3)  # a night that ends before its deadline is not touched
 
 
+def test_on_a_local_instance_without_a_state_api_only_the_deadline_is_watched(monkeypatch, capsys):
+    """The demo's local Ray instance has no dashboard: the watch says once that waits are not watched,
+    instead of a warning that it could not list the actors every night."""
+    import datetime as dt
+
+    from ctd.pipeline import raydata, watchdog
+
+    monkeypatch.setattr(raydata, "_local_without_dashboard", True)
+    monkeypatch.setattr(watchdog, "_said_local", [])
+
+    def unavailable():
+        raise RuntimeError("Failed to connect to API server")
+
+    monkeypatch.setattr(watchdog, "_job_actors", unavailable)  # what the state API answers there
+    for _ in range(2):
+        with watchdog.watch(wait_s=0.1, deadline=None, poll_s=0.05):
+            _blocked(0.3)
+    out = capsys.readouterr().out
+    assert out.count("no state API") == 1 and "could not list" not in out, out
+    with pytest.raises(watchdog.DeadlinePassed):  # the deadline still is watched
+        with watchdog.watch(wait_s=0.1, deadline=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.2), poll_s=0.05):
+            _blocked(30)
+
+
 # ------------------------------------------------------------------ #26 item 4: the pools' quotas are the groups'
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_the_pools_quotas_are_what_their_worker_groups_can_hold(name, monkeypatch):

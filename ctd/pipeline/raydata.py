@@ -34,6 +34,7 @@ __all__ = [
     "init_ray",
     "local_system_config",
     "in_actor",
+    "has_state_api",
     "configure_data",
     "accelerated",
     "cpu_task",
@@ -64,6 +65,8 @@ def init_ray(ray_cfg: RayConfig) -> None:
         if address:
             ray.init(address=address)
         else:  # a new local instance, never some other cluster found on this machine
+            global _local_without_dashboard
+            _local_without_dashboard = True
             ray.init(
                 address="local",
                 num_cpus=ray_cfg.num_cpus,
@@ -71,6 +74,15 @@ def init_ray(ray_cfg: RayConfig) -> None:
                 _system_config=local_system_config(ray_cfg.num_cpus),
             )
     configure_data(preserve_order=ray_cfg.preserve_order, cpu_nodes=ray_cfg.cpu_nodes)
+
+
+_local_without_dashboard = False  # init_ray started a local instance: no dashboard, so no state API
+
+
+def has_state_api() -> bool:
+    """Whether Ray's state API (the dashboard's) can answer this driver: not on a local instance that
+    :func:`init_ray` started, which runs without a dashboard."""
+    return not _local_without_dashboard
 
 
 def local_system_config(num_cpus: int | None) -> dict:

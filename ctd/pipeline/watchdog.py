@@ -26,10 +26,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from ..log import log
+from .raydata import has_state_api
 
 __all__ = ["Stopped", "StuckWaiting", "DeadlinePassed", "deadline_at", "stuck_classes", "watch", "EXIT_DEADLINE"]
 
 EXIT_DEADLINE = 6
+_said_local: list[bool] = []  # the note that a local instance is not watched for waits, said once per process
 
 
 class Stopped(RuntimeError):
@@ -104,12 +106,21 @@ def watch(
     wait_s: float | None,
     deadline: _dt.datetime | None,
     poll_s: float = 5.0,
-    actors: Callable[[], list[dict]] = _job_actors,
+    actors: Callable[[], list[dict]] | None = None,
     what: str = "the night",
 ) -> Iterator[None]:
     """Run the body under the watch described in the module docstring. ``deadline`` is timezone-aware;
     ``wait_s`` None: no limit on waiting. Outside the main thread (where no signal can be handled) the
     body runs unwatched, with a warning."""
+    if wait_s is not None and actors is None and not has_state_api():
+        if not _said_local:
+            _said_local.append(True)
+            log(
+                "note: on this local Ray instance (no dashboard, so no state API) a stage waiting for resources is "
+                "not watched (audit.unschedulable_wait_minutes); a deadline is"
+            )
+        wait_s = None
+    poll = actors or _job_actors  # this job's actors, from Ray's state API
     if wait_s is None and deadline is None:
         yield
         return
@@ -138,7 +149,7 @@ def watch(
                 )
             elif wait_s is not None:
                 try:
-                    stuck = stuck_classes(actors())
+                    stuck = stuck_classes(poll())
                 except Exception as e:  # noqa: BLE001 - the state API is a hint: a failed poll is not a stuck night
                     if time.monotonic() - said >= 300:
                         said = time.monotonic()
