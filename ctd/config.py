@@ -151,6 +151,12 @@ class HTTPExpertConfig(Strict):
     label_tokens: LabelTokens = LabelTokens()
     top_logprobs: int = Field(20, ge=1, le=20)
     max_retries: int = Field(5, ge=0, le=100)
+    retry_backoff_seconds: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="the first retry's wait, doubled for each next one (each with up to as much again at random)",
+    )
     requests_per_second: float = Field(10.0, ge=0.001, le=1e6, description="across the whole pool")
     timeout_seconds: float = Field(60.0, gt=0, le=3600)
     price_per_1k_tokens: float | None = Field(

@@ -261,7 +261,10 @@ def test_hard_budget_cap_holds_under_shift_and_drift_fails_the_job(deployment, b
 
 
 def test_a_failed_job_publishes_nothing(deployment, big):
-    cfg = cfg_for(deployment, big, **{"expert.classifier.path": "/nonexistent/expert-model"})
+    # the session's own 300-row night (the judge fails after stage 1, whatever the night's size)
+    cfg = load_config(
+        deployment["config_path"], {"audit.output": big["out"], "expert.classifier.path": "/nonexistent/expert-model"}
+    )
     with pytest.raises(Exception):  # noqa: B017 (whatever the expert's failure, the night must not publish)
         run_audit(cfg, run_id="failed")
     assert read_manifest(big["out"], "failed") is None and "failed" not in list_runs(big["out"])

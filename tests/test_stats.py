@@ -355,6 +355,7 @@ def joint_population():
     return d, y, p, e, grid, cal.exceedance_counts(d, grid) / N, cal.delegation_loss_sums(d, lk, ld, grid) / N
 
 
+@pytest.mark.slow  # 2,150 calibrations each: 5-10 s (the fast tier keeps the budget-only simulation above)
 @pytest.mark.parametrize("kw", [dict(pareto=True), dict(pareto=False, method="holm")], ids=["pareto", "holm"])
 def test_joint_guarantee_holds_over_random_calibration_draws(joint_population, kw):
     """P(R_B(λ̂) > α or R_err(λ̂) > β) <= δ over simulation_draws(δ) = 2,150 calibration sets of 2,000 rows
@@ -499,6 +500,7 @@ def test_calibrate_counts_is_calibrate_on_the_same_rows():
         cal.calibrate_counts(g, np.arange(g.size), g.size, 0.2, 0.1)
 
 
+@pytest.mark.slow  # 2,150 x 3 calibrations: ~9 s
 def test_calibrate_counts_guarantee_budget_and_joint_by_simulation():
     """d ~ U(-1, 1), so the true delegation rate at λ is (1 - λ)/2; the judge's verdict disagrees with the
     probe on a row kept with probability 0.3, so the cascade's true error at λ is 0.3 (1 - rate). Nights of

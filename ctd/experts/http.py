@@ -115,7 +115,7 @@ class HTTPJudgeStage:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        delay = 0.5
+        delay = self.cfg.retry_backoff_seconds
         for attempt in range(self.cfg.max_retries + 1):
             if self.down:
                 raise _EndpointDown(DOWN)
