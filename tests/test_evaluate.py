@@ -172,8 +172,9 @@ def test_claims_summary_by_hand():
 def test_reduced_replication_claims_point_the_way_the_readme_reports(minilm_dir, data_dir, tmp_path):
     """2 splits, 100 draws, 500 rows of each split, simulated expert. Each claim the replication reports
     points the same way here as in the committed full run. The MiniLM activations are read from the
-    benchmark's own cache (``CTD_CACHE``, default ``~/.cache/ctd``: keyed by model fingerprint, layer and
-    token ids, the same arrays as computed): ~18 s with it, ~74 s the first time on a machine (measured)."""
+    benchmark's own cache (``CTD_CACHE``, default ``~/.cache/ctd``: keyed by model fingerprint, layer,
+    token ids and the source of ctd/model/activations.py, so a change to the extraction computes them
+    again; tests/test_activations.py checks the extraction itself): ~18 s with it, ~74 s without (measured)."""
     r = subprocess.run(
         [
             sys.executable,

@@ -601,7 +601,7 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama)
     root = deployment["root"]
     cfg = load_config(deployment["config_path"])
     jp = JudgePrompt(AutoTokenizer.from_pretrained(tiny_llama), JUDGE_TEMPLATE, 256)
-    lengths = []
+    length = {}  # each row's prompt, in tokens, as cut for the judge's 256
     for line in storage.read_bytes(cfg.audit.corpus).decode("utf-8", "replace").splitlines():
         try:
             r = json.loads(line)
@@ -609,8 +609,8 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama)
             continue
         x = r.get("messages") or r.get("text") if isinstance(r, dict) else None
         if isinstance(x, (str, list)) and x:
-            lengths.append(len(jp(x)[0]))
-    engine_len = int(np.median(lengths)) + 1  # about half the rows are longer than the engine's context
+            length[r.get("id")] = len(jp(x)[0])
+    engine_len = int(np.median(list(length.values()))) + 1  # about half the rows are longer than the engine's context
     vllm = {
         "model": tiny_llama,
         "top_logprobs": 20,
@@ -635,6 +635,8 @@ def test_vllm_expert_pool_through_ray_data_llm(deployment, ray_head, tiny_llama)
     failed = np.array([s.startswith("error: ") for s in status])
     ok = status == "ok"
     assert failed.any() and ok.any(), set(status)  # both kinds of rows in one night
+    n = np.array([length[i] for i in ids[deleg]])  # row by row: the engine refuses the prompts longer than its context
+    assert np.array_equal(failed[n != engine_len], n[n != engine_len] > engine_len)  # (at exactly its length: either)
     assert np.all(failed | ok), set(status)  # the tiny judge's label tokens are always in its top-20
     assert np.all(np.isnan(exp[failed])) and np.all((exp[ok] >= 0) & (exp[ok] <= 1))
     final = res.column("final").to_numpy(zero_copy_only=False)[deleg]

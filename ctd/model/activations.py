@@ -490,15 +490,21 @@ def transformers_models() -> Any:
     SciPy through it) whenever it is installed, for one feature we never use (the assistant-model
     threshold of assisted decoding). scikit-learn is installed here for training the probes, and in a
     fresh Ray actor that import is ~2 s of the ~9 s its start costs: ``from transformers import
-    AutoModel`` took 5.6 and 6.2 s with it, 3.5 and 4.1 s without (same machine, back to back). So
-    transformers is told scikit-learn is absent before its generation module is first imported; code
-    that needs scikit-learn (the probes' training) imports it itself and is unaffected."""
+    AutoModel`` took 5.6 and 6.2 s with it, 3.5 and 4.1 s without (same machine, back to back). So that
+    module is imported first while transformers is told scikit-learn is absent (the module keeps that
+    answer; the rest of transformers asks the real check again). Code that needs scikit-learn (the
+    probes' training) imports it itself and is unaffected; the vLLM judge's engine loads its own model."""
     import sys
 
     if "transformers.generation.candidate_generator" not in sys.modules:
         import transformers.utils
 
+        real = transformers.utils.is_sklearn_available
         transformers.utils.is_sklearn_available = lambda: False
+        try:
+            import transformers.generation.candidate_generator  # noqa: F401
+        finally:
+            transformers.utils.is_sklearn_available = real
     import transformers
 
     return transformers
@@ -532,19 +538,24 @@ def token_ids_hash(ids: Sequence[np.ndarray]) -> str:
 
 
 def cached_pool(extractor: ActivationExtractor, ids: Sequence[np.ndarray], cache_dir: str | None) -> dict[int, np.ndarray]:
-    """:meth:`ActivationExtractor.pool` with an on-disk cache keyed by model fingerprint, layer and
-    the data's token-id hash (``.npy`` files, loaded without pickle)."""
+    """:meth:`ActivationExtractor.pool` with an on-disk cache keyed by model fingerprint, layer, the
+    data's token-id hash and this module's source (any change to how activations are computed here is a
+    new key) (``.npy`` files, loaded without pickle)."""
     if cache_dir is None:
         return extractor.pool(ids)
-    fp = (extractor.model_fingerprint or "unknown")[:16]
+    import hashlib
+
+    with open(__file__, "rb") as f:
+        code = hashlib.sha256(f.read()).hexdigest()[:8]
+    folder = os.path.join(cache_dir, f"{(extractor.model_fingerprint or 'unknown')[:16]}-{code}")
     key = token_ids_hash(ids)[:16]
-    paths = {layer: os.path.join(cache_dir, fp, f"{key}-L{layer}.npy") for layer in extractor.layers}
+    paths = {layer: os.path.join(folder, f"{key}-L{layer}.npy") for layer in extractor.layers}
     if all(os.path.exists(p) for p in paths.values()):
         return {layer: np.load(p, allow_pickle=False) for layer, p in paths.items()}
     out = extractor.pool(ids)
-    os.makedirs(os.path.join(cache_dir, fp), exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     for layer, p in paths.items():
-        tmp = p + ".tmp.npy"
+        tmp = f"{p}.{os.getpid()}.tmp.npy"  # one writer's own file, renamed into place
         np.save(tmp, out[layer], allow_pickle=False)
         os.replace(tmp, p)
     return out

@@ -62,17 +62,18 @@ def init_ray(ray_cfg: RayConfig) -> None:
 
     if not ray.is_initialized():
         address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+        global _local_without_dashboard
         if address:
             ray.init(address=address)
+            _local_without_dashboard = False
         else:  # a new local instance, never some other cluster found on this machine
-            global _local_without_dashboard
-            _local_without_dashboard = True
             ray.init(
                 address="local",
                 num_cpus=ray_cfg.num_cpus,
                 include_dashboard=False,
                 _system_config=local_system_config(ray_cfg.num_cpus),
             )
+            _local_without_dashboard = True
     configure_data(preserve_order=ray_cfg.preserve_order, cpu_nodes=ray_cfg.cpu_nodes)
 
 

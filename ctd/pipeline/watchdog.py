@@ -11,6 +11,9 @@ up, the cloud has no GPU of that type, another job holds the nodes. Ray then kee
   row stops the night with :class:`StuckWaiting` (exit 1: a retry later may find the resources);
 - past ``deadline`` the night stops with :class:`DeadlinePassed` (exit 6).
 
+A local instance the job started itself has no dashboard, so no state API: there only the deadline
+is watched (said once in the log).
+
 Either way the exception is raised in the driver's main thread (a signal interrupts whatever it
 waits on), the lease is released on the way out, and what was committed stays for the resume: a
 rerun of the same run id skips the committed stage-1 chunks and judge files.

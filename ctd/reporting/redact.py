@@ -8,9 +8,11 @@ so Ray workers (which cut excerpts) stay light.
 
 from __future__ import annotations
 
+import importlib.abc
 import json
 import re
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -94,28 +96,41 @@ def _presidio() -> list:
     return _recognizers
 
 
+class _Refuse(importlib.abc.MetaPathFinder):
+    """Refuses to find ``names`` (ImportError, as for a package that is not installed), only for imports
+    made by the thread that created it: the driver's other threads (lease, watch, Ray's) import as usual."""
+
+    def __init__(self, names: Iterable[str]):
+        self.names, self.thread = frozenset(names), threading.get_ident()
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname in self.names and threading.get_ident() == self.thread:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (not loaded for Presidio)", name=fullname)
+        return None
+
+
 @contextmanager
 def _unimportable(names: Iterable[str]) -> Iterator[None]:
-    """Those of ``names`` not imported yet cannot be imported inside the block (``import`` raises
-    ImportError, as for a package that is not installed); afterwards they can be again."""
-    blocked = [n for n in names if n not in sys.modules]
-    for n in blocked:
-        sys.modules[n] = None  # type: ignore[assignment]
+    """Inside the block, this thread cannot import those of ``names`` not imported yet (one imported
+    already is simply there). What was imported inside keeps what it concluded: here spaCy's thinc takes
+    torch as absent and Presidio's device detector says "cpu", for the rest of the process; nothing of
+    ours uses either."""
+    refuse = _Refuse(names)
+    sys.meta_path.insert(0, refuse)
     try:
         yield
     finally:
-        for n in blocked:
-            if n in sys.modules and sys.modules[n] is None:
-                del sys.modules[n]
+        sys.meta_path.remove(refuse)
 
 
 def _build() -> list:
     """Presidio's package imports every NLP engine it supports, and with them the optional packages they
     would use: transformers' pipelines and torch (through spaCy's thinc), ~7 of the ~9 s its import took in
     a fresh audit driver, for recognizers that use neither. While it loads they are made unimportable (if
-    not imported already), so Presidio and thinc take them as absent: 8.6 s -> 1.4 s (measured in a fresh
-    process), and a driver that loads no model never imports torch. This runs in the calling thread: an
-    earlier attempt imported Presidio in a background thread and the main thread's own imports failed."""
+    not imported already) for this thread, so Presidio and thinc take them as absent: 8.6 s -> 1.4 s
+    (measured in a fresh process), and a driver that loads no model never imports torch. This runs in the
+    calling thread: an earlier attempt imported Presidio in a background thread and the main thread's own
+    imports failed."""
     import tldextract
 
     with _unimportable(("torch", "transformers", "transformers.pipelines")):

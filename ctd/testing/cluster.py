@@ -121,13 +121,18 @@ class LocalCluster:
         import ray
 
         ray.shutdown()  # a driver connected to the head would stop the head's removal
-        if self.cluster is not None:
-            # each node killed at once: Cluster.shutdown() stops them gracefully, one process at a time
-            # with a grace period each (a head that ran actors took ~32 s that way), for nothing we keep
-            for node in [*self.cluster.worker_nodes, self.cluster.head_node]:
-                if node is not None:
-                    self.cluster.remove_node(node, allow_graceful=False)
-            self.cluster.shutdown()  # no node left: what remains is resetting the driver's view
+        try:
+            if self.cluster is not None:
+                # each node killed at once: Cluster.shutdown() stops them gracefully, one process at a time
+                # with a grace period each (a head that ran actors took ~32 s that way), for nothing we keep
+                for node in [*self.cluster.worker_nodes, self.cluster.head_node]:
+                    if node is not None:
+                        self.cluster.remove_node(node, allow_graceful=False)
+                self.cluster.shutdown()  # no node left: what remains is resetting the driver's view
+        finally:
+            self._restore_address()
+
+    def _restore_address(self) -> None:
         try:  # never leave the address of a cluster that is gone for the next `ray.init()` to wait on
             if self._address_before is None:
                 os.remove(self._address_file)

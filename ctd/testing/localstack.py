@@ -1,6 +1,7 @@
 """Real local services for tests and benchmarks: a SeaweedFS S3 server and a Ray head.
 
-Both are started as processes of their own (stopped by the PID we started, never by name), on free
+Both are started as processes of their own (stopped by the PID we started, and for the head what is left
+of the session it leads; never by name), on free
 loopback ports, and are context managers:
 
     with SeaweedFS(data_dir) as s3, RayHead() as head:
@@ -87,8 +88,9 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 
 
 def _session_members(sid: int) -> list[int]:
-    """Processes of the session ``sid`` (Linux /proc): a head started with ``start_new_session`` leads
-    one, and its GCS, raylet, dashboard and workers stay in it (workers in process groups of their own)."""
+    """Live processes of the session ``sid`` (Linux /proc; zombies left out): a head started with
+    ``start_new_session`` leads one, and its GCS, raylet, dashboard and workers stay in it (workers in
+    process groups of their own)."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit() and int(d) != os.getpid():
@@ -97,7 +99,7 @@ def _session_members(sid: int) -> list[int]:
                     fields = f.read().rsplit(")", 1)[1].split()  # after the command name: state, ppid, pgrp, session
             except OSError:
                 continue
-            if int(fields[3]) == sid:
+            if int(fields[3]) == sid and fields[0] != "Z":
                 pids.append(int(d))
     return pids
 
@@ -114,11 +116,16 @@ def stop_session(proc: subprocess.Popen, grace: float = 5) -> None:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
             pass
-    for pid in _session_members(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for _ in range(20):  # again while any is left: one may have started another before it was killed
+        left = _session_members(sid)
+        if not left:
+            break
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
     proc.wait(15)
 
 
