@@ -53,6 +53,15 @@ __all__ = [
 ]
 
 
+_local_without_dashboard = False  # init_ray started a local instance: no dashboard, so no state API
+
+
+def has_state_api() -> bool:
+    """Whether Ray's state API (the dashboard's) can answer this driver: not on a local instance that
+    :func:`init_ray` started, which runs without a dashboard."""
+    return not _local_without_dashboard
+
+
 def init_ray(ray_cfg: RayConfig) -> None:
     """Connect to the cluster (``ray job submit`` sets RAY_ADDRESS) or start a local instance."""
     # Ray Data logs progress as text when not on a terminal: every 30 s, totals only (our own log
@@ -75,15 +84,6 @@ def init_ray(ray_cfg: RayConfig) -> None:
             )
             _local_without_dashboard = True
     configure_data(preserve_order=ray_cfg.preserve_order, cpu_nodes=ray_cfg.cpu_nodes)
-
-
-_local_without_dashboard = False  # init_ray started a local instance: no dashboard, so no state API
-
-
-def has_state_api() -> bool:
-    """Whether Ray's state API (the dashboard's) can answer this driver: not on a local instance that
-    :func:`init_ray` started, which runs without a dashboard."""
-    return not _local_without_dashboard
 
 
 def local_system_config(num_cpus: int | None) -> dict:
