@@ -104,7 +104,7 @@ def _cmd_calibrate(args) -> int:
     art = Calibrator(settings, Cascade(args.cascade)).fit(
         scores, grid, {"scores_uri": args.scores, "grid": "reference quantiles" if args.grid_scores else "uniform"}
     )
-    uris = write_calibration(args.out, art, scores.dv)
+    uris = write_calibration(args.out, art, scores.dv, args.night_rows)
     print(art.result.message)
     print(f"calibration artifact: {uris['artifact']}")
     print(f"report: {uris['html']}")
@@ -132,14 +132,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .calibration.plan import EPSILON, Pool, largest_alpha, plan_night
 
     v = None
-    control_share, calibration = 0.0, args.calibration
+    control, calibration = {"control_share": 0.0}, args.calibration
     if args.config:
         from .config import load_config
 
         cfg = load_config(args.config)
         v = cfg.expert.vllm if cfg.expert.kind == "vllm" else None
         if cfg.audit is not None:
-            control_share, calibration = cfg.audit.control_share, calibration or cfg.audit.calibration
+            a = cfg.audit
+            control = {"control_share": a.control_share, "control_floor": a.control_floor, "control_ceiling": a.control_ceiling}
+            calibration = calibration or a.calibration
     if calibration is None:
         raise UsageError("ctd plan needs --calibration (or --config with audit.calibration)")
 
@@ -158,10 +160,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         gpu_hour_price=args.gpu_hour_price if args.gpu_hour_price is not None else (v.gpu_hour_price if v else None),
     )
     if args.control_share is not None:
-        control_share = args.control_share
+        control["control_share"] = args.control_share
     art = load_calibration(calibration)
     cal = art.result
-    plan = plan_night(args.rows, cal.alpha, cal.delta, pool, control_share=control_share, cal=cal, lambda_star=art.threshold)
+    plan = plan_night(args.rows, cal.alpha, cal.delta, pool, **control, cal=cal, lambda_star=art.threshold)
     calls_for = lambda gpu_hours: gpu_hours / pool.gpus_per_replica * 3600 * pool.rows_per_second  # noqa: E731
     limit = None
     if args.budget_money is not None:
@@ -172,7 +174,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         limit = (f"the budget of {args.budget_gpu_hours:,.1f} GPU-hours", calls_for(args.budget_gpu_hours))
     elif pool.quota is not None:
         limit = (f"the quota of {pool.quota} replicas in the {pool.window_s / 3600:g} h window", pool.calls_in(pool.quota))
-    inverse = largest_alpha(args.rows, limit[1], cal.delta, pool, control_share=control_share, cal=cal) if limit else None
+    inverse = largest_alpha(args.rows, limit[1], cal.delta, pool, **control, cal=cal) if limit else None
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "limit": limit and limit[0], "largest_alpha": inverse and inverse.to_dict()}))
     else:
@@ -196,7 +198,8 @@ def _plan_lines(plan, pool, art, inverse, limit: str | None, eps: float) -> list
         f"  judge calls: with probability ≥ {1 - cal.delta:.0%} the traffic's delegated rate is at most {cal.alpha:g} (if the "
         f"night's traffic is like the calibration rows), so the night sends at most {plan.delegated_bound:,} delegated "
         f"rows with probability ≥ {1 - cal.delta - eps:.0%}, plus "
-        f"{plan.control_calls:,} control rows: {plan.calls:,} calls (only audit.budget_cap bounds a night outright)",
+        f"about {plan.control_calls:,} control rows (the control sample's expected size): {plan.calls:,} calls (only "
+        "audit.budget_cap bounds a night outright)",
         f"  pool: {plan.replicas} replica(s) of {pool.gpus_per_replica:g} GPU(s) at {pool.rows_per_second:g} rows/s each "
         f"judge them in the {pool.window_s / 3600:g} h window",
         f"  cost: {cost(plan.gpu_hours, plan.cost)} of busy replicas (start-up not counted); every row to the judge "
@@ -327,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--opt-fraction", type=float, default=0.3)
     c.add_argument("--cascade", choices=("switch", "mean"), default="switch")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--night-rows", type=int, default=10_000, help="conversations in a typical night (the report's night-level statement)"
+    )
     c.add_argument("--out", required=True, help="output folder or URI")
     c.set_defaults(fn=_cmd_calibrate)
 
@@ -378,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--quota", type=_positive("--quota"), default=None, help="replicas the cluster can give")
     pl.add_argument("--gpu-hour-price", type=_positive_float("--gpu-hour-price"), default=None)
-    pl.add_argument("--control-share", type=float, default=None, help="the control sample's share (default: the config's)")
+    pl.add_argument(
+        "--control-share",
+        type=float,
+        default=None,
+        help="the control sample's share (default: the config's, with its floor and ceiling)",
+    )
     budget = pl.add_mutually_exclusive_group()
     budget.add_argument("--budget-gpu-hours", type=_positive_float("--budget-gpu-hours"), default=None)
     budget.add_argument("--budget-money", type=_positive_float("--budget-money"), default=None)

@@ -257,6 +257,12 @@ class NotifyConfig(Strict):
 class CalibrateJob(Strict):
     corpus: str = Field(description="labelled held-out shard URI (expert runs on every row)")
     output: str = Field(description="URI folder for calibration.json and its report")
+    night_rows: int = Field(
+        10_000,
+        ge=1,
+        description="conversations in a typical night: the calibration report's night-level statement (how many a night "
+        "delegates at most, with a stated probability) is for a night of this size",
+    )
 
 
 class NightlyJob(Strict):

@@ -1,11 +1,12 @@
 """The embedded default, end to end on a local Ray instance, offline, on CPU:
 
-    python -m jobs.demo [--config configs/demo.yaml] [--out out/demo]
+    python -m jobs.demo [--config configs/demo.yaml] [--out out/demo] [--end-date YYYY-MM-DD]
 
 generates realistic traffic (ctd/testing/traffic.py), builds the classifier expert (MiniLM, head
 fine-tuned on its own split), trains the probes, calibrates λ* on a held-out shard, audits three nights
-(the last one carries a campaign the probe passes, so that the quality alarms fire while the drift
-alarm stays quiet), and prints where the reports are.
+ending yesterday or on --end-date (the last one carries a campaign the probe passes, so that what the
+control sample estimates the probe misses rises while the drift alarm stays quiet), and prints where the
+reports are.
 """
 
 import argparse
@@ -46,9 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         default=0.2,
         help="share of the shifted night's rows from a campaign of harmful requests shaped like everyday questions",
     )
+    ap.add_argument(
+        "--end-date",
+        default=None,
+        help="the last audited night, YYYY-MM-DD (default yesterday); the traffic and the control sample are drawn "
+        "by day, so one end date gives the same figures on every run",
+    )
     args = ap.parse_args(argv)
     if args.nights < 1:
         ap.error("--nights must be at least 1")
+    try:
+        end = _dt.date.fromisoformat(args.end_date) if args.end_date else None
+    except ValueError:
+        ap.error(f"--end-date must be YYYY-MM-DD, got {args.end_date!r}")
     t0 = time.perf_counter()
     out = os.path.abspath(args.out)
     base = yaml.safe_load(open(args.config))
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg["audit"]["corpus"] = f"{out}/corpus/audit/{{date}}.jsonl"
     with open(d["config_path"], "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
-    yesterday = audited_day(None, cfg["audit"].get("timezone", "UTC"))
+    yesterday = end or audited_day(None, cfg["audit"].get("timezone", "UTC"))
     report = None
     for k in range(args.nights):
         day = (yesterday - _dt.timedelta(days=args.nights - 1 - k)).isoformat()

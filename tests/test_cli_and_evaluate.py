@@ -206,7 +206,8 @@ def test_plan_against_a_hand_computation_both_ways_and_its_refusal(tmp_path, cap
     """10^7 rows at the calibrated α 0.2, δ 0.1; 25 rows/s per replica of 2 GPUs, a 2 h window, $3 per GPU-hour.
     Forward: q = the 95% binomial quantile of Binom(10^7, 0.2) = 2,000,000 + ⌈1.645·√(1.6·10^6)⌉ (± 1) calls;
     replicas ⌈q / (25·7200)⌉ = 12; GPU-hours q/25/3600·2 ≈ 44.5, $133.4; every row: 222.2 GPU-hours. A quota of 8
-    refuses it (exit 1, 4 short, 1.5 h → 3.1 h... said in words). Inverse: 8 replicas judge 8·25·7200 = 1,440,000
+    refuses it (exit 1, 4 short: the judge stage takes q/(8·25)/3600 ≈ 2.8 h, not 2 h, said in words).
+    Inverse: 8 replicas judge 8·25·7200 = 1,440,000
     calls, so the largest α is the one whose 95% quantile is 1,440,000: α ≈ (1,440,000 − 1.645·√(α(1−α)·10^7))/10^7."""
     from scipy import stats
 
@@ -246,6 +247,19 @@ def test_plan_against_a_hand_computation_both_ways_and_its_refusal(tmp_path, cap
     out = capsys.readouterr().out
     assert "REFUSED: the quota is 8 replicas, 4 short of the 12 needed" in out and "largest α is 0.14" in out
     assert "only audit.budget_cap bounds a night outright" in out
+    assert "the judge stage would take 2.8 h instead of 2 h" in out
+
+    # the control sample as the audit draws it: the share, raised to the floor, lowered to the ceiling (expected rows)
+    from ctd.calibration.plan import Pool, control_calls, plan_night
+
+    assert control_calls(10**7, 0.01, 400, 20_000) == 20_000  # the ceiling, not 100,000
+    assert control_calls(20_000, 0.01, 400, 20_000) == 400  # the floor, not 200
+    assert control_calls(100_000, 0.01, 400, 20_000) == 1_000 and control_calls(10**7, 0.0, 400, 20_000) == 0
+    pool = Pool(rows_per_second=25, gpus_per_replica=2, window_s=7200)
+    p = plan_night(10**7, 0.2, 0.1, pool, control_share=0.01, control_floor=400, control_ceiling=20_000)
+    assert p.control_calls == 20_000 and p.calls == q + 20_000
+    with_config = base[:-1] + ["--control-share", "0.01"]  # no config: the share alone, no floor or ceiling
+    assert main(with_config) == 0 and "about 100,000 control rows" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:  # bad usage
         main(["plan", "--rows", "0", "--calibration", str(tmp_path / "c")])
     assert e.value.code == 2

@@ -140,6 +140,7 @@ PERSONAL = [
     ("+44 20 7946 0958", "<PHONE_NUMBER>"),
     ("123-45-6789", "<US_SSN>"),  # the well-known example number Presidio itself lets pass
     ("536-22-1947", "<US_SSN>"),
+    ("219099999", "<US_SSN>"),  # nine bare digits: an SSN only because the words before it say so
     ("AB123456C", "<UK_NINO>"),
     ("4111 1111 1111 1111", "<CREDIT_CARD>"),
     ("5500-0000-0000-0004", "<CREDIT_CARD>"),
@@ -151,7 +152,7 @@ PERSONAL = [
 ]
 PERSONAL_TEXT = (
     "I am Jane Doe, jane.doe@example.com, +1 415 555 0100, SSN 123-45-6789. my name is bob marley and my "
-    "office is (415) 555-0199, London +44 20 7946 0958, other SSN 536-22-1947, NINO AB123456C. Pay with "
+    "office is (415) 555-0199, London +44 20 7946 0958, other SSN 536-22-1947, my social security number is 219099999, NINO AB123456C. Pay with "
     "4111 1111 1111 1111 or 5500-0000-0000-0004, IBAN GB82 WEST 1234 5698 7654 32, from 192.168.13.20 "
     "and 2001:db8::8a2e:370:7334."
 )
@@ -168,6 +169,8 @@ def test_personal_data_is_out_of_what_a_reader_is_shown():
         assert token in out, (token, out)
     plain = "Run 2026-12-03 had 1,210 rows, version 0.588, hash 365d735b, card 4111 1111 1111 1112, 12:30."
     assert redact_personal(plain) == plain
+    order = "order 219099999 shipped; call me at noon"  # nine digits no context word calls an SSN; "at" is no name
+    assert redact_personal(order) == order
     cut_short = shown(PERSONAL_TEXT, 40)  # redacted before the cut: no half number survives the "…"
     assert len(cut_short) == 40 and cut_short.endswith("…") and "jane" not in cut_short.lower()
     assert shown(None, 40) is None and shown(PERSONAL_TEXT, 0) is None

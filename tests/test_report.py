@@ -365,10 +365,18 @@ def test_calibration_report_explains_tomorrows_bill_and_what_to_do():
         in words[1]
     )
     assert "a night of 10,000 conversations delegates at most 2,066 with probability at least 85%" in words[2]
-    assert "Only audit.budget_cap bounds a night's delegated calls outright" in words[2] and "control sample" in words[2]
+    assert (
+        "Only a hard cap on the night's judge calls (the audit's budget cap) bounds" in words[2] and "control sample" in words[2]
+    )
+    assert "audit." not in " ".join(words)  # words for the reader, no config keys
+    # the night-level count for the configured night size: the demo's 1,210 rows
+    from scipy import stats
+
+    q = int(stats.binom.ppf(0.95, 1210, 0.2))
+    assert f"a night of 1,210 conversations delegates at most {q:,} with probability at least 85%" in explain(art.result, 1210)[2]
     assert f"{art.result.certified_count:,} of the 1,001 thresholds" in words[3]
-    # the probe alone, the judge alone and the cascade in one sentence, read off the calibration's own curve
     r = art.result
+    # the probe alone, the judge alone and the cascade in one sentence, read off the calibration's own curve
     perf = 1 - np.asarray(r.performance_risk)
     i = int(np.searchsorted(r.grid, r.lambda_hat))
     (compare,) = [w for w in words if w.startswith("On the calibration rows, accuracy")]

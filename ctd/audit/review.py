@@ -38,6 +38,7 @@ __all__ = [
     "top",
     "spread",
     "fold_key",
+    "fold_keys",
     "fold",
     "review",
     "review_night",
@@ -138,10 +139,31 @@ FOLD_POOL = 4
 _WORDS = re.compile(r"[^\W\d_]+")
 
 
+# two excerpts are near-duplicates when their word sets overlap this much (Jaccard): a template with one or
+# two words filled in differently ("ALERT: dark mode is gone from <system>", "... <name> is furious")
+SIMILAR = 0.7
+
+
 def fold_key(excerpt: str | None, rid: str) -> str:
     """Rows whose excerpts have the same words, case, digits, punctuation and spacing ignored, fold into
     one; a row without an excerpt folds with none."""
     return " ".join(_WORDS.findall(excerpt.lower())) if excerpt else "\x00" + rid
+
+
+def fold_keys(excerpts: list[str | None], ids: list[str], similar: float = SIMILAR) -> list[str]:
+    """:func:`fold_key` with near-duplicates joined: in rank order, a row whose word set overlaps an earlier
+    kept row's by at least ``similar`` (Jaccard) takes that row's key. Quadratic in the list's length, which
+    is at most :data:`FOLD_POOL` × ``review_rows`` (never the night's rows)."""
+    keys = [fold_key(e, i) for e, i in zip(excerpts, ids)]
+    reps: list[tuple[str, frozenset[str]]] = []  # the keys kept so far, with their word sets
+    out = []
+    for key in keys:
+        words = frozenset(key.split()) if not key.startswith("\x00") else frozenset()
+        match = next((k for k, w in reps if words and w and len(words & w) >= similar * len(words | w)), None)
+        if match is None:
+            reps.append((key, words))
+        out.append(match or key)
+    return out
 
 
 def fold(t: pa.Table, keys: list[str], k: int) -> pa.Table:
@@ -160,8 +182,8 @@ def review(
 ) -> pa.Table:
     """The review list (:data:`REVIEW_SCHEMA`): the top ``k`` rows of each :data:`REVIEW_LISTS` list
     with their excerpt (stage 1's, personal data out, cut to ``excerpt_chars``; none when it is 0),
-    repeats among the list's top :data:`FOLD_POOL` × ``k`` folded into one row with their count
-    (:func:`fold`), and up to ``k`` quarantined rows with their reason and source, spread over the reasons."""
+    repeats and near-duplicates among the list's top :data:`FOLD_POOL` × ``k`` folded into one row with
+    their count (:func:`fold_keys`, :func:`fold`), and up to ``k`` quarantined rows with their reason and source, spread over the reasons."""
     import ray
 
     tops = _top_rows(results, FOLD_POOL * k, cascade) if results else None
@@ -176,7 +198,8 @@ def review(
             raw.update({i: e for i, e in zip(t.column("id").to_pylist(), t.column("excerpt").to_pylist()) if e is not None})
     out = []
     for t in lists:
-        t = fold(t, [fold_key(raw.get(i), i) for i in t.column("id").to_pylist()], k)
+        ids_t = t.column("id").to_pylist()
+        t = fold(t, fold_keys([raw.get(i) for i in ids_t], ids_t), k)
         if t.num_rows:
             excerpts = [shown(raw.get(i), excerpt_chars) for i in t.column("id").to_pylist()]
             t = t.append_column("rank", pa.array(np.arange(1, t.num_rows + 1, dtype=np.int32)))

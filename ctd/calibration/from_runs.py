@@ -154,7 +154,8 @@ def recalibrate_from_runs(cfg: JobConfig, output: str, nights: int = 7, dest: st
     art = CalibrationArtifact(result, prov)
     dest = dest or storage.join(output, "calibration-from-runs")
     storage.remove(storage.join(dest, "calibration_scores.parquet"))  # never a stale yardstick beside a new artifact
-    uris = write_calibration(dest, art, scores.dv if scores is not None else None)
+    per_night = max(1, round(n / max(1, len(days))))  # the night-level statement for the nights it was made from
+    uris = write_calibration(dest, art, scores.dv if scores is not None else None, per_night)
     if scores is not None:  # the quality alarms' reference: the control rows, the judge's verdict as the label
         write_parquet(storage.join(dest, "calibration_scores.parquet"), scores.table())
     log(result.message)

@@ -67,7 +67,7 @@ def run_calibration(cfg: JobConfig) -> CalibrationArtifact:
         "grid": how,
     }
     art = Calibrator(cfg.calibration, Cascade(cfg.cascade, cfg.decision_threshold)).fit(scores, grid, prov)
-    uris = write_calibration(c.output, art, scores.dv)
+    uris = write_calibration(c.output, art, scores.dv, c.night_rows)
     write_parquet(storage.join(c.output, "calibration_scores.parquet"), scores.table())
     storage.remove(staging)
     log(art.result.message)

@@ -5,7 +5,9 @@ Forward, at the calibrated α: a night of ``rows`` conversations sends the judge
 - the delegated rows: their *rate* is at most α with probability ≥ 1 − δ (the calibration's guarantee);
   a night's *count* then stays at or below ``q = night_count_bound(α, rows, ε)`` with probability
   ≥ 1 − δ − ε (a binomial quantile on top of the rate bound; ε = 5% here),
-- the control sample: ``control_share`` of the rows, at most.
+- the control sample: its expected size, ``π · rows`` with π the audit's own (:func:`ctd.stats.quality.control_plan`:
+  ``control_share`` raised to expect ``control_floor`` rows, lowered to expect ``control_ceiling``); the
+  draw is Bernoulli, so a night's count varies around it by about ``√(π · rows)``.
 
 The pool is sized for ``q`` + control calls in the night's ``window`` at the judge's measured
 ``rows_per_second`` per replica: ``replicas = ⌈calls / (rows_per_second · window)⌉``; the GPU-hours are the
@@ -27,9 +29,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..stats.calibrate import CalibrationResult, calibrate_counts
+from ..stats.quality import control_plan
 from .report import night_count_bound
 
-__all__ = ["Pool", "Plan", "plan_night", "largest_alpha", "EPSILON"]
+__all__ = ["Pool", "Plan", "plan_night", "largest_alpha", "control_calls", "EPSILON"]
 
 EPSILON = 0.05  # the night-level count bound holds with probability >= 1 - δ - EPSILON
 
@@ -58,7 +61,7 @@ class Plan:
     delta: float
     rows: int
     delegated_bound: int  # q: the night's delegated count, w.p. >= 1 - δ - EPSILON
-    control_calls: int
+    control_calls: int  # the control sample's expected size
     calls: int
     replicas: int
     hours: float  # the judge stage's wall time on min(replicas, quota)
@@ -84,6 +87,14 @@ def _performance(cal: CalibrationResult, lam: float | None) -> float | None:
     return float(1.0 - np.asarray(cal.performance_risk, dtype=float)[i])
 
 
+def control_calls(rows: int, share: float, floor: int = 0, ceiling: int | None = None) -> int:
+    """The control sample's expected size on a night of ``rows``, rounded up: π · rows with the audit's π
+    (``share`` raised to expect ``floor`` rows, lowered to expect ``ceiling``; None: no ceiling); 0 without a sample."""
+    if share <= 0 or rows <= 0:
+        return 0
+    return int(math.ceil(rows * control_plan(rows, share, floor, max(floor, rows) if ceiling is None else ceiling)))
+
+
 def plan_night(
     rows: int,
     alpha: float,
@@ -91,6 +102,8 @@ def plan_night(
     pool: Pool,
     *,
     control_share: float = 0.0,
+    control_floor: int = 0,
+    control_ceiling: int | None = None,
     cal: CalibrationResult | None = None,
     lambda_star: float | None = None,
     recertified: bool = False,
@@ -99,7 +112,7 @@ def plan_night(
     if rows < 1:
         raise ValueError("rows must be at least 1")
     q = night_count_bound(alpha, rows, EPSILON)
-    control = int(math.ceil(control_share * rows))
+    control = control_calls(rows, control_share, control_floor, control_ceiling)
     calls = q + control
     replicas = max(1, math.ceil(calls / pool.calls_in(1)))
     used = replicas if pool.quota is None else min(replicas, pool.quota)
@@ -132,13 +145,15 @@ def largest_alpha(
     pool: Pool,
     *,
     control_share: float = 0.0,
+    control_floor: int = 0,
+    control_ceiling: int | None = None,
     cal: CalibrationResult | None = None,
     tol: float = 1e-6,
 ) -> Plan | None:
     """The plan at the largest α whose night-level calls (delegated bound + control) are at most
     ``max_calls``, with λ*(α) recertified on the calibration's counts when ``cal`` is given; None when
     even α → 0 does not fit (the control sample alone exceeds the limit)."""
-    control = int(math.ceil(control_share * rows))
+    control = control_calls(rows, control_share, control_floor, control_ceiling)
     fits = lambda a: night_count_bound(a, rows, EPSILON) + control <= max_calls  # noqa: E731
     if not fits(tol):
         return None
@@ -155,4 +170,15 @@ def largest_alpha(
         counts = np.minimum.accumulate(counts)  # exceedance counts are non-increasing in λ
         res = calibrate_counts(cal.grid, counts, cal.n, alpha, delta)
         lam = float(res.lambda_hat) if res.delegates else None
-    return plan_night(rows, alpha, delta, pool, control_share=control_share, cal=cal, lambda_star=lam, recertified=True)
+    return plan_night(
+        rows,
+        alpha,
+        delta,
+        pool,
+        control_share=control_share,
+        control_floor=control_floor,
+        control_ceiling=control_ceiling,
+        cal=cal,
+        lambda_star=lam,
+        recertified=True,
+    )

@@ -24,9 +24,12 @@ from .artifact import CalibrationArtifact
 __all__ = ["write_calibration", "explain"]
 
 
-def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | None = None) -> dict[str, str]:
+def write_calibration(
+    out_dir: str, art: CalibrationArtifact, dv: ArrayLike | None = None, night_rows: int | None = None
+) -> dict[str, str]:
     """Write ``calibration.json`` (the artifact), ``calibration_report.{json,html}`` and plots;
-    ``dv``: the calibration rows' d(x), for their histogram."""
+    ``dv``: the calibration rows' d(x), for their histogram; ``night_rows``: the night size that the
+    report's night-level statement is for (default :data:`NIGHT_ROWS`)."""
     uri = art.save(out_dir)
     body = art.body()
     r = art.result
@@ -48,7 +51,8 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | No
         "certified_count": r.certified_count,
         "artifact_hash": body["artifact_hash"],
         "provenance": art.provenance,
-        "explanation": explain(r) + from_runs_sentences(art.provenance),
+        "night_rows": night_rows or NIGHT_ROWS,
+        "explanation": explain(r, night_rows or NIGHT_ROWS) + from_runs_sentences(art.provenance),
     }
     # values redacted before any page is built: a corpus or scores URI may carry a credential
     summary = redact_values(summary, [os.environ.get(k, "") for k in CREDENTIAL_ENVS])
@@ -87,7 +91,7 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | No
         {k: v for k, v in figures.items() if k != "tradeoff"},
         {
             "calibration": 'Left: each threshold\'s p-value for "it sends more than α of the traffic to the judge" (log '
-            "scale); thresholds tested below δ, the dashed line, are certified (green span). Right: the share of calibration "
+            "scale); thresholds tested below δ, the dashed line, are certified (green ticks). Right: the share of calibration "
             "rows each threshold sends to the judge, and the cascade's performance risk (orange, right axis). The red line "
             "is λ*, tomorrow's threshold",
             "dv_histogram": "How the calibration rows' delegation values d(x) spread (rows per bin): rows right of λ*, the "
@@ -99,7 +103,7 @@ def write_calibration(out_dir: str, art: CalibrationArtifact, dv: ArrayLike | No
     return out
 
 
-NIGHT_ROWS, NIGHT_EPSILON = 10_000, 0.05  # the night-level statement: a night of this size, a quantile at 1 - ε
+NIGHT_ROWS, NIGHT_EPSILON = 10_000, 0.05  # the night-level statement: by default a night of this size; a quantile at 1 - ε
 
 
 def night_count_bound(alpha: float, rows: int, epsilon: float) -> int:
@@ -150,24 +154,27 @@ def _compare(r: CalibrationResult, i: int) -> list[str]:
     ]
 
 
-def explain(r: CalibrationResult) -> list[str]:
-    """The calibration in words: what α, δ and λ* mean for tomorrow's bill, what was certified, and
-    when nothing was, what to do (how many labelled rows would be enough)."""
+def explain(r: CalibrationResult, night_rows: int = NIGHT_ROWS) -> list[str]:
+    """The calibration in words: what α, δ and λ* mean for tomorrow's bill (the night-level count for a
+    night of ``night_rows``), what was certified, and when nothing was, what to do (how many labelled
+    rows would be enough)."""
     if r.delegates:
         i = int(np.searchsorted(r.grid, r.lambda_hat))
         cert = r.grid[np.asarray(r.certified, dtype=bool)]
-        q = night_count_bound(r.alpha, NIGHT_ROWS, NIGHT_EPSILON)
+        q = night_count_bound(r.alpha, night_rows, NIGHT_EPSILON)
         return [
             f"Tomorrow's threshold is λ* = {r.lambda_hat:.4g} on the DV score: a conversation goes to the judge when its DV score is above it.",
             f"On traffic like these {r.n:,} calibration rows, the rate at which conversations are delegated to the judge (DV "
             f"score above λ*) is at most α = {pct(r.alpha)}, with probability at least 1 − δ = {pct(1 - r.delta)} over the draw "
             f"of the calibration rows; on the calibration rows λ* delegated {r.budget_risk[i]:.1%}.",
-            f"That bounds a rate, not a night's count, which can exceed α·N by chance: a night of {NIGHT_ROWS:,} conversations "
+            f"That bounds a rate, not a night's count, which can exceed α·N by chance: a night of {night_rows:,} conversations "
             f"delegates at most {q:,} with probability at least {pct(1 - r.delta - NIGHT_EPSILON)} (1 − δ − "
             f"{NIGHT_EPSILON:g}: the rate guarantee and the {pct(1 - NIGHT_EPSILON)} binomial quantile, conversations drawn "
-            "independently). Only audit.budget_cap bounds a night's delegated calls outright; the audit's control sample "
-            "(audit.control_share, at most audit.control_ceiling rows) goes to the judge on top of them.",
-            f"{r.certified_count:,} of the {len(r.grid):,} thresholds on the grid were certified (from {cert.min():.4g} to {cert.max():.4g}); "
+            "independently). Only a hard cap on the night's judge calls (the audit's budget cap) bounds a night's delegated "
+            "calls outright; the audit's control sample, a small uniform share of the night's rows, goes to the judge on "
+            "top of them.",
+            f"{r.certified_count:,} of the {len(r.grid):,} thresholds on the grid were certified (the lowest {cert.min():.4g}, the highest "
+            f"{cert.max():.4g}; not necessarily every threshold between them); "
             + (
                 "λ* is the certified one that does best on the performance risk (" + str(r.risk) + ")."
                 if r.pareto

@@ -62,7 +62,7 @@ def drift_words(e_value: float, level: float) -> str:
 def html_figure(name: str, png: bytes, caption: str | None = None) -> str:
     """A figure embedded as base64 PNG (the page stays one self-contained file)."""
     return (
-        f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
+        f"<figure><img alt='{html.escape(caption or name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
         f"<figcaption>{html.escape(caption or name)}</figcaption></figure>"
     )
 

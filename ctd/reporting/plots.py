@@ -71,7 +71,10 @@ def plot_calibration(result: dict) -> bytes:
     ax[0].axhline(result["delta"], color="k", ls="--", lw=1, label="δ")
     cert = np.array(result["certified"], dtype=bool)
     if cert.any():
-        ax[0].axvspan(grid[cert].min(), grid[cert].max(), color="C2", alpha=0.12, label="certified span")
+        # the certified thresholds themselves: with Pareto testing they need not be every one between two of them
+        ax[0].semilogy(
+            grid[cert], np.clip(bp[cert], 1e-12, 1), "|", ms=9, color="C2", label=f"certified ({int(cert.sum()):,} thresholds)"
+        )
     ax[0].set_ylabel("p-value (log scale)")
     risk = np.array(result["budget_risk"], dtype=float)
     ax[1].plot(grid, risk, color="C0", label="share sent to the judge")
@@ -181,7 +184,8 @@ def plot_history(nights: list[dict], gaps: list | None = None) -> bytes:
     fig, ax = plt.subplots(2, 2, figsize=(11, 6.4), sharex=True)
     a = ax[0, 0]
     upper = binom.ppf(1 - level, scored, alpha) / scored
-    a.fill_between(x, 0, upper, color="C2", alpha=0.15, step="mid", label="a night at rate α stays below (1 − drift level)")
+    often = f"{1 - level[-1]:.1%} of the time" if np.all(level == level[-1]) else "with probability 1 − the drift alarm's level"
+    a.fill_between(x, 0, upper, color="C2", alpha=0.15, step="mid", label=f"a night delegating at rate α stays here {often}")
     a.plot(x, alpha, "k--", lw=1, label="budget α")
     a.plot(x, g("delegated_by_threshold") / scored, "o-", color="C0", label="delegation rate (passed λ*)")
     a.set_ylabel("share of audited rows")
@@ -201,7 +205,7 @@ def plot_history(nights: list[dict], gaps: list | None = None) -> bytes:
     a = ax[1, 1]
     e = np.maximum(g("drift_e_value"), 1e-300)  # calm nights drive it far below 1: drawn as it is, on a log scale
     a.semilogy(x, e, "o-", color="C4", label="e-detector")
-    a.semilogy(x, 1 / level, "k--", lw=1, label="alarm level (1 / drift level)")
+    a.semilogy(x, 1 / level, "k--", lw=1, label="alarm level (the drift alarm fires above it)")
     alarms = np.array([bool(n["drift_alarm"]) for n in nights])
     if alarms.any():
         a.semilogy(x[alarms], e[alarms], "o", ms=9, mfc="none", color="C3", label="alarm")
@@ -221,6 +225,7 @@ def plot_history(nights: list[dict], gaps: list | None = None) -> bytes:
     ax[0, 1].legend(fontsize=7) if dated else None
     for a in ax[1]:
         a.set_xticks(np.arange(len(days)), days, rotation=30, ha="right", fontsize=8)
+        a.set_xlabel("audited day")
     for a in ax.flat:
         a.grid(alpha=0.3)
     undated = len(gaps) - sum(1 for g in gaps if g.audited_date)
@@ -266,6 +271,7 @@ def _finish_histogram(fig, ax, threshold, title, xlabel) -> bytes:
     if threshold is not None and np.isfinite(threshold):
         ax.axvline(threshold, color="C3", lw=1.5, label=f"λ* = {threshold:.4g}")
     ax.set_xlabel(xlabel)
+    ax.set_ylabel("rows (count per bin)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -326,6 +332,7 @@ def plot_quality_history(nights: list[dict]) -> bytes:
         a.grid(alpha=0.3)
     for a in ax[1]:
         a.set_xticks(np.arange(len(days)), days, rotation=30, ha="right", fontsize=8)
+        a.set_xlabel("audited day")
     fig.suptitle("What the probe misses, night by night (control sample; PPI++ or Clopper-Pearson intervals)", fontsize=11)
     fig.tight_layout()
     return png(fig)

@@ -77,13 +77,21 @@ def cut(text: str | None, chars: int) -> str | None:
 
 # A name said as such ("my name is Jane Doe", "I'm Jane", "Name: Jane Doe", "Dr. Doe", "signed, Jane"): one to
 # three capitalised words after the cue. Presidio finds names only with a spaCy NER model, which the package
-# registries do not carry (spaCy's models come from GitHub), so a name that no cue introduces passes.
+# registries do not carry (spaCy's models come from GitHub: on 2026-12-08, `pip index versions en-core-web-sm`
+# answered "No matching distribution"), so a name that no cue introduces passes.
 _NAME = re.compile(r"(?i:\b(?:i am|i'm|im|this is|signed,?|regards,|sincerely,?|from:?)\s+)|\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?\s+")
 _CAPITALISED = re.compile(r"(?:[A-Z][a-z'\-]+)(?:\s+[A-Z][a-z'\-]+){0,2}\b")
 # after a cue that can only introduce a name, any two words are taken as one ("my name is bob smith")
-_NAMED = re.compile(r"(?i)\b(?:my name is|name is|call me|name\s*:)\s+([a-z'\-]+(?:\s+[a-z'\-]+)?)")
-# Presidio's recognizers: a match below this score is a bare digit run (e.g. any 9 digits as an SSN)
+_NAMED = re.compile(
+    r"(?i)\b(?:my name is|name is|call me|name\s*:)\s+(?!(?:at|on|in|back|later|now|tomorrow|tonight|when|if|asap)\b)"
+    r"([a-z'\-]+(?:\s+[a-z'\-]+)?)"
+)
+# Presidio's recognizers: a match below this score is a bare digit run (e.g. any 9 digits as an SSN), kept only
+# when one of its recognizer's context words ("ssn", "social security", "phone", ...) stands among the
+# _CONTEXT_WORDS words before it: "my SSN is 536221947". Presidio's own context enhancer does the same, but
+# on the lemmas of a spaCy model (5 words before, by default), and its analyzer engine needs that model.
 _MIN_SCORE = 0.3
+_CONTEXT_WORDS = 5
 _recognizers: list | None = None
 
 
@@ -170,6 +178,13 @@ def _build() -> list:
     ]
 
 
+def _in_context(text: str, start: int, words: list[str] | None) -> bool:
+    """One of ``words`` (a recognizer's context words; several-word ones too) among the
+    :data:`_CONTEXT_WORDS` words before ``start``, case ignored."""
+    before = " ".join(re.findall(r"[^\W_]+", text[:start].lower())[-_CONTEXT_WORDS:])
+    return any(re.search(rf"\b{re.escape(w.strip())}\b", before) for w in words or () if w.strip())
+
+
 def redact_personal(text: str) -> str:
     """Personal data replaced by its kind in angle brackets: e-mail addresses, phone numbers, national ids
         (US SSN and ITIN, UK NINO and NHS number), card numbers (Luhn checksum), IBANs (checksum) and IP
@@ -179,7 +194,9 @@ def redact_personal(text: str) -> str:
     spans: list[tuple[int, int, int, str]] = []  # start, end, priority, kind
     for k, rec in enumerate(_presidio()):
         found = rec.analyze(text, rec.supported_entities, None)
-        spans += [(r.start, r.end, k, r.entity_type) for r in found if r.score >= _MIN_SCORE]
+        spans += [
+            (r.start, r.end, k, r.entity_type) for r in found if r.score >= _MIN_SCORE or _in_context(text, r.start, rec.context)
+        ]
     for m in _NAME.finditer(text):
         name = _CAPITALISED.match(text, m.end())
         if name:

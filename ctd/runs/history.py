@@ -167,7 +167,7 @@ def history_rows(h: History) -> list[dict]:
                 "delegation rate": f"{n['delegated_by_threshold'] / scored:.2%}",
                 "budget α": f"{n['alpha']:.2%}",
                 "judge calls": n["expert_calls"],
-                "unsafe": f"{n['decisions_unsafe'] / scored:.2%}",
+                "flagged unsafe": f"{n['decisions_unsafe'] / scored:.2%}",
                 "quarantined": f"{n['rows_quarantined'] / read:.2%}",
                 "drift": drift_words(n["drift_e_value"], n["drift_alpha"]),
             }

@@ -711,8 +711,8 @@ def calibrate(
         msg = (
             f"Certified {int(certified.sum())} of {g.size} thresholds at α={alpha}, δ={delta} (n={n}); "
             f"λ*={lam:.6g} delegates {budget_risk[i]:.1%} of the calibration rows. With probability ≥ {1 - delta:g}, "
-            f"at most {alpha:.1%} of rows from this distribution will be delegated"
-            + (f" and the misclassification rate is ≤ {performance_target:g}." if joint else ".")
+            f"the rate at which rows from this distribution are delegated is at most {alpha:.1%} (a rate: one night's share "
+            "can be above it by chance)" + (f" and the misclassification rate is ≤ {performance_target:g}." if joint else ".")
         )
     else:
         reason = None
@@ -806,9 +806,9 @@ def calibrate_counts(
         i = int(np.searchsorted(g, lam))
         msg = (
             f"Certified {int(certified.sum())} of {g.size} thresholds at α={alpha}, δ={delta} (n={n:,} unlabelled rows); "
-            f"λ*={lam:.6g} delegates {k[i] / n:.1%} of them. With probability ≥ {1 - delta:g}, at most {alpha:.1%} of rows "
-            "from this distribution will be delegated"
-            + (f" and the misclassification rate against the judge is ≤ {performance_target:g}." if joint else ".")
+            f"λ*={lam:.6g} delegates {k[i] / n:.1%} of them. With probability ≥ {1 - delta:g}, the rate at which "
+            f"rows from this distribution are delegated is at most {alpha:.1%} (a rate: one night's share can be above it by "
+            "chance)" + (f" and the misclassification rate against the judge is ≤ {performance_target:g}." if joint else ".")
         )
     else:
         reason = None

@@ -359,7 +359,7 @@ def deploy(
     cfg["probes"] = {"safety": f"{root}/probes/safety", "dv": f"{root}/probes/dv"}
     cfg["expert"]["classifier"]["path"] = expert_dir
     cfg["train"] = {**cfg.get("train", {}), "train": corpus["train"], "dev": corpus["dev"]}
-    cfg["calibrate"] = {"corpus": corpus["calibration"], "output": f"{root}/calibration"}
+    cfg["calibrate"] = {**cfg.get("calibrate", {}), "corpus": corpus["calibration"], "output": f"{root}/calibration"}
     cfg["audit"] = {**cfg.get("audit", {}), "corpus": corpus["audit"], "output": root, "calibration": f"{root}/calibration"}
     path = os.path.join(work_dir, "config.yaml")
 
