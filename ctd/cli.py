@@ -198,8 +198,9 @@ def _plan_lines(plan, pool, art, inverse, limit: str | None, eps: float) -> list
         f"  judge calls: with probability ≥ {1 - cal.delta:.0%} the traffic's delegated rate is at most {cal.alpha:g} (if the "
         f"night's traffic is like the calibration rows), so the night sends at most {plan.delegated_bound:,} delegated "
         f"rows with probability ≥ {1 - cal.delta - eps:.0%}, plus "
-        f"about {plan.control_calls:,} control rows (the control sample's expected size): {plan.calls:,} calls (only "
-        "audit.budget_cap bounds a night outright)",
+        f"about {plan.control_calls:,} control rows (the control sample's expected size; those also delegated are "
+        f"judged once, so this counts them twice, to be safe): {plan.calls:,} calls (only audit.budget_cap bounds a "
+        "night outright)",
         f"  pool: {plan.replicas} replica(s) of {pool.gpus_per_replica:g} GPU(s) at {pool.rows_per_second:g} rows/s each "
         f"judge them in the {pool.window_s / 3600:g} h window",
         f"  cost: {cost(plan.gpu_hours, plan.cost)} of busy replicas (start-up not counted); every row to the judge "
@@ -331,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cascade", choices=("switch", "mean"), default="switch")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
-        "--night-rows", type=int, default=10_000, help="conversations in a typical night (the report's night-level statement)"
+        "--night-rows",
+        type=_positive("--night-rows"),
+        default=10_000,
+        help="conversations in a typical night (the report's night-level statement)",
     )
     c.add_argument("--out", required=True, help="output folder or URI")
     c.set_defaults(fn=_cmd_calibrate)

@@ -436,27 +436,29 @@ def test_repeats_fold_into_their_first_row_with_a_count():
     assert fold(t, keys, 2).column("id").to_pylist() == ["r0", "r1"]
 
 
-def test_near_duplicates_fold_a_template_with_other_words_filled_in():
-    """Issue #24 item 2: a template whose slots are filled differently ("<name> is furious") folds into its
-    first row; texts that share only a few words do not; rows without an excerpt never fold."""
+def test_a_template_with_other_names_folds_and_a_changed_word_does_not():
+    """Issue #24 item 2: a template whose name slots are filled differently folds into its first row (a
+    capitalised word inside a sentence stands for any other); a changed ordinary word ("process" and
+    "person", a safe and a lethal dose) keeps two rows apart, whatever else they share."""
     from ctd.audit.review import fold, fold_keys
 
     texts = [
-        "Life or death question: is pineapple acceptable on pizza??? Tomas is furious",
-        "ALERT: dark mode is gone from the billing dashboard, fix it now",
-        "Life or death question: is pineapple acceptable on pizza??? Ada is furious",
-        "Is pineapple on pizza a crime? My friend thinks so",
+        "Okay so Tomas was robbed in Tbilisi, has no passport and the embassy is closed",
+        "How do I kill a process on Linux?",
+        "Okay so Ada was robbed in Lisbon, has no passport and the embassy is closed",
+        "How do I kill a person on Linux?",
+        "What is a safe dose of insulin for my son?",
+        "What is a lethal dose of insulin for my son?",
         None,
-        "ALERT: dark mode is gone from the VPN client, fix it now",
-        "life or death question - is pineapple acceptable on pizza? Noor is furious!!",
+        "okay so Noor was robbed in Oslo, has no passport and the embassy is closed!!",
     ]
     ids = [f"r{i}" for i in range(len(texts))]
     keys = fold_keys(texts, ids)
-    assert keys[0] == keys[2] == keys[6] and keys[1] == keys[5]
-    assert len({keys[0], keys[1], keys[3], keys[4]}) == 4
+    assert keys[0] == keys[2] == keys[7]
+    assert len({keys[0], keys[1], keys[3], keys[4], keys[5], keys[6]}) == 6
     got = fold(pa.table({"id": ids}), keys, 10)
-    assert got.column("id").to_pylist() == ["r0", "r1", "r3", "r4"] and got.column("similar").to_pylist() == [3, 2, 1, 1]
-    assert fold_keys(texts, ids, similar=1.0)[2] != keys[0]  # exact folding alone keeps the filled-in copies apart
+    assert got.column("id").to_pylist() == ["r0", "r1", "r3", "r4", "r5", "r6"]
+    assert got.column("similar").to_pylist() == [3, 1, 1, 1, 1, 1]
 
 
 # ------------------------------------------------------------------ #24 item 4: the night's cost in the reader's terms

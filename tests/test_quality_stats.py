@@ -75,13 +75,18 @@ def test_ppi_with_a_perfect_or_a_constant_predictor():
     # PPI++ there: λ̂ = s²(y, sample) / s²(y, all rows) (clipped to 1), and the closed form
     lam = min(1.0, np.var(y_all[lab], ddof=1) / np.var(y_all, ddof=1))
     e = q.ppi_mean(y_all[lab], y_all[lab], y_all)
-    assert e.value == pytest.approx(lam * y_all.mean() + (1 - lam) * y_all[lab].mean()) and f"λ={lam:.2f}" in e.method
+    assert (
+        e.value == pytest.approx(lam * y_all.mean() + (1 - lam) * y_all[lab].mean())
+        and f"the predictor weighted {lam:.2f}" in e.method
+    )
     # a constant predictor: λ̂ = 0, the sample mean and the Wald interval (finite-population factor, t
     # quantile); with half the sample unsafe the residual is symmetric, so the skew correction is 0
     y = np.r_[np.ones(60), np.zeros(60)]
     e = q.ppi_mean(y, np.full(120, 0.4), np.full(3000, 0.4))
     half = stats.t.isf(0.025, 119) * math.sqrt((1 - 120 / 3000) * np.var(y, ddof=1) / 120)
-    assert (e.value, e.low, e.high, e.n) == pytest.approx((0.5, 0.5 - half, 0.5 + half, 120)) and "λ=0.00" in e.method
+    assert (e.value, e.low, e.high, e.n) == pytest.approx(
+        (0.5, 0.5 - half, 0.5 + half, 120)
+    ) and "the predictor weighted 0.00" in e.method
     # skewed: the quantile widens by z γ² (z⁴ + 2z² - 3) / (18 n), then both ends move up by
     # se · γ (2z² + 1) / (6 √n), γ the sample skewness of a 0/1 variable
     y = np.r_[np.ones(12), np.zeros(108)]

@@ -615,8 +615,8 @@ def _review_html(review) -> str:
             )
         out.append(f"<h3>{html.escape(what.capitalize())} ({len(sel)})</h3>{body}")
     files = (
-        "<p>Rows with the same words, or nearly (case, digits and punctuation aside; at least 70% of their words in "
-        "common, such as one template with a name filled in differently), are folded into the first of them: "
+        "<p>Rows with the same words (case, digits, punctuation and names aside: one template with other names filled "
+        "in is one row; any other changed word keeps rows apart) are folded into the first of them: "
         "<em>rows like it</em> counts them among each list's top rows. Excerpts have credentials and personal "
         "data replaced by their kind, e.g. &lt;EMAIL_ADDRESS&gt;. These lists as files: "
         "<a href='review.csv'>review.csv</a> (for a spreadsheet) · <a href='review.parquet'>review.parquet</a></p>"

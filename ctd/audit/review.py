@@ -139,31 +139,25 @@ FOLD_POOL = 4
 _WORDS = re.compile(r"[^\W\d_]+")
 
 
-# two excerpts are near-duplicates when their word sets overlap this much (Jaccard): a template with one or
-# two words filled in differently ("ALERT: dark mode is gone from <system>", "... <name> is furious")
-SIMILAR = 0.7
+# A capitalised word inside a sentence (not its first word): a name or a proper noun, the slot a template fills
+# in ("Tomas was robbed in Tbilisi", "Ada was robbed in Lisbon"). The first word of the text, of a sentence
+# or of a chat turn ("user: Hi") is an ordinary word.
+_NAME_SLOT = re.compile(r"(?<![.!?:\n]\s)(?<![.!?:\n])(?<=\s)[A-Z][\w'\-]*")
 
 
 def fold_key(excerpt: str | None, rid: str) -> str:
-    """Rows whose excerpts have the same words, case, digits, punctuation and spacing ignored, fold into
-    one; a row without an excerpt folds with none."""
-    return " ".join(_WORDS.findall(excerpt.lower())) if excerpt else "\x00" + rid
+    """Rows whose excerpts have the same words, case, digits, punctuation, spacing and names aside (a
+    capitalised word inside a sentence stands for any other), fold into one; a row without an excerpt
+    folds with none. Only names and numbers may differ: "kill a process" and "kill a person", or a safe and
+    a lethal dose, stay apart."""
+    if not excerpt:
+        return "\x00" + rid
+    return " ".join(_WORDS.findall(_NAME_SLOT.sub(" name ", excerpt).lower()))
 
 
-def fold_keys(excerpts: list[str | None], ids: list[str], similar: float = SIMILAR) -> list[str]:
-    """:func:`fold_key` with near-duplicates joined: in rank order, a row whose word set overlaps an earlier
-    kept row's by at least ``similar`` (Jaccard) takes that row's key. Quadratic in the list's length, which
-    is at most :data:`FOLD_POOL` × ``review_rows`` (never the night's rows)."""
-    keys = [fold_key(e, i) for e, i in zip(excerpts, ids)]
-    reps: list[tuple[str, frozenset[str]]] = []  # the keys kept so far, with their word sets
-    out = []
-    for key in keys:
-        words = frozenset(key.split()) if not key.startswith("\x00") else frozenset()
-        match = next((k for k, w in reps if words and w and len(words & w) >= similar * len(words | w)), None)
-        if match is None:
-            reps.append((key, words))
-        out.append(match or key)
-    return out
+def fold_keys(excerpts: list[str | None], ids: list[str]) -> list[str]:
+    """:func:`fold_key` of each row."""
+    return [fold_key(e, i) for e, i in zip(excerpts, ids)]
 
 
 def fold(t: pa.Table, keys: list[str], k: int) -> pa.Table:
@@ -182,8 +176,8 @@ def review(
 ) -> pa.Table:
     """The review list (:data:`REVIEW_SCHEMA`): the top ``k`` rows of each :data:`REVIEW_LISTS` list
     with their excerpt (stage 1's, personal data out, cut to ``excerpt_chars``; none when it is 0),
-    repeats and near-duplicates among the list's top :data:`FOLD_POOL` × ``k`` folded into one row with
-    their count (:func:`fold_keys`, :func:`fold`), and up to ``k`` quarantined rows with their reason and source, spread over the reasons."""
+    repeats (names and numbers aside) among the list's top :data:`FOLD_POOL` × ``k`` folded into one row
+    with their count (:func:`fold_keys`, :func:`fold`), and up to ``k`` quarantined rows with their reason and source, spread over the reasons."""
     import ray
 
     tops = _top_rows(results, FOLD_POOL * k, cascade) if results else None

@@ -30,6 +30,9 @@ def write_calibration(
     """Write ``calibration.json`` (the artifact), ``calibration_report.{json,html}`` and plots;
     ``dv``: the calibration rows' d(x), for their histogram; ``night_rows``: the night size that the
     report's night-level statement is for (default :data:`NIGHT_ROWS`)."""
+    if night_rows is not None and night_rows < 1:
+        raise ValueError(f"night_rows must be at least 1, got {night_rows}")
+    night_rows = NIGHT_ROWS if night_rows is None else int(night_rows)
     uri = art.save(out_dir)
     body = art.body()
     r = art.result
@@ -51,8 +54,8 @@ def write_calibration(
         "certified_count": r.certified_count,
         "artifact_hash": body["artifact_hash"],
         "provenance": art.provenance,
-        "night_rows": night_rows or NIGHT_ROWS,
-        "explanation": explain(r, night_rows or NIGHT_ROWS) + from_runs_sentences(art.provenance),
+        "night_rows": night_rows,
+        "explanation": explain(r, night_rows) + from_runs_sentences(art.provenance),
     }
     # values redacted before any page is built: a corpus or scores URI may carry a credential
     summary = redact_values(summary, [os.environ.get(k, "") for k in CREDENTIAL_ENVS])
@@ -171,8 +174,8 @@ def explain(r: CalibrationResult, night_rows: int = NIGHT_ROWS) -> list[str]:
             f"delegates at most {q:,} with probability at least {pct(1 - r.delta - NIGHT_EPSILON)} (1 − δ − "
             f"{NIGHT_EPSILON:g}: the rate guarantee and the {pct(1 - NIGHT_EPSILON)} binomial quantile, conversations drawn "
             "independently). Only a hard cap on the night's judge calls (the audit's budget cap) bounds a night's delegated "
-            "calls outright; the audit's control sample, a small uniform share of the night's rows, goes to the judge on "
-            "top of them.",
+            "calls outright; the audit's control sample (a uniform sample of the night's rows, its share set in the audit's "
+            "settings) goes to the judge on top of them.",
             f"{r.certified_count:,} of the {len(r.grid):,} thresholds on the grid were certified (the lowest {cert.min():.4g}, the highest "
             f"{cert.max():.4g}; not necessarily every threshold between them); "
             + (

@@ -83,7 +83,7 @@ _NAME = re.compile(r"(?i:\b(?:i am|i'm|im|this is|signed,?|regards,|sincerely,?|
 _CAPITALISED = re.compile(r"(?:[A-Z][a-z'\-]+)(?:\s+[A-Z][a-z'\-]+){0,2}\b")
 # after a cue that can only introduce a name, any two words are taken as one ("my name is bob smith")
 _NAMED = re.compile(
-    r"(?i)\b(?:my name is|name is|call me|name\s*:)\s+(?!(?:at|on|in|back|later|now|tomorrow|tonight|when|if|asap)\b)"
+    r"(?i)\b(?:my name is|name is|call me|name\s*:)\s+(?!(?:at|on|in|back|later|now|tomorrow|tonight|when|if|asap)(?:\s|[,.!?;]|$))"
     r"([a-z'\-]+(?:\s+[a-z'\-]+)?)"
 )
 # Presidio's recognizers: a match below this score is a bare digit run (e.g. any 9 digits as an SSN), kept only

@@ -350,7 +350,7 @@ def ppi_mean_from_sums(
     z += z * skew**2 * (z**4 + 2 * z * z - 3) / (18 * n)
     shift = float(np.clip(skew * (2 * z * z + 1) / (6 * math.sqrt(n)), -z, z))
     low, high = theta - se * (z - shift), theta + se * (z + shift)
-    name = f"PPI++ (λ={lam:.2f})" if tuned else "PPI"
+    name = f"PPI++ (the predictor weighted {lam:.2f})" if tuned else "PPI"  # its own weight, not the threshold λ*
     method = f"{name} with {predictor} on {big_n:,} rows (control n={n:,})"
     if target == "traffic":
         method += ", for the traffic's rate"
