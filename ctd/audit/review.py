@@ -142,7 +142,7 @@ _WORDS = re.compile(r"[^\W\d_]+")
 # A capitalised word inside a sentence (not its first word): a name or a proper noun, the slot a template fills
 # in ("Tomas was robbed in Tbilisi", "Ada was robbed in Lisbon"). The first word of the text, of a sentence
 # or of a chat turn ("user: Hi") is an ordinary word.
-_NAME_SLOT = re.compile(r"(?<![.!?:\n]\s)(?<![.!?:\n])(?<=\s)[A-Z][\w'\-]*")
+_NAME_SLOT = re.compile(r"(?<=\s)(?<![.!?:\n]\s)[A-Z][\w'\-]*")
 
 
 def fold_key(excerpt: str | None, rid: str) -> str:
